@@ -1,0 +1,5 @@
+import sys
+
+from lsms.cli import main
+
+sys.exit(main())

