@@ -1,0 +1,130 @@
+"""Full-Scale Decoder (paper Sec. III-C, Eq. 11-12; spec 2.5).
+
+Position alignment resizes the chosen stage features to F1's size; the concatenation goes through a
+lightweight Hamburger head (NMF matrix decomposition) [decision, SegNeXt LightHamHead].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsms.model.config import LSMSConfig
+
+
+class NMF2D(nn.Module):
+    """Non-negative matrix factorisation of a feature map with multiplicative updates.
+
+    x (B, C, H, W) is read as B matrices X (C, N=HW) ~= D (C, R) @ Cf^T (R, N). The updates run without
+    gradient; only the last coefficient update carries it ("one-step gradient", Hamburger paper).
+    Bases are random: in training from the global RNG (seeded by the trainer), in eval from a fixed-seed
+    generator on the CPU, so eval output is deterministic on any device.
+
+    Args:
+        rank: R, the number of bases.
+        steps_train / steps_eval: multiplicative-update steps.
+        seed: seed of the eval bases.
+        inv_t: inverse temperature of the coefficient initialisation; eps: division guard.
+    """
+
+    def __init__(self, rank: int, steps_train: int = 6, steps_eval: int = 7, seed: int = 0,
+                 inv_t: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        self.rank, self.steps_train, self.steps_eval = rank, steps_train, steps_eval
+        self.seed, self.inv_t, self.eps = seed, inv_t, eps
+
+    def _bases(self, batch: int, channels: int, like: Tensor) -> Tensor:
+        if self.training:
+            bases = torch.rand(batch, channels, self.rank, device=like.device, dtype=like.dtype)
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            bases = torch.rand(batch, channels, self.rank, generator=gen).to(like.device, like.dtype)
+        return F.normalize(bases, dim=1)
+
+    def _update_coef(self, x: Tensor, bases: Tensor, coef: Tensor) -> Tensor:
+        numerator = torch.bmm(x.transpose(1, 2), bases)  # (B, N, C) @ (B, C, R) -> (B, N, R)
+        denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))  # (B, N, R) @ (B, R, R) -> (B, N, R)
+        return coef * numerator / (denominator + self.eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W), non-negative -> low-rank reconstruction (B, C, H, W)."""
+        B, C, H, W = x.shape
+        dtype = x.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float().view(B, C, H * W)  # (B, C, N)
+            bases = self._bases(B, C, x)  # (B, C, R)
+            with torch.no_grad():
+                coef = torch.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)  # (B, N, R)
+                for _ in range(self.steps_train if self.training else self.steps_eval):
+                    coef = self._update_coef(x, bases, coef)
+                    numerator = torch.bmm(x, coef)  # (B, C, N) @ (B, N, R) -> (B, C, R)
+                    denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))  # (B, C, R) @ (B, R, R)
+                    bases = bases * numerator / (denominator + self.eps)
+            coef = self._update_coef(x, bases, coef)  # the one step with gradient
+            out = torch.bmm(bases, coef.transpose(1, 2))  # (B, C, R) @ (B, R, N) -> (B, C, N)
+        return out.view(B, C, H, W).to(dtype)
+
+
+def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 conv + GroupNorm(32) + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True)
+    )
+
+
+class Hamburger(nn.Module):
+    """ReLU(x + GN(conv1x1(NMF(ReLU(conv1x1(x)))))): global context by matrix decomposition."""
+
+    def __init__(self, channels: int, nmf: NMF2D):
+        super().__init__()
+        self.ham_in = nn.Conv2d(channels, channels, 1)
+        self.nmf = nmf
+        self.ham_out = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm = nn.GroupNorm(32, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        enjoy = self.nmf(F.relu(self.ham_in(x), inplace=True))
+        return F.relu(x + self.norm(self.ham_out(enjoy)), inplace=True)
+
+
+class FullScaleDecoder(nn.Module):
+    """Out = Seg(InterScale(Concat[P_i])) (Eq. 11-12), or w/o FSD: the same head on F4 alone at 1/32.
+
+    Args:
+        cfg: decoder settings (stages, Hamburger on/off, per-stage MLP, C_ham, C_head, NMF).
+        in_channels: channels of F1..F4.
+    """
+
+    def __init__(self, cfg: LSMSConfig, in_channels: tuple[int, ...]):
+        super().__init__()
+        self.stages = (4,) if cfg.decoder == "last" else cfg.decoder_stages
+        self.align = cfg.decoder == "fsd"  # position alignment to F1's size
+        chans = [in_channels[s - 1] for s in self.stages]
+        self.stage_mlp = nn.ModuleList(nn.Conv2d(c, cfg.head_channels, 1) for c in chans) if cfg.stage_mlp else None
+        concat = cfg.head_channels * len(chans) if cfg.stage_mlp else sum(chans)
+        self.squeeze = conv_gn_relu(concat, cfg.ham_channels)
+        self.hamburger = (
+            Hamburger(cfg.ham_channels, NMF2D(cfg.nmf_rank, cfg.nmf_steps_train, cfg.nmf_steps_eval, cfg.nmf_seed))
+            if cfg.hamburger else None
+        )
+        self.project = conv_gn_relu(cfg.ham_channels, cfg.head_channels)
+        self.dropout = nn.Dropout2d(cfg.head_dropout)
+        self.seg = nn.Conv2d(cfg.head_channels, 1, 1)
+        self.channels = cfg.head_channels
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
+        """[F1..F4] -> (logits at the decoding resolution (B, 1, h, w), aligned [P_i], decoder features (B, C_head, h, w))."""
+        size = features[0].shape[-2:]
+        aligned = [
+            F.interpolate(features[s - 1], size=size, mode="bilinear", align_corners=False)
+            if self.align and s > 1 else features[s - 1]
+            for s in self.stages
+        ]  # each (B, C_i, H/4, W/4) under FSD
+        x = [mlp(p) for mlp, p in zip(self.stage_mlp, aligned)] if self.stage_mlp is not None else aligned
+        x = self.squeeze(torch.cat(x, dim=1))  # (B, C_ham, h, w)
+        if self.hamburger is not None:
+            x = self.hamburger(x)
+        decoded = self.project(x)  # (B, C_head, h, w)
+        return self.seg(self.dropout(decoded)), aligned, decoded

@@ -1,0 +1,211 @@
+"""Language-guided visual encoder (paper Sec. III-B, Eq. 1-10; spec 2.2-2.4).
+
+Four stages; each down-samples and runs N_i encoder blocks whose attention (SVLA) mixes
+multi-scale strip convolutions with a language-guided branch over the token features L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lsms.model.config import LSMSConfig
+
+
+class Stem(nn.Module):
+    """conv3x3 s2 + BN + GELU + conv3x3 s2 + BN: image -> V_1 at 1/4 resolution [decision, SegNeXt]."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        mid = out_channels // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 3, stride=2, padding=1),
+            nn.BatchNorm2d(mid),
+            nn.GELU(),
+            nn.Conv2d(mid, out_channels, 3, stride=2, padding=1),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C1, H/4, W/4)."""
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Down(.) of Eq. 1: conv3x3, stride 2, padding 1, then BatchNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
+        return self.norm(self.conv(x))
+
+
+class ConvUnit(nn.Module):
+    """ConvUnit_j = conv(d x 1) o conv(1 x d), both depthwise (Eq. 5)."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.conv_w = nn.Conv2d(channels, channels, (1, kernel), padding=(0, kernel // 2), groups=channels)
+        self.conv_h = nn.Conv2d(channels, channels, (kernel, 1), padding=(kernel // 2, 0), groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return self.conv_h(self.conv_w(x))
+
+
+class ConvNorm(nn.Sequential):
+    """1x1 conv + InstanceNorm: the w_v1, w_v2 and w_f projections of Eq. 6-9."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Conv2d(channels, channels, 1), nn.InstanceNorm2d(channels, affine=True))
+
+
+class LanguageGuidedBranch(nn.Module):
+    """Att_L of Eq. 6-9: pixels attend to tokens; the result gates V_2 (the pixel map, PM).
+
+    The attention logits are scaled by sqrt(C_l), the text width, as printed in the paper (not sqrt(C)).
+    Padding tokens get -inf before the softmax, so a sentence padded to any length gives the same output.
+    """
+
+    def __init__(self, channels: int, text_channels: int, pixel_map: bool = True):
+        super().__init__()
+        self.w_v1 = ConvNorm(channels)
+        self.w_v2 = ConvNorm(channels) if pixel_map else None
+        self.w_l1 = nn.Conv1d(text_channels, channels, 1)
+        self.w_l2 = nn.Conv1d(text_channels, channels, 1)
+        self.w_f = ConvNorm(channels)
+        self.scale = 1.0 / math.sqrt(text_channels)
+
+    def forward(self, v_pre: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """v_pre (B, C, H, W), text (B, T, C_l), text_mask (B, T) 1 = real token -> Att_L (B, C, H, W)."""
+        B, C, H, W = v_pre.shape
+        v1 = self.w_v1(v_pre).flatten(2)  # (B, C, HW)
+        lt = text.transpose(1, 2)  # (B, C_l, T)
+        l1 = self.w_l1(lt)  # (B, C, T)
+        l2 = self.w_l2(lt)  # (B, C, T)
+        alpha = torch.bmm(v1.transpose(1, 2), l1) * self.scale  # (B, HW, C) @ (B, C, T) -> (B, HW, T)
+        alpha = alpha.masked_fill(~text_mask.bool()[:, None, :], float("-inf"))
+        attn = alpha.softmax(dim=-1)  # over tokens
+        att = torch.bmm(l2, attn.transpose(1, 2))  # (B, C, T) @ (B, T, HW) -> (B, C, HW)
+        att = self.w_f(att.view(B, C, H, W))
+        return att * self.w_v2(v_pre) if self.w_v2 is not None else att
+
+
+class SVLA(nn.Module):
+    """Scale-aware Vision-Language Attention (Eq. 4-10).
+
+    F_att = Conv1x1(V_pre + sum_j ConvUnit_j(V_pre) + Att_L) * V with V_pre = DWConv5x5(V).
+    """
+
+    def __init__(self, channels: int, text_channels: int | None, kernels: tuple[int, ...], pixel_map: bool):
+        super().__init__()
+        self.conv5x5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)  # [decision] depthwise
+        self.conv_units = nn.ModuleList(ConvUnit(channels, k) for k in kernels)
+        self.language = LanguageGuidedBranch(channels, text_channels, pixel_map) if text_channels else None
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, v: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+        """v (B, C, H, W), text (B, T, C_l) or None -> (B, C, H, W)."""
+        v_pre = self.conv5x5(v)
+        att = v_pre
+        for unit in self.conv_units:
+            att = att + unit(v_pre)
+        if self.language is not None:
+            att = att + self.language(v_pre, text, text_mask)
+        return self.mix(att) * v
+
+
+class FFN(nn.Module):
+    """1x1 conv C->rC, 3x3 depthwise conv, GELU, 1x1 conv rC->C [decision, SegNeXt]."""
+
+    def __init__(self, channels: int, ratio: int):
+        super().__init__()
+        hidden = channels * ratio
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return self.fc2(self.act(self.dwconv(self.fc1(x))))
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the residual branch per sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) >= p
+    return x * keep / (1.0 - p)
+
+
+class EncoderBlock(nn.Module):
+    """F' = Norm(SVLA(V, L) + V); F = Norm(FFN(F') + F') (Eq. 2-3, post-norm as printed; Norm = BatchNorm)."""
+
+    def __init__(self, channels: int, text_channels: int | None, cfg: LSMSConfig, mlp_ratio: int, drop: float):
+        super().__init__()
+        self.svla = SVLA(channels, text_channels, cfg.conv_kernels, cfg.pixel_map)
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.ffn = FFN(channels, mlp_ratio)
+        self.norm2 = nn.BatchNorm2d(channels)
+        self.drop = drop
+
+    def forward(self, v: Tensor, text: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        x = self.norm1(drop_path(self.svla(v, text, text_mask), self.drop, self.training) + v)
+        return self.norm2(drop_path(self.ffn(x), self.drop, self.training) + x)
+
+
+class EncoderStage(nn.Module):
+    """One LGVE stage: down-sampling (the stem for stage 1), then N_i encoder blocks."""
+
+    def __init__(self, down: nn.Module, blocks: list[EncoderBlock]):
+        super().__init__()
+        self.down = down
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor, text: Tensor | None, text_mask: Tensor | None) -> Tensor:
+        x = self.down(x)
+        for block in self.blocks:
+            x = block(x, text, text_mask)
+        return x
+
+
+class LanguageGuidedEncoder(nn.Module):
+    """The four-stage encoder; returns [F1, F2, F3, F4] at strides 4, 8, 16, 32.
+
+    Args:
+        cfg: the model config (widths, depths, kernels, PM, drop path, input channels).
+        text_channels: C_l of the text encoder, or None for the no-text model.
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, cfg: LSMSConfig, text_channels: int | None):
+        super().__init__()
+        self.channels = cfg.widths
+        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        stages, start, prev = [], 0, cfg.in_channels
+        for i, (width, depth, ratio) in enumerate(zip(cfg.widths, cfg.depths, cfg.mlp_ratios)):
+            down = Stem(prev, width) if i == 0 else Downsample(prev, width)
+            blocks = [EncoderBlock(width, text_channels, cfg, ratio, rates[start + j]) for j in range(depth)]
+            stages.append(EncoderStage(down, blocks))
+            start, prev = start + depth, width
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, image: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> list[Tensor]:
+        """image (B, C_in, H, W), text (B, T, C_l) -> [F_i (B, C_i, H/s_i, W/s_i) for s_i in 4, 8, 16, 32]."""
+        features, x = [], image
+        for stage in self.stages:
+            x = stage(x, text, text_mask)
+            features.append(x)
+        return features
+
+
+__all__ = ["LanguageGuidedEncoder", "SVLA", "ConvUnit", "EncoderBlock"]

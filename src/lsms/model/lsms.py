@@ -1,0 +1,149 @@
+"""The LSMS network: text encoder + language-guided visual encoder + Full-Scale Decoder (paper Fig. 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsms.model.config import LSMSConfig, preset_config
+from lsms.model.decoder import FullScaleDecoder
+from lsms.model.encoder import LanguageGuidedEncoder
+from lsms.text import TextEncoder, Tokenizer, load_text_encoder
+
+SIZE_MULTIPLE = 32  # the encoder's largest stride
+
+
+@dataclass
+class LSMSOutput:
+    """Everything one forward produces; losses and visualisations read the parts they need."""
+
+    logits: Tensor  # (B, 1, H, W) at the input size
+    stages: list[Tensor]  # F1..F4, (B, C_i, H/s_i, W/s_i)
+    aligned: list[Tensor]  # the P_i fed to the decoder, position-aligned to F1's size under FSD
+    decoder: Tensor  # (B, C_head, H/4, W/4): final multi-modal features before Seg
+    text_embedding: Tensor | None  # (B, C_head): proj(mean over real tokens of L), for L_con; None without text
+
+
+class LSMS(nn.Module):
+    """Language-guided Scale-aware MedSegmentor.
+
+    Receives its built parts (SAM style); :func:`build_model` wires them from a config.
+
+    Args:
+        config: the architecture settings it was built from (kept for checkpoints).
+        encoder: the four-stage language-guided visual encoder.
+        decoder: the Full-Scale Decoder with the 1-logit Seg head.
+        text_encoder: BERT-family encoder, or None for the no-text model.
+        tokenizer: tokenizer matching ``text_encoder`` (None without text).
+    """
+
+    def __init__(self, config: LSMSConfig, encoder: LanguageGuidedEncoder, decoder: FullScaleDecoder,
+                 text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        if config.use_text and (text_encoder is None or tokenizer is None):
+            raise ValueError("a text model (use_text=True) needs a text_encoder and a tokenizer")
+        self.config = config
+        self.text_encoder = text_encoder if config.use_text else None
+        self.tokenizer = tokenizer if config.use_text else None
+        self.encoder = encoder
+        self.decoder = decoder
+        # proj of L_avg for the contrastive loss (Eq. 14)
+        self.text_proj = nn.Linear(text_encoder.hidden_size, decoder.channels) if self.text_encoder else None
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Tokenise referring expressions: ``input_ids``, ``attention_mask`` (B, T) and ``truncated`` (B,)."""
+        if self.tokenizer is None:
+            raise ValueError("this model was built without text (use_text=False); it takes images only")
+        return self.tokenizer(texts)
+
+    def _check_inputs(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+        if image.ndim != 4 or image.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"image must be (B, {self.config.in_channels}, H, W) for this model "
+                f"(in_channels={self.config.in_channels}), got shape {tuple(image.shape)}"
+            )
+        H, W = image.shape[-2:]
+        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
+            fix = (max(SIZE_MULTIPLE, round(H / SIZE_MULTIPLE) * SIZE_MULTIPLE),
+                   max(SIZE_MULTIPLE, round(W / SIZE_MULTIPLE) * SIZE_MULTIPLE))
+            raise ValueError(f"image height and width must be multiples of {SIZE_MULTIPLE}, got {H}x{W}; resize to e.g. {fix[0]}x{fix[1]}")
+        if self.text_encoder is None:
+            return
+        if input_ids is None or attention_mask is None:
+            raise ValueError("this model uses text: pass input_ids and attention_mask (see model.tokenize)")
+        if input_ids.shape != attention_mask.shape or input_ids.ndim != 2 or input_ids.shape[0] != image.shape[0]:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, T) with B = {image.shape[0]} images, "
+                f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        if not bool(attention_mask[:, 0].all()):
+            raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
+                         attention_mask: Tensor | None = None) -> LSMSOutput:
+        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> :class:`LSMSOutput`."""
+        self._check_inputs(image, input_ids, attention_mask)
+        text = text_embedding = None
+        if self.text_encoder is not None:
+            text = self.text_encoder(input_ids, attention_mask)  # L (B, T, C_l)
+            m = attention_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
+            text_embedding = self.text_proj((text * m).sum(1) / m.sum(1))  # mean over real tokens -> (B, C_head)
+        stages = self.encoder(image, text, attention_mask)
+        logits, aligned, decoded = self.decoder(stages)
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return LSMSOutput(logits, stages, aligned, decoded, text_embedding)
+
+    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W)."""
+        return self.forward_features(image, input_ids, attention_mask).logits
+
+
+def _text_parts(config: LSMSConfig) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
+    tokenizer = Tokenizer(config.text_encoder, config.max_tokens)
+    if config.pretrained_text:
+        text_encoder = load_text_encoder(config.text_encoder, freeze=config.freeze_text)
+    else:
+        if config.text_config is None:
+            raise ValueError("pretrained_text=False needs text_config (the encoder's HuggingFace config as a dict)")
+        from transformers import AutoConfig, AutoModel
+
+        hf_config = dict(config.text_config)
+        hf = AutoConfig.for_model(hf_config.pop("model_type", "bert"), **hf_config)
+        text_encoder = TextEncoder(AutoModel.from_config(hf), freeze=config.freeze_text)
+    vocab = text_encoder.backbone.config.vocab_size
+    if len(tokenizer.hf) > vocab:
+        raise ValueError(
+            f"tokenizer of {config.text_encoder!r} has {len(tokenizer.hf)} tokens but the text model only {vocab}; "
+            "use a tokenizer and model that belong together"
+        )
+    return text_encoder, tokenizer, text_encoder.backbone.config.to_diff_dict()
+
+
+def build_model_from_config(config: LSMSConfig) -> LSMS:
+    """Build LSMS from a full config; fills in ``config.text_config`` from the loaded text encoder."""
+    text_encoder = tokenizer = None
+    text_channels = None
+    if config.use_text:
+        text_encoder, tokenizer, config.text_config = _text_parts(config)
+        text_channels = text_encoder.hidden_size
+    encoder = LanguageGuidedEncoder(config, text_channels)
+    decoder = FullScaleDecoder(config, encoder.channels)
+    return LSMS(config, encoder, decoder, text_encoder, tokenizer)
+
+
+def build_model(preset: str = "tiny", **overrides: Any) -> LSMS:
+    """Build a named preset (``tiny``, ``small``, ``base``) with any :class:`LSMSConfig` field overridden.
+
+    Example: ``build_model("tiny", in_channels=1, conv_kernels=(11,), decoder="last")``.
+    """
+    return build_model_from_config(preset_config(preset, **overrides))
+
+
+def count_parameters(module: nn.Module | None) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+__all__ = ["LSMS", "LSMSOutput", "build_model", "build_model_from_config", "count_parameters"]
