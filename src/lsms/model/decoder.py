@@ -38,8 +38,11 @@ class NMF2D(nn.Module):
         if self.training:
             bases = torch.rand(batch, channels, self.rank, device=like.device, dtype=like.dtype)
         else:
+            # one set of bases shared by the batch: a sample's output must not depend on its batch position
+            # (evaluation sharded over DDP ranks equals a single-process evaluation)
             gen = torch.Generator().manual_seed(self.seed)
-            bases = torch.rand(batch, channels, self.rank, generator=gen).to(like.device, like.dtype)
+            bases = torch.rand(1, channels, self.rank, generator=gen).to(like.device, like.dtype)
+            bases = bases.expand(batch, -1, -1)
         return F.normalize(bases, dim=1)
 
     def _update_coef(self, x: Tensor, bases: Tensor, coef: Tensor) -> Tensor:
