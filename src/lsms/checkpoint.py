@@ -1,0 +1,186 @@
+"""Checkpoints: a plain dict of tensors and plain containers, saved atomically, loaded without running code.
+
+Layout (nanoGPT style, the config travels inside)::
+
+    {
+        "format": "lsms-checkpoint", "format_version": 1, "lsms_version": "0.1.0",
+        "model": state_dict,                      # tensors only
+        "optimizer": optimizer.state_dict(),      # or None (exported / best-only checkpoints keep it too)
+        "scaler": grad_scaler.state_dict(),       # or None (no fp16 loss scaling)
+        "epoch": int,                              # epochs finished
+        "step": int,                               # optimiser steps done; the LR schedule is a pure function of it
+        "batch_in_epoch": int,                     # batches of the current epoch already used (mid-epoch saves)
+        "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
+        "config": {"model": {...}, "train": {...}, "preprocessing": {...}},
+        "metrics": {...}, "best": {"metric": str, "value": float, "epoch": int},
+    }
+
+Why ``torch.load(weights_only=True)``: a pickle can run any code while it is read. The restricted
+unpickler only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
+a checkpoint from a stranger cannot execute anything; everything saved here is kept to those types
+(NumPy's RNG state is stored as a tensor for that reason).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "lsms-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_NAMES = ("best.pt", "last.pt")  # the order a run folder is searched in
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically.
+
+    The dict goes to a temporary file in the same folder, which is flushed and fsync'ed and then renamed
+    over ``path`` (``os.replace`` is atomic on POSIX and Windows). A crash or a full disk while saving leaves
+    the previous file at ``path`` untouched; the temporary file is removed on failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_checkpoint(run_or_checkpoint: str | os.PathLike, prefer: str = "best") -> Path:
+    """A checkpoint file, or a run folder (its ``best.pt``, else ``last.pt``), -> the checkpoint path."""
+    path = Path(run_or_checkpoint).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        names = (f"{prefer}.pt",) + tuple(n for n in CHECKPOINT_NAMES if n != f"{prefer}.pt")
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(
+            f"no checkpoint in run folder {str(path)!r}: expected {' or '.join(names)} (written by 'lsms train')"
+        )
+    raise FileNotFoundError(f"checkpoint or run folder {str(path)!r} does not exist")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``: no code from the file is ever run).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an lsms checkpoint, is damaged, or holds anything but tensors and plain
+            containers (which is what a malicious pickle would need).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for forbidden globals, RuntimeError for damaged zips, ...
+        raise ValueError(
+            f"cannot load checkpoint {str(path)!r} safely: {type(err).__name__}: {_first_line(err)}. "
+            "Only lsms checkpoints (tensors and plain containers) are accepted; the file was not executed."
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an lsms checkpoint (no 'format': {FORMAT!r} entry)")
+    if checkpoint.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} was written by a newer lsms (checkpoint format {checkpoint['format_version']}, "
+            f"this lsms reads up to {FORMAT_VERSION}); upgrade lsms"
+        )
+    return checkpoint
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else ""
+
+
+# --------------------------------------------------------------------------- random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop touches, as tensors and plain values (``weights_only``-loadable)."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": {
+            "name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only when the same number of GPUs is visible)."""
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --------------------------------------------------------------------------- model from a checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the LSMS model a checkpoint describes and load its weights (eval mode)."""
+    from lsms.model import LSMSConfig, build_model_from_config
+
+    config = checkpoint.get("config", {}).get("model")
+    if config is None:
+        raise ValueError("checkpoint has no model config ('config' -> 'model'); it was not written by lsms train")
+    cfg = LSMSConfig.from_dict(dict(config))
+    if hasattr(cfg, "pretrained_text"):
+        cfg.pretrained_text = False  # the text weights come from the state dict below
+    model = build_model_from_config(cfg)
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            "checkpoint weights do not fit the model its config describes "
+            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    return model.to(device).eval()
