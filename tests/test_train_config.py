@@ -1,0 +1,72 @@
+"""Training settings, the learning-rate schedule and the optimiser groups (no data, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lsms.train import TrainConfig, load_settings_file, lr_at, param_groups
+
+
+def test_lr_schedule_warmup_then_poly():
+    base = 1e-3
+    assert lr_at(0, 100, base, warmup_steps=10) == pytest.approx(1e-4)
+    assert lr_at(9, 100, base, warmup_steps=10) == pytest.approx(base)
+    assert lr_at(10, 100, base, warmup_steps=10) == pytest.approx(base)
+    # halfway through the decay: (1 - 0.5) ** 0.9
+    assert lr_at(55, 100, base, warmup_steps=10) == pytest.approx(base * 0.5**0.9)
+    assert lr_at(100, 100, base, warmup_steps=10) == pytest.approx(0.0)
+    assert lr_at(100, 100, base, warmup_steps=10, min_lr=1e-5) == pytest.approx(1e-5)
+    lrs = [lr_at(s, 50, base, 5) for s in range(50)]
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # monotone after warm-up
+    assert lr_at(3, 10, base, warmup_steps=0) == pytest.approx(base * 0.7**0.9)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.norm = nn.BatchNorm2d(2)
+        self.text_encoder = nn.Linear(4, 4)
+
+
+def test_param_groups_split_decay_and_text_lr():
+    m = _Tiny()
+    groups = {g["name"]: g for g in param_groups(m, TrainConfig(lr=1e-3, text_lr_scale=0.1))}
+    assert set(groups) == {"visual", "visual_no_decay", "text", "text_no_decay"}
+    assert groups["visual"]["params"] == [m.conv.weight] and groups["visual"]["weight_decay"] == 0.01
+    assert len(groups["visual_no_decay"]["params"]) == 3 and groups["visual_no_decay"]["weight_decay"] == 0.0
+    assert groups["text"]["lr_scale"] == pytest.approx(0.1) and groups["visual"]["lr_scale"] == 1.0
+    groups = param_groups(m, TrainConfig(lr=1e-3, text_lr=1e-5, no_decay_norm_bias=False))
+    assert {g["name"] for g in groups} == {"visual", "text"}
+    assert [g for g in groups if g["name"] == "text"][0]["lr_scale"] == pytest.approx(0.01)
+    m.text_encoder.requires_grad_(False)  # frozen parameters are left out
+    assert {g["name"] for g in param_groups(m, TrainConfig())} == {"visual", "visual_no_decay"}
+    opt = torch.optim.AdamW(param_groups(m, TrainConfig()), lr=1.0)
+    assert len(opt.param_groups) == 2
+
+
+def test_train_config_validation_and_round_trip():
+    cfg = TrainConfig(data="d", epochs=3, betas=[0.9, 0.99])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="text_level"):
+        TrainConfig(text_level="most")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"learning_rate": 1})
+
+
+def test_settings_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("epochs: 4\nbatch-size: 2\nlr: 3.0e-5\n")
+    assert load_settings_file(path) == {"epochs": 4, "batch_size": 2, "lr": 3e-5}
+    path.write_text("epochs: 4\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown settings \\['learning_rate'\\]"):
+        load_settings_file(path)
+    path.write_text("!!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(Exception):  # safe_load refuses code
+        load_settings_file(path)
+    with pytest.raises(FileNotFoundError):
+        load_settings_file(tmp_path / "missing.yaml")
