@@ -1,0 +1,256 @@
+"""Torch dataset, augmentation and collation for training and evaluation.
+
+Every item is a dict that PyTorch's default collation can batch:
+
+| key | type | meaning |
+|---|---|---|
+| ``image`` | float32 (C, H, W) | preprocessed image (:func:`lsms.data.intensity.preprocess_image`) |
+| ``mask`` | float32 (1, H, W) | target mask in {0, 1}, resized nearest |
+| ``instances`` | int64 (H, W) | instance label map; all ``-1`` when the record has none |
+| ``target_instance`` | int | label of the referred lesion; ``-1`` when the record has none |
+| ``text`` | str | the expression at ``text_level`` (possibly with left/right swapped by a flip) |
+| ``id`` | str | record id |
+| ``skipped`` | str | ids of bad samples this item stands in for (``on_error="skip"``), comma-joined; else ``""`` |
+
+Tokenisation happens in :class:`Collator`, at batch time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lsms.data.intensity import Preprocessing, preprocess_image, resize_labels
+from lsms.data.manifest import Record
+from lsms.data.readers import read_image, read_label_map, read_mask
+
+log = logging.getLogger(__name__)
+
+_SIDE_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_SIDE_RE = re.compile(r"\b(left|right|leftmost|rightmost)\b", re.IGNORECASE)
+TEXT_FLIP_POLICIES = ("swap", "refuse")
+
+
+def swap_left_right(text: str) -> str:
+    """Swap the words left/right (and leftmost/rightmost), keeping capitalisation.
+
+    >>> swap_left_right("Right femur, left of the Left knee")
+    'Left femur, right of the Right knee'
+    """
+
+    def repl(m: re.Match[str]) -> str:
+        word = m.group(0)
+        out = _SIDE_WORDS[word.lower()]
+        if word.isupper():
+            return out.upper()
+        return out.capitalize() if word[0].isupper() else out
+
+    return _SIDE_RE.sub(repl, text)
+
+
+@dataclass
+class Augmentation:
+    """Optional training augmentation (the paper trains without any; all of this is off unless asked for).
+
+    Attributes:
+        hflip_p: probability of a horizontal flip.
+        text_flip: what a flip does to a sample with text. ``refuse`` (default): text-bearing samples are
+            never flipped, because words such as Couinaud segment numbers or "right lobe" describe anatomy a
+            mirror image contradicts. ``swap``: flip and swap left/right words in the text (use it when sides
+            are only ever named with left/right). Samples without text are flipped either way.
+        contrast: maximum relative contrast change (0.1 = x0.9..x1.1 around the mean).
+        brightness: maximum brightness shift added after scaling (image units, e.g. 0.05).
+        seed: base seed; each item's randomness depends on (seed, epoch, index) only.
+    """
+
+    hflip_p: float = 0.5
+    text_flip: str = "refuse"
+    contrast: float = 0.0
+    brightness: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hflip_p <= 1.0:
+            raise ValueError(f"hflip_p must be in [0, 1], got {self.hflip_p}")
+        if self.text_flip not in TEXT_FLIP_POLICIES:
+            raise ValueError(f"text_flip must be one of {', '.join(TEXT_FLIP_POLICIES)}, got {self.text_flip!r}")
+        if self.contrast < 0 or self.brightness < 0:
+            raise ValueError("contrast and brightness must be non-negative")
+
+
+class SampleError(ValueError):
+    """A sample could not be loaded; the message names the record and the file."""
+
+
+class SegmentationDataset(Dataset):
+    """Images, masks and expressions from :class:`Record` s, preprocessed for the model.
+
+    Args:
+        records: the samples (from :func:`lsms.data.load_samples`).
+        preprocessing: how images become model input (saved with the model).
+        augment: ``False``, ``True`` (default :class:`Augmentation`) or an :class:`Augmentation`.
+        text_level: ``full``, ``half``, ``quarter`` or ``none`` (``""``; for classical segmentation).
+            ``half``/``quarter`` fall back to ``text`` for records without ``texts``.
+        on_error: ``raise`` stops at the first bad sample with its file and problem; ``skip`` replaces it by
+            the next good one, logs it, lists it in the item's ``skipped`` key and in :attr:`skipped`.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        preprocessing: Preprocessing,
+        augment: bool | Augmentation = False,
+        text_level: str = "full",
+        on_error: str = "raise",
+    ):
+        if text_level not in ("full", "half", "quarter", "none"):
+            raise ValueError(f"text_level must be full, half, quarter or none, got {text_level!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not records:
+            raise ValueError("the dataset has no records; check the data path and split")
+        self.records = list(records)
+        self.preprocessing = preprocessing
+        self.augmentation = Augmentation() if augment is True else (augment or None)
+        self.text_level = text_level
+        self.on_error = on_error
+        self.epoch = 0
+        self.skipped: dict[str, str] = {}  # id -> problem, in this process
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draw (call once per epoch; workers see it from the next epoch's iterator)."""
+        self.epoch = epoch
+
+    def load(self, index: int) -> dict[str, Any]:
+        """Read and preprocess one record; raises :class:`SampleError` naming the record and file."""
+        r = self.records[index]
+        prep = self.preprocessing
+        try:
+            image = read_image(r.image_path, slice_index=r.slice_index)
+            if not np.isfinite(image.array).all():
+                raise ValueError(f"{r.image_path}: the image holds NaN or inf values")
+            mask = read_mask(r.mask_path, slice_index=r.slice_index)
+            if mask.shape != image.shape:
+                raise ValueError(f"{r.mask_path}: mask size {mask.shape} differs from the image's {image.shape} ({r.image_path})")
+            instances = None
+            if r.instances_path is not None:
+                instances = read_label_map(r.instances_path, slice_index=r.slice_index)
+                if instances.shape != image.shape:
+                    raise ValueError(f"{r.instances_path}: instance map size {instances.shape} differs from the image's {image.shape}")
+            x = preprocess_image(image.array, prep)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            raise SampleError(f"sample {r.id!r} ({r.split}): {err}") from err
+        m = resize_labels(torch.from_numpy(mask.astype(np.uint8)), prep.image_size)
+        text = r.text_at(self.text_level)
+        if instances is not None:
+            inst = resize_labels(torch.from_numpy(instances), prep.image_size)
+            target = int(r.target_instance) if r.target_instance is not None else -1
+        else:
+            inst = torch.full(prep.image_size, -1, dtype=torch.int64)
+            target = -1
+        if self.augmentation is not None:
+            x, m, inst, text = self._augment(index, x, m, inst, text)
+        return {
+            "image": x.float(), "mask": m[None].float(), "instances": inst, "target_instance": target,
+            "text": text, "id": r.id, "skipped": "",
+        }
+
+    def _augment(
+        self, index: int, x: torch.Tensor, m: torch.Tensor, inst: torch.Tensor, text: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        aug = self.augmentation
+        assert aug is not None
+        rng = np.random.default_rng([aug.seed, self.epoch, index])
+        flip = rng.random() < aug.hflip_p
+        if flip and text and aug.text_flip == "refuse":
+            flip = False  # documented: text-bearing samples are not flipped under "refuse"
+        if flip:
+            x, m, inst = x.flip(-1), m.flip(-1), inst.flip(-1)
+            text = swap_left_right(text)
+        if aug.contrast > 0:
+            factor = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            x = (x - mean) * factor + mean
+        if aug.brightness > 0:
+            x = x + float(rng.uniform(-aug.brightness, aug.brightness))
+        return x, m, inst, text
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.on_error == "raise":
+            return self.load(index)
+        bad: list[str] = []
+        for step in range(len(self.records)):
+            j = (index + step) % len(self.records)
+            try:
+                item = self.load(j)
+            except SampleError as err:
+                rid = self.records[j].id
+                if rid not in self.skipped:
+                    log.warning("skipping bad sample: %s", err)
+                self.skipped[rid] = str(err)
+                bad.append(rid)
+                continue
+            item["skipped"] = ",".join(bad)
+            return item
+        raise SampleError(f"all {len(self.records)} samples failed to load; first problem: {next(iter(self.skipped.values()))}")
+
+
+class SkipLog:
+    """Collects the ``skipped`` ids of batches (works with DataLoader workers) and summarises them."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def update(self, batch: dict[str, Any]) -> None:
+        for joined in batch.get("skipped", []):
+            if joined:
+                self.ids.update(joined.split(","))
+
+    def summary(self) -> str:
+        """``"no samples skipped"`` or ``"N sample(s) skipped: a, b, ..."``."""
+        if not self.ids:
+            return "no samples skipped"
+        ids = sorted(self.ids)
+        more = f" ... (+{len(ids) - 20})" if len(ids) > 20 else ""
+        return f"{len(ids)} sample(s) skipped: {', '.join(ids[:20])}{more}"
+
+
+class Collator:
+    """Batches dataset items and tokenises their texts (``collate_fn`` of a DataLoader).
+
+    Args:
+        tokenizer: an :class:`lsms.text.Tokenizer`; None for classical segmentation (no ``input_ids``).
+
+    Returns (when called):
+        ``image`` (B, C, H, W), ``mask`` (B, 1, H, W), ``instances`` (B, H, W), ``target_instance`` (B,),
+        ``text``/``id``/``skipped`` lists, and with a tokenizer ``input_ids``/``attention_mask`` (B, T) and
+        ``truncated`` (B,).
+    """
+
+    def __init__(self, tokenizer: Any | None = None):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        batch: dict[str, Any] = {
+            "image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "instances": torch.stack([it["instances"] for it in items]),
+            "target_instance": torch.tensor([it["target_instance"] for it in items], dtype=torch.int64),
+            "text": [it["text"] for it in items],
+            "id": [it["id"] for it in items],
+            "skipped": [it.get("skipped", "") for it in items],
+        }
+        if self.tokenizer is not None:
+            batch.update(self.tokenizer(batch["text"]))
+        return batch

@@ -1,0 +1,199 @@
+"""Intensity scaling and the :class:`Preprocessing` saved with every model.
+
+Training stores ``Preprocessing.to_dict()`` in the checkpoint; prediction rebuilds it with
+``Preprocessing.from_dict()`` and calls :func:`preprocess_image`, so both see exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Named CT windows, (width, level) in HU. Values as commonly used in radiology (Radiopaedia "Windowing (CT)").
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "liver": (150.0, 30.0),
+    "abdomen": (400.0, 50.0),
+    "lung": (1500.0, -600.0),
+    "mediastinum": (350.0, 50.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
+}
+INTENSITY_MODES = ("window", "percentile", "range")
+PREPROCESSING_VERSION = 1
+
+
+def apply_window(hu: np.ndarray, width: float, level: float) -> np.ndarray:
+    """Map HU to [0, 1]: ``level - width/2`` -> 0, ``level + width/2`` -> 1, clipped.
+
+    Example: the liver window (W 150, L 30) maps -45 HU to 0, 30 HU to 0.5 and 105 HU to 1.
+    """
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    low = level - width / 2.0
+    return np.clip((np.asarray(hu, dtype=np.float32) - low) / np.float32(width), 0.0, 1.0)
+
+
+def percentile_scale(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Map the ``low``/``high`` percentiles of the whole image (all channels together) to 0/1, clipped.
+
+    A constant image maps to zeros.
+    """
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")
+    a = np.asarray(image, dtype=np.float32)
+    lo, hi = np.percentile(a, [low, high])
+    if hi <= lo:
+        return np.zeros_like(a)
+    return np.clip((a - lo) / np.float32(hi - lo), 0.0, 1.0)
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes the model's input; saved in the checkpoint and repeated at prediction.
+
+    Attributes:
+        image_size: model input (H, W); images are resized bilinearly (masks nearest).
+        in_channels: 1 (grey; colour images become luminance) or 3 (grey images are repeated).
+        intensity: ``window`` (CT: HU through a window), ``percentile`` (per image) or ``range``
+            (fixed ``value_range``, e.g. 0..255 for 8-bit photos).
+        window: name of a CT window in :data:`CT_WINDOWS`, or None to use ``window_width``/``window_level``.
+        window_width: custom window width in HU (used when ``window`` is None).
+        window_level: custom window level in HU.
+        percentiles: low/high percentiles for ``percentile``.
+        value_range: (min, max) mapped to 0/1 for ``range``.
+        mean: subtracted after scaling to [0, 1] (one value per channel, or one for all).
+        std: divided after subtracting ``mean``.
+    """
+
+    image_size: tuple[int, int] = (256, 256)
+    in_channels: int = 3
+    intensity: str = "percentile"
+    window: str | None = None
+    window_width: float | None = None
+    window_level: float | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    value_range: tuple[float, float] = (0.0, 255.0)
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
+        if self.intensity == "window":
+            if self.window is not None and self.window not in CT_WINDOWS:
+                raise ValueError(f"unknown CT window {self.window!r}; use one of {', '.join(CT_WINDOWS)} or width/level")
+            if self.window is None and (self.window_width is None or self.window_level is None):
+                raise ValueError("intensity='window' needs a named window or both window_width and window_level")
+            if self.window is None and self.window_width is not None and self.window_width <= 0:
+                raise ValueError(f"window_width must be positive, got {self.window_width}")
+        self.percentiles = tuple(float(p) for p in self.percentiles)  # type: ignore[assignment]
+        self.value_range = tuple(float(v) for v in self.value_range)  # type: ignore[assignment]
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        if self.value_range[1] <= self.value_range[0]:
+            raise ValueError(f"value_range must be (min, max) with max > min, got {self.value_range}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.in_channels):
+                raise ValueError(f"{name} needs 1 or in_channels={self.in_channels} values, got {len(values)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+
+    @property
+    def window_width_level(self) -> tuple[float, float]:
+        """The (width, level) in HU of the ``window`` mode."""
+        if self.window is not None:
+            return CT_WINDOWS[self.window]
+        assert self.window_width is not None and self.window_level is not None
+        return float(self.window_width), float(self.window_level)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists for tuples) with a ``version`` key."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out["version"] = PREPROCESSING_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they would be silently ignored otherwise)."""
+        data = dict(data)
+        version = data.pop("version", PREPROCESSING_VERSION)
+        if version != PREPROCESSING_VERSION:
+            raise ValueError(f"preprocessing version {version} is not supported (this lsms reads {PREPROCESSING_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown preprocessing setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def default_preprocessing(modality: str | None, image_size: int | tuple[int, int] = 256, in_channels: int = 3) -> Preprocessing:
+    """The default for a modality: CT -> liver window; anything else -> per-image percentile scaling."""
+    if modality is not None and modality.upper() == "CT":
+        return Preprocessing(image_size=image_size, in_channels=in_channels, intensity="window", window="liver")  # type: ignore[arg-type]
+    return Preprocessing(image_size=image_size, in_channels=in_channels, intensity="percentile")  # type: ignore[arg-type]
+
+
+def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """(H, W[, C]) raw values -> float32 in [0, 1] by ``prep.intensity``."""
+    if not np.isfinite(image).all():
+        raise ValueError("the image holds NaN or inf values")
+    if prep.intensity == "window":
+        return apply_window(image, *prep.window_width_level)
+    if prep.intensity == "percentile":
+        return percentile_scale(image, *prep.percentiles)
+    lo, hi = prep.value_range
+    return np.clip((np.asarray(image, dtype=np.float32) - lo) / np.float32(hi - lo), 0.0, 1.0)
+
+
+def to_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (in_channels, H, W). Grey is repeated; colour becomes luminance for 1 channel."""
+    a = image
+    if a.ndim == 2:
+        a = a[None]  # (1, H, W)
+    else:
+        if a.shape[-1] in (2, 4):
+            a = a[..., :-1]  # drop alpha
+        a = np.moveaxis(a, -1, 0)  # (C, H, W)
+    if a.shape[0] == in_channels:
+        return np.ascontiguousarray(a)
+    if in_channels == 3:
+        return np.repeat(a[:1], 3, axis=0)
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None, None]  # ITU-R BT.601 luminance
+    return (a[:3] * weights).sum(axis=0, keepdims=True).astype(np.float32)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) float -> (C, *size), bilinear with anti-aliasing when shrinking."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) or (C, H, W) integer/binary map -> same at ``size``, nearest neighbour (labels stay labels)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    x = labels[None, None] if labels.ndim == 2 else labels[None]
+    out = F.interpolate(x.float(), size=size, mode="nearest-exact")
+    return out[0, 0].to(labels.dtype) if labels.ndim == 2 else out[0].to(labels.dtype)
+
+
+def preprocess_image(image: np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    """Raw (H, W[, C]) image -> model input float32 (in_channels, *image_size): scale, channels, resize, normalise."""
+    scaled = scale_intensity(image, prep)
+    x = torch.from_numpy(to_channels(scaled, prep.in_channels))
+    x = resize_image(x, prep.image_size)
+    mean = torch.tensor(prep.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(prep.std, dtype=torch.float32)[:, None, None]
+    return ((x - mean) / std).contiguous()

@@ -1,0 +1,251 @@
+"""The project's dataset format: a folder with ``manifest.jsonl``, one :class:`Record` per line.
+
+See ``docs/dataset-format.md`` for the field table. Records are validated on load; every error names the
+manifest file, the line number and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lsms.data.problems import Problem
+
+MANIFEST_NAME = "manifest.jsonl"
+SPLITS = ("train", "val", "test")
+TEXT_LEVELS = ("full", "half", "quarter")
+_KNOWN = (
+    "id", "image", "mask", "text", "split", "texts", "instances", "target_instance", "attributes",
+    "spacing", "patient", "modality", "slice_index",
+)
+
+
+@dataclass
+class Record:
+    """One (image, expression, target mask) sample.
+
+    Paths are relative to ``root`` (the dataset folder); ``root`` itself is not written to the manifest.
+
+    Attributes:
+        id: unique sample id.
+        image: image file, or a DICOM series folder (then ``slice_index`` picks the slice).
+        mask: target mask (any non-zero pixel is lesion).
+        text: the referring expression; ``""`` for datasets without text.
+        split: ``train``, ``val`` or ``test``.
+        texts: expression at several levels of detail (keys from ``full``, ``half``, ``quarter``).
+        instances: instance label map (0 = background, k = lesion k).
+        target_instance: label of the referred lesion in ``instances``.
+        attributes: structured attributes of the referred lesion.
+        spacing: pixel spacing (row, column) in mm.
+        patient: patient id (splits are by patient).
+        modality: ``CT``, ``XR``, ``endoscopy``, ... (chooses the default preprocessing).
+        slice_index: slice of a 3D NIfTI volume or a DICOM series.
+        extra: unknown manifest fields, kept and written back unchanged.
+        root: the dataset folder the paths are relative to.
+    """
+
+    id: str
+    image: str
+    mask: str
+    text: str
+    split: str
+    texts: dict[str, str] | None = None
+    instances: str | None = None
+    target_instance: int | None = None
+    attributes: dict[str, Any] | None = None
+    spacing: tuple[float, float] | None = None
+    patient: str | None = None
+    modality: str | None = None
+    slice_index: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    root: Path = field(default_factory=Path)
+
+    @property
+    def image_path(self) -> Path:
+        return self.root / self.image
+
+    @property
+    def mask_path(self) -> Path:
+        return self.root / self.mask
+
+    @property
+    def instances_path(self) -> Path | None:
+        return None if self.instances is None else self.root / self.instances
+
+    def text_at(self, level: str) -> str:
+        """The expression at ``level`` (``full``/``half``/``quarter``/``none``); falls back to ``text``."""
+        if level == "none":
+            return ""
+        if level not in TEXT_LEVELS:
+            raise ValueError(f"text level must be one of full, half, quarter, none; got {level!r}")
+        if level == "full":
+            return self.text
+        return (self.texts or {}).get(level, self.text)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest line as a dict: required fields, the optional ones that are set, then ``extra``."""
+        out: dict[str, Any] = {"id": self.id, "image": self.image, "mask": self.mask, "text": self.text, "split": self.split}
+        for name in _KNOWN[5:]:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if name == "spacing" else value
+        for key, value in self.extra.items():
+            out.setdefault(key, value)
+        return out
+
+
+def _check_str(line: dict[str, Any], name: str, where: str, required: bool) -> str | None:
+    value = line.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"{where}: required field {name!r} is missing")
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
+    """Validate one parsed manifest line and build its :class:`Record`.
+
+    Args:
+        line: the parsed JSON object.
+        root: dataset folder the paths are relative to.
+        where: ``"<file>:<line>"`` prefix for error messages.
+
+    Raises:
+        ValueError: a required field is missing or a field has the wrong type or value.
+    """
+    if not isinstance(line, dict):
+        raise ValueError(f"{where}: each line must be a JSON object, got {type(line).__name__}")
+    rid, image, mask, text, split = (_check_str(line, n, where, True) for n in ("id", "image", "mask", "text", "split"))
+    assert rid is not None and image is not None and mask is not None and text is not None and split is not None
+    if not rid:
+        raise ValueError(f"{where}: field 'id' is empty")
+    for name, value in (("image", image), ("mask", mask)):
+        if not value:
+            raise ValueError(f"{where}: field {name!r} is empty; give a path relative to the dataset folder")
+    if split not in SPLITS:
+        raise ValueError(f"{where}: field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
+    texts = line.get("texts")
+    if texts is not None:
+        if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
+            raise ValueError(f"{where}: field 'texts' must be an object of strings, e.g. {{\"full\": ..., \"half\": ...}}")
+        bad = sorted(set(texts) - set(TEXT_LEVELS))
+        if bad:
+            raise ValueError(f"{where}: field 'texts' has unknown level(s) {bad}; use {', '.join(TEXT_LEVELS)}")
+    instances = _check_str(line, "instances", where, False)
+    target = line.get("target_instance")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):
+        raise ValueError(f"{where}: field 'target_instance' must be a positive integer label, got {target!r}")
+    if target is not None and instances is None:
+        raise ValueError(f"{where}: field 'target_instance' is set but 'instances' (the label map) is missing")
+    attributes = line.get("attributes")
+    if attributes is not None and not isinstance(attributes, dict):
+        raise ValueError(f"{where}: field 'attributes' must be an object, got {type(attributes).__name__}")
+    spacing = line.get("spacing")
+    if spacing is not None:
+        ok = isinstance(spacing, list) and len(spacing) == 2 and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in spacing
+        )
+        if not ok:
+            raise ValueError(f"{where}: field 'spacing' must be [row_mm, col_mm] with two positive numbers, got {spacing!r}")
+        spacing = (float(spacing[0]), float(spacing[1]))
+    slice_index = line.get("slice_index")
+    if slice_index is not None and (isinstance(slice_index, bool) or not isinstance(slice_index, int) or slice_index < 0):
+        raise ValueError(f"{where}: field 'slice_index' must be a non-negative integer, got {slice_index!r}")
+    return Record(
+        id=rid, image=image, mask=mask, text=text, split=split, texts=texts, instances=instances,
+        target_instance=target, attributes=attributes, spacing=spacing,
+        patient=_check_str(line, "patient", where, False), modality=_check_str(line, "modality", where, False),
+        slice_index=slice_index, extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root,
+    )
+
+
+def manifest_path(folder: str | Path) -> Path:
+    """``folder/manifest.jsonl`` (``folder`` may also be the manifest file itself)."""
+    path = Path(folder)
+    return path if path.suffix == ".jsonl" else path / MANIFEST_NAME
+
+
+def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
+    """Read every line of a manifest, collecting problems instead of stopping at the first.
+
+    Returns:
+        The valid records and one problem per bad line (invalid JSON or field, duplicate id).
+    """
+    path = manifest_path(folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest here; a dataset folder needs a {MANIFEST_NAME} (see docs/dataset-format.md)")
+    records: list[Record] = []
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError as err:
+                problems.append(Problem("error", "invalid-record", f"{where}: not valid JSON ({err.msg} at column {err.colno})", str(path)))
+                continue
+            try:
+                record = record_from_json(line, path.parent, where)
+            except ValueError as err:
+                problems.append(Problem("error", "invalid-record", str(err), str(path)))
+                continue
+            if record.id in seen:
+                problems.append(Problem(
+                    "error", "duplicate-id", f"{where}: field 'id' {record.id!r} repeats line {seen[record.id]}; ids must be unique",
+                    str(path), record.id, record.split,
+                ))
+                continue
+            seen[record.id] = number
+            records.append(record)
+    return records, problems
+
+
+def load_manifest(folder: str | Path) -> list[Record]:
+    """Load and validate ``folder/manifest.jsonl``.
+
+    Raises:
+        FileNotFoundError: there is no manifest.
+        ValueError: a line is invalid; the message names the file, the line number and the field.
+    """
+    records, problems = parse_manifest(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); run `lsms check` for all)" if len(problems) > 1 else ""
+        raise ValueError(problems[0].message + more)
+    if not records:
+        raise ValueError(f"{manifest_path(folder)}: the manifest has no records")
+    return records
+
+
+def write_manifest(folder: str | Path, records: list[Record]) -> Path:
+    """Write ``folder/manifest.jsonl`` atomically (a temporary file, then ``os.replace``).
+
+    Returns:
+        The manifest path.
+    """
+    path = manifest_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"{path}: cannot write duplicate ids {dup}; make each record's id unique")
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
