@@ -101,6 +101,8 @@ class TextEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, freeze: bool = False):
         super().__init__()
         self.backbone = backbone
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # LSMS reads the token features only; an unused pooler would get no gradient
         self.freeze = freeze
         if freeze:
             self.backbone.requires_grad_(False)

@@ -1,0 +1,205 @@
+"""Behaviour of the LSMS network: shapes, gradients, determinism, text handling, errors, checkpoint keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_kwargs
+
+from lsms import build_model
+from lsms.model import LSMSConfig, PRESETS
+from lsms.model.decoder import NMF2D
+
+SIZE = 64
+SNAPSHOT = Path(__file__).parent / "snapshots" / "state_dict_keys_tiny.txt"
+
+ABLATIONS = {
+    "default": {},
+    "conv_d7": dict(conv_kernels=(7,)),
+    "conv_d11": dict(conv_kernels=(11,)),
+    "conv_d21": dict(conv_kernels=(21,)),
+    "no_conv_units": dict(conv_kernels=()),
+    "no_pixel_map": dict(pixel_map=False),
+    "wo_fsd": dict(decoder="last"),
+    "fsd_p4_only": dict(decoder_stages=(4,)),
+    "fsd_p1234": dict(decoder_stages=(1, 2, 3, 4)),
+    "fsd_no_hamburger": dict(hamburger=False),
+    "fsd_stage_mlp": dict(stage_mlp=True),
+    "no_text": dict(use_text=False),
+}
+
+
+def _inputs(model, texts, batch=None, size=SIZE, channels=3):
+    batch = batch or len(texts)
+    image = torch.randn(batch, channels, size, size)
+    if not model.config.use_text:
+        return image, None, None
+    tok = model.tokenize(texts)
+    return image, tok["input_ids"], tok["attention_mask"]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_shape_table(preset):
+    model = build_model(preset, **tiny_model_kwargs())
+    cfg = model.config
+    image, ids, mask = _inputs(model, ["the larger cyst in segment VI", "a nodule"])
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_features(image, ids, mask)
+    assert out.logits.shape == (2, 1, SIZE, SIZE)
+    for f, width, stride in zip(out.stages, cfg.widths, (4, 8, 16, 32)):
+        assert f.shape == (2, width, SIZE // stride, SIZE // stride)
+    assert [p.shape for p in out.aligned] == [(2, cfg.widths[s - 1], SIZE // 4, SIZE // 4) for s in (2, 3, 4)]
+    assert out.decoder.shape == (2, cfg.head_channels, SIZE // 4, SIZE // 4)
+    assert out.text_embedding.shape == (2, cfg.head_channels)
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_every_parameter_gets_a_gradient(name):
+    model = build_model("tiny", **tiny_model_kwargs(**ABLATIONS[name]))
+    model.train()
+    image, ids, mask = _inputs(model, ["the smaller hypodense lesion in segment VI", "a cyst"])
+    out = model.forward_features(image, ids, mask)
+    # stand-in for L_seg + L_con: touches the logits and the (decoder, text embedding) pair
+    loss = out.logits.square().mean()
+    if out.text_embedding is not None:
+        loss = loss + (out.decoder.mean((2, 3)) * out.text_embedding).mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient for {bad}"
+    if name == "wo_fsd":
+        assert out.decoder.shape[-1] == SIZE // 32
+
+
+def test_eval_forward_is_deterministic():
+    model = build_model("tiny", **tiny_model_kwargs()).eval()
+    image, ids, mask = _inputs(model, ["segment VII nodule", "cyst"])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(image, ids, mask)
+        torch.manual_seed(2)  # the global RNG must not matter in eval
+        b = model(image, ids, mask)
+    assert torch.equal(a, b)
+
+
+def test_padding_does_not_change_the_output():
+    model = build_model("tiny", **tiny_model_kwargs()).eval()
+    image, ids, mask = _inputs(model, ["the larger cyst"], batch=1)
+    pad = 9
+    ids_padded = torch.cat([ids, torch.zeros(1, pad, dtype=ids.dtype)], dim=1)
+    mask_padded = torch.cat([mask, torch.zeros(1, pad, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        a = model(image, ids, mask)
+        b = model(image, ids_padded, mask_padded)
+        # and padded by the tokenizer next to a longer sentence in the same batch
+        tok = model.tokenize(["the larger cyst", "the most anterior metastasis in segment IVa of the liver"])
+        c = model(image.expand(2, -1, -1, -1), tok["input_ids"], tok["attention_mask"])[:1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, c, atol=2e-4, rtol=1e-4)  # batched kernels round differently
+
+
+def test_a_different_sentence_gives_a_different_output():
+    model = build_model("tiny", **tiny_model_kwargs()).eval()
+    image = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        outs = [model(image, **{k: v for k, v in model.tokenize([t]).items() if k != "truncated"})
+                for t in ("the cyst in segment VI", "the metastasis in segment II")]
+    assert (outs[0] - outs[1]).abs().max() > 1e-4
+
+
+def test_no_text_model_has_no_language_parameters():
+    model = build_model("tiny", use_text=False)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if "text" in n or "language" in n]
+    assert model.text_encoder is None and model.text_proj is None
+    out = model.forward_features(torch.randn(2, 3, SIZE, SIZE))
+    assert out.text_embedding is None and out.logits.shape == (2, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="without text"):
+        model.tokenize(["a cyst"])
+
+
+def test_any_number_of_input_channels():
+    model = build_model("tiny", **tiny_model_kwargs(in_channels=1)).eval()
+    image, ids, mask = _inputs(model, ["a cyst"], channels=1)
+    assert model(image, ids, mask).shape == (1, 1, SIZE, SIZE)
+
+
+def test_nmf_is_deterministic_in_eval_and_low_rank():
+    nmf = NMF2D(rank=4).eval()
+    x = torch.rand(2, 16, 8, 8)
+    a, b = nmf(x), nmf(x)
+    assert torch.equal(a, b)
+    assert (a >= 0).all()
+    assert torch.linalg.matrix_rank(a[0].view(16, 64)) <= 4
+    # the reconstruction explains most of a rank-4 non-negative matrix
+    y = (torch.rand(1, 16, 4) @ torch.rand(1, 4, 64)).view(1, 16, 8, 8)
+    assert (nmf(y) - y).norm() / y.norm() < 0.2
+
+
+def test_truncation_is_counted():
+    model = build_model("tiny", **tiny_model_kwargs(max_tokens=8))
+    tok = model.tokenize(["a very long sentence about the lesion in segment six of the liver", "cyst"])
+    assert tok["input_ids"].shape[1] == 8
+    assert tok["truncated"].tolist() == [True, False]
+    assert model.tokenizer.truncated == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preset="huge"), "unknown preset"),
+        (dict(widthz=(1, 2, 3, 4)), "unknown model settings"),
+        (dict(conv_kernels=(8,)), "conv_kernels must be odd"),
+        (dict(decoder="unet"), "decoder must be"),
+        (dict(decoder_stages=(0, 5)), "decoder_stages"),
+        (dict(in_channels=0), "in_channels"),
+        (dict(ham_channels=100), "multiples of 32"),
+        (dict(depths=(1, 1, 1)), "4 entries"),
+    ],
+)
+def test_ill_arguments(kwargs, message):
+    preset = kwargs.pop("preset", "tiny")
+    with pytest.raises(ValueError, match=message):
+        build_model(preset, **tiny_model_kwargs(**kwargs))
+
+
+def test_ill_inputs():
+    model = build_model("tiny", **tiny_model_kwargs())
+    image, ids, mask = _inputs(model, ["a cyst"])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 70, 64), ids, mask)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 1, SIZE, SIZE), ids, mask)
+    with pytest.raises(ValueError, match="pass input_ids"):
+        model(image)
+    with pytest.raises(ValueError, match="B = 1 images"):
+        model(image, ids.repeat(2, 1), mask.repeat(2, 1))
+    with pytest.raises(TypeError, match="list of strings"):
+        model.tokenize("a cyst")
+
+
+def test_config_round_trip():
+    cfg = build_model("tiny", **tiny_model_kwargs(conv_kernels=(11,))).config
+    again = LSMSConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown LSMS config fields"):
+        LSMSConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+def test_state_dict_keys_snapshot():
+    """Renaming a submodule silently breaks saved checkpoints: keys are pinned (MONAI's lesson).
+
+    After an intended change, regenerate with ``python tests/test_model.py``.
+    """
+    keys = [k for k in build_model("tiny", **tiny_model_kwargs()).state_dict() if not k.startswith("text_encoder.")]
+    assert keys == SNAPSHOT.read_text().split()
+
+
+if __name__ == "__main__":
+    model = build_model("tiny", **tiny_model_kwargs())
+    SNAPSHOT.write_text("\n".join(k for k in model.state_dict() if not k.startswith("text_encoder.")) + "\n")
