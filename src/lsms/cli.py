@@ -9,6 +9,8 @@ import sys
 
 # sub-command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("lsms.check", "integrity report of a dataset (missing files, sizes, masks, text, split leaks)"),
+    "convert": ("lsms.convert", "convert an LViT or images/+masks/ dataset to the manifest format"),
     "profile": ("lsms.profile", "count parameters and FLOPs, time a CPU forward"),
 }
 

@@ -1,6 +1,13 @@
 """Data: the manifest format, image readers, dataset layouts, preprocessing, torch dataset and checks."""
 
-from lsms.data.dataset import Augmentation, Collator, SampleError, SegmentationDataset, SkipLog, swap_left_right
+from lsms.data.dataset import (
+    Augmentation,
+    Collator,
+    SampleError,
+    SegmentationDataset,
+    SkipLog,
+    swap_left_right,
+)
 from lsms.data.intensity import (
     CT_WINDOWS,
     Preprocessing,

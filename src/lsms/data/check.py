@@ -1,0 +1,235 @@
+"""Dataset integrity checks behind ``lsms check``.
+
+Errors (exit status 1): invalid manifest line, missing or unreadable file, image/mask (or instance map) size
+mismatch, NaN/inf pixels, duplicate ids, empty text in a dataset that has text, the same image (same
+decoded pixels) in two splits, a ``target_instance`` absent from its instance map.
+Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
+image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lsms.data.layouts import scan_samples
+from lsms.data.manifest import SPLITS, TEXT_LEVELS, Record
+from lsms.data.problems import Problem
+from lsms.data.readers import read_image, read_label_map
+
+
+@dataclass
+class CheckReport:
+    """What ``lsms check`` found.
+
+    Attributes:
+        path: the dataset checked.
+        layout: ``manifest``, ``lvit`` or ``folder``.
+        counts: samples per split (records that could be listed; unreadable files still count).
+        problems: every finding, errors first.
+        has_text: whether any sample has a non-empty expression.
+        max_tokens: the tokenizer limit texts were measured against (None when text was not checked).
+        seconds: wall time of the check.
+    """
+
+    path: str
+    layout: str
+    counts: dict[str, int]
+    problems: list[Problem] = field(default_factory=list)
+    has_text: bool = False
+    max_tokens: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        by_code = Counter(f"{p.severity}:{p.code}" for p in self.problems)
+        return {
+            "path": self.path, "layout": self.layout, "ok": self.ok, "counts": self.counts,
+            "total": sum(self.counts.values()), "errors": len(self.errors), "warnings": len(self.warnings),
+            "by_code": dict(sorted(by_code.items())), "has_text": self.has_text, "max_tokens": self.max_tokens,
+            "seconds": round(self.seconds, 2), "problems": [p.to_dict() for p in self.problems],
+        }
+
+    def format_text(self, limit: int = 30) -> str:
+        """Human-readable report; at most ``limit`` problems listed per kind."""
+        lines = [f"{self.path} ({self.layout} layout)"]
+        lines.append("  " + ", ".join(f"{sp}: {n}" for sp, n in self.counts.items()) + f"  (total {sum(self.counts.values())})")
+        lines.append(f"  text: {'yes' if self.has_text else 'none (classical segmentation)'}")
+        groups: dict[str, list[Problem]] = defaultdict(list)
+        for p in self.problems:
+            groups[f"{p.severity} [{p.code}]"].append(p)
+        for key, items in groups.items():
+            lines.append(f"{key}: {len(items)}")
+            for p in items[:limit]:
+                lines.append(f"  {p.message}")
+            if len(items) > limit:
+                lines.append(f"  ... {len(items) - limit} more (use --json for all)")
+        verdict = "OK" if self.ok else "FAILED"
+        lines.append(f"{verdict}: {len(self.errors)} error(s), {len(self.warnings)} warning(s) in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _check_record(r: Record) -> tuple[list[Problem], str | None]:
+    """Read one record's files; returns its problems and a hash of the decoded image pixels."""
+    problems: list[Problem] = []
+
+    def add(severity: str, code: str, message: str, file: Path) -> None:
+        problems.append(Problem(severity, code, message, str(file), r.id, r.split))
+
+    image = None
+    digest = None
+    try:
+        image = read_image(r.image_path, slice_index=r.slice_index)
+    except FileNotFoundError as err:
+        add("error", "missing-file", str(err), r.image_path)
+    except (ValueError, OSError) as err:
+        add("error", "unreadable", str(err), r.image_path)
+    if image is not None:
+        a = image.array
+        digest = hashlib.blake2b(np.ascontiguousarray(a).tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
+        finite = np.isfinite(a)
+        if not finite.all():
+            add("error", "nan-inf", f"{r.image_path}: {int((~finite).sum())} NaN/inf pixel value(s)", r.image_path)
+        elif float(a.max()) == float(a.min()):
+            add("warning", "constant-image", f"{r.image_path}: every pixel is {float(a.min()):g}", r.image_path)
+    mask = None
+    try:
+        mask = read_image(r.mask_path, slice_index=r.slice_index)
+    except FileNotFoundError as err:
+        add("error", "missing-file", str(err), r.mask_path)
+    except (ValueError, OSError) as err:
+        add("error", "unreadable", str(err), r.mask_path)
+    if mask is not None:
+        m = mask.array.max(axis=-1) if mask.array.ndim == 3 else mask.array
+        if not np.isfinite(m).all():
+            add("error", "nan-inf", f"{r.mask_path}: the mask holds NaN/inf", r.mask_path)
+        else:
+            top = float(m.max())
+            if top <= 0:
+                add("warning", "empty-mask", f"{r.mask_path}: the mask has no lesion pixel", r.mask_path)
+            grey = int(((m != 0) & (m != top)).sum())
+            if grey:
+                add("warning", "non-binary-mask", f"{r.mask_path}: {grey} pixel(s) are neither 0 nor {top:g}; "
+                    f"{'JPEG masks are read as > 127' if mask.format == 'jpeg' else 'any non-zero pixel counts as lesion'}; "
+                    "save masks as 0/255 PNG", r.mask_path)
+        if image is not None and mask.shape != image.shape:
+            add("error", "size-mismatch", f"{r.mask_path}: mask size {mask.shape} differs from image size {image.shape} "
+                f"({r.image_path.name}); masks must match their image pixel for pixel", r.mask_path)
+    if r.instances_path is not None:
+        try:
+            inst = read_label_map(r.instances_path, slice_index=r.slice_index)
+        except FileNotFoundError as err:
+            add("error", "missing-file", str(err), r.instances_path)
+        except (ValueError, OSError) as err:
+            add("error", "unreadable", str(err), r.instances_path)
+        else:
+            if image is not None and inst.shape != image.shape:
+                add("error", "size-mismatch", f"{r.instances_path}: instance map size {inst.shape} differs from image "
+                    f"size {image.shape}", r.instances_path)
+            if r.target_instance is not None and not (inst == r.target_instance).any():
+                add("error", "missing-instance", f"{r.instances_path}: target_instance {r.target_instance} does not "
+                    "occur in the instance map", r.instances_path)
+    return problems, digest
+
+
+def _check_chunk(records: list[Record]) -> list[tuple[list[Problem], str | None]]:
+    return [_check_record(r) for r in records]
+
+
+def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[Problem], bool]:
+    texts_of = [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
+                for r in records for lvl in TEXT_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
+    has_text = any(t.strip() for _, _, t in texts_of)
+    problems: list[Problem] = []
+    if not has_text:
+        return problems, False
+    for r, lvl, t in texts_of:
+        if not t.strip():
+            field_name = "text" if lvl == "full" else f"texts.{lvl}"
+            problems.append(Problem("error", "empty-text", f"{r.root}: sample {r.id!r} has an empty {field_name} "
+                                    "while the dataset has text", str(r.root), r.id, r.split))
+    if tokenizer is not None:
+        unique = sorted({t for _, _, t in texts_of if t.strip()})
+        lengths = dict(zip(unique, (len(ids) for ids in tokenizer.hf(unique, add_special_tokens=True)["input_ids"]), strict=True))
+        for r, lvl, t in texts_of:
+            n = lengths.get(t, 0)
+            if n > tokenizer.max_tokens:
+                problems.append(Problem(
+                    "warning", "long-text", f"sample {r.id!r}: the {lvl} text has {n} tokens, the tokenizer keeps "
+                    f"{tokenizer.max_tokens}; it would be truncated (raise max_tokens or shorten it)", None, r.id, r.split,
+                ))
+    return problems, True
+
+
+def check_dataset(
+    path: str | Path, split: str | None = None, tokenizer: Any | None = None, workers: int = 0
+) -> CheckReport:
+    """Check every sample of a dataset in any supported layout.
+
+    Args:
+        path: the dataset folder (manifest, LViT or images/ + masks/).
+        split: check one split only.
+        tokenizer: an :class:`lsms.text.Tokenizer` to measure text length; None skips that check.
+        workers: processes reading files (0 = up to 8, one per CPU core).
+
+    Returns:
+        The report; ``report.ok`` is False when there is any error.
+    """
+    start = time.perf_counter()
+    layout, records, problems = scan_samples(path, split)
+    counts = {sp: n for sp in SPLITS if (n := sum(r.split == sp for r in records))}
+
+    ids = Counter(r.id for r in records)
+    for rid, n in ids.items():
+        if n > 1:
+            problems.append(Problem("error", "duplicate-id", f"{path}: id {rid!r} is used by {n} samples; ids must be unique", str(path), rid))
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(records) > 64:
+        size = max(16, len(records) // (workers * 4))
+        chunks = [records[i : i + size] for i in range(0, len(records), size)]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = [res for chunk in pool.map(_check_chunk, chunks) for res in chunk]
+    else:
+        results = _check_chunk(records)
+
+    by_digest: dict[str, list[Record]] = defaultdict(list)
+    for r, (found, digest) in zip(records, results, strict=True):
+        problems.extend(found)
+        if digest is not None:
+            by_digest[digest].append(r)
+    for group in by_digest.values():
+        splits = sorted({r.split for r in group})
+        if len(splits) > 1:
+            where = ", ".join(f"{r.split}:{r.image}" for r in group[:4])
+            problems.append(Problem("error", "split-leak", f"{group[0].image_path}: the same image appears in splits "
+                                    f"{splits} ({where}); move it to one split", str(group[0].image_path), group[0].id))
+
+    already = {(p.code, p.id) for p in problems if p.code == "empty-text"}
+    text_found, has_text = _text_problems(records, tokenizer)
+    problems.extend(p for p in text_found if (p.code, p.id) not in already)
+    problems.sort(key=lambda p: p.severity != "error")  # stable: errors first, original order kept
+    return CheckReport(
+        path=str(path), layout=layout, counts=counts, problems=problems, has_text=has_text,
+        max_tokens=None if tokenizer is None or not has_text else int(tokenizer.max_tokens),
+        seconds=time.perf_counter() - start,
+    )
