@@ -1,0 +1,329 @@
+"""Evaluation metrics for referring lesion segmentation (spec 5).
+
+Per image the prediction ``P`` is the binary mask ``sigmoid(logit) > 0.5`` (computed exactly as ``logit > 0``;
+probabilities or boolean masks can be given instead, see ``pred_kind``) and ``G`` is the target:
+
+- ``Dice = 2|P∩G| / (|P| + |G|)`` and ``IoU = |P∩G| / |P∪G|``, averaged over images: ``"Dice"``, ``"mIoU"``;
+- overall (cumulative) IoU ``sum I / sum U`` over images: ``"oIoU"``;
+- precision at IoU t for t in 0.5, 0.6, 0.7, 0.8, 0.9: share of images with ``IoU >= t``: ``"P@0.5"`` ...;
+- referring accuracy from instance label maps: share of expressions whose prediction overlaps the referred
+  instance more than any other instance of the image (``"referring_accuracy"`` over images with at least one
+  instance, ``"referring_accuracy_multi"`` over images with at least two).
+
+Empty targets follow a named policy (:data:`EmptyPolicy`):
+
+- ``"one"``: empty target and empty prediction score Dice = IoU = 1; a non-empty prediction on an empty target
+  scores 0 (as its intersection is 0). Same as MONAI ``DiceMetric`` / ``MeanIoU`` with ``ignore_empty=False``.
+- ``"skip"``: images with an empty target are left out of every mean (Dice, mIoU, oIoU, P@t). Same as MONAI
+  ``DiceMetric`` / ``MeanIoU`` with ``ignore_empty=True`` (NaN per image, NaNs left out of the mean).
+
+With a non-empty target both definitions are MONAI's ``compute_dice`` / ``compute_iou``
+(``tests/test_metrics.py`` checks the equality). They are computed here in plain torch because the per-sample
+records need the raw counts (intersection, union, areas) and ``import monai`` costs seconds.
+
+Distributed evaluation: :func:`sample_scores` turns a batch into per-sample records (plain Python values, so
+they can be gathered with ``torch.distributed.all_gather_object``); :func:`summarize` aggregates records from
+all ranks once, dropping repeated ids (a ``DistributedSampler`` pads the last batch with repeats). Sums use
+``math.fsum``, so the summary does not depend on the order of the records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Literal, TypedDict, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IOU_THRESHOLDS",
+    "EmptyPolicy",
+    "MetricAccumulator",
+    "PredKind",
+    "SampleRecord",
+    "binarize",
+    "sample_scores",
+    "summarize",
+]
+
+EmptyPolicy = Literal["one", "skip"]
+PredKind = Literal["logits", "probs", "mask"]
+IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class SampleRecord(TypedDict):
+    """Scores of one image / expression (plain Python values).
+
+    ``dice`` and ``iou`` are None when both the prediction and the target are empty (0/0); the empty policy
+    of :func:`summarize` decides what that counts as. ``referred_hit`` is None when no instance map was given
+    or the expression refers to no instance.
+    """
+
+    id: str | int
+    dice: float | None
+    iou: float | None
+    intersection: int
+    union: int
+    pred_area: int
+    target_area: int
+    n_instances: int
+    referred_hit: bool | None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def binarize(pred: Tensor, pred_kind: PredKind = "logits", threshold: float = 0.5) -> Tensor:
+    """Binary prediction mask from logits, probabilities or a mask.
+
+    Args:
+        pred: model output of any shape.
+        pred_kind: ``"logits"`` (``sigmoid(pred) > threshold``, computed as ``pred > logit(threshold)``, i.e.
+            ``pred > 0`` at 0.5, free of sigmoid rounding), ``"probs"`` (``pred > threshold``) or ``"mask"``
+            (non-zero is foreground).
+        threshold: probability threshold, in (0, 1).
+
+    Returns:
+        Bool tensor of the shape of ``pred``.
+    """
+    _check_choice("pred_kind", pred_kind, get_args(PredKind))
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if pred_kind == "mask":
+        return pred != 0
+    if pred_kind == "probs":
+        return pred > threshold
+    return pred > math.log(threshold / (1.0 - threshold))
+
+
+def _as_maps(x: Tensor, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    """(B, 1, H, W) or (B, H, W) -> (B, H, W), checking the shape."""
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != shape:
+        raise ValueError(
+            f"{name} must have shape (B, H, W) = {shape} (channel 1 optional), got {tuple(x.shape)}"
+        )
+    return x
+
+
+def sample_scores(
+    pred: Tensor,
+    target: Tensor,
+    ids: Sequence[str | int],
+    instances: Tensor | None = None,
+    target_instance: Tensor | Sequence[int] | None = None,
+    *,
+    pred_kind: PredKind = "logits",
+    threshold: float = 0.5,
+) -> list[SampleRecord]:
+    """Per-sample records of one batch (spec 5).
+
+    Args:
+        pred: logits (default), probabilities or masks, (B, 1, H, W) or (B, H, W); see :func:`binarize`.
+        target: binary target mask of the same shape.
+        ids: one id per sample (unique over the whole evaluation set).
+        instances: integer instance label map, (B, 1, H, W) or (B, H, W); 0 is background, each other value one
+            lesion. None: no referring accuracy.
+        target_instance: label of the referred instance per sample, (B,); 0 means the expression refers to no
+            instance. None: the instance that overlaps the target most (0 if the target is empty).
+        pred_kind: how to read ``pred``.
+        threshold: probability threshold.
+
+    Returns:
+        One :class:`SampleRecord` per sample, in batch order. ``referred_hit`` is True when the prediction
+        overlaps the referred instance by more pixels than any other instance (and by at least one pixel).
+    """
+    pred_mask = _as_maps(binarize(pred, pred_kind, threshold), "pred")
+    b = pred_mask.shape[0]
+    target_t = _as_maps(target, "target", tuple(pred_mask.shape))
+    if not bool(((target_t == 0) | (target_t == 1)).all()):
+        raise ValueError("target must be binary-valued (0 or 1), shape (B, 1, H, W) or (B, H, W)")
+    target_mask = target_t.bool()
+    if len(ids) != b:
+        raise ValueError(f"ids must have one id per sample ({b}), got {len(ids)}")
+
+    dims = (1, 2)
+    inter = (pred_mask & target_mask).sum(dims).tolist()
+    pred_area = pred_mask.sum(dims).tolist()
+    target_area = target_mask.sum(dims).tolist()
+
+    hits: list[bool | None] = [None] * b
+    n_instances = [0] * b
+    if instances is not None:
+        inst = _as_maps(instances, "instances", tuple(pred_mask.shape))
+        if inst.dtype.is_floating_point or inst.dtype == torch.bool or bool((inst < 0).any()):
+            raise ValueError("instances must be a non-negative integer label map (0 = background)")
+        inst = inst.long()
+        if target_instance is not None:
+            referred = torch.as_tensor(target_instance).long().flatten().tolist()
+            if len(referred) != b:
+                raise ValueError(f"target_instance must have shape ({b},), got {len(referred)} values")
+        else:
+            referred = [_dominant_label(inst[i][target_mask[i]]) for i in range(b)]
+        for i in range(b):
+            labels = inst[i].unique().tolist()
+            labels = [lab for lab in labels if lab != 0]
+            n_instances[i] = len(labels)
+            if referred[i] == 0:
+                continue
+            if referred[i] not in labels:
+                raise ValueError(
+                    f"target_instance {referred[i]} of sample {ids[i]!r} is not in its instances map"
+                )
+            overlap = torch.bincount(inst[i][pred_mask[i]], minlength=int(inst[i].max()) + 1)  # (K+1,)
+            overlap[0] = 0  # background does not compete
+            ref = int(overlap[referred[i]])
+            overlap[referred[i]] = -1
+            hits[i] = ref > 0 and ref > int(overlap.max())
+
+    records: list[SampleRecord] = []
+    for i in range(b):
+        union = pred_area[i] + target_area[i] - inter[i]
+        records.append(
+            SampleRecord(
+                id=ids[i],
+                dice=2 * inter[i] / (pred_area[i] + target_area[i]) if union > 0 else None,
+                iou=inter[i] / union if union > 0 else None,
+                intersection=inter[i],
+                union=union,
+                pred_area=pred_area[i],
+                target_area=target_area[i],
+                n_instances=n_instances[i],
+                referred_hit=hits[i],
+            )
+        )
+    return records
+
+
+def _dominant_label(labels_in_target: Tensor) -> int:
+    """Most frequent non-zero label under the target (smallest label on ties); 0 if none."""
+    labels_in_target = labels_in_target[labels_in_target > 0]
+    if labels_in_target.numel() == 0:
+        return 0
+    return int(torch.bincount(labels_in_target).argmax())
+
+
+def _mean(values: list[float]) -> float | None:
+    return math.fsum(values) / len(values) if values else None
+
+
+def summarize(
+    records: Iterable[SampleRecord],
+    empty_policy: EmptyPolicy = "one",
+    thresholds: Sequence[float] = IOU_THRESHOLDS,
+) -> dict[str, float | int | str | None]:
+    """Aggregate per-sample records (from one or all ranks) into the reported metrics (spec 5).
+
+    Records with an id seen before are dropped (the first is kept). A metric with no image to average over
+    is None.
+
+    Args:
+        records: outputs of :func:`sample_scores`.
+        empty_policy: ``"one"`` or ``"skip"`` (see the module docstring).
+        thresholds: IoU thresholds of the precision metrics.
+
+    Returns:
+        ``Dice``, ``mIoU``, ``oIoU`` (sum I / sum U; under ``"one"``, 1.0 when every scored image is empty in
+        both), ``P@t`` for each threshold, ``referring_accuracy``, ``referring_accuracy_multi``, and the counts
+        ``n_images`` (after de-duplication), ``n_scored`` (images in the means), ``n_empty_target``,
+        ``n_empty_prediction``, ``n_both_empty``, ``n_referring``, ``n_referring_multi``, plus ``empty_policy``.
+    """
+    _check_choice("empty_policy", empty_policy, get_args(EmptyPolicy))
+    seen: set[str | int] = set()
+    unique: list[SampleRecord] = []
+    for rec in records:
+        if rec["id"] not in seen:
+            seen.add(rec["id"])
+            unique.append(rec)
+
+    scored = unique if empty_policy == "one" else [r for r in unique if r["target_area"] > 0]
+    # Under "one" an undefined score (both empty) counts as 1; under "skip" no scored record is undefined.
+    dice = [1.0 if r["dice"] is None else r["dice"] for r in scored]
+    iou = [1.0 if r["iou"] is None else r["iou"] for r in scored]
+    sum_union = sum(r["union"] for r in scored)
+    if sum_union > 0:
+        overall_iou: float | None = sum(r["intersection"] for r in scored) / sum_union
+    else:
+        overall_iou = 1.0 if scored else None
+
+    hits = [r["referred_hit"] for r in unique if r["referred_hit"] is not None]
+    hits_multi = [
+        r["referred_hit"] for r in unique if r["referred_hit"] is not None and r["n_instances"] >= 2
+    ]
+
+    summary: dict[str, float | int | str | None] = {
+        "Dice": _mean(dice),
+        "mIoU": _mean(iou),
+        "oIoU": overall_iou,
+    }
+    for t in thresholds:
+        summary[f"P@{t:g}"] = _mean([float(v >= t) for v in iou])
+    summary.update(
+        {
+            "referring_accuracy": _mean([float(h) for h in hits]),
+            "referring_accuracy_multi": _mean([float(h) for h in hits_multi]),
+            "n_images": len(unique),
+            "n_scored": len(scored),
+            "n_empty_target": sum(r["target_area"] == 0 for r in unique),
+            "n_empty_prediction": sum(r["pred_area"] == 0 for r in unique),
+            "n_both_empty": sum(r["union"] == 0 for r in unique),
+            "n_referring": len(hits),
+            "n_referring_multi": len(hits_multi),
+            "empty_policy": empty_policy,
+        }
+    )
+    return summary
+
+
+class MetricAccumulator:
+    """Collects :func:`sample_scores` records batch by batch and summarises them.
+
+    Args:
+        empty_policy: see :func:`summarize`.
+        pred_kind: see :func:`binarize`.
+        threshold: probability threshold.
+    """
+
+    def __init__(
+        self, empty_policy: EmptyPolicy = "one", pred_kind: PredKind = "logits", threshold: float = 0.5
+    ):
+        _check_choice("empty_policy", empty_policy, get_args(EmptyPolicy))
+        _check_choice("pred_kind", pred_kind, get_args(PredKind))
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.empty_policy: EmptyPolicy = empty_policy
+        self.pred_kind: PredKind = pred_kind
+        self.threshold = threshold
+        self.records: list[SampleRecord] = []
+
+    def update(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        ids: Sequence[str | int] | None = None,
+        instances: Tensor | None = None,
+        target_instance: Tensor | Sequence[int] | None = None,
+    ) -> list[SampleRecord]:
+        """Score one batch and keep its records; ``ids`` default to running integers. Returns the new records."""
+        if ids is None:
+            start = len(self.records)
+            ids = list(range(start, start + pred.shape[0]))
+        new = sample_scores(
+            pred, target, ids, instances, target_instance, pred_kind=self.pred_kind, threshold=self.threshold
+        )
+        self.records.extend(new)
+        return new
+
+    def compute(self) -> dict[str, float | int | str | None]:
+        """Summary of every record so far (see :func:`summarize`)."""
+        return summarize(self.records, self.empty_policy)
+
+    def reset(self) -> None:
+        """Forget all records."""
+        self.records = []

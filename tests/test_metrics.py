@@ -1,0 +1,214 @@
+"""Golden values and policies of the evaluation metrics (spec 5)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lsms.metrics import MetricAccumulator, binarize, sample_scores, summarize
+
+
+def _t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# Four 2x2 images (logits, target):
+#  A: P = top row, G = left column: I = 1, |P| = |G| = 2, U = 3 -> Dice 2/4 = 0.5, IoU 1/3
+#  B: P = G = three pixels: I = U = 3 -> Dice 1, IoU 1
+#  C: empty target, empty prediction -> 0/0, undefined
+#  D: empty target, one predicted pixel: I = 0, U = 1 -> Dice 0, IoU 0
+LOGITS = torch.stack(
+    [_t([[2, 2], [-2, -2]]), _t([[3, 3], [3, -3]]), _t([[-1, -1], [-1, -1]]), _t([[5, -5], [-5, -5]])]
+)[:, None]
+TARGET = torch.stack(
+    [_t([[1, 0], [1, 0]]), _t([[1, 1], [1, 0]]), _t([[0, 0], [0, 0]]), _t([[0, 0], [0, 0]])]
+)[:, None]
+IDS = ["A", "B", "C", "D"]
+
+
+def test_records_golden():
+    records = sample_scores(LOGITS, TARGET, IDS)
+    a, b, c, d = records
+    assert (a["id"], a["intersection"], a["union"], a["pred_area"], a["target_area"]) == ("A", 1, 3, 2, 2)
+    assert a["dice"] == pytest.approx(0.5) and a["iou"] == pytest.approx(1 / 3)
+    assert b["dice"] == 1.0 and b["iou"] == 1.0
+    assert c["dice"] is None and c["iou"] is None and c["union"] == 0
+    assert d["dice"] == 0.0 and d["iou"] == 0.0
+    assert all(r["referred_hit"] is None and r["n_instances"] == 0 for r in records)
+
+
+def test_summary_policy_one():
+    # Means over A, B, C (=1), D (=0): Dice (0.5 + 1 + 1 + 0) / 4, IoU (1/3 + 1 + 1 + 0) / 4;
+    # oIoU = (1 + 3 + 0 + 0) / (3 + 3 + 0 + 1) = 4/7; IoU >= 0.5 for B and C only -> P@t = 0.5 for every t.
+    s = summarize(sample_scores(LOGITS, TARGET, IDS), empty_policy="one")
+    assert s["Dice"] == pytest.approx(0.625)
+    assert s["mIoU"] == pytest.approx(7 / 12)
+    assert s["oIoU"] == pytest.approx(4 / 7)
+    assert [s[f"P@{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == [0.5] * 5
+    counts = {
+        k: s[k] for k in ("n_images", "n_scored", "n_empty_target", "n_empty_prediction", "n_both_empty")
+    }
+    assert counts == {
+        "n_images": 4,
+        "n_scored": 4,
+        "n_empty_target": 2,
+        "n_empty_prediction": 1,
+        "n_both_empty": 1,
+    }
+    assert s["empty_policy"] == "one"
+    assert s["referring_accuracy"] is None and s["n_referring"] == 0
+
+
+def test_summary_policy_skip():
+    # Only A and B are scored: Dice 0.75, mIoU (1/3 + 1) / 2 = 2/3, oIoU 4/6, P@0.5 = 1/2.
+    s = summarize(sample_scores(LOGITS, TARGET, IDS), empty_policy="skip")
+    assert s["Dice"] == pytest.approx(0.75)
+    assert s["mIoU"] == pytest.approx(2 / 3)
+    assert s["oIoU"] == pytest.approx(2 / 3)
+    assert s["P@0.5"] == 0.5
+    assert (s["n_images"], s["n_scored"], s["n_empty_target"]) == (4, 2, 2)
+
+
+def test_only_empty_targets():
+    both_empty = sample_scores(torch.full((1, 1, 2, 2), -1.0), torch.zeros(1, 1, 2, 2), ["x"])
+    assert summarize(both_empty, "one")["oIoU"] == 1.0
+    skipped = summarize(both_empty, "skip")
+    assert skipped["Dice"] is None and skipped["mIoU"] is None and skipped["oIoU"] is None
+    assert skipped["n_scored"] == 0
+
+
+@pytest.mark.parametrize("policy, ignore_empty", [("one", False), ("skip", True)])
+def test_matches_monai(policy, ignore_empty):
+    from monai.metrics import DiceMetric, MeanIoU
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 1, 6, 6, generator=g)
+    target = (torch.rand(8, 1, 6, 6, generator=g) > 0.6).float()
+    target[:2] = 0  # empty targets
+    logits[0] = -1.0  # ... one with an empty prediction
+    pred = (logits > 0).float()
+    dice = DiceMetric(include_background=True, reduction="mean", ignore_empty=ignore_empty)
+    iou = MeanIoU(include_background=True, reduction="mean", ignore_empty=ignore_empty)
+    dice(pred, target)
+    iou(pred, target)
+    s = summarize(sample_scores(logits, target, list(range(8))), empty_policy=policy)
+    assert s["Dice"] == pytest.approx(dice.aggregate().item(), rel=1e-6)
+    assert s["mIoU"] == pytest.approx(iou.aggregate().item(), rel=1e-6)
+
+
+def test_pred_kinds_and_threshold():
+    # sigmoid(0) = 0.5 is not > 0.5; probabilities and masks are read as given.
+    assert binarize(_t([[0.0, 1e-6]])).tolist() == [[False, True]]
+    assert binarize(_t([[0.5, 0.7]]), "probs").tolist() == [[False, True]]
+    assert binarize(_t([[0.5, 0.7]]), "probs", threshold=0.6).tolist() == [[False, True]]
+    assert binarize(_t([[0.0, 2.0]]), "mask").tolist() == [[False, True]]
+    # logits threshold 0.75 <=> logit > ln 3 = 1.0986
+    assert binarize(_t([[1.0, 1.2]]), threshold=0.75).tolist() == [[False, True]]
+    probs = torch.sigmoid(LOGITS)
+    assert sample_scores(probs, TARGET, IDS, pred_kind="probs") == sample_scores(LOGITS, TARGET, IDS)
+    assert sample_scores(LOGITS > 0, TARGET[:, 0], IDS, pred_kind="mask") == sample_scores(
+        LOGITS, TARGET, IDS
+    )
+
+
+def test_duplicates_dropped_and_order_free():
+    records = sample_scores(LOGITS, TARGET, IDS)
+    padded = records + records[:2]  # as a DistributedSampler pads the last batch
+    shuffled = padded[:]
+    random.Random(0).shuffle(shuffled)
+    assert summarize(padded) == summarize(records) == summarize(shuffled)
+
+
+# Referring accuracy on a 3x3 toy with two lesions: label 1 at the top left, label 2 at the bottom right.
+INSTANCES = _t([[1, 1, 0], [0, 0, 0], [0, 2, 2]]).long()
+
+
+def test_referring_accuracy_two_instances():
+    preds = torch.stack(
+        [
+            _t([[0, 0, 0], [0, 0, 0], [0, 1, 1]]),  # only lesion 2: hit
+            _t([[1, 1, 0], [0, 0, 0], [0, 0, 1]]),  # 2 pixels of lesion 1 > 1 of lesion 2: miss
+            _t([[1, 0, 0], [0, 0, 0], [0, 0, 1]]),  # tie 1 = 1: miss (strictly more is needed)
+            _t([[0, 0, 0], [0, 0, 0], [0, 0, 0]]),  # nothing: miss
+            _t([[0, 0, 0], [0, 1, 1], [0, 1, 1]]),  # 2 of lesion 2, 0 of lesion 1 (+ background): hit
+        ]
+    )[:, None]
+    target = (INSTANCES == 2).float().expand(5, 1, 3, 3)
+    instances = INSTANCES.expand(5, 3, 3)
+    records = sample_scores(preds, target, list(range(5)), instances, [2] * 5, pred_kind="mask")
+    assert [r["referred_hit"] for r in records] == [True, False, False, False, True]
+    assert all(r["n_instances"] == 2 for r in records)
+    # Referred instance inferred from the target when target_instance is not given.
+    assert sample_scores(preds, target, list(range(5)), instances, pred_kind="mask") == records
+    # Referring lesion 1 instead flips the second case only (the tie and the empty prediction still miss).
+    flipped = sample_scores(
+        preds,
+        (INSTANCES == 1).float().expand(5, 1, 3, 3),
+        list(range(5)),
+        instances,
+        [1] * 5,
+        pred_kind="mask",
+    )
+    assert [r["referred_hit"] for r in flipped] == [False, True, False, False, False]
+
+    # Add one single-lesion image (label 3 in the centre, referred, predicted): it counts for
+    # referring_accuracy (3 / 6) but not for referring_accuracy_multi (2 / 5).
+    single = sample_scores(
+        _t([[0, 0, 0], [0, 1, 0], [0, 0, 0]])[None, None],
+        _t([[0, 0, 0], [0, 1, 0], [0, 0, 0]])[None, None],
+        ["s"],
+        _t([[0, 0, 0], [0, 3, 0], [0, 0, 0]]).long()[None],
+        pred_kind="mask",
+    )
+    assert single[0]["referred_hit"] is True and single[0]["n_instances"] == 1
+    s = summarize(records + single)
+    assert s["referring_accuracy"] == pytest.approx(3 / 6)
+    assert s["referring_accuracy_multi"] == pytest.approx(2 / 5)
+    assert (s["n_referring"], s["n_referring_multi"]) == (6, 5)
+
+
+def test_no_referred_instance_gives_none():
+    # Empty target and no target_instance: the expression refers to no lesion -> no hit/miss, but lesions counted.
+    rec = sample_scores(
+        torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), [0], INSTANCES[None], pred_kind="mask"
+    )
+    assert rec[0]["referred_hit"] is None and rec[0]["n_instances"] == 2
+
+
+def test_accumulator():
+    acc = MetricAccumulator(empty_policy="skip")
+    acc.update(LOGITS[:2], TARGET[:2])
+    acc.update(LOGITS[2:], TARGET[2:])
+    assert [r["id"] for r in acc.records] == [0, 1, 2, 3]
+    assert acc.compute() == {**summarize(sample_scores(LOGITS, TARGET, [0, 1, 2, 3]), "skip")}
+    acc.reset()
+    assert acc.records == [] and acc.compute()["n_images"] == 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="empty_policy"):
+        summarize([], empty_policy="zero")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty_policy"):
+        MetricAccumulator(empty_policy="nan")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pred_kind"):
+        sample_scores(LOGITS, TARGET, IDS, pred_kind="sigmoid")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold"):
+        binarize(LOGITS, threshold=1.0)
+    with pytest.raises(ValueError, match=r"target must have shape \(B, H, W\) = \(4, 2, 2\)"):
+        sample_scores(LOGITS, torch.zeros(4, 1, 3, 3), IDS)
+    with pytest.raises(ValueError, match=r"pred must have shape \(B, 1, H, W\)"):
+        sample_scores(torch.zeros(4, 2, 2, 2), TARGET, IDS)
+    with pytest.raises(ValueError, match="target must be binary"):
+        sample_scores(LOGITS, TARGET * 0.5, IDS)
+    with pytest.raises(ValueError, match="ids must have one id per sample"):
+        sample_scores(LOGITS, TARGET, IDS[:3])
+    with pytest.raises(ValueError, match="instances must be a non-negative integer"):
+        sample_scores(LOGITS[:1], TARGET[:1], ["A"], torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"instances must have shape"):
+        sample_scores(LOGITS[:1], TARGET[:1], ["A"], INSTANCES[None])
+    with pytest.raises(ValueError, match="target_instance 5 of sample 0 is not in its instances map"):
+        sample_scores(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), [0], INSTANCES[None], [5])
+    with pytest.raises(ValueError, match=r"target_instance must have shape \(1,\)"):
+        sample_scores(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), [0], INSTANCES[None], [1, 2])
