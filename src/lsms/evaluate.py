@@ -1,0 +1,264 @@
+"""``lsms evaluate``: the spec's metrics for a trained model on a dataset split.
+
+    lsms evaluate RUN_OR_CHECKPOINT DATA --split val [--text-level full|half|quarter|none] [--out DIR]
+                  [--json summary.json] [--save-predictions]
+
+Writes ``DIR/per_sample.csv`` (one row per expression) and ``DIR/summary.json`` (Dice, mIoU, overall IoU,
+precision at IoU 0.5..0.9, referring accuracy where instance maps exist, empty-case counts), and prints the
+summary. ``--text-level none`` gives the text model an empty sentence for every image ("no text": the same
+weights, with nothing to refer to). Evaluation is deterministic: eval-mode BatchNorm, fixed NMF bases, no
+shuffling; running it twice gives the same numbers. Under ``torchrun`` the split is sharded over processes
+(every sample exactly once) and the records are gathered before summarising.
+
+:func:`evaluate_model` is the same code the training loop validates with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lsms.distributed import DistEnv, ShardSampler, gather_records
+
+log = logging.getLogger(__name__)
+
+TEXT_LEVELS = ("full", "half", "quarter", "none")
+
+
+def make_loader(dataset, batch_size: int, env: DistEnv, num_workers: int = 0, tokenizer=None) -> DataLoader:
+    """Evaluation loader: this rank's shard of ``dataset`` in order, no padding, no shuffling."""
+    from lsms.data import Collator
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), env.rank, env.world_size),
+        collate_fn=Collator(tokenizer), num_workers=num_workers, pin_memory=env.device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv,
+                   amp: torch.dtype | None = None, progress: bool = False,
+                   on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+                   empty_policy: str = "one") -> dict[str, Any]:
+    """Per-sample records over the whole split (gathered from all ranks) and their summary.
+
+    Args:
+        model: an LSMS model (not DDP-wrapped: ranks may see different numbers of batches).
+        loader: from :func:`make_loader`.
+        on_batch: called with each batch and its logits (B, 1, H, W) on the CPU (e.g. to save predictions).
+        empty_policy: how an empty target with an empty prediction scores (see :func:`lsms.metrics.summarize`).
+
+    Returns:
+        ``{"records": [...], "summary": {...}}``, identical on every rank.
+    """
+    from lsms.metrics import summarize
+    from lsms.train import autocast
+
+    was_training = model.training
+    model.eval()
+    records: list[dict[str, Any]] = []
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True)
+    for batch in batches:
+        image = batch["image"].to(device, non_blocking=True)
+        ids = batch.get("input_ids")
+        mask = batch.get("attention_mask")
+        with autocast(device, amp):
+            logits = model(image, ids.to(device) if ids is not None else None,
+                           mask.to(device) if mask is not None else None)
+        logits = logits.float().cpu()
+        records.extend(batch_scores(logits, batch))
+        if on_batch is not None:
+            on_batch(batch, logits)
+    model.train(was_training)
+    records = gather_records(records, env)
+    return {"records": records, "summary": summarize(records, empty_policy=empty_policy)}
+
+
+def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-sample metric records of a collated batch, in batch order.
+
+    The dataset marks a record without an instance map by instances = -1 and without a referred lesion by
+    target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
+    target taken as the referred one.
+    """
+    from lsms.metrics import sample_scores
+
+    inst = batch.get("instances")
+    target_inst = batch.get("target_instance")
+    ids = list(batch["id"])
+    if inst is None:
+        return sample_scores(logits, batch["mask"], ids)
+    has_map = (inst.flatten(1) >= 0).all(1)  # (B,)
+    has_target = target_inst >= 0 if target_inst is not None else torch.zeros_like(has_map)
+    groups = {  # kind -> sample indices
+        "none": (~has_map).nonzero().flatten().tolist(),
+        "map": (has_map & ~has_target).nonzero().flatten().tolist(),
+        "referred": (has_map & has_target).nonzero().flatten().tolist(),
+    }
+    out: dict[int, dict[str, Any]] = {}
+    for kind, idx in groups.items():
+        if not idx:
+            continue
+        sel = torch.tensor(idx)
+        recs = sample_scores(
+            logits[sel], batch["mask"][sel], [ids[i] for i in idx],
+            inst[sel] if kind != "none" else None,
+            target_inst[sel] if kind == "referred" else None,
+        )
+        out.update(zip(idx, recs, strict=True))
+    return [out[i] for i in range(len(ids))]
+
+
+# --------------------------------------------------------------------------- loading a trained model
+
+
+def load_trained(run_or_checkpoint: str | Path, device: torch.device | str = "cpu", prefer: str = "best"):
+    """(model in eval mode, preprocessing, checkpoint dict) from a run folder or checkpoint file."""
+    from lsms.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from lsms.data import Preprocessing
+
+    path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = model_from_checkpoint(checkpoint, device)
+    preprocessing = Preprocessing.from_dict(dict(checkpoint["config"]["preprocessing"]))
+    checkpoint["path"] = str(path)
+    return model, preprocessing, checkpoint
+
+
+def evaluate_checkpoint(run_or_checkpoint: str | Path, data: str | Path, split: str = "val",
+                        text_level: str = "full", batch_size: int = 8, device: str = "auto",
+                        num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
+                        on_batch: Callable | None = None, prefer: str = "best",
+                        empty_policy: str = "one") -> dict[str, Any]:
+    """Evaluate a trained model on ``data``/``split``; see :func:`evaluate_model` for the result."""
+    from lsms.data import SegmentationDataset, load_samples
+    from lsms.distributed import pick_device
+
+    if text_level not in TEXT_LEVELS:
+        raise ValueError(f"text_level must be one of {', '.join(TEXT_LEVELS)}, got {text_level!r}")
+    env = env or DistEnv(device=pick_device(device))
+    model, preprocessing, checkpoint = load_trained(run_or_checkpoint, env.device, prefer=prefer)
+    records = load_samples(data, split=split)
+    dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=text_level)
+    loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=getattr(model, "tokenizer", None))
+    result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
+                            empty_policy=empty_policy)
+    result["checkpoint"] = checkpoint["path"]
+    result["epoch"] = checkpoint.get("epoch")
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best.pt, else last.pt) or a .pt file")
+    p.add_argument("data", metavar="DATA", help="dataset folder: manifest, LViT layout or images/ + masks/")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to evaluate (default val)")
+    p.add_argument("--text-level", default="full", choices=TEXT_LEVELS,
+                   help="expression detail: full, half, quarter, or none (empty sentence to the text model)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT-LEVEL or next to the checkpoint)")
+    p.add_argument("--json", metavar="PATH", help="also write the summary JSON here ('-' prints it to stdout)")
+    p.add_argument("--save-predictions", action="store_true", help="write predicted masks (PNG, model input size)")
+    p.add_argument("--empty-policy", default="one", choices=("one", "skip"),
+                   help="empty target + empty prediction: scores 1 ('one', default) or is left out ('skip')")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def default_out(model_arg: str | Path, split: str, text_level: str) -> Path:
+    p = Path(model_arg)
+    folder = p if p.is_dir() else p.parent
+    return folder / f"eval-{split}-{text_level}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Summary dict -> aligned 'name: value' lines."""
+    lines = []
+    for k, v in summary.items():
+        if isinstance(v, float):
+            lines.append(f"  {k:<28} {v:.4f}")
+        elif isinstance(v, (int, str)) or v is None:
+            lines.append(f"  {k:<28} {v}")
+    return "\n".join(lines)
+
+
+def write_per_sample_csv(records: list[dict[str, Any]], path: Path) -> Path:
+    columns: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            if k not in columns and (v is None or isinstance(v, (int, float, str, bool))):
+                columns.append(k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: r.get(k) for k in columns})
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from lsms import distributed as D
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    env = D.init_distributed(args.device)
+    try:
+        out = Path(args.out) if args.out else default_out(args.model, args.split, args.text_level)
+        on_batch = None
+        if args.save_predictions:
+            pred_dir = out / "predictions"
+            pred_dir.mkdir(parents=True, exist_ok=True)
+            on_batch = _prediction_writer(pred_dir)
+        result = evaluate_checkpoint(
+            args.model, args.data, args.split, args.text_level, args.batch_size, args.device, args.num_workers,
+            env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint, empty_policy=args.empty_policy,
+        )
+        if env.is_main:
+            summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,
+                       "text_level": args.text_level, **result["summary"]}
+            write_per_sample_csv(result["records"], out / "per_sample.csv")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            if args.json == "-":
+                print(json.dumps(summary, indent=2))
+            else:
+                if args.json:
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+                print(f"{result['checkpoint']} on {args.data} [{args.split}, text {args.text_level}]:")
+                print(format_summary(result["summary"]))
+                print(f"per-sample scores: {out / 'per_sample.csv'}")
+        return 0
+    finally:
+        D.cleanup()
+
+
+def _prediction_writer(folder: Path) -> Callable[[dict[str, Any], torch.Tensor], None]:
+    import numpy as np
+    from PIL import Image
+
+    def write(batch: dict[str, Any], logits: torch.Tensor) -> None:
+        masks = (logits[:, 0] > 0).numpy().astype(np.uint8) * 255  # sigmoid > 0.5
+        for sample_id, m in zip(batch["id"], masks, strict=True):
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(sample_id))
+            Image.fromarray(m).save(folder / f"{safe}.png")
+
+    return write

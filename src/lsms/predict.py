@@ -1,0 +1,423 @@
+"""``lsms predict`` and the in-memory :class:`Predictor`: segment the lesion a sentence refers to.
+
+    lsms predict RUN_OR_CHECKPOINT IMAGES... --text "A cyst in segment VI ..." --out DIR
+    lsms predict RUN ct.nii.gz --slices 40:60 --text "..." --out DIR      # a NIfTI volume, slices 40..59
+    lsms predict RUN dicom_series_folder/ --text "..." --out DIR           # a DICOM series (all slices)
+    lsms predict RUN --pairs pairs.csv --out DIR                           # CSV with columns image,text[,slice]
+
+For every (image, sentence) it writes ``NAME_mask.png`` (0/255, the input's size; NIfTI/DICOM inputs get
+``NAME_mask.nii.gz`` in the input's geometry instead, one volume per input holding every predicted slice),
+``NAME_overlay.png`` (the mask over the image with the sentence as caption), with ``--probability``
+``NAME_prob.png`` (probability x 255), with ``--features`` ``NAME_features.png`` (the four encoder stages'
+feature maps as heat maps, as in the paper's Fig. 6), and ``predictions.csv`` listing everything.
+
+Pre- and post-processing live here, not in the network (SAM's ``Predictor``): the checkpoint's saved
+:class:`~lsms.data.Preprocessing` maps the raw image to the model input exactly as in training; the logits are
+resized back to the input size (bilinear) and thresholded at probability 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+VOLUME_FORMATS = ("nifti", "dicom-series")
+
+
+@dataclass
+class Prediction:
+    """One segmentation, at the input image's size.
+
+    Attributes:
+        mask: bool (H, W), probability > threshold.
+        probability: float32 (H, W) in [0, 1].
+        text: the sentence used ("" for a model without text).
+        features: with ``features=True``, four float32 (H, W) heat maps in [0, 1], stages 1..4 (F1..F4).
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    text: str
+    features: list[np.ndarray] | None = None
+
+
+class Predictor:
+    """A trained LSMS model with its preprocessing: raw image + sentence -> mask, in memory.
+
+    Example::
+
+        predictor = Predictor.from_checkpoint("runs/demo")
+        pred = predictor.predict(read_image("slice.dcm"), "the larger of the two cysts")
+        pred.mask  # (H, W) bool at the DICOM's size
+
+    Args:
+        model: an LSMS model (put in eval mode here).
+        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with.
+        device: where to run it.
+        threshold: probability above which a pixel is lesion.
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocessing, device: torch.device | str = "cpu",
+                 threshold: float = 0.5):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocessing = preprocessing
+        self.threshold = threshold
+
+    @classmethod
+    def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float = 0.5,
+                        prefer: str = "best") -> Predictor:
+        from lsms.distributed import pick_device
+        from lsms.evaluate import load_trained
+
+        dev = pick_device(device)
+        model, preprocessing, _ = load_trained(run_or_checkpoint, dev, prefer=prefer)
+        return cls(model, preprocessing, dev, threshold)
+
+    @property
+    def uses_text(self) -> bool:
+        return bool(self.model.config.use_text)
+
+    @torch.no_grad()
+    def predict(self, image, text: str = "", features: bool = False) -> Prediction:
+        """Segment what ``text`` refers to in ``image``.
+
+        Args:
+            image: an :class:`~lsms.data.ImageData` (from :func:`~lsms.data.read_image`), a path, or a raw
+                array (H, W) / (H, W, C) in the file's units (HU for CT).
+            text: the referring expression (ignored, with a warning, by a model trained without text).
+            features: also return the stage feature maps as heat maps.
+        """
+        from lsms.data import ImageData, preprocess_image, read_image
+
+        if isinstance(image, (str, Path)):
+            image = read_image(image)
+        array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
+        if array.ndim not in (2, 3):
+            raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        H, W = array.shape[:2]
+        x = preprocess_image(array, self.preprocessing)[None].to(self.device)  # (1, C, h, w)
+        ids = attn = None
+        if self.uses_text:
+            tokens = self.model.tokenize([text])
+            ids, attn = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        elif text:
+            log.warning("this model was trained without text; the sentence %r is ignored", text)
+        out = self.model.forward_features(x, ids, attn)
+        logits = F.interpolate(out.logits.float(), size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
+        prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
+        maps = None
+        if features:
+            maps = [_heat(f, (H, W)) for f in out.stages]
+        return Prediction(mask=prob > self.threshold, probability=prob, text=text, features=maps)
+
+
+def _heat(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(1, C, h, w) stage output -> (H, W) in [0, 1]: mean absolute activation over channels, min-max scaled."""
+    m = feature.float().abs().mean(1, keepdim=True)  # (1, 1, h, w)
+    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
+    lo, hi = m.min(), m.max()
+    return ((m - lo) / (hi - lo + 1e-12)).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def display_image(array: np.ndarray, preprocessing) -> np.ndarray:
+    """Raw image -> float (H, W) or (H, W, 3) in [0, 1] for display, scaled as the model sees it (CT window)."""
+    from lsms.data.intensity import scale_intensity
+
+    a = scale_intensity(array, preprocessing)
+    if a.ndim == 3:
+        a = a[..., :3] if a.shape[-1] >= 3 else a[..., 0]
+    return a
+
+
+def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray], captions: list[str], path: Path,
+                 title: str | None = None) -> Path:
+    """Side-by-side panels: the image with each mask in colour and its sentence as caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = display_image(array, preprocessing)
+    n = len(masks)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.9), squeeze=False)
+    colours = [(1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1)]
+    for i, (ax, mask, caption) in enumerate(zip(axes[0], masks, captions, strict=True)):
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+        rgba = np.zeros((*mask.shape, 4), np.float32)
+        rgba[mask.astype(bool)] = (*colours[i % len(colours)], 0.45)
+        ax.imshow(rgba)
+        if mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors=[colours[i % len(colours)]], linewidths=1.0)
+        ax.set_title("\n".join(textwrap.wrap(caption or "(no text)", 48)), fontsize=7.5)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_feature_maps(array: np.ndarray, preprocessing, maps: list[np.ndarray], path: Path,
+                      caption: str = "") -> Path:
+    """The image and the four stage heat maps in a row (paper Fig. 6 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = display_image(array, preprocessing)
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0))
+    axes[0].imshow(shown, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("image", fontsize=8)
+    for i, (ax, m) in enumerate(zip(axes[1:], maps, strict=True), start=1):
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+        ax.set_title(f"stage {i} (F{i})", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    if caption:
+        fig.suptitle("\n".join(textwrap.wrap(caption, 110)), fontsize=7.5)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Job:
+    """One input to segment: a 2D image file, or some slices of a volume, with its sentences."""
+
+    path: Path
+    texts: list[str]
+    slices: list[int] | None = None  # volumes only
+
+
+def parse_slices(spec: str | None, n: int, path: Path) -> list[int]:
+    """``None`` -> all; ``"7"`` -> [7]; ``"10:20"`` -> 10..19 (Python-style, negative allowed)."""
+    if spec is None:
+        return list(range(n))
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            picked = list(range(n))[slice(int(a) if a else None, int(b) if b else None)]
+        else:
+            k = int(spec)
+            picked = [k + n if k < 0 else k]
+    except ValueError:
+        raise ValueError(f"--slices takes N or START:STOP (e.g. 10:20), got {spec!r}") from None
+    if not picked or not all(0 <= k < n for k in picked):
+        raise ValueError(f"{path}: slices {spec!r} are outside the volume's {n} slices (0..{n - 1})")
+    return picked
+
+
+def _volume_depth(path: Path) -> int | None:
+    """Number of slices of a NIfTI volume or DICOM series folder; None for 2D inputs."""
+    import SimpleITK as sitk
+
+    name = path.name.lower()
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        uids = reader.GetGDCMSeriesIDs(str(path))
+        if not uids:
+            raise ValueError(f"{path}: folder is neither a DICOM series nor holds images")
+        return len(reader.GetGDCMSeriesFileNames(str(path), uids[0]))
+    if name.endswith((".nii", ".nii.gz")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        return int(size[2]) if len(size) == 3 else None
+    return None
+
+
+def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices: str | None) -> list[Job]:
+    """Turn the command line's inputs into jobs; folders of images expand to their files."""
+    from lsms.data.layouts import IMAGE_SUFFIXES
+
+    jobs: list[Job] = []
+    if pairs:
+        pairs_path = Path(pairs)
+        if not pairs_path.is_file():
+            raise FileNotFoundError(f"--pairs file {pairs!r} does not exist")
+        with open(pairs_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"image", "text"} <= set(rows[0]):
+            raise ValueError(f"{pairs}: a CSV with a header row 'image,text' (and optionally 'slice') is needed")
+        grouped: dict[tuple[str, str | None], list[str]] = {}
+        for row in rows:
+            image = Path(row["image"])
+            if not image.is_absolute():
+                image = pairs_path.parent / image if (pairs_path.parent / image).exists() else image
+            grouped.setdefault((str(image), row.get("slice") or None), []).append(row["text"] or "")
+        for (image, slice_spec), texts in grouped.items():
+            jobs.extend(_jobs_for(Path(image), texts, slice_spec or slices, IMAGE_SUFFIXES))
+    if paths and text is None and not pairs:
+        raise ValueError('give the sentence with --text "..." (or --text "" for a model without text), or --pairs CSV')
+    for p in paths:
+        jobs.extend(_jobs_for(Path(p), [text or ""], slices, IMAGE_SUFFIXES))
+    if not jobs:
+        raise ValueError("nothing to predict: give image files, folders, a NIfTI volume, a DICOM series or --pairs")
+    return jobs
+
+
+def _jobs_for(path: Path, texts: list[str], slices: str | None, suffixes: tuple[str, ...]) -> list[Job]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: input not found")
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        is_series = any(f.suffix.lower() in (".dcm", ".dicom") or (not f.suffix and _is_dicom(f)) for f in files)
+        if not is_series:
+            images = [f for f in files if f.name.lower().endswith(suffixes)]
+            if not images:
+                raise ValueError(f"{path}: no image files in this folder (looked for {', '.join(suffixes)})")
+            return [j for f in images for j in _jobs_for(f, texts, slices, suffixes)]
+    depth = _volume_depth(path)
+    if depth is None:
+        if slices not in (None, "0"):
+            raise ValueError(f"{path}: --slices given but this input is a 2D image")
+        return [Job(path, texts)]
+    return [Job(path, texts, parse_slices(slices, depth, path))]
+
+
+def _is_dicom(path: Path) -> bool:
+    from lsms.data.readers import _is_dicom as is_dicom
+
+    return is_dicom(path)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() else name
+
+
+def write_volume_mask(masks: dict[int, np.ndarray], geometry, path: Path) -> Path:
+    """Write the predicted slices into a zero volume with the input's size, spacing, origin and direction."""
+    import SimpleITK as sitk
+
+    w, h = geometry.size[0], geometry.size[1]
+    depth = geometry.size[2] if len(geometry.size) == 3 else 1
+    vol = np.zeros((depth, h, w), np.uint8)  # (z, y, x)
+    for k, m in masks.items():
+        vol[k] = m.astype(np.uint8)
+    img = sitk.GetImageFromArray(vol if len(geometry.size) == 3 else vol[0])
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (best.pt, else last.pt) or a .pt file")
+    p.add_argument("images", nargs="*", metavar="IMAGES",
+                   help="image files, folders of images, NIfTI volumes or DICOM series folders")
+    p.add_argument("--text", help="the referring expression, used for every image")
+    p.add_argument("--pairs", metavar="CSV", help="CSV with columns image,text[,slice]: one sentence per row")
+    p.add_argument("--slices", metavar="N|START:STOP", help="slices of a NIfTI volume / DICOM series (default all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--probability", action="store_true", help="also write the probability map (PNG, x255)")
+    p.add_argument("--features", action="store_true", help="also write the four stage feature maps as heat maps")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
+    predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint)
+    rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
+    print(f"{len(rows)} prediction(s) written to {args.out} (list: {Path(args.out) / 'predictions.csv'})")
+    return 0
+
+
+def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: bool = False,
+                 features: bool = False) -> list[dict[str, Any]]:
+    """Run every job and write its files; returns the rows of ``predictions.csv``."""
+    from PIL import Image
+
+    from lsms.data import read_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for job in jobs:
+        stem = _unique(_stem(job.path), used)
+        volume_masks: list[dict[int, np.ndarray]] = [{} for _ in job.texts]
+        geometry = None
+        for k in job.slices if job.slices is not None else [None]:
+            image = read_image(job.path, slice_index=k)
+            name = stem if k is None else f"{stem}_z{k:04d}"
+            preds = [predictor.predict(image, t, features=features) for t in job.texts]
+            for j, (text, pred) in enumerate(zip(job.texts, preds, strict=True)):
+                tag = name if len(job.texts) == 1 else f"{name}_t{j}"
+                row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
+                                       "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max())}
+                if image.geometry is not None:
+                    geometry = image.geometry
+                    volume_masks[j][image.geometry.slice_index] = pred.mask
+                else:
+                    row["mask"] = str(out / f"{tag}_mask.png")
+                    Image.fromarray(pred.mask.astype(np.uint8) * 255).save(row["mask"])
+                row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [text],
+                                                  out / f"{tag}_overlay.png"))
+                if probability:
+                    row["probability"] = str(out / f"{tag}_prob.png")
+                    Image.fromarray(np.round(pred.probability * 255).astype(np.uint8)).save(row["probability"])
+                if features and pred.features is not None:
+                    row["features"] = str(save_feature_maps(image.array, predictor.preprocessing, pred.features,
+                                                            out / f"{tag}_features.png", caption=text))
+                rows.append(row)
+        if geometry is not None:  # NIfTI / DICOM: one mask volume per sentence, in the input's geometry
+            for j in range(len(job.texts)):
+                tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
+                path = write_volume_mask(volume_masks[j], geometry, out / f"{tag}_mask.nii.gz")
+                for row in rows:
+                    if row["input"] == str(job.path) and row["text"] == job.texts[j] and "mask" not in row:
+                        row["mask"] = str(path)
+    columns = ["input", "slice", "text", "mask", "overlay", "probability", "features", "area_px", "max_probability"]
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return rows
+
+
+def _unique(name: str, used: set[str]) -> str:
+    out, i = name, 1
+    while out in used:
+        out, i = f"{name}_{i}", i + 1
+    used.add(out)
+    return out
