@@ -1,0 +1,71 @@
+"""The manifest format: round trip, unknown fields kept, validation errors naming line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lsms.data import Record, load_manifest, load_samples, write_manifest
+
+
+def _line(**over: object) -> dict:
+    base = {"id": "a", "image": "images/a.npy", "mask": "masks/a.png", "text": "a cyst", "split": "train"}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def _write(folder: Path, lines: list[dict | str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    (folder / "manifest.jsonl").write_text(text)
+    return folder
+
+
+def test_round_trip_keeps_optional_and_unknown_fields(tmp_path: Path) -> None:
+    full = _line(
+        texts={"full": "a cyst", "half": "cyst", "quarter": "lesion"}, instances="inst/a.png", target_instance=2,
+        attributes={"type": "cyst", "diameter_mm": 7.5}, spacing=[0.7, 0.7], patient="p1", modality="CT",
+        unique={"half": True}, all_mask="masks/a_all.png", all_text="two cysts",
+    )
+    _write(tmp_path / "d", [full, _line(id="b", text="", split="val")])
+    recs = load_manifest(tmp_path / "d")
+    assert [r.id for r in recs] == ["a", "b"]
+    a = recs[0]
+    assert a.spacing == (0.7, 0.7) and a.target_instance == 2 and a.modality == "CT"
+    assert a.extra == {"unique": {"half": True}, "all_mask": "masks/a_all.png", "all_text": "two cysts"}
+    assert a.image_path == tmp_path / "d" / "images/a.npy"
+    assert a.text_at("half") == "cyst" and a.text_at("none") == "" and recs[1].text_at("quarter") == ""
+    write_manifest(tmp_path / "e", recs)
+    assert [json.loads(x) for x in (tmp_path / "e" / "manifest.jsonl").read_text().splitlines()][0] == full
+    assert not list((tmp_path / "e").glob(".manifest-*"))  # the temporary file was renamed into place
+    assert load_samples(tmp_path / "e", split="val")[0].id == "b"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (_line(id=None), r":2: required field 'id' is missing"),
+        (_line(split="training"), r":2: field 'split' must be one of train, val, test, got 'training'"),
+        (_line(text=3), r":2: field 'text' must be a string, got int"),
+        (_line(spacing=[0.7]), r":2: field 'spacing' must be \[row_mm, col_mm\]"),
+        (_line(target_instance=1), r":2: field 'target_instance' is set but 'instances'"),
+        (_line(texts={"third": "x"}), r":2: field 'texts' has unknown level"),
+        (_line(id="first"), r":2: field 'id' 'first' repeats line 1"),
+        ("{not json", r":2: not valid JSON"),
+    ],
+)
+def test_validation_names_line_and_field(tmp_path: Path, line: dict | str, message: str) -> None:
+    _write(tmp_path, [_line(id="first"), line])
+    with pytest.raises(ValueError, match=r"manifest\.jsonl" + message):
+        load_manifest(tmp_path)
+
+
+def test_missing_manifest_and_duplicate_write(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no manifest here"):
+        load_manifest(tmp_path)
+    r = Record(id="x", image="i.png", mask="m.png", text="", split="train")
+    with pytest.raises(ValueError, match=r"duplicate ids \['x'\]"):
+        write_manifest(tmp_path, [r, r])
+    assert not (tmp_path / "manifest.jsonl").exists()

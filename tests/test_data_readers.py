@@ -1,0 +1,213 @@
+"""Readers: pixel values and metadata from files written here, and errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lsms.data import read_image, read_label_map, read_mask, write_mask_like
+
+
+def _ramp(h: int = 6, w: int = 8, scale: int = 1) -> np.ndarray:
+    return (np.arange(h * w).reshape(h, w) * scale).astype(np.int64)
+
+
+def test_png_8bit_grey_and_rgb(tmp_path: Path) -> None:
+    grey = _ramp().astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    img = read_image(tmp_path / "g.png")
+    assert img.array.dtype == np.float32 and img.array.shape == (6, 8) and img.bit_depth == 8
+    np.testing.assert_array_equal(img.array, grey)
+    rgb = np.stack([grey, 255 - grey, np.full_like(grey, 7)], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    img = read_image(tmp_path / "c.png")
+    assert img.array.shape == (6, 8, 3) and img.format == "png"
+    np.testing.assert_array_equal(img.array[..., 1], 255 - grey)
+    assert img.array[0, 0, 2] == 7
+
+
+def test_png_16bit(tmp_path: Path) -> None:
+    a = _ramp(scale=1000).astype(np.uint16)  # up to 47000: needs 16 bits
+    Image.fromarray(a).save(tmp_path / "x16.png")
+    img = read_image(tmp_path / "x16.png")
+    assert img.bit_depth == 16 and img.array.max() == 47000
+    np.testing.assert_array_equal(img.array, a)
+
+
+def test_jpeg_is_close(tmp_path: Path) -> None:
+    a = np.full((16, 16), 120, np.uint8)
+    Image.fromarray(a).save(tmp_path / "x.jpg", quality=95)
+    img = read_image(tmp_path / "x.jpg")
+    assert img.format == "jpeg" and img.array.shape == (16, 16)
+    assert np.abs(img.array - 120).max() <= 2
+
+
+def test_tiff_float_and_uint16(tmp_path: Path) -> None:
+    import tifffile
+
+    f = np.linspace(-1, 1, 48, dtype=np.float32).reshape(6, 8)
+    tifffile.imwrite(tmp_path / "f.tif", f)
+    np.testing.assert_array_equal(read_image(tmp_path / "f.tif").array, f)
+    u = _ramp(scale=999).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "u.tiff", u)
+    img = read_image(tmp_path / "u.tiff")
+    assert img.bit_depth == 16 and img.format == "tiff"
+    np.testing.assert_array_equal(img.array, u)
+
+
+def test_npy_npz_and_int16_hu(tmp_path: Path) -> None:
+    hu = np.array([[-1000, -45], [30, 105]], dtype=np.int16)  # synthetic CT is stored as int16 HU
+    np.save(tmp_path / "ct.npy", hu)
+    img = read_image(tmp_path / "ct.npy")
+    np.testing.assert_array_equal(img.array, hu.astype(np.float32))
+    assert img.bit_depth == 16
+    np.savez(tmp_path / "ct.npz", image=hu)
+    np.testing.assert_array_equal(read_image(tmp_path / "ct.npz").array, hu)
+    vol = np.stack([hu, hu + 1, hu + 2])
+    np.save(tmp_path / "vol.npy", vol)
+    np.testing.assert_array_equal(read_image(tmp_path / "vol.npy", slice_index=2).array, hu + 2)
+
+
+def _nifti(path: Path, data_zyx: np.ndarray, spacing: tuple[float, ...], origin: tuple[float, ...]) -> None:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(data_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+
+
+def test_nifti_2d(tmp_path: Path) -> None:
+    a = _ramp().astype(np.int16) - 20
+    _nifti(tmp_path / "a.nii.gz", a, (0.7, 0.8), (1.0, 2.0))
+    img = read_image(tmp_path / "a.nii.gz")
+    np.testing.assert_array_equal(img.array, a)
+    assert img.spacing == pytest.approx((0.8, 0.7))  # (row, column) = (y, x)
+    assert img.format == "nifti" and img.geometry is not None and img.geometry.size == (8, 6)
+
+
+def test_nifti_3d_slice_and_mask_written_back(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    vol = np.stack([_ramp().astype(np.int16) + 100 * k for k in range(4)])  # (z, y, x)
+    _nifti(tmp_path / "v.nii.gz", vol, (0.5, 0.6, 2.5), (10.0, -20.0, 30.0))
+    img = read_image(tmp_path / "v.nii.gz", slice_index=2)
+    np.testing.assert_array_equal(img.array, vol[2])
+    with pytest.raises(ValueError, match=r"v\.nii\.gz.*3D volume with 4 slices"):
+        read_image(tmp_path / "v.nii.gz")
+    with pytest.raises(ValueError, match=r"v\.nii\.gz.*slice index 9 is out of range"):
+        read_image(tmp_path / "v.nii.gz", slice_index=9)
+    mask = np.zeros((6, 8), bool)
+    mask[1:3, 2:5] = True
+    out = write_mask_like(mask, img, tmp_path / "pred.nii.gz")
+    back = sitk.ReadImage(str(out))
+    assert back.GetSize() == (8, 6, 4)
+    assert back.GetSpacing() == pytest.approx((0.5, 0.6, 2.5)) and back.GetOrigin() == pytest.approx((10.0, -20.0, 30.0))
+    arr = sitk.GetArrayFromImage(back)
+    assert arr[2].sum() == 6 and arr.sum() == 6
+    with pytest.raises(ValueError, match="resize the prediction back"):
+        write_mask_like(np.zeros((3, 3), bool), img, tmp_path / "bad.nii.gz")
+    png = read_image(_png(tmp_path / "p.png"))
+    with pytest.raises(ValueError, match=r"p\.png.*no spatial geometry"):
+        write_mask_like(mask, png, tmp_path / "x.nii.gz")
+
+
+def _png(path: Path, a: np.ndarray | None = None) -> Path:
+    Image.fromarray(np.zeros((6, 8), np.uint8) if a is None else a).save(path)
+    return path
+
+
+def _dicom(path: Path, stored: np.ndarray, slope: float, intercept: float, z: float = 0.0, series: str = "1.2.3.4") -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = series
+    ds.Modality = "CT"
+    ds.PatientID = "p1"
+    ds.InstanceNumber = int(z) + 1
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelSpacing = [0.75, 0.5]
+    ds.SliceThickness = 2.0
+    ds.ImagePositionPatient = [-10.0, -20.0, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_file_in_hu(tmp_path: Path) -> None:
+    stored = np.array([[0, 1000], [1024, 2048], [3000, 4095]], dtype=np.uint16)
+    _dicom(tmp_path / "ct.dcm", stored, slope=2.0, intercept=-1024.0)
+    img = read_image(tmp_path / "ct.dcm")
+    np.testing.assert_array_equal(img.array, stored * 2.0 - 1024.0)  # HU = stored * slope + intercept
+    assert img.array[0, 0] == -1024 and img.array[1, 0] == 1024
+    assert img.modality == "CT" and img.spacing == (0.75, 0.5) and img.format == "dicom"
+    assert img.geometry is not None and img.geometry.origin == (-10.0, -20.0, 0.0)
+
+
+def test_dicom_series_slice_and_mask_written_back(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in (2, 0, 1):  # written out of order; read sorted along the slice normal
+        _dicom(series / f"s{k}.dcm", np.full((4, 5), 1000 + 10 * k, np.uint16), slope=1.0, intercept=-1024.0, z=2.0 * k)
+    img = read_image(series, slice_index=1)
+    np.testing.assert_array_equal(img.array, np.full((4, 5), 1010 - 1024.0))
+    assert img.format == "dicom-series" and img.modality == "CT"
+    assert img.spacing == pytest.approx((0.75, 0.5))
+    with pytest.raises(ValueError, match=r"series.*3 slices; give a slice index"):
+        read_image(series)
+    mask = np.zeros((4, 5), np.uint8)
+    mask[0, 0] = 1
+    back = sitk.ReadImage(str(write_mask_like(mask, img, tmp_path / "m.nii.gz")))
+    assert back.GetSize() == (5, 4, 3) and back.GetOrigin() == pytest.approx((-10.0, -20.0, 0.0))
+    assert back.GetSpacing() == pytest.approx((0.5, 0.75, 2.0))
+    assert sitk.GetArrayFromImage(back)[1, 0, 0] == 1 and sitk.GetArrayFromImage(back).sum() == 1
+
+
+def test_masks_and_label_maps(tmp_path: Path) -> None:
+    m = np.zeros((6, 8), np.uint8)
+    m[2:4, 2:4] = 255
+    np.testing.assert_array_equal(read_mask(_png(tmp_path / "m.png", m)), m > 0)
+    np.testing.assert_array_equal(read_mask(_png(tmp_path / "m01.png", (m > 0).astype(np.uint8))), m > 0)
+    Image.fromarray(m).save(tmp_path / "m.jpg", quality=60)  # lossy: grey ringing, read as > 127
+    assert read_mask(tmp_path / "m.jpg").sum() == 4
+    labels = np.zeros((6, 8), np.uint8)
+    labels[0, 0], labels[5, 7] = 1, 2
+    lm = read_label_map(_png(tmp_path / "l.png", labels))
+    assert lm.dtype == np.int64 and lm[5, 7] == 2
+
+
+def test_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nothere\.png: image file not found"):
+        read_image(tmp_path / "nothere.png")
+    data = (_png(tmp_path / "full.png", np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))).read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.png: cannot decode the image .*truncated"):
+        read_image(tmp_path / "cut.png")
+    (tmp_path / "x.xyz").write_bytes(b"hello")
+    with pytest.raises(ValueError, match=r"x\.xyz: unsupported image format"):
+        read_image(tmp_path / "x.xyz")
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match=r"bad\.npy: array has shape"):
+        read_image(tmp_path / "bad.npy")
