@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lsms.data import CT_WINDOWS, Preprocessing, apply_window, default_preprocessing, percentile_scale, preprocess_image
+from lsms.data import (
+    CT_WINDOWS,
+    Preprocessing,
+    apply_window,
+    default_preprocessing,
+    percentile_scale,
+    preprocess_image,
+)
 
 
 def test_named_windows_golden_values() -> None:
