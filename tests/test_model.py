@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_kwargs
 
+from conftest import tiny_model_kwargs
 from lsms import build_model
-from lsms.model import LSMSConfig, PRESETS
+from lsms.model import PRESETS, LSMSConfig
 from lsms.model.decoder import NMF2D
 
 SIZE = 64
