@@ -78,7 +78,7 @@ def test_every_problem_is_found_and_named(tmp_path: Path) -> None:
     assert "gone.png: image file not found" in msg["missing-file"]
     assert "sample 'notext' has an empty text" in msg["empty-text"]
     assert "42 tokens, the tokenizer keeps 32" in msg["long-text"]
-    assert "line 10" in msg["duplicate-id"] and "repeats line 1" in msg["duplicate-id"]
+    assert "manifest.jsonl:10: field 'id' 'good' repeats line 1" in msg["duplicate-id"]
     assert not report.ok and report.counts == {"train": 6, "val": 1, "test": 2}
     assert all(p.severity == "error" for p in report.problems[: len(report.errors)])  # errors first
 
