@@ -101,7 +101,7 @@ class LSMS(nn.Module):
         return self.forward_features(image, input_ids, attention_mask).logits
 
 
-def _text_parts(config: LSMSConfig) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
+def text_parts(config: Any) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
     tokenizer = Tokenizer(config.text_encoder, config.max_tokens)
     if config.pretrained_text:
         text_encoder = load_text_encoder(config.text_encoder, freeze=config.freeze_text)
@@ -127,7 +127,7 @@ def build_model_from_config(config: LSMSConfig) -> LSMS:
     text_encoder = tokenizer = None
     text_channels = None
     if config.use_text:
-        text_encoder, tokenizer, config.text_config = _text_parts(config)
+        text_encoder, tokenizer, config.text_config = text_parts(config)
         text_channels = text_encoder.hidden_size
     encoder = LanguageGuidedEncoder(config, text_channels)
     decoder = FullScaleDecoder(config, encoder.channels)

@@ -1,0 +1,127 @@
+"""Baselines for the benchmarks: MONAI's BasicUNet without text, and the same U-Net with late fusion of the
+sentence by FiLM (feature-wise linear modulation of each decoder stage), the classic text-conditioned design
+that LSMS's early, pixel-level fusion is compared against.
+
+Both speak the LSMS interface (``config``, ``tokenize``, ``forward_features`` -> :class:`LSMSOutput`,
+``forward`` -> logits), so training, evaluation and prediction treat them like LSMS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from lsms.model.lsms import LSMSOutput, text_parts
+from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, TextEncoder, Tokenizer
+
+
+@dataclass
+class UNetConfig:
+    """A 2D BasicUNet (MONAI), optionally FiLM-conditioned on the sentence (``use_text``)."""
+
+    arch: Literal["unet"] = "unet"
+    preset: str = "unet"
+    in_channels: int = 3
+    features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)  # BasicUNet's 6 widths, halved for CPU
+    use_text: bool = False
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_config: dict[str, Any] | None = None
+    pretrained_text: bool = True
+    freeze_text: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if len(self.features) != 6 or min(self.features) < 1:
+            raise ValueError(f"features needs 6 positive widths (BasicUNet), got {self.features}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown U-Net config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+class FiLM(nn.Module):
+    """x * (1 + gamma(s)) + beta(s) per channel, from the sentence embedding s (B, C_l)."""
+
+    def __init__(self, text_channels: int, channels: int):
+        super().__init__()
+        self.to_gamma_beta = nn.Linear(text_channels, 2 * channels)
+
+    def forward(self, x: Tensor, sentence: Tensor) -> Tensor:
+        """x (B, C, H, W), sentence (B, C_l) -> (B, C, H, W)."""
+        gamma, beta = self.to_gamma_beta(sentence)[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
+        return x * (1 + gamma) + beta
+
+
+class TextUNet(nn.Module):
+    """MONAI BasicUNet; with a text encoder, each decoder stage is FiLM-modulated by the mean token feature."""
+
+    def __init__(self, config: UNetConfig, text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.config = config
+        self.unet = BasicUNet(spatial_dims=2, in_channels=config.in_channels, out_channels=1, features=config.features)
+        self.text_encoder = text_encoder if config.use_text else None
+        self.tokenizer = tokenizer if config.use_text else None
+        if self.text_encoder is not None:
+            f, c_l = config.features, text_encoder.hidden_size
+            self.film = nn.ModuleList(FiLM(c_l, c) for c in (f[3], f[2], f[1], f[5]))
+            self.text_proj = nn.Linear(c_l, f[5])  # for the contrastive loss, as in LSMS
+        else:
+            self.film = self.text_proj = None
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("this U-Net was built without text (use_text=False); it takes images only")
+        return self.tokenizer(texts)
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
+                         attention_mask: Tensor | None = None) -> LSMSOutput:
+        """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput` (no aligned features)."""
+        if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[-1] % 16 or image.shape[-2] % 16:
+            raise ValueError(f"image must be (B, {self.config.in_channels}, H, W) with H and W multiples of 16, "
+                             f"got {tuple(image.shape)}")
+        u = self.unet
+        x0 = u.conv_0(image)
+        x1 = u.down_1(x0)
+        x2 = u.down_2(x1)
+        x3 = u.down_3(x2)
+        x4 = u.down_4(x3)
+        sentence = text_embedding = None
+        if self.text_encoder is not None:
+            if input_ids is None or attention_mask is None:
+                raise ValueError("this U-Net uses text: pass input_ids and attention_mask (see model.tokenize)")
+            tokens = self.text_encoder(input_ids, attention_mask)  # (B, T, C_l)
+            m = attention_mask.to(tokens.dtype).unsqueeze(-1)
+            sentence = (tokens * m).sum(1) / m.sum(1)  # mean over real tokens, (B, C_l)
+            text_embedding = self.text_proj(sentence)
+        x, decoder_stages = x4, []
+        for i, (up, skip) in enumerate(zip((u.upcat_4, u.upcat_3, u.upcat_2, u.upcat_1), (x3, x2, x1, x0))):
+            x = up(x, skip)
+            if sentence is not None:
+                x = self.film[i](x, sentence)
+            decoder_stages.append(x)
+        return LSMSOutput(u.final_conv(x), [x0, x1, x2, x3, x4], decoder_stages, x, text_embedding)
+
+    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        return self.forward_features(image, input_ids, attention_mask).logits
+
+
+def build_unet(config: UNetConfig) -> TextUNet:
+    """Build the U-Net baseline (``use_text=False``) or the FiLM text U-Net (``use_text=True``)."""
+    text_encoder = tokenizer = None
+    if config.use_text:
+        text_encoder, tokenizer, config.text_config = text_parts(config)
+    return TextUNet(config, text_encoder, tokenizer)
