@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("lsms.check", "integrity report of a dataset (missing files, sizes, masks, text, split leaks)"),
     "convert": ("lsms.convert", "convert an LViT or images/+masks/ dataset to the manifest format"),
     "profile": ("lsms.profile", "count parameters and FLOPs, time a CPU forward"),
+    "synth": ("lsms.synth.cli", "generate a RefLiver-Synth referring liver-lesion CT dataset"),
     "train": ("lsms.train", "train LSMS on a dataset (one process, or many under torchrun)"),
     "evaluate": ("lsms.evaluate", "metrics of a trained model on a dataset split"),
     "predict": ("lsms.predict", "segment the lesion a sentence refers to in images, NIfTI volumes or DICOM series"),

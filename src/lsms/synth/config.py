@@ -1,0 +1,107 @@
+"""Settings of a RefLiver-Synth generation run (one typed dataclass, checked on construction)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+LESION_TYPES: tuple[str, ...] = ("cyst", "hemangioma", "hcc", "metastasis", "fnh")
+
+# Plausible diameter range per type (mm); intersected with SynthConfig.diameter_mm.
+TYPE_DIAMETER_MM: dict[str, tuple[float, float]] = {
+    "cyst": (5.0, 70.0),
+    "hemangioma": (8.0, 80.0),
+    "hcc": (12.0, 80.0),
+    "metastasis": (5.0, 50.0),
+    "fnh": (12.0, 60.0),
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Everything that decides a generated dataset (together with the phrasing file).
+
+    Args:
+        patients: number of synthetic patients.
+        slices_per_patient: axial slices per patient (distinct cranio-caudal levels).
+        seed: master seed; every patient and slice gets its own child seed (``SeedSequence.spawn``).
+        image_size: output height = width in pixels.
+        fov_mm: field of view (mm) across the image; spacing = fov_mm / image_size.
+        max_lesions: most lesions in one slice (1..4).
+        multi_lesion_share: share of slices drawn with 2..max_lesions lesions (needs max_lesions >= 2).
+        lesion_types: which of ``LESION_TYPES`` occur.
+        diameter_mm: (min, max) lesion diameter in mm.
+        noise_hu: (min, max) standard deviation of the correlated noise in HU, drawn per patient.
+        val_share, test_share: shares of *patients* in the val and test splits.
+        phrasing: path of a phrasing file (YAML/JSON); ``None`` uses the one shipped with the package.
+    """
+
+    patients: int = 100
+    slices_per_patient: int = 10
+    seed: int = 0
+    image_size: int = 256
+    fov_mm: float = 350.0
+    max_lesions: int = 4
+    multi_lesion_share: float = 0.6
+    lesion_types: tuple[str, ...] = LESION_TYPES
+    diameter_mm: tuple[float, float] = (8.0, 60.0)
+    noise_hu: tuple[float, float] = (8.0, 14.0)
+    val_share: float = 0.1
+    test_share: float = 0.1
+    phrasing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.patients < 1:
+            raise ValueError(f"--patients must be at least 1, got {self.patients}")
+        if self.slices_per_patient < 1:
+            raise ValueError(f"--slices-per-patient must be at least 1, got {self.slices_per_patient}")
+        if not 32 <= self.image_size <= 2048:
+            raise ValueError(f"--image-size must be between 32 and 2048 pixels, got {self.image_size}")
+        if not 150.0 <= self.fov_mm <= 600.0:
+            raise ValueError(f"--fov-mm must be between 150 and 600 mm (the body is ~320 mm wide), got {self.fov_mm}")
+        if not 1 <= self.max_lesions <= 4:
+            raise ValueError(f"--lesions-per-slice must be 1..4, got {self.max_lesions}")
+        if not 0.0 <= self.multi_lesion_share <= 1.0:
+            raise ValueError(f"--multi-lesion-share must be in [0, 1], got {self.multi_lesion_share}")
+        if self.max_lesions == 1 and self.multi_lesion_share > 0:
+            raise ValueError("--multi-lesion-share > 0 needs --lesions-per-slice >= 2 (or set the share to 0)")
+        bad = [t for t in self.lesion_types if t not in LESION_TYPES]
+        if bad or not self.lesion_types:
+            raise ValueError(f"--lesion-types must be a non-empty subset of {', '.join(LESION_TYPES)}; got {bad or 'none'}")
+        lo, hi = self.diameter_mm
+        if not 3.0 <= lo <= hi <= 80.0:
+            raise ValueError(f"--diameter-mm must satisfy 3 <= MIN <= MAX <= 80, got {lo} {hi}")
+        if all(TYPE_DIAMETER_MM[t][1] < lo or TYPE_DIAMETER_MM[t][0] > hi for t in self.lesion_types):
+            raise ValueError(f"--diameter-mm {lo} {hi} fits none of the lesion types {self.lesion_types}")
+        if hi < 3 * self.spacing_mm:
+            raise ValueError(f"--diameter-mm MAX {hi} is under 3 pixels ({self.spacing_mm:.2f} mm each); raise it or --image-size")
+        nlo, nhi = self.noise_hu
+        if not 0.0 <= nlo <= nhi <= 100.0:
+            raise ValueError(f"--noise must satisfy 0 <= MIN <= MAX <= 100 HU, got {nlo} {nhi}")
+        for name in ("val_share", "test_share"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+        if self.val_share + self.test_share >= 1.0:
+            raise ValueError("--val-share + --test-share must leave some patients for training (sum < 1)")
+
+    @property
+    def spacing_mm(self) -> float:
+        return self.fov_mm / self.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lesion_types"] = list(self.lesion_types)
+        d["diameter_mm"] = list(self.diameter_mm)
+        d["noise_hu"] = list(self.noise_hu)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SynthConfig:
+        d = dict(d)
+        for key in ("lesion_types", "diameter_mm", "noise_hu"):
+            if key in d:
+                d[key] = tuple(d[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

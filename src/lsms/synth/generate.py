@@ -1,0 +1,311 @@
+"""Slice and dataset generation: anatomy + lesions + expressions -> files in the lsms dataset format.
+
+Determinism: patient ``i`` draws from ``SeedSequence(seed, spawn_key=(i,))`` and its slice ``j`` from
+``SeedSequence(seed, spawn_key=(i, j + 1))``, so any slice can be re-rendered alone (:func:`render_slice`) and
+nothing depends on generation order. Files carry no timestamps; PNGs are written without time chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from lsms.synth.anatomy import SCANNERS, SEGMENT_LOBE, SEGMENTS, Anatomy, Patient, draw_patient, render_anatomy
+from lsms.synth.config import SynthConfig
+from lsms.synth.expressions import (
+    LesionFacts,
+    choose_slots,
+    confusable,
+    load_phrasing,
+    render_all_text,
+    render_expression,
+    true_relations,
+)
+from lsms.synth.geometry import Grid
+from lsms.synth.lesions import Lesion, draw_lesion, place_lesions, render_lesion, sample_diameter
+
+FORMAT_VERSION = 1
+METASTATIC_PATTERN_P = 0.15  # multi-lesion slices made of metastases only ("often several")
+PARTIAL_VOLUME_MM = 0.6  # Gaussian sigma of the slice-profile / partial-volume blur
+Z_RANGE = (0.06, 0.94)  # levels between the liver dome (0) and the liver tip (1) that are sampled
+
+
+@dataclass
+class SliceSample:
+    """One generated slice with everything needed to write it and to check it."""
+
+    slice_id: str
+    patient: str
+    z: float
+    image: np.ndarray  # (H, W) int16 HU
+    instances: np.ndarray  # (H, W) uint8, 0 background, k = lesion k
+    anatomy: Anatomy
+    facts: list[LesionFacts]
+    lesions: list[Lesion]
+    texts: list[dict[str, str]]
+    unique: list[dict[str, bool]]
+    slots: list[dict[str, list[str]]]
+    stated_relations: list[list[dict[str, Any]]]  # the relation each full expression states (0 or 1)
+    all_text: str
+
+
+def patient_rng(cfg: SynthConfig, i: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(i,)))
+
+
+def slice_rng(cfg: SynthConfig, i: int, j: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(i, j + 1)))
+
+
+def patient_and_levels(cfg: SynthConfig, i: int) -> tuple[Patient, np.ndarray]:
+    """Patient ``i`` and its slice levels (stratified over the liver, cranial -> caudal)."""
+    rng = patient_rng(cfg, i)
+    p = draw_patient(i, rng, cfg.noise_hu)
+    k = cfg.slices_per_patient
+    u = (np.arange(k) + rng.uniform(0.1, 0.9, k)) / k
+    return p, Z_RANGE[0] + (Z_RANGE[1] - Z_RANGE[0]) * u
+
+
+def split_of_patients(cfg: SynthConfig) -> list[str]:
+    """Split of each patient (by patient, never by slice), a seeded permutation."""
+    n = cfg.patients
+    order = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2**31,))).permutation(n)
+    n_val, n_test = int(round(n * cfg.val_share)), int(round(n * cfg.test_share))
+    if n >= 3:
+        n_val = max(n_val, int(cfg.val_share > 0))
+        n_test = max(n_test, int(cfg.test_share > 0))
+    while n_val + n_test >= n and (n_val or n_test):
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    out = ["train"] * n
+    for r, i in enumerate(order):
+        if r < n_val:
+            out[int(i)] = "val"
+        elif r < n_val + n_test:
+            out[int(i)] = "test"
+    return out
+
+
+def _boundary_px(mask: np.ndarray) -> np.ndarray:
+    """(N, 2) pixels of ``mask`` with a 4-neighbour outside it (closest pairs of two sets lie on these)."""
+    pad = np.pad(mask, 1)
+    inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    return np.argwhere(mask & ~inner)
+
+
+def min_distance_mm(a: np.ndarray, b: np.ndarray, spacing: float) -> float:
+    """Smallest distance (mm) between pixel centres of two masks; inf when either is empty."""
+    pa, pb = _boundary_px(a), _boundary_px(b)
+    if not len(pa) or not len(pb):
+        return float("inf")
+    d2 = ((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)
+    return float(np.sqrt(d2.min())) * spacing
+
+
+def _facts(lesions: list[Lesion], anat: Anatomy, grid: Grid) -> list[LesionFacts]:
+    facts = []
+    for k, les in enumerate(lesions, start=1):
+        m = les.full_mask(grid.size)
+        rows, cols = np.nonzero(m)
+        cr, cc = float(rows.mean()), float(cols.mean())
+        code = int(anat.segments[int(round(cr)), int(round(cc))])
+        seg = SEGMENTS[code - 1] if code else ""
+        facts.append(LesionFacts(
+            index=k, kind=les.kind, segment=seg, lobe=SEGMENT_LOBE.get(seg, ""),
+            diameter_mm=lesion_diameter_mm(int(rows.size), grid.spacing), area_px=int(rows.size),
+            centroid=(cr, cc), shape=les.shape, boundary=les.boundary, density=les.density,
+            enhancement=les.enhancement,
+            dist_gallbladder_mm=min_distance_mm(m, anat.gallbladder, grid.spacing),
+            dist_ivc_mm=min_distance_mm(m, anat.ivc, grid.spacing),
+        ))
+    return facts
+
+
+def lesion_diameter_mm(area_px: int, spacing: float) -> float:
+    """Reported diameter: equivalent-circle diameter of the mask, rounded to 0.1 mm."""
+    return round(2.0 * float(np.sqrt(area_px * spacing * spacing / np.pi)), 1)
+
+
+def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | None = None,
+                 patient: tuple[Patient, np.ndarray] | None = None) -> SliceSample:
+    """Renders slice ``j`` of patient ``i`` (deterministic in ``cfg.seed``, independent of other slices)."""
+    ph = phrasing if phrasing is not None else load_phrasing(cfg.phrasing)
+    p, levels = patient if patient is not None else patient_and_levels(cfg, i)
+    z = float(levels[j])
+    rng = slice_rng(cfg, i, j)
+    grid = Grid(cfg.image_size, cfg.spacing_mm)
+    anat = render_anatomy(p, z, grid, rng)
+
+    # --- lesions: count, types, sizes; placement largest first
+    multi = cfg.max_lesions >= 2 and rng.random() < cfg.multi_lesion_share
+    n = int(rng.integers(2, cfg.max_lesions + 1)) if multi else 1
+    if multi and "metastasis" in cfg.lesion_types and rng.random() < METASTATIC_PATTERN_P:
+        kinds = ["metastasis"] * n
+    else:
+        kinds = [cfg.lesion_types[int(rng.integers(len(cfg.lesion_types)))] for _ in range(n)]
+    min_d = max(cfg.diameter_mm[0], 3 * cfg.spacing_mm)
+    lesions = [draw_lesion(k, sample_diameter(k, rng, *cfg.diameter_mm), rng, p.hu["liver"], p.hu["vessel"]) for k in kinds]
+    lesions = place_lesions(lesions, anat.liver, grid, rng, min_d)
+    lesions.sort(key=lambda l_: (l_.y, l_.x))  # instance labels run anterior -> posterior
+
+    # --- facts, relations, expressions; a lesion that cannot be described uniquely is removed
+    while True:
+        facts = _facts(lesions, anat, grid)
+        for a, f in enumerate(facts):
+            f.relations = true_relations(facts, a, grid.spacing)
+        bad = [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, ["type", "location", "size", "shape", "boundary", "density", "enhancement"]) and not f.relations)]
+        if not bad:
+            break
+        del lesions[bad[-1]]
+    texts, unique, slots, stated = [], [], [], []
+    for a, f in enumerate(facts):
+        chosen = choose_slots(facts, a, rng)
+        assert chosen is not None  # guaranteed by the loop above
+        levels_, relation = chosen
+        stated.append([relation] if relation is not None else [])
+        texts.append({lvl: render_expression(ph, f, s, relation, rng) for lvl, s in levels_.items()})
+        unique.append({lvl: not confusable(facts, a, s) for lvl, s in levels_.items()})
+        slots.append(levels_)
+    all_text = render_all_text(ph, facts, rng) if facts else ""
+
+    # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
+    img = anat.hu.copy()
+    for les in lesions:
+        render_lesion(img, les, grid)
+    img = gaussian_filter(img, PARTIAL_VOLUME_MM / grid.spacing, mode="nearest")
+    scale, offset, corr_mm = SCANNERS[p.scanner]
+    noise = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), corr_mm / grid.spacing, mode="wrap")
+    noise *= p.noise_sigma / max(float(noise.std()), 1e-6)
+    img = (img + noise) * scale + offset
+    image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+
+    instances = np.zeros((grid.size, grid.size), dtype=np.uint8)
+    for k, les in enumerate(lesions, start=1):
+        assert les.window is not None and les.local_mask is not None
+        instances[les.window][les.local_mask] = k
+    return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
+                       anatomy=anat, facts=facts, lesions=lesions, texts=texts, unique=unique, slots=slots,
+                       stated_relations=stated, all_text=all_text)
+
+
+def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
+                ) -> dict[str, Any]:
+    side = {"right": "right", "left": "left", "caudate": "middle"}[f.lobe]
+    return {
+        "type": f.kind, "segment": f.segment, "lobe": f.lobe, "side": side, "diameter_mm": f.diameter_mm,
+        "area_px": f.area_px, "shape": f.shape, "boundary": f.boundary, "density": f.density,
+        "enhancement": f.enhancement, "relations": stated, "relations_true": f.relations,
+        "centroid": [round(f.centroid[0], 2), round(f.centroid[1], 2)],
+        "centroid_mm": [round(f.centroid[0] * spacing, 1), round(f.centroid[1] * spacing, 1)],
+        "slots": slots,
+    }
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    # PIL writes no tIME/tEXt chunks unless asked to: identical arrays give identical bytes.
+    Image.fromarray(arr).save(path, format="PNG", compress_level=6)
+
+
+def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[dict[str, Any]]:
+    """Writes the slice's files and returns its manifest records (one per lesion expression)."""
+    np.save(out / "images" / f"{s.slice_id}.npy", s.image, allow_pickle=False)
+    _save_png(out / "instances" / f"{s.slice_id}.png", s.instances)
+    _save_png(out / "all" / f"{s.slice_id}.png", np.where(s.instances > 0, 255, 0).astype(np.uint8))
+    records = []
+    for f, texts, unique, slots, stated in zip(s.facts, s.texts, s.unique, s.slots, s.stated_relations, strict=True):
+        rid = f"{s.slice_id}_l{f.index}"
+        _save_png(out / "masks" / f"{rid}.png", np.where(s.instances == f.index, 255, 0).astype(np.uint8))
+        records.append({
+            "id": rid, "image": f"images/{s.slice_id}.npy", "mask": f"masks/{rid}.png", "text": texts["full"],
+            "texts": texts, "instances": f"instances/{s.slice_id}.png", "target_instance": f.index,
+            "attributes": _attributes(f, slots, stated, spacing), "unique": unique, "spacing": [spacing, spacing],
+            "patient": s.patient, "modality": "CT", "split": split, "all_mask": f"all/{s.slice_id}.png",
+            "all_text": s.all_text, "slice_id": s.slice_id, "slice_level": round(s.z, 4),
+            "n_lesions": len(s.facts),
+        })
+    return records
+
+
+def phrasing_digest(cfg: SynthConfig) -> str:
+    from importlib import resources
+
+    if cfg.phrasing is None:
+        data = resources.files("lsms.synth").joinpath("phrasings.yaml").read_bytes()
+    else:
+        data = Path(cfg.phrasing).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+_OUR_DIRS = ("images", "masks", "instances", "all", "card")
+_OUR_FILES = ("manifest.jsonl", "dataset.json", "README.md")
+
+
+def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Generates the whole dataset into ``out`` and returns the summary written to ``dataset.json``."""
+    from lsms.synth.card import write_card
+
+    out = Path(out)
+    ph = load_phrasing(cfg.phrasing)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+        import shutil
+
+        for d in _OUR_DIRS:
+            shutil.rmtree(out / d, ignore_errors=True)
+        for f in _OUR_FILES:
+            (out / f).unlink(missing_ok=True)
+    for d in _OUR_DIRS[:-1]:
+        (out / d).mkdir(parents=True, exist_ok=True)
+    splits = split_of_patients(cfg)
+    total = cfg.patients * cfg.slices_per_patient
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="slice", desc="lsms synth")
+    records: list[dict[str, Any]] = []
+    lesion_counts: list[int] = []
+    for i in range(cfg.patients):
+        pl = patient_and_levels(cfg, i)
+        for j in range(cfg.slices_per_patient):
+            s = render_slice(cfg, i, j, ph, patient=pl)
+            records.extend(write_slice(out, s, splits[i], cfg.spacing_mm))
+            lesion_counts.append(len(s.facts))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    tmp = out / "manifest.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, out / "manifest.jsonl")
+    from lsms import __version__
+
+    counts = np.bincount(lesion_counts, minlength=cfg.max_lesions + 1)
+    summary = {
+        "name": "RefLiver-Synth", "format_version": FORMAT_VERSION, "lsms_version": __version__,
+        "settings": cfg.to_dict(), "seed": cfg.seed, "phrasing_sha256": phrasing_digest(cfg),
+        "spacing_mm": cfg.spacing_mm, "convention": "radiological: image left = patient's right, top = anterior",
+        "counts": {
+            "patients": cfg.patients, "slices": total, "expressions": len(records),
+            "slices_by_lesion_count": {str(k): int(c) for k, c in enumerate(counts)},
+            "multi_lesion_share": float((np.asarray(lesion_counts) >= 2).mean()) if lesion_counts else 0.0,
+            "splits": {sp: {"patients": splits.count(sp),
+                            "expressions": sum(r["split"] == sp for r in records)} for sp in ("train", "val", "test")},
+        },
+    }
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_card(out, cfg, records, summary)
+    return summary
