@@ -69,3 +69,14 @@ def test_missing_manifest_and_duplicate_write(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"duplicate ids \['x'\]"):
         write_manifest(tmp_path, [r, r])
     assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_common_modality() -> None:
+    from lsms.data import common_modality
+
+    def rec(m: str | None) -> Record:
+        return Record(id="x", image="i", mask="m", text="", split="train", modality=m)
+
+    assert common_modality([rec("CT"), rec("CT")]) == "CT" and common_modality([rec(None)]) is None
+    with pytest.raises(ValueError, match=r"records mix modalities \['CT', 'XR'\]"):
+        common_modality([rec("CT"), rec("XR")])

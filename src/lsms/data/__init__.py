@@ -19,13 +19,13 @@ from lsms.data.intensity import (
     resize_labels,
 )
 from lsms.data.layouts import detect_layout, load_image_folder, load_lvit, load_samples, scan_samples
-from lsms.data.manifest import MANIFEST_NAME, Record, load_manifest, write_manifest
+from lsms.data.manifest import MANIFEST_NAME, Record, common_modality, load_manifest, write_manifest
 from lsms.data.problems import Problem
 from lsms.data.readers import Geometry, ImageData, read_image, read_label_map, read_mask, write_mask_like
 
 __all__ = [
     "CT_WINDOWS", "MANIFEST_NAME", "Augmentation", "Collator", "Geometry", "ImageData", "Preprocessing", "Problem",
-    "Record", "SampleError", "SegmentationDataset", "SkipLog", "apply_window", "default_preprocessing",
+    "Record", "SampleError", "common_modality", "SegmentationDataset", "SkipLog", "apply_window", "default_preprocessing",
     "detect_layout", "load_image_folder", "load_lvit", "load_manifest", "load_samples", "percentile_scale",
     "preprocess_image", "read_image", "read_label_map", "read_mask", "resize_image", "resize_labels",
     "scan_samples", "swap_left_right", "write_manifest", "write_mask_like",

@@ -249,3 +249,17 @@ def write_manifest(folder: str | Path, records: list[Record]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def common_modality(records: list[Record]) -> str | None:
+    """The one modality all records share (None when unset); chooses the default preprocessing.
+
+    Raises:
+        ValueError: records mix modalities (one preprocessing cannot serve, say, CT and photos).
+    """
+    found = sorted({r.modality for r in records if r.modality})
+    if len(found) > 1:
+        raise ValueError(f"records mix modalities {found}; give an explicit Preprocessing or train on one modality")
+    if found and any(r.modality is None for r in records):
+        raise ValueError(f"some records have modality {found[0]!r} and some none; set 'modality' on every record")
+    return found[0] if found else None
