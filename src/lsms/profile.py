@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lsms.model import LSMS, PRESETS, build_model, count_parameters
+from lsms.model import BASELINES, MODEL_NAMES, build_named_model, count_parameters
 from lsms.text import DEFAULT_TEXT_ENCODER
 
 # The one built-in random encoder: BERT-base sizes (the paper's text encoder), for counting without weights.
@@ -85,7 +85,7 @@ def count_flops(fn, *args: Any) -> int:
     return counter.get_total_flops()
 
 
-def profile_inputs(model: LSMS, image_size: int, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+def profile_inputs(model: nn.Module, image_size: int, batch: int, device: torch.device) -> tuple[Tensor, ...]:
     """A batch of random images and one full-length expression (max_tokens real tokens) per image."""
     image = torch.randn(batch, model.config.in_channels, image_size, image_size, device=device)
     if model.tokenizer is None:
@@ -132,15 +132,20 @@ def measure(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int, device: 
 
 def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEXT_ENCODER, batch: int = 1,
             repeats: int = 10, device: str = "cpu", in_channels: int = 3, **overrides: Any) -> Profile:
-    """Build ``preset`` and measure it. ``text_encoder=None`` profiles the no-text model."""
+    """Build ``preset`` (an LSMS preset or a baseline) and measure it.
+
+    ``text_encoder=None`` profiles the no-text model; the plain ``unet`` baseline never has text.
+    """
     dev = torch.device(device)
-    if text_encoder is None:
+    if preset in BASELINES and not BASELINES[preset]:
+        text_encoder = None
+    elif text_encoder is None:
         overrides["use_text"] = False
-    elif text_encoder == BERT_BASE_RANDOM:
+    if text_encoder == BERT_BASE_RANDOM:
         overrides.update(text_config=dict(BERT_BASE_CONFIG), pretrained_text=False)
-    else:
+    elif text_encoder is not None:
         overrides["text_encoder"] = text_encoder
-    model = build_model(preset, in_channels=in_channels, **overrides).eval().to(dev)
+    model = build_named_model(preset, in_channels=in_channels, **overrides).eval().to(dev)
     inputs = profile_inputs(model, image_size, batch, dev)
     with torch.inference_mode():
         flops = count_flops(model, *inputs) / batch
@@ -174,7 +179,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = __doc__
-    parser.add_argument("--preset", nargs="+", default=["base"], choices=sorted(PRESETS), help="one or more presets")
+    parser.add_argument("--preset", nargs="+", default=["base"], choices=MODEL_NAMES,
+                        help="one or more LSMS presets or baselines (unet: MONAI BasicUNet; film-unet: with FiLM text fusion)")
     parser.add_argument("--image-size", nargs="+", type=int, default=[480], help="one or more square input sizes (multiples of 32)")
     parser.add_argument("--text-encoder", nargs="+", default=[DEFAULT_TEXT_ENCODER],
                         help=f"text encoder(s): {DEFAULT_TEXT_ENCODER!r} (packaged), a model folder, a hub id, "
@@ -201,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 prof = profile(preset, size, None if text == "none" else text, args.batch, args.repeats,
                                args.device, args.in_channels)
                 rows.append(prof.__dict__)
-                print(f"{preset} @ {size}, text {text}: {prof.gmacs} GMACs, {prof.latency_ms} ms", file=sys.stderr)
+                print(f"{preset} @ {size}, text {prof.text_encoder}: {prof.gmacs} GMACs, {prof.latency_ms} ms", file=sys.stderr)
     if args.json:
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
     else:
