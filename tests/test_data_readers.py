@@ -211,3 +211,33 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match=r"bad\.npy: array has shape"):
         read_image(tmp_path / "bad.npy")
+
+
+def test_series_slice_with_2d_png_mask_and_volume_mask(tmp_path: Path) -> None:
+    import json
+
+    from lsms.data import Preprocessing, SegmentationDataset, load_manifest
+    from lsms.data.check import check_dataset
+
+    series = tmp_path / "ds" / "series"
+    series.mkdir(parents=True)
+    for k in range(3):
+        _dicom(series / f"s{k}.dcm", np.full((4, 5), 1024 + 30 * k, np.uint16), 1.0, -1024.0, z=2.0 * k)
+    m = np.zeros((4, 5), np.uint8)
+    m[1:3, 1:3] = 255
+    _png(tmp_path / "ds" / "m.png", m)
+    vol = np.zeros((3, 4, 5), np.uint8)
+    vol[2, 0, 0] = 1
+    _nifti(tmp_path / "ds" / "mvol.nii.gz", vol, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    lines = [
+        {"id": "a", "image": "series", "mask": "m.png", "text": "", "split": "train", "slice_index": 1, "modality": "CT"},
+        {"id": "b", "image": "series", "mask": "mvol.nii.gz", "text": "", "split": "val", "slice_index": 2},
+    ]
+    (tmp_path / "ds" / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    recs = load_manifest(tmp_path / "ds")
+    ds = SegmentationDataset(recs, Preprocessing(image_size=(4, 5), in_channels=1, intensity="window", window_width=120, window_level=0))
+    a, b = ds[0], ds[1]
+    assert a["image"][0, 0, 0] == pytest.approx(0.75)  # slice 1: 30 HU in W120 L0
+    assert a["mask"].sum() == 4 and b["mask"].sum() == 1 and b["mask"][0, 0, 0] == 1
+    report = check_dataset(tmp_path / "ds", workers=1)
+    assert report.ok, report.format_text()

@@ -113,7 +113,7 @@ def _check_record(r: Record) -> tuple[list[Problem], str | None]:
             add("warning", "constant-image", f"{r.image_path}: every pixel is {float(a.min()):g}", r.image_path)
     mask = None
     try:
-        mask = read_image(r.mask_path, slice_index=r.slice_index)
+        mask = read_image(r.mask_path, slice_index=r.slice_index, slice_if_volume=True)
     except FileNotFoundError as err:
         add("error", "missing-file", str(err), r.mask_path)
     except (ValueError, OSError) as err:

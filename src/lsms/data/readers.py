@@ -292,7 +292,9 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def read_image(path: str | Path, slice_index: int | None = None, series_uid: str | None = None) -> ImageData:
+def read_image(
+    path: str | Path, slice_index: int | None = None, series_uid: str | None = None, slice_if_volume: bool = False
+) -> ImageData:
     """Read a 2D image (or one slice of a volume) from any supported format.
 
     Args:
@@ -300,6 +302,8 @@ def read_image(path: str | Path, slice_index: int | None = None, series_uid: str
         slice_index: slice of a 3D NIfTI volume, a (Z, H, W) NumPy array, a multi-frame DICOM or a DICOM
             series (0 = first along the slice normal).
         series_uid: which series when a folder holds several.
+        slice_if_volume: apply ``slice_index`` only when the file holds a volume and ignore it for a 2D image
+            (for masks: a series slice may have a plain 2D PNG mask).
 
     Returns:
         The image and its metadata.
@@ -309,6 +313,8 @@ def read_image(path: str | Path, slice_index: int | None = None, series_uid: str
         ValueError: the file cannot be decoded or is not a 2D image; the message names the file.
     """
     path = Path(path)
+    if slice_if_volume and slice_index is not None and not _holds_volume(path):
+        slice_index = None
     if path.is_dir():
         return _read_dicom_series(path, slice_index, series_uid)
     if not path.is_file():
@@ -331,15 +337,43 @@ def read_image(path: str | Path, slice_index: int | None = None, series_uid: str
     )
 
 
+def _holds_volume(path: Path) -> bool:
+    """Whether ``path`` is (probably) a 3D volume: a folder, a 3D NIfTI/NumPy array or multi-frame DICOM."""
+    if path.is_dir():
+        return True
+    suffix = _suffix(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return reader.GetDimension() >= 3 and reader.GetSize()[2] > 1
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 3
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return any(z[k].ndim == 3 for k in z.keys())
+        if suffix in DICOM_SUFFIXES:
+            import pydicom
+
+            return int(getattr(pydicom.dcmread(path, stop_before_pixels=True), "NumberOfFrames", 1) or 1) > 1
+    except Exception:  # unreadable: let read_image report it with its own message
+        return True
+    return False
+
+
 def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     """Read a binary mask: any non-zero pixel is lesion (JPEG masks: above half the maximum, for artefacts).
 
-    Colour masks count a pixel as lesion when any channel is non-zero.
+    Colour masks count a pixel as lesion when any channel is non-zero. ``slice_index`` applies only when
+    the mask file is a volume (a DICOM-series slice may have a 2D PNG mask).
 
     Returns:
         bool (H, W).
     """
-    img = read_image(path, slice_index=slice_index)
+    img = read_image(path, slice_index=slice_index, slice_if_volume=True)
     a = img.array
     if a.ndim == 3:
         a = a.max(axis=-1)
@@ -356,7 +390,7 @@ def read_label_map(path: str | Path, slice_index: int | None = None) -> np.ndarr
     Returns:
         int64 (H, W).
     """
-    img = read_image(path, slice_index=slice_index)
+    img = read_image(path, slice_index=slice_index, slice_if_volume=True)
     a = img.array
     if a.ndim != 2:
         raise ValueError(f"{img.path}: an instance label map must be single-channel, got shape {a.shape}")
