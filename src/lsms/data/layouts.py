@@ -190,7 +190,9 @@ def scan_lvit(root: str | Path, split: str | None = None) -> tuple[list[Record],
             ))
     if not records and not problems:
         wanted = LVIT_FOLDERS[split] if split else "Train_Folder, Val_Folder or Test_Folder"
-        problems.append(Problem("error", "empty-dataset", f"{root}: no samples found in {wanted}", str(root), split=split))
+        why = "no samples found in" if is_lvit(root) else "not an LViT dataset: there is no"
+        hint = "" if is_lvit(root) else " (an images/ + masks/ dataset is the 'folder' layout)"
+        problems.append(Problem("error", "empty-dataset", f"{root}: {why} {wanted}{hint}", str(root), split=split))
     return records, problems
 
 
