@@ -205,8 +205,11 @@ def render_expression(ph: dict[str, Any], f: LesionFacts, slots: list[str], rela
         if isinstance(tpl, dict):
             tpl = tpl["two"] if relation["count"] == 2 else tpl["many"]
         type_plural = _pick(rng, ph["nouns"][f.kind])[1] if relation["among"] != "all" else plural
-        head = _pick(rng, tpl).format(noun=noun, plural=type_plural,
-                                      count=ph["numbers"].get(relation["count"], str(relation["count"])))
+        chosen = _pick(rng, tpl)
+        head = chosen.format(noun=noun, plural=type_plural,
+                             count=ph["numbers"].get(relation["count"], str(relation["count"])))
+        if "type" in slots and "{noun}" not in chosen and relation["among"] == "all":
+            head += f", {article(noun)} {noun},"  # "the largest of the three lesions, a cyst, ..."
     else:
         head = f"{article(noun)} {noun}"
     location = ""
