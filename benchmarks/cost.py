@@ -1,0 +1,113 @@
+"""Cost side by side in one run: params, GFLOPs, CPU latency (batch 1), images/s (batch 8), peak memory,
+for LSMS tiny / small / base and the U-Net baselines at 224 and 480, plus the share of the CPU's measured
+matmul peak that inference reaches.
+
+    python benchmarks/cost.py                       # all models, 224 and 480 -> docs/results/cost.{json,md}
+    python benchmarks/cost.py --models tiny unet --sizes 224 --repeats 3
+
+Finished rows are cached in docs/results/cost.json and skipped on a rerun (``--fresh`` to redo them);
+``--budget-min`` stops starting new rows after that many minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, command_line, machine, write_atomic, write_json
+
+from lsms.model import MODEL_NAMES
+from lsms.profile import profile
+
+BATCH_THROUGHPUT = 8
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul throughput of this CPU with torch's threads: the practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def row_key(model: str, size: int) -> str:
+    return f"{model}@{size}"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Cost: LSMS presets and baselines, measured side by side in one run",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads. "
+        f"Measured fp32 matmul peak: {result['matmul_peak_gflops']:.1f} GFLOP/s.",
+        f"Command: `{result['command']}`. Date: {result['date']}.",
+        "",
+        "GMACs are per image (papers' \"GFLOPs\" are MACs: mmcv/fvcore convention); GFLOPs = 2 x GMACs. Latency is the",
+        "median CPU forward at batch 1; images/s is at batch 8. Peak memory is the rise of the peak resident set",
+        "during one batch-1 forward. Ratios are against LSMS tiny at the same size. '% peak' = achieved GFLOP/s",
+        "at batch 8 / measured matmul peak. Text models use the packaged MiniLM encoder (6 layers, 384).",
+        "",
+        "| model | size | params (M) | of which text (M) | GMACs | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = result["rows"]
+    for r in rows.values():
+        ref = rows.get(row_key("tiny", r["image_size"]))
+        ratio = f"{r['latency_ms'] / ref['latency_ms']:.2f}" if ref else "-"
+        mem_ratio = (f"{r['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
+                     if ref and r["peak_mem_mb"] and ref["peak_mem_mb"] else "-")
+        lines.append(
+            f"| {r['preset']} | {r['image_size']} | {r['params']['total'] / 1e6:.2f} | {r['params']['text'] / 1e6:.2f} | "
+            f"{r['gmacs']:.2f} | {r['latency_ms']:.1f} | {ratio} | {r['images_per_s']:.1f} | "
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 480])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget-min", type=float, default=30.0)
+    parser.add_argument("--out", default=str(RESULTS / "cost"), help="output path without extension")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    args = parser.parse_args()
+    out_json = args.out + ".json"
+    cached = {} if args.fresh or not Path(out_json).exists() else json.loads(Path(out_json).read_text()).get("rows", {})
+    result = {"machine": machine(), "command": command_line(), "date": time.strftime("%Y-%m-%d"),
+              "matmul_peak_gflops": matmul_peak_gflops(), "rows": {}}
+    start = time.time()
+    for size in args.sizes:
+        for model in args.models:
+            key = row_key(model, size)
+            if key in cached:
+                result["rows"][key] = cached[key]
+                continue
+            if (time.time() - start) / 60 > args.budget_min:
+                print(f"budget of {args.budget_min} min spent; {key} and later rows not run (rerun to continue)")
+                break
+            one = profile(model, size, repeats=args.repeats, device=args.device)
+            eight = profile(model, size, batch=BATCH_THROUGHPUT, repeats=max(1, args.repeats // 2), device=args.device)
+            row = dict(one.__dict__)
+            row["images_per_s"] = BATCH_THROUGHPUT / (eight.latency_ms / 1000)
+            row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s"] / result["matmul_peak_gflops"]
+            result["rows"][key] = row
+            print(f"{key}: {row['gmacs']:.2f} GMACs, {row['latency_ms']:.1f} ms, {row['images_per_s']:.1f} img/s", flush=True)
+            write_json(Path(out_json), result)
+    write_json(Path(out_json), result)
+    write_atomic(Path(args.out + ".md"), markdown(result))
+
+
+if __name__ == "__main__":
+    main()
