@@ -9,7 +9,13 @@ Public API:
 
 from lsms.synth.config import LESION_TYPES, SynthConfig
 from lsms.synth.expressions import load_phrasing
-from lsms.synth.generate import SliceSample, generate_dataset, lesion_diameter_mm, render_slice, split_of_patients
+from lsms.synth.generate import (
+           SliceSample,
+           generate_dataset,
+           lesion_diameter_mm,
+           render_slice,
+           split_of_patients,
+)
 
 __all__ = ["LESION_TYPES", "SliceSample", "SynthConfig", "generate_dataset", "lesion_diameter_mm", "load_phrasing",
            "render_slice", "split_of_patients"]

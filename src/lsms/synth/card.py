@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -105,14 +106,14 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
         "docs/refliver-synth.md", "",
         "## Counts", "",
         f"- slices {c['slices']}, expressions (= lesions) {c['expressions']}",
-        f"- splits (by patient): " + ", ".join(f"{k} {v['patients']} patients / {v['expressions']} expressions"
+        "- splits (by patient): " + ", ".join(f"{k} {v['patients']} patients / {v['expressions']} expressions"
                                               for k, v in c["splits"].items()),
         f"- full expressions unique: {uniq['full']}/{len(records)}; half unique {uniq['half'] / n_rec:.1%}, "
         f"quarter unique {uniq['quarter'] / n_rec:.1%}; full expressions with a relation {with_rel / n_rec:.1%}", "",
     ]
     lines += _table("Lesions per slice", [(k, v) for k, v in c["slices_by_lesion_count"].items() if k != "0" or v])
     lines += _table("Lesion types", [(TYPE_NAMES[t], types.get(t, 0)) for t in LESION_TYPES if t in cfg.lesion_types])
-    lines += _table("Diameters", [(k, sizes[k]) for k in sorted(sizes, key=lambda s: float(s.split("-")[0].strip(">= mm")))])
+    lines += _table("Diameters", [(k, sizes[k]) for k in sorted(sizes, key=lambda s: float(re.findall(r"\d+", s)[0]))])
     lines += _table("Couinaud segments", sorted(segs.items(), key=lambda kv: kv[0]))
     ex = records[:3]
     lines += ["## Examples", ""] + [f"- `{r['id']}` full: {r['texts']['full']}  \n  half: {r['texts']['half']}  \n"

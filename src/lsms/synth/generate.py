@@ -18,7 +18,15 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from lsms.synth.anatomy import SCANNERS, SEGMENT_LOBE, SEGMENTS, Anatomy, Patient, draw_patient, render_anatomy
+from lsms.synth.anatomy import (
+    SCANNERS,
+    SEGMENT_LOBE,
+    SEGMENTS,
+    Anatomy,
+    Patient,
+    draw_patient,
+    render_anatomy,
+)
 from lsms.synth.config import SynthConfig
 from lsms.synth.expressions import (
     LesionFacts,
