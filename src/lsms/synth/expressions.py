@@ -224,9 +224,10 @@ def render_expression(ph: dict[str, Any], f: LesionFacts, slots: list[str], rela
             details.append(_pick(rng, ph["size"]).format(d=format_diameter(f.diameter_mm, rng)))
         else:
             details.append(_pick(rng, ph[s][getattr(f, s)]))
-    if len(details) > 1:  # word order varies
-        order = rng.permutation(len(details))
-        details = [details[j] for j in order]
+    if len(details) > 2:  # word order varies; the size (discriminative) stays first so truncation keeps it
+        keep = 1 if "size" in slots else 0
+        order = keep + rng.permutation(len(details) - keep)
+        details = details[:keep] + [details[j] for j in order]
     frames = ph["frames"]["with_details" if details else "no_details"]
     if not location:
         frames = [fr for fr in frames if "{location_cap}" not in fr] or frames
