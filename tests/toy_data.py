@@ -57,7 +57,7 @@ def tiny_train_settings(data: Path, out: Path, **overrides):
         warmup_steps=2, device="cpu", progress=False, log_every=1, seed=0,
         model_overrides={"text_config": dict(TINY_TEXT), "pretrained_text": False,
                          "widths": [16, 32, 32, 64], "depths": [1, 1, 1, 1],
-                         "ham_channels": 32, "head_channels": 32, "nmf_rank": 4},
+                         "ham_channels": 32, "head_channels": 32, "nmf_rank": 4, "conv_kernels": [7]},
     )
     settings.update(overrides)
     return settings

@@ -43,6 +43,7 @@ def make_loader(dataset, batch_size: int, env: DistEnv, num_workers: int = 0, to
     return DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), env.rank, env.world_size),
         collate_fn=Collator(tokenizer), num_workers=num_workers, pin_memory=env.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # worker seeds must not draw from (and shift) the global RNG
     )
 
 

@@ -479,7 +479,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
         indices = list(sampler)[: steps_per_epoch * cfg.batch_size][batch_in_epoch * cfg.batch_size:]
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=indices, collate_fn=collate,
                             num_workers=cfg.num_workers, drop_last=True, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))  # not the global RNG
         step_module.train()
         sums: dict[str, float] = {}
         n_batches = 0
