@@ -61,3 +61,23 @@ def tiny_train_settings(data: Path, out: Path, **overrides):
     )
     settings.update(overrides)
     return settings
+
+
+def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True) -> Path:
+    """A loadable checkpoint of a tiny random model (prediction tests need no training)."""
+    import torch
+
+    from lsms.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from lsms.data import default_preprocessing
+    from lsms.model import build_model
+
+    torch.manual_seed(0)
+    overrides = tiny_train_settings(Path("."), Path("."))["model_overrides"]
+    model = build_model("tiny", in_channels=in_channels, **overrides)
+    prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
+    ckpt = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": None,
+        "epoch": 0, "step": 0, "batch_in_epoch": 0, "rng": [],
+        "config": {"model": model.config.to_dict(), "train": {}, "preprocessing": prep.to_dict()},
+    }
+    return save_checkpoint(ckpt, path)

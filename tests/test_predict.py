@@ -1,0 +1,146 @@
+"""lsms predict / Predictor: PNG, NIfTI volume (slice range) and DICOM series inputs; output size and geometry."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from toy_data import make_untrained_checkpoint
+
+from lsms.cli import main
+from lsms.predict import Predictor, parse_slices
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_untrained_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", in_channels=1)
+
+
+def _rows(out: Path) -> list[dict]:
+    return list(csv.DictReader(open(out / "predictions.csv")))
+
+
+def test_predict_png_writes_mask_of_input_size(ckpt, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(rng.integers(0, 255, (33, 41, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "x.png"), str(tmp_path / "rgb.png"), "--text",
+                 "a cyst in segment VI", "--out", str(out), "--probability", "--features", "--device", "cpu"]) == 0
+    mask = np.array(Image.open(out / "x_mask.png"))
+    assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
+    assert np.array(Image.open(out / "rgb_mask.png")).shape == (33, 41)
+    for name in ("x_overlay.png", "x_prob.png", "x_features.png", "rgb_overlay.png"):
+        assert (out / name).is_file(), name
+    rows = _rows(out)
+    assert len(rows) == 2 and rows[0]["text"] == "a cyst in segment VI"
+    assert int(rows[0]["area_px"]) == int((mask > 0).sum())
+
+
+def _nifti(path: Path, vol_zyx: np.ndarray):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(vol_zyx)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def test_predict_nifti_volume_slice_range_keeps_geometry(ckpt, tmp_path):
+    import SimpleITK as sitk
+
+    vol = np.random.default_rng(1).normal(60, 40, (5, 40, 48)).astype(np.int16)  # (z, y, x), HU
+    ref = _nifti(tmp_path / "ct.nii.gz", vol)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--slices", "1:3", "--text", "the lesion",
+                 "--out", str(out), "--threshold", "0.3", "--device", "cpu"]) == 0
+    back = sitk.ReadImage(str(out / "ct_mask.nii.gz"))
+    assert back.GetSize() == ref.GetSize() == (48, 40, 5)
+    assert back.GetSpacing() == pytest.approx(ref.GetSpacing())
+    assert back.GetOrigin() == pytest.approx(ref.GetOrigin())
+    assert back.GetDirection() == pytest.approx(ref.GetDirection())
+    arr = sitk.GetArrayFromImage(back)
+    rows = _rows(out)
+    assert [int(r["slice"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert arr[int(r["slice"])].sum() == int(r["area_px"])
+    assert arr[[0, 3, 4]].sum() == 0  # slices outside the range stay empty
+    assert (out / "ct_z0001_overlay.png").is_file()
+
+
+def _dicom(path: Path, stored: np.ndarray, z: float):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = "1.2.3", "1.2.3.4", "CT", "p1"
+    ds.InstanceNumber = int(z) + 1
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelSpacing, ds.SliceThickness = [0.75, 0.5], 2.0
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10.0, -20.0, z], [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_predict_dicom_series_writes_nifti_in_series_geometry(ckpt, tmp_path):
+    import SimpleITK as sitk
+
+    series = tmp_path / "series"
+    series.mkdir()
+    rng = np.random.default_rng(2)
+    for k in range(3):
+        _dicom(series / f"s{k}.dcm", rng.integers(900, 1200, (36, 30)), z=2.0 * k)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(series), "--text", "the lesion", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    back = sitk.ReadImage(str(out / "series_mask.nii.gz"))
+    assert back.GetSize() == (30, 36, 3)
+    assert back.GetSpacing() == pytest.approx((0.5, 0.75, 2.0))
+    assert back.GetOrigin() == pytest.approx((-10.0, -20.0, 0.0))
+    assert len(_rows(out)) == 3
+
+
+def test_predictor_in_memory_and_pairs_csv(ckpt, tmp_path):
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    hu = np.random.default_rng(3).normal(60, 30, (45, 61)).astype(np.float32)
+    a = predictor.predict(hu, "the larger cyst", features=True)
+    b = predictor.predict(hu, "the larger cyst")
+    assert a.mask.shape == a.probability.shape == (45, 61) and a.mask.dtype == bool
+    np.testing.assert_array_equal(a.probability, b.probability)  # deterministic
+    assert len(a.features) == 4 and all(f.shape == (45, 61) for f in a.features)
+    with pytest.raises(ValueError, match="image must be"):
+        predictor.predict(np.zeros((2, 3, 4, 5)), "x")
+
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "im.png")
+    (tmp_path / "pairs.csv").write_text("image,text\nim.png,the left lesion\nim.png,the right lesion\n")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "im_t0_mask.png").is_file() and (out / "im_t1_mask.png").is_file()
+    assert [r["text"] for r in _rows(out)] == ["the left lesion", "the right lesion"]
+
+
+def test_predict_errors(ckpt, tmp_path, capsys):
+    assert main(["predict", str(ckpt), str(tmp_path / "missing.png"), "--text", "x", "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", str(ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path)]) == 2
+    assert "--text" in capsys.readouterr().err
+    assert parse_slices("2:4", 5, Path("v")) == [2, 3] and parse_slices("-1", 5, Path("v")) == [4]
+    with pytest.raises(ValueError, match="outside the volume"):
+        parse_slices("7", 5, Path("v"))
