@@ -48,3 +48,10 @@ def test_baseline_errors():
         model(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="without text"):
         model.tokenize(["a"])
+
+
+def test_named_model_refuses_settings_that_do_not_apply():
+    with pytest.raises(ValueError, match="choose film-unet"):
+        build_named_model("unet", use_text=True)
+    with pytest.raises(ValueError, match="do not apply"):
+        build_named_model("unet", decoder="last")

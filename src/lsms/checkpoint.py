@@ -166,16 +166,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the LSMS model a checkpoint describes and load its weights (eval mode)."""
-    from lsms.model import LSMSConfig, build_model_from_config
+    """Rebuild the model (LSMS or a baseline) a checkpoint describes and load its weights (eval mode)."""
+    from lsms.model import build_from_config, config_from_dict
 
     config = checkpoint.get("config", {}).get("model")
     if config is None:
         raise ValueError("checkpoint has no model config ('config' -> 'model'); it was not written by lsms train")
-    cfg = LSMSConfig.from_dict(dict(config))
-    if hasattr(cfg, "pretrained_text"):
-        cfg.pretrained_text = False  # the text weights come from the state dict below
-    model = build_model_from_config(cfg)
+    cfg = config_from_dict(dict(config))
+    cfg.pretrained_text = False  # the text weights come from the state dict below
+    model = build_from_config(cfg)
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -35,8 +35,17 @@ import torch
 from torch import nn
 
 from lsms import __version__
-from lsms.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lsms.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lsms.distributed import DistEnv
+from lsms.model import MODEL_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -247,16 +256,18 @@ class TrainingStep(nn.Module):
 
 
 def build_model_for(cfg: TrainConfig, in_channels: int) -> nn.Module:
-    """The LSMS model a training config asks for (``model_overrides`` may change any architecture field)."""
-    from lsms.model import build_model
+    """The model a training config asks for: an LSMS preset or a baseline (``model_overrides`` may change
+    any architecture field)."""
+    from lsms.model import BASELINES, build_named_model
 
     overrides = dict(cfg.model_overrides)
     overrides.setdefault("in_channels", in_channels)
-    overrides.setdefault("use_text", cfg.use_text)
+    if cfg.preset not in BASELINES:  # a baseline's name says whether it reads text
+        overrides.setdefault("use_text", cfg.use_text)
     overrides.setdefault("text_encoder", cfg.text_encoder)
     overrides.setdefault("freeze_text", cfg.freeze_text)
     overrides.setdefault("max_tokens", cfg.max_tokens)
-    return build_model(cfg.preset, **overrides)
+    return build_named_model(cfg.preset, **overrides)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -371,12 +382,7 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
 
     # ---- model, loss, optimiser
     if checkpoint is not None:
-        from lsms.model import LSMSConfig, build_model_from_config
-
-        mcfg = LSMSConfig.from_dict(dict(checkpoint["config"]["model"]))
-        mcfg.pretrained_text = False  # weights come from the checkpoint
-        model = build_model_from_config(mcfg)
-        model.load_state_dict(checkpoint["model"])
+        model = model_from_checkpoint(checkpoint)
     else:
         model = build_model_for(cfg, model_in_channels)
     model.to(device)
@@ -581,7 +587,13 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
 
 def build_datasets(cfg: TrainConfig, checkpoint: dict[str, Any] | None = None):
     """(preprocessing, train dataset, val dataset). A resumed run reuses the checkpoint's preprocessing."""
-    from lsms.data import Augmentation, Preprocessing, SegmentationDataset, default_preprocessing, load_samples
+    from lsms.data import (
+        Augmentation,
+        Preprocessing,
+        SegmentationDataset,
+        default_preprocessing,
+        load_samples,
+    )
 
     if not cfg.data:
         raise ValueError("no training data: give DATA (a manifest folder, LViT-layout folder or images/ + masks/)")
@@ -676,7 +688,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-recipe", action="store_true",
                    help="the paper's settings: base, lr 3e-5, 100 epochs, batch 16, 480x480 (meant for fine-tuning)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=S, choices=("tiny", "small", "base"), help=f"model size (default {d.preset})")
+    g.add_argument("--preset", default=S, choices=MODEL_NAMES,
+                   help=f"LSMS size, or a baseline: unet (MONAI BasicUNet, no text), film-unet (FiLM text fusion) (default {d.preset})")
     g.add_argument("--text", dest="use_text", action=argparse.BooleanOptionalAction, default=S,
                    help="use the referring expressions (--no-text: classical segmentation, no language branch)")
     g.add_argument("--text-encoder", default=S, help=f"text model: package default, folder or hub id (default {d.text_encoder})")

@@ -1,5 +1,7 @@
 """The LSMS network: configs and presets, encoder, decoder, and the top model with its builder."""
 
+import dataclasses
+
 from lsms.model.config import PRESETS, LSMSConfig, preset_config
 from lsms.model.lsms import LSMS, LSMSOutput, build_model, build_model_from_config, count_parameters
 
@@ -36,6 +38,12 @@ BASELINES = {"unet": False, "film-unet": True}  # name -> use_text
 def build_named_model(name: str, **overrides):
     """An LSMS preset (``tiny``, ``small``, ``base``) or a baseline (``unet``, ``film-unet``) with overrides."""
     if name in BASELINES:
+        if overrides.pop("use_text", BASELINES[name]) != BASELINES[name]:
+            raise ValueError(f"{name} is fixed {'with' if BASELINES[name] else 'without'} text; "
+                             f"choose {'unet' if BASELINES[name] else 'film-unet'} instead")
+        known = {f.name for f in dataclasses.fields(UNetConfig)} - {"arch", "preset", "use_text"}
+        if unknown := sorted(set(overrides) - known):
+            raise ValueError(f"settings {unknown} do not apply to the {name} baseline; valid: {sorted(known)}")
         return build_unet(UNetConfig(preset=name, use_text=BASELINES[name], **overrides))
     return build_model(name, **overrides)
 
