@@ -61,7 +61,7 @@ def test_to_dict_round_trip_is_json_and_exact() -> None:
     assert again == prep
     image = np.random.default_rng(0).normal(-500, 300, (50, 70)).astype(np.float32)
     torch.testing.assert_close(preprocess_image(image, prep), preprocess_image(image, again), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"unknown preprocessing setting\(s\) \['windw'\]"):
+    with pytest.raises(ValueError, match=r"unknown preprocessing settings \['windw'\]"):
         Preprocessing.from_dict({**d, "windw": "liver"})
 
 

@@ -6,12 +6,14 @@ Training stores ``Preprocessing.to_dict()`` in the checkpoint; prediction rebuil
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lsms.settings import DictRoundTrip
 
 # Named CT windows, (width, level) in HU. Values as commonly used in radiology (Radiopaedia "Windowing (CT)").
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -52,7 +54,7 @@ def percentile_scale(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
 
 
 @dataclass
-class Preprocessing:
+class Preprocessing(DictRoundTrip):
     """How an image becomes the model's input; saved in the checkpoint and repeated at prediction.
 
     Attributes:
@@ -68,6 +70,8 @@ class Preprocessing:
         mean: subtracted after scaling to [0, 1] (one value per channel, or one for all).
         std: divided after subtracting ``mean``.
     """
+
+    settings_name: ClassVar[str] = "preprocessing settings"
 
     image_size: tuple[int, int] = (256, 256)
     in_channels: int = 3
@@ -119,9 +123,7 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (lists for tuples) with a ``version`` key."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        out["version"] = PREPROCESSING_VERSION
-        return out
+        return {**super().to_dict(), "version": PREPROCESSING_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
@@ -130,11 +132,7 @@ class Preprocessing:
         version = data.pop("version", PREPROCESSING_VERSION)
         if version != PREPROCESSING_VERSION:
             raise ValueError(f"preprocessing version {version} is not supported (this lsms reads {PREPROCESSING_VERSION})")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown preprocessing setting(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        return super().from_dict(data)
 
 
 def default_preprocessing(modality: str | None, image_size: int | tuple[int, int] = 256, in_channels: int = 3) -> Preprocessing:

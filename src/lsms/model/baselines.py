@@ -8,19 +8,21 @@ Both speak the LSMS interface (``config``, ``tokenize``, ``forward_features`` ->
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
 from lsms.model.lsms import LSMSOutput, text_parts
+from lsms.settings import DictRoundTrip
 from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, TextEncoder, Tokenizer
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(DictRoundTrip):
     """A 2D BasicUNet (MONAI), optionally FiLM-conditioned on the sentence (``use_text``)."""
+
+    settings_name: ClassVar[str] = "U-Net config fields"
 
     arch: Literal["unet"] = "unet"
     preset: str = "unet"
@@ -40,15 +42,6 @@ class UNetConfig:
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown U-Net config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 class FiLM(nn.Module):

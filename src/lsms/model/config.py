@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from lsms.settings import DictRoundTrip
 from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER
 
 
 @dataclass
-class LSMSConfig:
+class LSMSConfig(DictRoundTrip):
     """Every architectural choice of LSMS, including each ablation of the paper's Table III.
 
     Sizes follow the SegNeXt MSCAN family (spec 3: the paper's Table I is not recoverable).
     """
+
+    settings_name: ClassVar[str] = "LSMS config fields"
 
     preset: str = "tiny"
     in_channels: int = 3  # 1 for CT, 3 for RGB
@@ -75,17 +78,6 @@ class LSMSConfig:
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.head_dropout < 1.0:
             raise ValueError("drop_path and head_dropout must lie in [0, 1)")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (lists, not tuples) for checkpoints and JSON."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LSMSConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LSMS config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 def tiny() -> LSMSConfig:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
+
+from lsms.settings import DictRoundTrip
 
 LESION_TYPES: tuple[str, ...] = ("cyst", "hemangioma", "hcc", "metastasis", "fnh")
 
@@ -19,7 +20,7 @@ TYPE_DIAMETER_MM: dict[str, tuple[float, float]] = {
 
 
 @dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(DictRoundTrip):
     """Everything that decides a generated dataset (together with the phrasing file).
 
     Args:
@@ -36,6 +37,8 @@ class SynthConfig:
         val_share, test_share: shares of *patients* in the val and test splits.
         phrasing: path of a phrasing file (YAML/JSON); ``None`` uses the one shipped with the package.
     """
+
+    settings_name: ClassVar[str] = "synth settings"
 
     patients: int = 100
     slices_per_patient: int = 10
@@ -90,18 +93,3 @@ class SynthConfig:
     def spacing_mm(self) -> float:
         return self.fov_mm / self.image_size
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lesion_types"] = list(self.lesion_types)
-        d["diameter_mm"] = list(self.diameter_mm)
-        d["noise_hu"] = list(self.noise_hu)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SynthConfig:
-        d = dict(d)
-        for key in ("lesion_types", "diameter_mm", "noise_hu"):
-            if key in d:
-                d[key] = tuple(d[key])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
