@@ -1,0 +1,58 @@
+"""Evaluate one trained run at several text levels in one process (the model is loaded once).
+
+    python benchmarks/evaluate_levels.py RUN DATA --split test --levels full half quarter none
+
+Each level gives exactly what ``lsms evaluate RUN DATA --split SPLIT --text-level LEVEL --json PATH`` gives (the
+same functions: :func:`lsms.evaluate.load_trained`, :func:`lsms.evaluate.evaluate_model`); the JSON goes to
+RUN/eval-SPLIT-LEVEL.json (or --json-dir). One process instead of one per level saves the start-up
+(imports, model load) of each, which is most of the cost of a small split on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lsms.evaluate import TEXT_LEVELS
+
+
+def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path,
+                    batch_size: int = 8) -> dict[str, dict]:
+    import torch
+
+    from lsms.data import SegmentationDataset, load_samples
+    from lsms.distributed import DistEnv
+    from lsms.evaluate import evaluate_model, load_trained, make_loader
+
+    env = DistEnv(device=torch.device("cpu"))
+    model, preprocessing, checkpoint = load_trained(run, env.device, prefer="best")
+    records = load_samples(data, split=split)
+    out = {}
+    for level in levels:
+        dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=level)
+        loader = make_loader(dataset, batch_size, env, tokenizer=getattr(model, "tokenizer", None))
+        result = evaluate_model(model, loader, env.device, env)
+        summary = {"checkpoint": checkpoint["path"], "data": str(data), "split": split, "text_level": level,
+                   **result["summary"]}
+        path = out_dir / f"eval-{split}-{level}.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        out[level] = summary
+        print(f"{run} [{split}, text {level}]: Dice {summary['Dice']:.4f} mIoU {summary['mIoU']:.4f}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run folder (best.pt, else last.pt)")
+    parser.add_argument("data", help="dataset folder")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"))
+    parser.add_argument("--levels", nargs="+", default=["full"], choices=TEXT_LEVELS)
+    parser.add_argument("--json-dir", help="where the eval-SPLIT-LEVEL.json files go (default: RUN)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    evaluate_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
