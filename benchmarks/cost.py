@@ -56,8 +56,8 @@ def markdown(result: dict) -> str:
         "during one batch-1 forward. Ratios are against LSMS tiny at the same size. '% peak' = achieved GFLOP/s",
         "at batch 8 / measured matmul peak. Text models use the packaged MiniLM encoder (6 layers, 384).",
         "",
-        "| model | size | params (M) | of which text (M) | GMACs | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | params (M) | of which text (M) | GMACs | of which text | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     for r in rows.values():
@@ -67,7 +67,7 @@ def markdown(result: dict) -> str:
                      if ref and r["peak_mem_mb"] and ref["peak_mem_mb"] else "-")
         lines.append(
             f"| {r['preset']} | {r['image_size']} | {r['params']['total'] / 1e6:.2f} | {r['params']['text'] / 1e6:.2f} | "
-            f"{r['gmacs']:.2f} | {r['latency_ms']:.1f} | {ratio} | {r['images_per_s']:.1f} | "
+            f"{r['gmacs']:.2f} | {r.get('text_gmacs', 0):.2f} | {r['latency_ms']:.1f} | {ratio} | {r['images_per_s']:.1f} | "
             f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -79,10 +79,14 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 480])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--budget-min", type=float, default=30.0)
     parser.add_argument("--out", default=str(RESULTS / "cost"), help="output path without extension")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_json = args.out + ".json"
     cached = {} if args.fresh or not Path(out_json).exists() else json.loads(Path(out_json).read_text()).get("rows", {})
     result = {"machine": machine(), "command": command_line(), "date": time.strftime("%Y-%m-%d"),
