@@ -76,6 +76,7 @@ class TrainConfig:
     # data
     image_size: int = 256
     in_channels: int | None = None  # None: 1 for CT manifests, 3 otherwise (from the preprocessing)
+    window: str | None = None  # CT only: a named window (liver, abdomen, ...) or "WIDTH,LEVEL" in HU; None: liver
     train_split: str = "train"
     val_split: str = "val"
     text_level: str = "full"  # full | half | quarter | none  (training expressions)
@@ -100,6 +101,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off elsewhere) | bf16 | fp16 | off
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    threads: int = 0  # CPU threads per process (torch.set_num_threads); 0 = torch's default
     eval_batch_size: int | None = None
     val_every: int = 1  # validate every N epochs (and after the last)
     best_metric: str = "Dice"
@@ -120,7 +122,8 @@ class TrainConfig:
         for name in ("lr", "text_lr_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every", "num_workers", "time_limit_minutes"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "save_every", "num_workers", "time_limit_minutes",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.poly_power <= 0:
@@ -374,6 +377,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
 
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
 
     # ---- data
@@ -612,10 +617,29 @@ def build_datasets(cfg: TrainConfig, checkpoint: dict[str, Any] | None = None):
         is_ct = modality is not None and modality.upper() == "CT"
         channels = cfg.in_channels or (1 if is_ct else 3)
         preprocessing = default_preprocessing(modality, cfg.image_size, in_channels=channels)
+        if cfg.window is not None:
+            if not is_ct:
+                raise ValueError(f"--window applies to CT data (modality CT); {cfg.data} has modality {modality!r}")
+            preprocessing = dataclasses.replace(preprocessing, **parse_window(cfg.window))
     augment = Augmentation(seed=cfg.seed) if cfg.augment else False  # draws depend on (seed, epoch, index) only
     train_set = SegmentationDataset(train_records, preprocessing, augment=augment, text_level=cfg.text_level)
     val_set = SegmentationDataset(val_records, preprocessing, augment=False, text_level="full") if val_records else None
     return preprocessing, train_set, val_set
+
+
+def parse_window(text: str) -> dict[str, Any]:
+    """``"liver"`` -> {"window": "liver"}; ``"200,80"`` -> width 200, level 80 HU (Preprocessing fields)."""
+    from lsms.data import CT_WINDOWS
+
+    if text in CT_WINDOWS:
+        return {"window": text, "window_width": None, "window_level": None}
+    try:
+        width, level = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"window must be one of {sorted(CT_WINDOWS)} or WIDTH,LEVEL in HU (e.g. 200,80), got {text!r}") from None
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return {"window": None, "window_width": width, "window_level": level}
 
 
 def _num(value: Any) -> float:
@@ -700,6 +724,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--image-size", type=int, default=S, help=f"model input side in pixels, multiple of 32 (default {d.image_size})")
     g.add_argument("--in-channels", type=int, default=S, choices=(1, 3), help="input channels (default 1 for CT, else 3)")
+    g.add_argument("--window", default=S, help="CT intensity window: a name (liver, abdomen, ...) or WIDTH,LEVEL in HU")
     g.add_argument("--train-split", default=S, help=f"(default {d.train_split})")
     g.add_argument("--val-split", default=S, help=f"(default {d.val_split})")
     g.add_argument("--text-level", default=S, choices=("full", "half", "quarter", "none"), help="training expressions")
@@ -728,6 +753,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default=S, choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S)
+    g.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's choice)")
     g.add_argument("--eval-batch-size", type=int, default=S)
     g.add_argument("--val-every", type=int, default=S, help="validate every N epochs")
     g.add_argument("--best-metric", default=S, help="validation metric that picks best.pt (default Dice; e.g. mIoU, referring_accuracy)")

@@ -1,0 +1,369 @@
+"""``lsms demo``: the project's main job, end to end on the embedded RefLiver-Synth benchmark.
+
+1. generate a RefLiver-Synth dataset (CT slices, 1-4 liver lesions, one expression per lesion);
+2. train the ``tiny`` LSMS within a time budget (default: all of it in at most 15 minutes on 2 CPU cores);
+3. evaluate on the test split with full, half, quarter and no text ("no text" = the same text model given an
+   empty sentence, so it cannot know which lesion is meant);
+4. write a report folder: ``README.md`` (settings, timings, metrics table, targets), overlays of one slice
+   segmented twice with two different sentences, the stage feature maps, and the training curves.
+
+The recipe (:class:`DemoConfig`) was tuned for 2 CPU cores; see docs/training.md for the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TEXT_LEVELS = ("full", "half", "quarter", "none")
+TARGETS = {"dice_full": 0.75, "referring_accuracy_multi_full": 0.85}
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo: the data, the training recipe and the time budget."""
+
+    out: str = "demo-report"
+    # data (RefLiver-Synth)
+    patients: int = 100
+    slices_per_patient: int = 8
+    image_size: int = 128
+    seed: int = 0
+    # training (see lsms.train.TrainConfig)
+    preset: str = "tiny"
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    freeze_text: bool = True
+    max_tokens: int = 64
+    text_level: str = "full"
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
+    # running
+    budget_minutes: float = 15.0  # generation + training + evaluation + report
+    eval_reserve_minutes: float = 1.5  # kept free for evaluation and the report
+    device: str = "auto"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def generate_data(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    from lsms.synth import SynthConfig, generate_dataset
+
+    synth = SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.seed,
+                        image_size=cfg.image_size)
+    return generate_dataset(synth, folder, overwrite=True, progress=cfg.progress)
+
+
+def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: float):
+    from lsms.train import TrainConfig
+
+    settings = dict(
+        data=str(data), out=str(run), preset=cfg.preset, image_size=cfg.image_size, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, freeze_text=cfg.freeze_text,
+        max_tokens=cfg.max_tokens, text_level=cfg.text_level, seed=cfg.seed, device=cfg.device,
+        progress=cfg.progress, time_limit_minutes=max(time_limit_minutes, 0.5), log_every=10,
+    )
+    settings.update(cfg.train_overrides)
+    return TrainConfig(**settings)
+
+
+def evaluate_levels(run: Path, data: Path, device: str, progress: bool) -> dict[str, dict[str, Any]]:
+    """Test-split evaluation at every text level: {level: {"summary", "records"}}."""
+    from lsms.evaluate import evaluate_checkpoint
+
+    return {
+        level: evaluate_checkpoint(run, data, "test", text_level=level, batch_size=16, device=device,
+                                   progress=progress, prefer="best")
+        for level in TEXT_LEVELS
+    }
+
+
+def pick_showcase(records: list[dict[str, Any]], samples: list) -> tuple[Any, Any] | None:
+    """Two expressions of one multi-lesion test slice, both referred correctly, with the best worse Dice."""
+    by_id = {r["id"]: r for r in records}
+    slices: dict[str, list] = {}
+    for s in samples:
+        if s.id in by_id and (s.extra.get("n_lesions") or 0) >= 2:
+            slices.setdefault(str(s.extra.get("slice_id", s.image)), []).append(s)
+    best, best_score = None, -1.0
+    for group in slices.values():
+        good = sorted((s for s in group if by_id[s.id]["referred_hit"]), key=lambda s: -(by_id[s.id]["dice"] or 0))
+        if len(good) >= 2:
+            score = min(by_id[good[0].id]["dice"] or 0, by_id[good[1].id]["dice"] or 0)
+            if score > best_score:
+                best, best_score = (good[0], good[1]), score
+    if best is None:  # fall back: any multi-lesion slice
+        for group in slices.values():
+            if len(group) >= 2:
+                return group[0], group[1]
+    return best
+
+
+def plot_curves(run: Path, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log_path = run / "log.jsonl"
+    if not log_path.is_file():
+        return None
+    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    steps = [x for x in lines if x.get("kind") == "step"]
+    epochs = [x for x in lines if x.get("kind") == "epoch"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for key in ("loss", "focal", "dice", "contrastive"):
+        axes[0].plot([x["step"] for x in steps], [x[key] for x in steps], label=key, lw=1)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training losses")
+    axes[0].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    axes[1].plot([x["step"] for x in steps], [x["lr"] for x in steps], lw=1)
+    axes[1].set_title("learning rate (warm-up + poly 0.9)")
+    axes[1].set_xlabel("step")
+    for key, label in (("val_Dice", "val Dice"), ("val_mIoU", "val mIoU"),
+                       ("val_referring_accuracy_multi", "val referring acc. (multi-lesion)")):
+        pts = [(x["step"], x[key]) for x in epochs if isinstance(x.get(key), (int, float))]
+        if pts:
+            axes[2].plot(*zip(*pts, strict=True), marker="o", label=label)
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("validation (each epoch)")
+    axes[2].set_xlabel("step")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_pictures(run: Path, data: Path, results: dict, report: Path, device: str) -> dict[str, str]:
+    """Overlays (one slice, two sentences, two lesions) and feature maps; returns {name: relative path}."""
+    import numpy as np
+
+    from lsms.data import load_samples, read_image, read_mask
+    from lsms.predict import Predictor, save_feature_maps, save_overlay
+
+    out: dict[str, str] = {}
+    samples = load_samples(data, "test")
+    pair = pick_showcase(results["full"]["records"], samples)
+    if pair is None:
+        log.warning("no multi-lesion slice in the test split: no overlay figure")
+        return out
+    predictor = Predictor.from_checkpoint(run, device=device)
+    image = read_image(pair[0].image_path)
+    texts = [s.text_at("full") for s in pair]
+    preds = [predictor.predict(image, t, features=True) for t in texts]
+    truths = [read_mask(s.mask_path) for s in pair]
+    none = predictor.predict(image, "")
+    save_overlay(image.array, predictor.preprocessing, [*truths, *[p.mask for p in preds], none.mask],
+                 [f"ground truth: {texts[0]}", f"ground truth: {texts[1]}", f"prediction: {texts[0]}",
+                  f"prediction: {texts[1]}", "prediction with no text (empty sentence)"],
+                 report / "overlay_two_sentences.png", title=f"test slice {pair[0].extra.get('slice_id', '')}")
+    out["overlay"] = "overlay_two_sentences.png"
+    for i, (t, p) in enumerate(zip(texts, preds, strict=True)):
+        name = f"features_sentence{i + 1}.png"
+        save_feature_maps(image.array, predictor.preprocessing, p.features, report / name, caption=t)
+        out[f"features{i + 1}"] = name
+    out["dice"] = [float(2 * (p.mask & g).sum() / max(p.mask.sum() + g.sum(), 1)) for p, g in zip(preds, truths, strict=True)]
+    out["texts"] = texts
+    out["no_text_area"] = int(np.asarray(none.mask).sum())
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+
+def metrics_table(results: dict[str, dict[str, Any]]) -> str:
+    cols = [("Dice", "Dice"), ("mIoU", "mIoU"), ("oIoU", "oIoU"), ("P@0.5", "P@0.5"), ("P@0.7", "P@0.7"),
+            ("P@0.9", "P@0.9"), ("referring_accuracy", "ref. acc."), ("referring_accuracy_multi", "ref. acc. multi"),
+            ("n_images", "n"), ("n_empty_prediction", "empty pred.")]
+    head = "| text | " + " | ".join(c[1] for c in cols) + " |"
+    rule = "|---" * (len(cols) + 1) + "|"
+    rows = [f"| {level} | " + " | ".join(_fmt(r["summary"].get(k)) for k, _ in cols) + " |"
+            for level, r in results.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, train_summary: dict,
+                 results: dict, pictures: dict, timings: dict[str, float]) -> Path:
+    full = results["full"]["summary"]
+    none = results["none"]["summary"]
+    checks = [
+        ("Dice with full text >= 0.75", full.get("Dice") is not None and full["Dice"] >= TARGETS["dice_full"]),
+        ("referring accuracy on multi-lesion slices (full text) >= 0.85",
+         full.get("referring_accuracy_multi") is not None
+         and full["referring_accuracy_multi"] >= TARGETS["referring_accuracy_multi_full"]),
+        ("no text much worse (Dice at least 0.2 lower)",
+         None not in (full.get("Dice"), none.get("Dice")) and full["Dice"] - none["Dice"] >= 0.2),
+    ]
+    counts = data_info.get("counts", {})
+    lines = [
+        "# LSMS demo: referring liver-lesion segmentation on RefLiver-Synth",
+        "",
+        "Generated by `lsms demo` (`make demo`). A procedural CT benchmark (RefLiver-Synth) was generated, the "
+        f"`{cfg.preset}` LSMS was trained on its train split and evaluated on its **test split** (patients never "
+        "seen in training) with the full, half and quarter expressions and with no text.",
+        "",
+        "## Results (test split)",
+        "",
+        metrics_table(results),
+        "",
+        "Dice / mIoU: means over expressions (sigmoid > 0.5); oIoU: cumulative IoU; P@t: share with IoU >= t; "
+        "ref. acc.: share of expressions whose prediction overlaps the referred lesion more than any other lesion "
+        "(multi: on slices with 2+ lesions). **No text** is the same text model given an empty sentence for every "
+        "image: it cannot know which lesion is meant, so on multi-lesion slices it can at best guess.",
+        "",
+        "### Targets",
+        "",
+        *[f"- [{'x' if ok else ' '}] {name}" for name, ok in checks],
+        "",
+    ]
+    if pictures.get("overlay"):
+        d = pictures.get("dice", [])
+        lines += [
+            "## One slice, two sentences",
+            "",
+            "The same test slice segmented twice, each time with the sentence of a different lesion (top: ground "
+            "truth, then the predictions; last panel: no text). Dice of the two predictions: "
+            + ", ".join(f"{x:.3f}" for x in d) + ".",
+            "",
+            f"![overlay]({pictures['overlay']})",
+            "",
+            "## Feature maps",
+            "",
+            "Mean absolute activation of the four encoder stages (F1..F4, strides 4..32) for each sentence "
+            "(cf. the paper's Fig. 6): the language-guided attention concentrates on the referred lesion.",
+            "",
+            f"![features, sentence 1]({pictures['features1']})",
+            "",
+            f"![features, sentence 2]({pictures['features2']})",
+            "",
+        ]
+    if pictures.get("curves"):
+        lines += ["## Training curves", "", f"![training curves]({pictures['curves']})", ""]
+    best = train_summary.get("best", {})
+    lines += [
+        "## What was run",
+        "",
+        f"- Data: RefLiver-Synth, {cfg.patients} patients x {cfg.slices_per_patient} slices, {cfg.image_size}x"
+        f"{cfg.image_size} px, seed {cfg.seed}: {json.dumps(counts)}",
+        f"- Model: `{cfg.preset}`, text encoder `{train_cfg.text_encoder}` "
+        f"({'frozen' if train_cfg.freeze_text else 'fine-tuned'}), max {train_cfg.max_tokens} tokens",
+        f"- Training: {train_summary.get('epoch')} epochs / {train_summary.get('step')} steps of batch "
+        f"{train_cfg.batch_size}, AdamW lr {train_cfg.lr:g} (wd {train_cfg.weight_decay}, none on norms/biases), "
+        f"{train_cfg.warmup_steps} warm-up steps, poly 0.9, gradient clipping {train_cfg.grad_clip}; best "
+        f"checkpoint: epoch {best.get('epoch')} (val {best.get('metric')} {_fmt(best.get('value'))})"
+        + (" — **stopped early by the time budget**" if train_summary.get("stopped_early") else ""),
+        f"- Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
+        f"- Files: data in `{Path(train_cfg.data).name}/`, run (checkpoints, logs, TensorBoard) in "
+        f"`{Path(train_cfg.out).name}/`, per-level metrics in `metrics.json`",
+        "",
+        "Reproduce a step by hand:",
+        "",
+        "```",
+        f"lsms synth data --patients {cfg.patients} --slices-per-patient {cfg.slices_per_patient} "
+        f"--image-size {cfg.image_size} --seed {cfg.seed}",
+        f"lsms train data --out run --preset {cfg.preset} --image-size {cfg.image_size} --epochs {train_cfg.epochs} "
+        f"--batch-size {train_cfg.batch_size} --lr {train_cfg.lr:g} --warmup-steps {train_cfg.warmup_steps} "
+        f"--max-tokens {train_cfg.max_tokens}" + (" --freeze-text" if train_cfg.freeze_text else ""),
+        "lsms evaluate run data --split test --text-level full   # also half, quarter, none",
+        "```",
+        "",
+    ]
+    path = report / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run every step; returns the metrics and timings (also written to ``OUT/metrics.json``)."""
+    from lsms.train import train
+
+    started = time.perf_counter()
+    report = Path(cfg.out)
+    report.mkdir(parents=True, exist_ok=True)
+    data, run = report / "data", report / "run"
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    log.info("1/4 generating RefLiver-Synth (%d patients x %d slices) in %s", cfg.patients, cfg.slices_per_patient, data)
+    data_info = generate_data(cfg, data)
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
+    train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
+    log.info("2/4 training %s for up to %d epochs (time limit %.1f min)", cfg.preset, cfg.epochs, left)
+    train_summary = train(train_cfg)
+    timings["training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log.info("3/4 evaluating on the test split with full, half, quarter and no text")
+    results = evaluate_levels(run, data, cfg.device, cfg.progress)
+    timings["evaluation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log.info("4/4 writing the report")
+    pictures = write_pictures(run, data, results, report, cfg.device)
+    if plot_curves(run, report / "training_curves.png"):
+        pictures["curves"] = "training_curves.png"
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    summary = {
+        "config": dataclasses.asdict(cfg), "train": train_cfg.to_dict(), "train_summary": train_summary,
+        "test": {level: r["summary"] for level, r in results.items()}, "timings_s": timings,
+        "showcase": {k: v for k, v in pictures.items() if k in ("texts", "dice")},
+    }
+    (report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    path = write_report(report, cfg, train_cfg, data_info, train_summary, results, pictures, timings)
+    log.info("report: %s (%.1f min in all)", path, timings["total"] / 60)
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}); data and run go inside it")
+    p.add_argument("--budget", dest="budget_minutes", type=float, default=d.budget_minutes,
+                   help=f"minutes for everything; training stops in time for evaluation (default {d.budget_minutes:g})")
+    p.add_argument("--patients", type=int, default=d.patients, help=f"synthetic patients (default {d.patients})")
+    p.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient)
+    p.add_argument("--image-size", type=int, default=d.image_size, help=f"(default {d.image_size})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, mps")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if cfg.image_size % 32:
+        raise ValueError(f"--image-size must be a multiple of 32, got {cfg.image_size}")
+    summary = run_demo(cfg)
+    full = summary["test"]["full"]
+    print(f"demo finished in {summary['timings_s']['total'] / 60:.1f} min: test Dice {_fmt(full['Dice'])} (full text), "
+          f"referring accuracy multi-lesion {_fmt(full['referring_accuracy_multi'])}, no-text Dice "
+          f"{_fmt(summary['test']['none']['Dice'])}; report: {Path(cfg.out) / 'README.md'}")
+    return 0
