@@ -399,7 +399,8 @@ def markdown(report: dict[str, Any]) -> str:
         "the one the prediction overlaps most), 'multi' on slices with 2+ lesions only. Text levels: the same "
         "weights given the half / quarter expression or an empty sentence ('none'). GMACs per image at the training "
         "size, counted like `lsms profile` (text encoder included). Steps: optimiser steps of batch 8 done within the "
-        "budget.",
+        "budget. CPU s: CPU seconds the training process got (start-up and the end-of-training validation "
+        "included): with other work on the machine, an equal wall-clock budget did not mean equal CPU.",
         "",
     ]
     for key, ds in DATASETS.items():
@@ -441,11 +442,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- `{r['row']}`: `{r['commands']['train']}`")
         for c in r["commands"]["evaluate"]:
             lines.append(f"  then `{c}`")
-    lines += ["", "Plots: [accuracy_vs_gflops.png](accuracy_vs_gflops.png), [training_curves.png](training_curves.png).", ""]
+    stem = report["out_name"]
+    lines += ["", f"Plots: [{stem}_vs_gflops.png]({stem}_vs_gflops.png), "
+              f"[{stem}_training_curves.png]({stem}_training_curves.png).", ""]
     return "\n".join(lines)
 
 
-def plots(report: dict[str, Any], cache: Path, out_dir: Path) -> list[str]:
+def plots(report: dict[str, Any], cache: Path, out: Path) -> list[str]:
+    """OUT_vs_gflops.png (Dice vs GMACs per row) and OUT_training_curves.png next to OUT.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,7 +479,7 @@ def plots(report: dict[str, Any], cache: Path, out_dir: Path) -> list[str]:
     fig.suptitle(f"Dice vs compute, {report['budget_min']:g} min CPU training per row "
                  "(red: LSMS with text, blue: FiLM U-Net, grey: no text; triangles: ablations)", fontsize=9)
     fig.tight_layout()
-    path = out_dir / "accuracy_vs_gflops.png"
+    path = out.parent / f"{out.name}_vs_gflops.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
@@ -504,7 +508,7 @@ def plots(report: dict[str, Any], cache: Path, out_dir: Path) -> list[str]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "training_curves.png"
+    path = out.parent / f"{out.name}_training_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(str(path))
@@ -540,7 +544,7 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, s
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command_line(),
         "budget_min": s.budget_min, "threads": s.threads, "jobs": args.jobs,
         "synth_command": shown(synth_command(Path("runs/bench/data/refliver-synth"))),
-        "common_train_args": COMMON_TRAIN, "rows": {},
+        "common_train_args": COMMON_TRAIN, "out_name": Path(args.out).name, "rows": {},
     }
     report["machine"]["torch_threads"] = s.threads
     card = s.data["synth"] / "dataset.json"
@@ -556,7 +560,7 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, s
     out = Path(args.out)
     write_json(out.with_suffix(".json"), report)
     write_atomic(out.with_suffix(".md"), markdown(report))
-    written = plots(report, s.cache, out.parent)
+    written = plots(report, s.cache, out)
     say(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {', '.join(written)}")
 
 
