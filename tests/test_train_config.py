@@ -70,3 +70,22 @@ def test_settings_file(tmp_path):
         load_settings_file(path)
     with pytest.raises(FileNotFoundError):
         load_settings_file(tmp_path / "missing.yaml")
+
+
+def test_grouped_sampler_keeps_groups_together_and_splits_ranks():
+    from lsms.distributed import GroupedSampler, ShardSampler
+
+    groups = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    ranks = [GroupedSampler(groups, batch_size=2, rank=r, world_size=2, seed=0) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(3)
+    a, b = list(ranks[0]), list(ranks[1])
+    assert len(a) == len(b) == len(ranks[0]) == 6 and not set(a) & set(b)  # 12 // 4 = 3 batches per rank
+    flat = [i for pair in zip([a[i:i + 2] for i in range(0, 6, 2)], [b[i:i + 2] for i in range(0, 6, 2)], strict=True)
+            for batch in pair for i in batch]
+    group_of = {i: k for k, g in enumerate(groups) for i in g}
+    runs = [group_of[i] for i in flat]
+    assert sum(x != y for x, y in zip(runs, runs[1:], strict=False)) <= len(groups) - 1  # each group one run
+    ranks[0].set_epoch(4)
+    assert list(ranks[0]) != a  # reshuffled each epoch
+    assert list(ShardSampler(7, 1, 3)) == [1, 4]

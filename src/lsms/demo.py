@@ -167,19 +167,29 @@ def write_pictures(run: Path, data: Path, results: dict, report: Path, device: s
     preds = [predictor.predict(image, t, features=True) for t in texts]
     truths = [read_mask(s.mask_path) for s in pair]
     none = predictor.predict(image, "")
-    save_overlay(image.array, predictor.preprocessing, [*truths, *[p.mask for p in preds], none.mask],
-                 [f"ground truth: {texts[0]}", f"ground truth: {texts[1]}", f"prediction: {texts[0]}",
-                  f"prediction: {texts[1]}", "prediction with no text (empty sentence)"],
-                 report / "overlay_two_sentences.png", title=f"test slice {pair[0].extra.get('slice_id', '')}")
+    red, blue, yellow = (1.0, 0.25, 0.25), (0.2, 0.75, 1.0), (1.0, 0.85, 0.1)
+    save_overlay(image.array, predictor.preprocessing,
+                 [truths[0], truths[1], None, preds[0].mask, preds[1].mask, none.mask],
+                 [f"ground truth 1: {texts[0]}", f"ground truth 2: {texts[1]}", "the slice",
+                  f"LSMS given sentence 1 (Dice {_dice(preds[0].mask, truths[0]):.2f})",
+                  f"LSMS given sentence 2 (Dice {_dice(preds[1].mask, truths[1]):.2f})",
+                  "LSMS given no text (empty sentence)"],
+                 report / "overlay_two_sentences.png", ncols=3, colours=[red, blue, yellow, red, blue, yellow],
+                 title=f"test slice {pair[0].extra.get('slice_id', '')}: one image, two sentences, two lesions")
     out["overlay"] = "overlay_two_sentences.png"
     for i, (t, p) in enumerate(zip(texts, preds, strict=True)):
         name = f"features_sentence{i + 1}.png"
         save_feature_maps(image.array, predictor.preprocessing, p.features, report / name, caption=t)
         out[f"features{i + 1}"] = name
-    out["dice"] = [float(2 * (p.mask & g).sum() / max(p.mask.sum() + g.sum(), 1)) for p, g in zip(preds, truths, strict=True)]
+    out["dice"] = [_dice(p.mask, g) for p, g in zip(preds, truths, strict=True)]
     out["texts"] = texts
     out["no_text_area"] = int(np.asarray(none.mask).sum())
     return out
+
+
+def _dice(pred, truth) -> float:
+    denom = int(pred.sum()) + int(truth.sum())
+    return float(2 * (pred & truth).sum() / denom) if denom else 1.0
 
 
 # --------------------------------------------------------------------------- report
@@ -239,8 +249,9 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         lines += [
             "## One slice, two sentences",
             "",
-            "The same test slice segmented twice, each time with the sentence of a different lesion (top: ground "
-            "truth, then the predictions; last panel: no text). Dice of the two predictions: "
+            "The same test slice segmented twice, each time with the sentence of a different lesion (top row: the "
+            "ground truth of each sentence; bottom row: LSMS's predictions, and with no text). Dice of the two "
+            "predictions: "
             + ", ".join(f"{x:.3f}" for x in d) + ".",
             "",
             f"![overlay]({pictures['overlay']})",

@@ -142,3 +142,42 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class GroupedSampler(Sampler[int]):
+    """Training sampler that keeps the expressions of one image together in a batch.
+
+    Each epoch the groups (e.g. all expressions of one slice) are shuffled (seed + epoch, the same on every
+    rank), flattened, and cut into global batches of ``batch_size * world_size``; rank r takes its contiguous
+    ``batch_size`` slice of each. A batch then holds the same image with different sentences and different
+    targets, which is what forces a referring model to read the text. Incomplete last batches are dropped,
+    like ``DistributedSampler(drop_last=True)``; call :meth:`set_epoch` every epoch.
+
+    Args:
+        groups: sample indices per group.
+        batch_size: per-rank batch size.
+    """
+
+    def __init__(self, groups: list[list[int]], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.groups = [list(g) for g in groups if g]
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch = 0
+        total = sum(len(g) for g in self.groups)
+        self.num_batches = total // (batch_size * world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.groups), generator=g).tolist()
+        flat = [i for k in order for i in self.groups[k]]
+        step = self.batch_size * self.world_size
+        out: list[int] = []
+        for b in range(self.num_batches):
+            start = b * step + self.rank * self.batch_size
+            out.extend(flat[start:start + self.batch_size])
+        return iter(out)
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size

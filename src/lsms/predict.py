@@ -148,9 +148,10 @@ def display_image(array: np.ndarray, preprocessing) -> np.ndarray:
     return a
 
 
-def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray], captions: list[str], path: Path,
-                 title: str | None = None) -> Path:
-    """Side-by-side panels: the image with each mask in colour and its sentence as caption."""
+def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray | None], captions: list[str], path: Path,
+                 title: str | None = None, ncols: int | None = None,
+                 colours: list[tuple[float, float, float]] | None = None) -> Path:
+    """Panels of the image with each mask in colour and its sentence as caption (a None mask: image only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,19 +159,25 @@ def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray], capt
 
     shown = display_image(array, preprocessing)
     n = len(masks)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.9), squeeze=False)
-    colours = [(1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1)]
-    for i, (ax, mask, caption) in enumerate(zip(axes[0], masks, captions, strict=True)):
+    ncols = ncols or n
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.9 * nrows), squeeze=False)
+    colours = colours or [(1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1)]
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for i, (ax, mask, caption) in enumerate(zip(axes.flat, masks, captions, strict=False)):
         ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
-        rgba = np.zeros((*mask.shape, 4), np.float32)
-        rgba[mask.astype(bool)] = (*colours[i % len(colours)], 0.45)
-        ax.imshow(rgba)
-        if mask.any():
-            ax.contour(mask.astype(float), levels=[0.5], colors=[colours[i % len(colours)]], linewidths=1.0)
-        ax.set_title("\n".join(textwrap.wrap(caption or "(no text)", 48)), fontsize=7.5)
+        colour = colours[i % len(colours)]
+        if mask is not None:
+            rgba = np.zeros((*mask.shape, 4), np.float32)
+            rgba[mask.astype(bool)] = (*colour, 0.45)
+            ax.imshow(rgba)
+            if mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
+        ax.set_title("\n".join(textwrap.wrap(caption or "(no text)", 52)), fontsize=7.5)
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -81,6 +81,7 @@ class TrainConfig:
     val_split: str = "val"
     text_level: str = "full"  # full | half | quarter | none  (training expressions)
     augment: bool = False  # the paper trains without augmentation
+    group_by_image: bool = False  # batches hold several expressions of the same image (referring signal)
     num_workers: int = 0
     # optimisation (paper: AdamW, wd 0.01, poly power 0.9, lr 3e-5, 100 epochs, batch 16)
     epochs: int = 50
@@ -472,8 +473,14 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
             save_checkpoint(ckpt, out / f"{kind}.pt")
         D.barrier(env)
 
-    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
+    if cfg.group_by_image:  # the expressions of one image share a batch
+        groups: dict[tuple[str, Any], list[int]] = {}
+        for i, r in enumerate(train_set.records):
+            groups.setdefault((str(r.image_path), r.slice_index), []).append(i)
+        sampler = D.GroupedSampler(list(groups.values()), cfg.batch_size, env.rank, env.world_size, cfg.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
     collate = Collator(model.tokenizer)
     val_loader = None
     if val_set is not None:
@@ -730,6 +737,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-level", default=S, choices=("full", "half", "quarter", "none"), help="training expressions")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S, help="flip/intensity augmentation (paper: none)")
     g.add_argument("--num-workers", type=int, default=S, help="data-loading processes per training process")
+    g.add_argument("--group-by-image", action=argparse.BooleanOptionalAction, default=S,
+                   help="put the expressions of one image in the same batch (same image, different sentences)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"(default {d.epochs})")
     g.add_argument("--batch-size", type=int, default=S, help=f"per process (default {d.batch_size})")
