@@ -541,7 +541,10 @@ def _curve(log: Path) -> tuple[list[int], list[float], list[float]] | None:
 
 def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, s: Settings) -> None:
     report: dict[str, Any] = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command_line(),
+        # --report-only reruns nothing: the command that makes (or, with the cache, re-reads) these rows is the same
+        # line without it
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        "command": command_line().replace(" --report-only", ""),
         "budget_min": s.budget_min, "threads": s.threads, "jobs": args.jobs,
         "synth_command": shown(synth_command(Path("runs/bench/data/refliver-synth"))),
         "common_train_args": COMMON_TRAIN, "out_name": Path(args.out).name, "rows": {},

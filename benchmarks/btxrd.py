@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=30.0, help="training minutes (default 30)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=8, help="length of the LR schedule (default 8)")
+    parser.add_argument("--epochs", type=int, default=3, help="length of the LR schedule (default 3)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--out", default=str(RESULTS / "btxrd"), help="output path without extension")
     parser.add_argument("--fresh", action="store_true", help="discard a previous run folder")

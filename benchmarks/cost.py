@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -54,21 +55,24 @@ def markdown(result: dict) -> str:
         "GMACs are per image (papers' \"GFLOPs\" are MACs: mmcv/fvcore convention); GFLOPs = 2 x GMACs. Latency is the",
         "median CPU forward at batch 1; images/s is at batch 8. Peak memory is the rise of the peak resident set",
         "during one batch-1 forward. Ratios are against LSMS tiny at the same size. '% peak' = achieved GFLOP/s",
-        "at batch 8 / measured matmul peak. Text models use the packaged MiniLM encoder (6 layers, 384).",
+        "at batch 8 / measured matmul peak. Text models use the packaged MiniLM encoder (6 layers, 384); 'of which",
+        "text' is the text encoder's share of the GMACs. 'load' is the machine's 1-minute load average before / after",
+        "the row: above the number of threads, other processes shared the cores and latencies are inflated.",
         "",
-        "| model | size | params (M) | of which text (M) | GMACs | of which text | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | params (M) | of which text (M) | GMACs | of which text | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     for r in rows.values():
         ref = rows.get(row_key("tiny", r["image_size"]))
         ratio = f"{r['latency_ms'] / ref['latency_ms']:.2f}" if ref else "-"
+        load = " / ".join(f"{x:.1f}" for x in r["loadavg_1min"]) if "loadavg_1min" in r else "-"
         mem_ratio = (f"{r['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
                      if ref and r["peak_mem_mb"] and ref["peak_mem_mb"] else "-")
         lines.append(
             f"| {r['preset']} | {r['image_size']} | {r['params']['total'] / 1e6:.2f} | {r['params']['text'] / 1e6:.2f} | "
             f"{r['gmacs']:.2f} | {r.get('text_gmacs', 0):.2f} | {r['latency_ms']:.1f} | {ratio} | {r['images_per_s']:.1f} | "
-            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} |"
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} | {load} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -101,11 +105,14 @@ def main() -> None:
             if (time.time() - start) / 60 > args.budget_min:
                 print(f"budget of {args.budget_min} min spent; {key} and later rows not run (rerun to continue)")
                 break
+            load_before = os.getloadavg()[0]
             one = profile(model, size, repeats=args.repeats, device=args.device)
             eight = profile(model, size, batch=BATCH_THROUGHPUT, repeats=max(1, args.repeats // 2), device=args.device)
             row = dict(one.__dict__)
             row["images_per_s"] = BATCH_THROUGHPUT / (eight.latency_ms / 1000)
             row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s"] / result["matmul_peak_gflops"]
+            # 1-minute load average before and after the row: above the thread count, other work shared the CPU
+            row["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             result["rows"][key] = row
             print(f"{key}: {row['gmacs']:.2f} GMACs, {row['latency_ms']:.1f} ms, {row['images_per_s']:.1f} img/s", flush=True)
             write_json(Path(out_json), result)
