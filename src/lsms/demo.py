@@ -37,6 +37,9 @@ class DemoConfig:
     patients: int = 100
     slices_per_patient: int = 8
     image_size: int = 128
+    fov_mm: float = 280.0  # field of view: 2.2 mm per pixel at 128 px
+    diameter_mm: tuple[float, float] = (25.0, 60.0)  # lesions of at least ~11 px at 128 px (benchmark: 8..60)
+    multi_lesion_share: float = 0.7
     seed: int = 0
     # training (see lsms.train.TrainConfig)
     preset: str = "tiny"
@@ -45,8 +48,11 @@ class DemoConfig:
     lr: float = 1e-3
     warmup_steps: int = 30
     freeze_text: bool = True
-    max_tokens: int = 64
+    max_tokens: int = 64  # full expressions are 40-60 tokens
     text_level: str = "full"
+    window: str = "200,80"  # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped
+    group_by_image: bool = True  # batches hold the same slice with different sentences
+    decoder_stages: tuple[int, ...] = (1, 2, 3, 4)  # with P1 (stride 4): the paper's (2, 3, 4) is stride 8
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
     # running
     budget_minutes: float = 15.0  # generation + training + evaluation + report
@@ -62,7 +68,8 @@ def generate_data(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
     from lsms.synth import SynthConfig, generate_dataset
 
     synth = SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.seed,
-                        image_size=cfg.image_size)
+                        image_size=cfg.image_size, fov_mm=cfg.fov_mm, diameter_mm=tuple(cfg.diameter_mm),
+                        multi_lesion_share=cfg.multi_lesion_share)
     return generate_dataset(synth, folder, overwrite=True, progress=cfg.progress)
 
 
@@ -74,8 +81,14 @@ def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: flo
         batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, freeze_text=cfg.freeze_text,
         max_tokens=cfg.max_tokens, text_level=cfg.text_level, seed=cfg.seed, device=cfg.device,
         progress=cfg.progress, time_limit_minutes=max(time_limit_minutes, 0.5), log_every=10,
+        window=cfg.window, group_by_image=cfg.group_by_image,
+        model_overrides={"decoder_stages": list(cfg.decoder_stages)},
     )
-    settings.update(cfg.train_overrides)
+    for key, value in cfg.train_overrides.items():
+        if key == "model_overrides":
+            settings["model_overrides"] = {**settings["model_overrides"], **value}
+        else:
+            settings[key] = value
     return TrainConfig(**settings)
 
 
@@ -273,7 +286,8 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         "## What was run",
         "",
         f"- Data: RefLiver-Synth, {cfg.patients} patients x {cfg.slices_per_patient} slices, {cfg.image_size}x"
-        f"{cfg.image_size} px, seed {cfg.seed}: {json.dumps(counts)}",
+        f"{cfg.image_size} px over {cfg.fov_mm:g} mm, lesions {cfg.diameter_mm[0]:g}-{cfg.diameter_mm[1]:g} mm, "
+        f"seed {cfg.seed}: {json.dumps(counts)}",
         f"- Model: `{cfg.preset}`, text encoder `{train_cfg.text_encoder}` "
         f"({'frozen' if train_cfg.freeze_text else 'fine-tuned'}), max {train_cfg.max_tokens} tokens",
         f"- Training: {train_summary.get('epoch')} epochs / {train_summary.get('step')} steps of batch "
@@ -289,10 +303,15 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         "",
         "```",
         f"lsms synth data --patients {cfg.patients} --slices-per-patient {cfg.slices_per_patient} "
-        f"--image-size {cfg.image_size} --seed {cfg.seed}",
+        f"--image-size {cfg.image_size} --fov-mm {cfg.fov_mm:g} --diameter-mm {cfg.diameter_mm[0]:g} "
+        f"{cfg.diameter_mm[1]:g} --multi-lesion-share {cfg.multi_lesion_share:g} --seed {cfg.seed}",
         f"lsms train data --out run --preset {cfg.preset} --image-size {cfg.image_size} --epochs {train_cfg.epochs} "
         f"--batch-size {train_cfg.batch_size} --lr {train_cfg.lr:g} --warmup-steps {train_cfg.warmup_steps} "
-        f"--max-tokens {train_cfg.max_tokens}" + (" --freeze-text" if train_cfg.freeze_text else ""),
+        f"--max-tokens {train_cfg.max_tokens}" + (" --freeze-text" if train_cfg.freeze_text else "")
+        + (f" --window {train_cfg.window}" if train_cfg.window else "")
+        + (" --group-by-image" if train_cfg.group_by_image else "")
+        + "".join(f" --model {k}={json.dumps(v, separators=(',', ':'))}" for k, v in train_cfg.model_overrides.items()
+                  if k in ("decoder_stages",)),
         "lsms evaluate run data --split test --text-level full   # also half, quarter, none",
         "```",
         "",

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -310,19 +311,24 @@ class _Logger:
                 f.write(json.dumps(entry) + "\n")
 
     def epoch_row(self, row: dict[str, Any]) -> None:
+        """Append a row to metrics.csv, rewriting the file so that one header covers every column seen."""
         if not self.enabled:
             return
         path = self.out / "metrics.csv"
-        new = not path.exists()
-        if not new:  # keep the header if columns are the same; otherwise append with a fresh header
-            with open(path, encoding="utf-8") as f:
-                header = f.readline().strip().split(",")
-            new = header != list(row)
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        rows.append(row)
+        columns: list[str] = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
 
     def close(self) -> None:
         if self.tb is not None:
