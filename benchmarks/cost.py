@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
-from lsms.model import MODEL_NAMES
-from lsms.profile import profile
+from lsms.model import MODEL_NAMES, build_named_model
+from lsms.profile import profile, profile_inputs
 
 BATCH_THROUGHPUT = 8
 
@@ -36,7 +36,31 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / min(times) / 1e9  # the fastest repeat: the practical peak, least disturbed by other work
+
+
+def best_latencies(model_name: str, size: int, repeats: int, device: str) -> tuple[float, float, float]:
+    """(fastest batch-1 forward, median and fastest batch-8 forward) in ms, after one warm-up each.
+
+    On a machine shared with other work the median is inflated by whoever else runs; the fastest of several
+    forwards is the usual estimate of what the model itself costs (timeit's advice), so both are kept.
+    """
+    dev = torch.device(device)
+    model = build_named_model(model_name, in_channels=3).eval().to(dev)
+    out = []
+    for batch, n in ((1, repeats), (BATCH_THROUGHPUT, max(2, repeats // 2))):
+        inputs = profile_inputs(model, size, batch, dev)
+        times = []
+        with torch.inference_mode():
+            model(*inputs)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                model(*inputs)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append((time.perf_counter() - t0) * 1000)
+        out.append(times)
+    return min(out[0]), statistics.median(out[1]), min(out[1])
 
 
 def row_key(model: str, size: int) -> str:
@@ -53,25 +77,28 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`. Date: {result['date']}.",
         "",
         "GMACs are per image (papers' \"GFLOPs\" are MACs: mmcv/fvcore convention); GFLOPs = 2 x GMACs. Latency is the",
-        "median CPU forward at batch 1; images/s is at batch 8. Peak memory is the rise of the peak resident set",
-        "during one batch-1 forward. Ratios are against LSMS tiny at the same size. '% peak' = achieved GFLOP/s",
-        "at batch 8 / measured matmul peak. Text models use the packaged MiniLM encoder (6 layers, 384); 'of which",
+        "CPU forward at batch 1, median and fastest of the repeats; images/s is at batch 8 (from the median and the",
+        "fastest forward). On a shared machine the fastest is the better estimate of the model's own cost. Peak memory",
+        "is the rise of the peak resident set during one batch-1 forward. Ratios are against LSMS tiny at the same size.",
+        "'% peak' = GFLOP/s achieved by the fastest batch-8 forward / measured matmul peak (fastest of 5 2048^3 matmuls). Text models use the packaged MiniLM encoder (6 layers, 384); 'of which",
         "text' is the text encoder's share of the GMACs. 'load' is the machine's 1-minute load average before / after",
         "the row: above the number of threads, other processes shared the cores and latencies are inflated.",
         "",
-        "| model | size | params (M) | of which text (M) | GMACs | of which text | latency b1 (ms) | latency x tiny | images/s b8 | peak mem (MB) | mem x tiny | % peak | load |",
+        "| model | size | params (M) | of which text (M) | GMACs | of which text | latency b1 median / best (ms) | best x tiny | images/s b8 median / best | peak mem (MB) | mem x tiny | % peak | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     for r in rows.values():
         ref = rows.get(row_key("tiny", r["image_size"]))
-        ratio = f"{r['latency_ms'] / ref['latency_ms']:.2f}" if ref else "-"
+        best = r.get("latency_best_ms", r["latency_ms"])
+        ratio = f"{best / ref.get('latency_best_ms', ref['latency_ms']):.2f}" if ref else "-"
         load = " / ".join(f"{x:.1f}" for x in r["loadavg_1min"]) if "loadavg_1min" in r else "-"
         mem_ratio = (f"{r['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
                      if ref and r["peak_mem_mb"] and ref["peak_mem_mb"] else "-")
         lines.append(
             f"| {r['preset']} | {r['image_size']} | {r['params']['total'] / 1e6:.2f} | {r['params']['text'] / 1e6:.2f} | "
-            f"{r['gmacs']:.2f} | {r.get('text_gmacs', 0):.2f} | {r['latency_ms']:.1f} | {ratio} | {r['images_per_s']:.1f} | "
+            f"{r['gmacs']:.2f} | {r.get('text_gmacs', 0):.2f} | {r['latency_ms']:.1f} / {best:.1f} | {ratio} | "
+            f"{r['images_per_s']:.2f} / {r.get('images_per_s_best', r['images_per_s']):.2f} | "
             f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} | {load} |"
         )
     return "\n".join(lines) + "\n"
@@ -107,10 +134,12 @@ def main() -> None:
                 break
             load_before = os.getloadavg()[0]
             one = profile(model, size, repeats=args.repeats, device=args.device)
-            eight = profile(model, size, batch=BATCH_THROUGHPUT, repeats=max(1, args.repeats // 2), device=args.device)
             row = dict(one.__dict__)
-            row["images_per_s"] = BATCH_THROUGHPUT / (eight.latency_ms / 1000)
-            row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s"] / result["matmul_peak_gflops"]
+            best_one, med_eight, best_eight = best_latencies(model, size, args.repeats, args.device)
+            row["latency_best_ms"] = round(best_one, 2)
+            row["images_per_s"] = BATCH_THROUGHPUT / (med_eight / 1000)
+            row["images_per_s_best"] = BATCH_THROUGHPUT / (best_eight / 1000)
+            row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s_best"] / result["matmul_peak_gflops"]
             # 1-minute load average before and after the row: above the thread count, other work shared the CPU
             row["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             result["rows"][key] = row
