@@ -43,7 +43,8 @@ class DemoConfig:
     seed: int = 0
     # training (see lsms.train.TrainConfig)
     preset: str = "tiny"
-    epochs: int = 3
+    epochs: int | None = None  # None: as many as the time budget allows (measured), at most max_epochs
+    max_epochs: int = 12
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 30
@@ -56,7 +57,7 @@ class DemoConfig:
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
     # running
     budget_minutes: float = 15.0  # generation + training + evaluation + report
-    eval_reserve_minutes: float = 1.5  # kept free for evaluation and the report
+    eval_reserve_minutes: float = 2.0  # kept free for evaluation and the report
     device: str = "auto"
     progress: bool = True
 
@@ -77,7 +78,7 @@ def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: flo
     from lsms.train import TrainConfig
 
     settings = dict(
-        data=str(data), out=str(run), preset=cfg.preset, image_size=cfg.image_size, epochs=cfg.epochs,
+        data=str(data), out=str(run), preset=cfg.preset, image_size=cfg.image_size, epochs=cfg.epochs or 1,
         batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, freeze_text=cfg.freeze_text,
         max_tokens=cfg.max_tokens, text_level=cfg.text_level, seed=cfg.seed, device=cfg.device,
         progress=cfg.progress, time_limit_minutes=max(time_limit_minutes, 0.5), log_every=10,
@@ -90,6 +91,48 @@ def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: flo
         else:
             settings[key] = value
     return TrainConfig(**settings)
+
+
+def measure_step_seconds(train_cfg, steps: int = 4) -> tuple[float, int, int]:
+    """Seconds per training step on this machine (mean of ``steps - 1`` timed steps), steps per epoch, val size.
+
+    Runs the real model, loss and optimiser on real batches (a throwaway copy), so the number includes
+    data loading; the demo uses it to choose how many epochs fit in the time budget, so that the learning
+    rate schedule decays fully instead of being cut off by the time limit.
+    """
+    import torch
+
+    from lsms.data import Collator
+    from lsms.losses import LossConfig, LSMSLoss
+    from lsms.train import TrainingStep, build_datasets, build_model_for, param_groups, seed_everything
+
+    seed_everything(train_cfg.seed)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    prep, train_set, val_set = build_datasets(train_cfg)
+    model = build_model_for(train_cfg, prep.in_channels)
+    step = TrainingStep(model, LSMSLoss(LossConfig(**train_cfg.loss))).train()
+    opt = torch.optim.AdamW(param_groups(model, train_cfg), lr=1e-6)
+    collate = Collator(model.tokenizer)
+    bs = train_cfg.batch_size
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        batch = collate([train_set[(i * bs + j) % len(train_set)] for j in range(bs)])
+        losses = step(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"))
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    seconds = sum(times[1:]) / max(len(times) - 1, 1)
+    return seconds, len(train_set) // bs, len(val_set) if val_set is not None else 0
+
+
+def choose_epochs(seconds_per_step: float, steps_per_epoch: int, val_samples: int, minutes: float,
+                  max_epochs: int) -> int:
+    """Epochs that fit in ``minutes`` (validation costs about a third of a training step per batch)."""
+    epoch_s = steps_per_epoch * seconds_per_step + val_samples / 8 * seconds_per_step / 3
+    return int(max(1, min(max_epochs, (60 * minutes) // max(epoch_s, 1e-9))))
 
 
 def evaluate_levels(run: Path, data: Path, device: str, progress: bool) -> dict[str, dict[str, Any]]:
@@ -342,7 +385,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
     train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
-    log.info("2/4 training %s for up to %d epochs (time limit %.1f min)", cfg.preset, cfg.epochs, left)
+    if cfg.epochs is None:  # as many epochs as fit, measured on this machine
+        seconds, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
+        left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
+        epochs = choose_epochs(seconds, steps_per_epoch, n_val, 0.93 * left, cfg.max_epochs)
+        log.info("measured %.2f s per training step: %d epochs of %d steps fit in %.1f min", seconds, epochs,
+                 steps_per_epoch, left)
+        train_cfg = dataclasses.replace(train_cfg, epochs=epochs, time_limit_minutes=max(left, 0.5))
+        timings["calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+    log.info("2/4 training %s for %d epochs (time limit %.1f min)", cfg.preset, train_cfg.epochs, left)
     train_summary = train(train_cfg)
     timings["training"] = time.perf_counter() - t
 
@@ -377,7 +429,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patients", type=int, default=d.patients, help=f"synthetic patients (default {d.patients})")
     p.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient)
     p.add_argument("--image-size", type=int, default=d.image_size, help=f"(default {d.image_size})")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="training epochs (default: as many as fit in the budget, measured, at most --max-epochs)")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs, help=f"(default {d.max_epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
