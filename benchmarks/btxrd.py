@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds
+
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
 

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, command_line, machine, write_atomic, write_json
 
 from lsms.model import MODEL_NAMES, build_named_model
 from lsms.profile import profile, profile_inputs
+
+from common import RESULTS, command_line, machine, write_atomic, write_json
 
 BATCH_THROUGHPUT = 8
 
@@ -73,12 +74,15 @@ def markdown(result: dict) -> str:
         "# Cost: LSMS presets and baselines, measured side by side in one run",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads. "
-        f"Measured fp32 matmul peak: {result['matmul_peak_gflops']:.1f} GFLOP/s.",
+        f"Measured fp32 matmul peak: {result['matmul_peak_gflops']:.1f} GFLOP/s in this run; a row cached from an "
+        "earlier run is compared with the peak measured in its own run (shown next to its '% peak').",
         f"Command: `{result['command']}`. Date: {result['date']}.",
         "",
         "GMACs are per image (papers' \"GFLOPs\" are MACs: mmcv/fvcore convention); GFLOPs = 2 x GMACs. Latency is the",
         "CPU forward at batch 1, median and fastest of the repeats; images/s is at batch 8 (from the median and the",
-        "fastest forward). On a shared machine the fastest is the better estimate of the model's own cost. Peak memory",
+        "fastest forward). On a shared machine the fastest is the better estimate of the model's own cost; the two come",
+        "from separate passes (lsms profile, then a timing loop), so under changing load the fastest can exceed the",
+        "median. Peak memory",
         "is the rise of the peak resident set during one batch-1 forward. Ratios are against LSMS tiny at the same size.",
         "'% peak' = GFLOP/s achieved by the fastest batch-8 forward / measured matmul peak (fastest of 5 2048^3 matmuls). Text models use the packaged MiniLM encoder (6 layers, 384); 'of which",
         "text' is the text encoder's share of the GMACs. 'load' is the machine's 1-minute load average before / after",
@@ -92,6 +96,8 @@ def markdown(result: dict) -> str:
         ref = rows.get(row_key("tiny", r["image_size"]))
         best = r.get("latency_best_ms", r["latency_ms"])
         ratio = f"{best / ref.get('latency_best_ms', ref['latency_ms']):.2f}" if ref else "-"
+        peak = r.get("matmul_peak_gflops")
+        own_peak = f" (of {peak:.0f})" if peak and abs(peak - result["matmul_peak_gflops"]) > 0.05 else ""
         load = " / ".join(f"{x:.1f}" for x in r["loadavg_1min"]) if "loadavg_1min" in r else "-"
         mem_ratio = (f"{r['peak_mem_mb'] / ref['peak_mem_mb']:.2f}"
                      if ref and r["peak_mem_mb"] and ref["peak_mem_mb"] else "-")
@@ -99,7 +105,7 @@ def markdown(result: dict) -> str:
             f"| {r['preset']} | {r['image_size']} | {r['params']['total'] / 1e6:.2f} | {r['params']['text'] / 1e6:.2f} | "
             f"{r['gmacs']:.2f} | {r.get('text_gmacs', 0):.2f} | {r['latency_ms']:.1f} / {best:.1f} | {ratio} | "
             f"{r['images_per_s']:.2f} / {r.get('images_per_s_best', r['images_per_s']):.2f} | "
-            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f} | {load} |"
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {mem_ratio} | {r['peak_share_pct']:.1f}{own_peak} | {load} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -139,7 +145,8 @@ def main() -> None:
             row["latency_best_ms"] = round(best_one, 2)
             row["images_per_s"] = BATCH_THROUGHPUT / (med_eight / 1000)
             row["images_per_s_best"] = BATCH_THROUGHPUT / (best_eight / 1000)
-            row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s_best"] / result["matmul_peak_gflops"]
+            row["matmul_peak_gflops"] = result["matmul_peak_gflops"]  # rows cached from an earlier run keep theirs
+            row["peak_share_pct"] = 100 * row["gflops"] * row["images_per_s_best"] / row["matmul_peak_gflops"]
             # 1-minute load average before and after the row: above the thread count, other work shared the CPU
             row["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             result["rows"][key] = row
