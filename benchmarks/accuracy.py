@@ -233,13 +233,16 @@ def spent_seconds(run: Path) -> float:
     path = run / "metrics.csv"
     if not path.exists():
         return 0.0
-    times = []
-    with open(path, encoding="utf-8") as f:
+    values: list[float] = []
+    header: list[str] = []
+    with open(path, encoding="utf-8", newline="") as f:
         for line in csv.reader(f):
-            if line and line[0] != "epoch":
-                times.append(line)
-    # the header may repeat with other columns; time_s is always the last column
-    values = [float(r[-1]) for r in times]
+            if not line:
+                continue
+            if line[0] == "epoch":  # a header (older train.py wrote a new one when the columns changed)
+                header = line
+            elif "time_s" in header and line[header.index("time_s")] != "":
+                values.append(float(line[header.index("time_s")]))
     total, prev = 0.0, -1.0
     for v in values:
         if v < prev:
