@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model_kwargs
 from lsms.model import build_from_config, build_named_model, config_from_dict
+
+from conftest import tiny_model_kwargs
 
 
 def test_plain_unet_is_monais_basicunet():

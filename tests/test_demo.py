@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from toy_data import tiny_train_settings
-
 from lsms.demo import DemoConfig, run_demo
+
+from toy_data import tiny_train_settings
 
 
 def test_demo_writes_report(tmp_path):

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model_kwargs
 from lsms import build_model
 from lsms.model import PRESETS, LSMSConfig
 from lsms.model.decoder import NMF2D
+
+from conftest import tiny_model_kwargs
 
 SIZE = 64
 SNAPSHOT = Path(__file__).parent / "snapshots" / "state_dict_keys_tiny.txt"

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from toy_data import make_untrained_checkpoint
 
 from lsms.cli import main
 from lsms.predict import Predictor, parse_slices
+
+from toy_data import make_untrained_checkpoint
 
 
 @pytest.fixture(scope="module")

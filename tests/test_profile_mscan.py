@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_model_kwargs
 from lsms import build_model
 from lsms.cli import main
 from lsms.model.mscan import load_mscan_weights
 from lsms.profile import count_flops
+
+from conftest import tiny_model_kwargs
 
 
 def test_flop_convention_on_a_hand_countable_conv():

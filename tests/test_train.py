@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
-from toy_data import make_toy_dataset, tiny_train_settings
 
 from lsms.checkpoint import load_checkpoint
 from lsms.cli import main
 from lsms.evaluate import evaluate_checkpoint
 from lsms.train import TrainConfig, train
+
+from toy_data import make_toy_dataset, tiny_train_settings
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_settings_file(tmp_path):
     with pytest.raises(ValueError, match="unknown settings \\['learning_rate'\\]"):
         load_settings_file(path)
     path.write_text("!!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(Exception):  # safe_load refuses code
+    with pytest.raises(Exception):  # noqa: B017 - safe_load refuses code (yaml or ValueError)
         load_settings_file(path)
     with pytest.raises(FileNotFoundError):
         load_settings_file(tmp_path / "missing.yaml")

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from toy_data import make_toy_dataset, tiny_train_settings
-
 import torch.distributed as dist
+import yaml
 
 from lsms.checkpoint import load_checkpoint
 from lsms.evaluate import evaluate_checkpoint
+
+from toy_data import make_toy_dataset, tiny_train_settings
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -93,12 +93,14 @@ def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: flo
     return TrainConfig(**settings)
 
 
-def measure_step_seconds(train_cfg, steps: int = 4) -> tuple[float, int, int]:
-    """Seconds per training step on this machine (mean of ``steps - 1`` timed steps), steps per epoch, val size.
+def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, int]:
+    """Seconds per training step on this machine, the best thread count, steps per epoch and val size.
 
-    Runs the real model, loss and optimiser on real batches (a throwaway copy), so the number includes
-    data loading; the demo uses it to choose how many epochs fit in the time budget, so that the learning
-    rate schedule decays fully instead of being cut off by the time limit.
+    Runs the real model, loss and optimiser on real batches (a throwaway copy) with all cores and with one
+    thread (on a machine shared with other jobs, OpenMP threads that spin-wait for a descheduled partner can
+    make all-core steps many times slower than one thread), and keeps the faster. The demo uses the time to
+    choose how many epochs fit in the budget, so that the learning-rate schedule decays fully instead of being
+    cut off by the time limit.
     """
     import torch
 
@@ -107,25 +109,30 @@ def measure_step_seconds(train_cfg, steps: int = 4) -> tuple[float, int, int]:
     from lsms.train import TrainingStep, build_datasets, build_model_for, param_groups, seed_everything
 
     seed_everything(train_cfg.seed)
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     prep, train_set, val_set = build_datasets(train_cfg)
     model = build_model_for(train_cfg, prep.in_channels)
     step = TrainingStep(model, LSMSLoss(LossConfig(**train_cfg.loss))).train()
     opt = torch.optim.AdamW(param_groups(model, train_cfg), lr=1e-6)
     collate = Collator(model.tokenizer)
     bs = train_cfg.batch_size
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        batch = collate([train_set[(i * bs + j) % len(train_set)] for j in range(bs)])
-        losses = step(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"))
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    seconds = sum(times[1:]) / max(len(times) - 1, 1)
-    return seconds, len(train_set) // bs, len(val_set) if val_set is not None else 0
+    candidates = [train_cfg.threads] if train_cfg.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
+    best = (float("inf"), candidates[0])
+    for threads in candidates:
+        torch.set_num_threads(threads)
+        times = []
+        for i in range(steps + 1):  # the first step warms up
+            t = time.perf_counter()
+            batch = collate([train_set[(i * bs + j) % len(train_set)] for j in range(bs)])
+            losses = step(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"))
+            opt.zero_grad()
+            losses["loss"].backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        seconds = sum(times[1:]) / steps
+        log.info("calibration: %.2f s per step with %d thread(s)", seconds, threads)
+        best = min(best, (seconds, threads))
+    torch.set_num_threads(candidates[0])
+    return best[0], best[1], len(train_set) // bs, len(val_set) if val_set is not None else 0
 
 
 def choose_epochs(seconds_per_step: float, steps_per_epoch: int, val_samples: int, minutes: float,
@@ -338,7 +345,7 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         f"{train_cfg.warmup_steps} warm-up steps, poly 0.9, gradient clipping {train_cfg.grad_clip}; best "
         f"checkpoint: epoch {best.get('epoch')} (val {best.get('metric')} {_fmt(best.get('value'))})"
         + (" — **stopped early by the time budget**" if train_summary.get("stopped_early") else ""),
-        f"- Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
+        "- Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
         f"- Files: data in `{Path(train_cfg.data).name}/`, run (checkpoints, logs, TensorBoard) in "
         f"`{Path(train_cfg.out).name}/`, per-level metrics in `metrics.json`",
         "",
@@ -386,12 +393,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
     train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
     if cfg.epochs is None:  # as many epochs as fit, measured on this machine
-        seconds, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
+        seconds, threads, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
         left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
         epochs = choose_epochs(seconds, steps_per_epoch, n_val, 0.93 * left, cfg.max_epochs)
-        log.info("measured %.2f s per training step: %d epochs of %d steps fit in %.1f min", seconds, epochs,
-                 steps_per_epoch, left)
-        train_cfg = dataclasses.replace(train_cfg, epochs=epochs, time_limit_minutes=max(left, 0.5))
+        log.info("measured %.2f s per training step (%d thread(s)): %d epochs of %d steps fit in %.1f min",
+                 seconds, threads, epochs, steps_per_epoch, left)
+        train_cfg = dataclasses.replace(train_cfg, epochs=epochs, time_limit_minutes=max(left, 0.5), threads=threads)
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
     log.info("2/4 training %s for %d epochs (time limit %.1f min)", cfg.preset, train_cfg.epochs, left)
