@@ -115,11 +115,12 @@ def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, in
     opt = torch.optim.AdamW(param_groups(model, train_cfg), lr=1e-6)
     collate = Collator(model.tokenizer)
     bs = train_cfg.batch_size
-    candidates = [train_cfg.threads] if train_cfg.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
+    default_threads = torch.get_num_threads()
+    candidates = [train_cfg.threads] if train_cfg.threads else sorted({1, default_threads})
     best = (float("inf"), candidates[0])
     for threads in candidates:
         torch.set_num_threads(threads)
-        times = []
+        times: list[float] = []
         for i in range(steps + 1):  # the first step warms up
             t = time.perf_counter()
             batch = collate([train_set[(i * bs + j) % len(train_set)] for j in range(bs)])
@@ -128,10 +129,12 @@ def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, in
             losses["loss"].backward()
             opt.step()
             times.append(time.perf_counter() - t)
-        seconds = sum(times[1:]) / steps
+            if i >= 1 and times[-1] > 1.5 * best[0]:
+                break  # clearly slower than the best so far (e.g. spinning threads on a busy machine)
+        seconds = sum(times[1:]) / max(len(times) - 1, 1)
         log.info("calibration: %.2f s per step with %d thread(s)", seconds, threads)
         best = min(best, (seconds, threads))
-    torch.set_num_threads(candidates[0])
+    torch.set_num_threads(default_threads)
     return best[0], best[1], len(train_set) // bs, len(val_set) if val_set is not None else 0
 
 
