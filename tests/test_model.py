@@ -10,6 +10,7 @@ import torch
 from lsms import build_model
 from lsms.model import PRESETS, LSMSConfig
 from lsms.model.decoder import NMF2D
+from lsms.model.encoder import LanguageGuidedBranch
 
 from conftest import tiny_model_kwargs
 
@@ -88,8 +89,38 @@ def test_eval_forward_is_deterministic():
     assert torch.equal(a, b)
 
 
-def test_padding_does_not_change_the_output():
+def _open_language_gates(model):
+    """Give every language-guided branch a non-zero output scale, as training does (they start at 0)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LanguageGuidedBranch):
+                module.w_f[1].weight.fill_(1.0)
+    return model
+
+
+def test_language_branches_start_closed_and_training_opens_them():
     model = build_model("tiny", **tiny_model_kwargs()).eval()
+    image = torch.randn(1, 3, SIZE, SIZE)
+    texts = ("the cyst in segment VI", "the metastasis in segment II")
+
+    def outputs():
+        with torch.no_grad():
+            return [model(image, **{k: v for k, v in model.tokenize([t]).items() if k != "truncated"})
+                    for t in texts]
+
+    a, b = outputs()
+    assert torch.equal(a, b)  # Att_L = 0 at initialisation: the sentence cannot matter yet
+    # one optimiser step on a loss that needs the text moves the gates off zero
+    model.train()
+    tok = model.tokenize(list(texts))
+    loss = model(image.expand(2, -1, -1, -1), tok["input_ids"], tok["attention_mask"]).mean((1, 2, 3))
+    (loss[0] - loss[1]).backward()
+    gates = [m.w_f[1].weight for m in model.modules() if isinstance(m, LanguageGuidedBranch)]
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+
+
+def test_padding_does_not_change_the_output():
+    model = _open_language_gates(build_model("tiny", **tiny_model_kwargs()).eval())
     image, ids, mask = _inputs(model, ["the larger cyst"], batch=1)
     pad = 9
     ids_padded = torch.cat([ids, torch.zeros(1, pad, dtype=ids.dtype)], dim=1)
@@ -105,7 +136,7 @@ def test_padding_does_not_change_the_output():
 
 
 def test_a_different_sentence_gives_a_different_output():
-    model = build_model("tiny", **tiny_model_kwargs()).eval()
+    model = _open_language_gates(build_model("tiny", **tiny_model_kwargs()).eval())
     image = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         outs = [model(image, **{k: v for k, v in model.tokenize([t]).items() if k != "truncated"})

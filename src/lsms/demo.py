@@ -46,7 +46,7 @@ class DemoConfig:
     epochs: int | None = None  # None: as many as the time budget allows (measured), at most max_epochs
     max_epochs: int = 12
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 30
     freeze_text: bool = True
     max_tokens: int = 64  # full expressions are 40-60 tokens
@@ -106,13 +106,13 @@ def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, in
 
     from lsms.data import Collator
     from lsms.losses import LossConfig, LSMSLoss
-    from lsms.train import TrainingStep, build_datasets, build_model_for, param_groups, seed_everything
+    from lsms.train import TrainingStep, build_datasets, build_model_for, build_optimizer, seed_everything
 
     seed_everything(train_cfg.seed)
     prep, train_set, val_set = build_datasets(train_cfg)
     model = build_model_for(train_cfg, prep.in_channels)
     step = TrainingStep(model, LSMSLoss(LossConfig(**train_cfg.loss))).train()
-    opt = torch.optim.AdamW(param_groups(model, train_cfg), lr=1e-6)
+    opt = build_optimizer(model, train_cfg, torch.device("cpu"))
     collate = Collator(model.tokenizer)
     bs = train_cfg.batch_size
     default_threads = torch.get_num_threads()
@@ -219,7 +219,7 @@ def write_pictures(run: Path, data: Path, results: dict, report: Path, device: s
     import numpy as np
 
     from lsms.data import load_samples, read_image, read_mask
-    from lsms.predict import Predictor, save_feature_maps, save_overlay
+    from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
 
     out: dict[str, str] = {}
     samples = load_samples(data, "test")
@@ -243,9 +243,14 @@ def write_pictures(run: Path, data: Path, results: dict, report: Path, device: s
                  report / "overlay_two_sentences.png", ncols=3, colours=[red, blue, yellow, red, blue, yellow],
                  title=f"test slice {pair[0].extra.get('slice_id', '')}: one image, two sentences, two lesions")
     out["overlay"] = "overlay_two_sentences.png"
+    size = image.shape
+    empty = predictor.stage_features(image, "")
     for i, (t, p) in enumerate(zip(texts, preds, strict=True)):
         name = f"features_sentence{i + 1}.png"
-        save_feature_maps(image.array, predictor.preprocessing, p.features, report / name, caption=t)
+        with_text = predictor.stage_features(image, t)
+        changed = [heat_map(a - b, size) for a, b in zip(with_text, empty, strict=True)]
+        save_feature_maps(image.array, predictor.preprocessing, p.features, report / name, caption=t,
+                          rows=[("|F(sentence) - F(no text)|", changed)], mask=truths[i])
         out[f"features{i + 1}"] = name
     out["dice"] = [_dice(p.mask, g) for p, g in zip(preds, truths, strict=True)]
     out["texts"] = texts
@@ -324,8 +329,10 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
             "",
             "## Feature maps",
             "",
-            "Mean absolute activation of the four encoder stages (F1..F4, strides 4..32) for each sentence "
-            "(cf. the paper's Fig. 6): the language-guided attention concentrates on the referred lesion.",
+            "For each sentence (the referred lesion outlined in red): top row, the mean absolute activation of "
+            "the four encoder stages F1..F4 (strides 4..32; cf. the paper's Fig. 6); bottom row, how much the "
+            "sentence changes each stage compared with no text (|F(sentence) - F(empty)| averaged over "
+            "channels), i.e. where the language-guided attention acts. Each map is scaled to its own range.",
             "",
             f"![features, sentence 1]({pictures['features1']})",
             "",

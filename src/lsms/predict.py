@@ -101,6 +101,21 @@ class Predictor:
             text: the referring expression (ignored, with a warning, by a model trained without text).
             features: also return the stage feature maps as heat maps.
         """
+        (H, W), out = self._forward(image, text)
+        logits = F.interpolate(out.logits.float(), size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
+        prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
+        maps = None
+        if features:
+            maps = [heat_map(f, (H, W)) for f in out.stages]
+        return Prediction(mask=prob > self.threshold, probability=prob, text=text, features=maps)
+
+    @torch.no_grad()
+    def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
+        """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
+        return self._forward(image, text)[1].stages
+
+    def _forward(self, image, text: str):
+        """Checked, preprocessed forward pass -> ((H, W) of the input, LSMSOutput)."""
         from lsms.data import ImageData, preprocess_image, read_image
 
         if isinstance(image, (str, Path)):
@@ -110,7 +125,6 @@ class Predictor:
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        H, W = array.shape[:2]
         x = preprocess_image(array, self.preprocessing)[None].to(self.device)  # (1, C, h, w)
         ids = attn = None
         if self.uses_text:
@@ -119,15 +133,10 @@ class Predictor:
         elif text:
             log.warning("this model was trained without text; the sentence %r is ignored", text)
         out = self.model.forward_features(x, ids, attn)
-        logits = F.interpolate(out.logits.float(), size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
-        prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
-        maps = None
-        if features:
-            maps = [_heat(f, (H, W)) for f in out.stages]
-        return Prediction(mask=prob > self.threshold, probability=prob, text=text, features=maps)
+        return array.shape[:2], out
 
 
-def _heat(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(1, C, h, w) stage output -> (H, W) in [0, 1]: mean absolute activation over channels, min-max scaled."""
     m = feature.float().abs().mean(1, keepdim=True)  # (1, 1, h, w)
     m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
@@ -186,22 +195,35 @@ def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray | None
 
 
 def save_feature_maps(array: np.ndarray, preprocessing, maps: list[np.ndarray], path: Path,
-                      caption: str = "") -> Path:
-    """The image and the four stage heat maps in a row (paper Fig. 6 style)."""
+                      caption: str = "", rows: list[tuple[str, list[np.ndarray]]] | None = None,
+                      mask: np.ndarray | None = None) -> Path:
+    """The image and the four stage heat maps in a row (paper Fig. 6 style).
+
+    ``rows`` adds further labelled rows of heat maps (e.g. what the sentence changes); ``mask`` outlines the
+    target in the image panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = display_image(array, preprocessing)
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.6 * (len(maps) + 1), 3.0))
-    axes[0].imshow(shown, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("image", fontsize=8)
-    for i, (ax, m) in enumerate(zip(axes[1:], maps, strict=True), start=1):
-        ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1)
-        ax.set_title(f"stage {i} (F{i})", fontsize=8)
-    for ax in axes:
+    all_rows = [("mean |activation|", maps), *(rows or [])]
+    ncols = len(maps) + 1
+    fig, axes = plt.subplots(len(all_rows), ncols, figsize=(2.6 * ncols, 2.9 * len(all_rows)), squeeze=False)
+    for r, (label, row_maps) in enumerate(all_rows):
+        axes[r, 0].imshow(shown, cmap="gray", vmin=0, vmax=1)
+        if mask is not None and mask.any():
+            axes[r, 0].contour(mask.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
+        axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)
+        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
+                        ha="right", fontsize=8)
+        for i, (ax, m) in enumerate(zip(axes[r, 1:], row_maps, strict=True), start=1):
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(f"stage {i} (F{i})", fontsize=8)
+    for ax in axes.flat:
         ax.axis("off")
     if caption:
         fig.suptitle("\n".join(textwrap.wrap(caption, 110)), fontsize=7.5)

@@ -80,6 +80,11 @@ class LanguageGuidedBranch(nn.Module):
         self.w_l1 = nn.Conv1d(text_channels, channels, 1)
         self.w_l2 = nn.Conv1d(text_channels, channels, 1)
         self.w_f = ConvNorm(channels)
+        # [decision] the branch starts closed: w_f's InstanceNorm scale is 0, so Att_L = 0 at initialisation and
+        # each block starts as the purely visual MSCAN block; training opens it. With the default scale of 1,
+        # the product of two unit-variance (instance-normalised) maps is added at full strength to every block
+        # of an untrained network, and training from scratch is much slower (docs/model.md, "Initialisation").
+        nn.init.zeros_(self.w_f[1].weight)
         self.scale = 1.0 / math.sqrt(text_channels)
 
     def forward(self, v_pre: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
