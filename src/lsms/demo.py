@@ -230,7 +230,7 @@ def write_pictures(run: Path, data: Path, results: dict, report: Path, device: s
     predictor = Predictor.from_checkpoint(run, device=device)
     image = read_image(pair[0].image_path)
     texts = [s.text_at("full") for s in pair]
-    preds = [predictor.predict(image, t, features=True) for t in texts]
+    preds = [predictor.predict(image, t) for t in texts]
     truths = [read_mask(s.mask_path) for s in pair]
     none = predictor.predict(image, "")
     red, blue, yellow = (1.0, 0.25, 0.25), (0.2, 0.75, 1.0), (1.0, 0.85, 0.1)
@@ -245,11 +245,12 @@ def write_pictures(run: Path, data: Path, results: dict, report: Path, device: s
     out["overlay"] = "overlay_two_sentences.png"
     size = image.shape
     empty = predictor.stage_features(image, "")
-    for i, (t, p) in enumerate(zip(texts, preds, strict=True)):
+    for i, t in enumerate(texts):
         name = f"features_sentence{i + 1}.png"
         with_text = predictor.stage_features(image, t)
+        maps = [heat_map(a, size) for a in with_text]
         changed = [heat_map(a - b, size) for a, b in zip(with_text, empty, strict=True)]
-        save_feature_maps(image.array, predictor.preprocessing, p.features, report / name, caption=t,
+        save_feature_maps(image.array, predictor.preprocessing, maps, report / name, caption=t,
                           rows=[("|F(sentence) - F(no text)|", changed)], mask=truths[i])
         out[f"features{i + 1}"] = name
     out["dice"] = [_dice(p.mask, g) for p, g in zip(preds, truths, strict=True)]
@@ -370,8 +371,7 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         f"--max-tokens {train_cfg.max_tokens}" + (" --freeze-text" if train_cfg.freeze_text else "")
         + (f" --window {train_cfg.window}" if train_cfg.window else "")
         + (" --group-by-image" if train_cfg.group_by_image else "")
-        + "".join(f" --model {k}={json.dumps(v, separators=(',', ':'))}" for k, v in train_cfg.model_overrides.items()
-                  if k in ("decoder_stages",)),
+        + "".join(f" --model {k}={json.dumps(v, separators=(',', ':'))}" for k, v in train_cfg.model_overrides.items()),
         "lsms evaluate run data --split test --text-level full   # also half, quarter, none",
         "```",
         "",
@@ -399,12 +399,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data_info = generate_data(cfg, data)
     timings["data"] = time.perf_counter() - t
 
+    def training_minutes_left() -> float:
+        return cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
+
     t = time.perf_counter()
-    left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
+    left = training_minutes_left()
     train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
     if cfg.epochs is None:  # as many epochs as fit, measured on this machine
         seconds, threads, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
-        left = cfg.budget_minutes - (time.perf_counter() - started) / 60 - cfg.eval_reserve_minutes
+        left = training_minutes_left()
         epochs = choose_epochs(seconds, steps_per_epoch, n_val, 0.97 * left, cfg.max_epochs)
         log.info("measured %.2f s per training step (%d thread(s)): %d epochs of %d steps fit in %.1f min",
                  seconds, threads, epochs, steps_per_epoch, left)
