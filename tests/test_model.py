@@ -131,7 +131,7 @@ def test_padding_does_not_change_the_output():
         # and padded by the tokenizer next to a longer sentence in the same batch
         tok = model.tokenize(["the larger cyst", "the most anterior metastasis in segment IVa of the liver"])
         c = model(image.expand(2, -1, -1, -1), tok["input_ids"], tok["attention_mask"])[:1]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # padded length changes the BLAS kernel (2e-5 seen on 1 thread)
     torch.testing.assert_close(a, c, atol=2e-4, rtol=1e-4)  # batched kernels round differently
 
 

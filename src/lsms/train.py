@@ -82,6 +82,7 @@ class TrainConfig:
     val_split: str = "val"
     text_level: str = "full"  # full | half | quarter | none  (training expressions)
     augment: bool = False  # the paper trains without augmentation
+    augmentation: dict[str, Any] = field(default_factory=dict)  # Augmentation fields (patches, flips, ...), with augment
     group_by_image: bool = False  # batches hold several expressions of the same image (referring signal)
     num_workers: int = 0
     # optimisation (paper: AdamW, wd 0.01, poly power 0.9, lr 3e-5, 100 epochs, batch 16)
@@ -130,6 +131,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.poly_power <= 0:
             raise ValueError(f"poly_power must be > 0, got {self.poly_power}")
+        self.augmentation_settings()  # checks the augmentation fields now, not after the data are read
+
+    def augmentation_settings(self):
+        """The :class:`lsms.data.Augmentation` these settings ask for, or None (``augment`` off)."""
+        from lsms.data import Augmentation
+
+        return Augmentation.from_dict({"seed": self.seed, **self.augmentation}) if self.augment else None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -257,9 +265,10 @@ class TrainingStep(nn.Module):
         self.criterion = criterion
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None,
-                attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """image (B, C, H, W), mask (B, 1, H, W), ids/mask (B, T) -> the loss dict of :class:`LSMSLoss`."""
-        out = self.model.forward_features(image, input_ids, attention_mask)
+                attention_mask: torch.Tensor | None, coords: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """image (B, C, H, W), mask (B, 1, H, W), ids/mask (B, T), coords (B, 2, H, W) of training patches
+        -> the loss dict of :class:`LSMSLoss`."""
+        out = self.model.forward_features(image, input_ids, attention_mask, coords)
         use_contrastive = out.text_embedding is not None and self.criterion.config.contrastive_weight > 0
         return self.criterion(
             out.logits.float(), mask,
@@ -270,13 +279,19 @@ class TrainingStep(nn.Module):
 
 def build_model_for(cfg: TrainConfig, in_channels: int) -> nn.Module:
     """The model a training config asks for: an LSMS preset or a baseline (``model_overrides`` may change
-    any architecture field)."""
-    from lsms.model import BASELINES, build_named_model
+    any architecture field). A baseline takes the overrides it has and logs the ones it has not (a recipe's
+    LSMS switches such as ``output_stride`` do not exist in a U-Net)."""
+    from lsms.model import BASELINES, UNetConfig, build_named_model
 
     overrides = dict(cfg.model_overrides)
-    overrides.setdefault("in_channels", in_channels)
-    if cfg.preset not in BASELINES:  # a baseline's name says whether it reads text
+    if cfg.preset in BASELINES:  # a baseline's name says whether it reads text
+        fields = {f.name for f in dataclasses.fields(UNetConfig)}
+        if skipped := sorted(set(overrides) - fields):
+            log.warning("model settings %s do not exist in the %s baseline; ignored", skipped, cfg.preset)
+        overrides = {k: v for k, v in overrides.items() if k in fields}
+    else:
         overrides.setdefault("use_text", cfg.use_text)
+    overrides.setdefault("in_channels", in_channels)
     overrides.setdefault("text_encoder", cfg.text_encoder)
     overrides.setdefault("freeze_text", cfg.freeze_text)
     overrides.setdefault("max_tokens", cfg.max_tokens)
@@ -520,7 +535,8 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
                 g["lr"] = lr * g["lr_scale"]
             batch = _to_device(batch, device)
             with autocast(device, dtype):
-                losses = step_module(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"))
+                losses = step_module(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"),
+                                     batch.get("coords"))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             if cfg.grad_clip > 0:
@@ -611,7 +627,6 @@ def _train(cfg: TrainConfig, env: DistEnv, resume: str | Path | None,
 def build_datasets(cfg: TrainConfig, checkpoint: dict[str, Any] | None = None):
     """(preprocessing, train dataset, val dataset). A resumed run reuses the checkpoint's preprocessing."""
     from lsms.data import (
-        Augmentation,
         Preprocessing,
         SegmentationDataset,
         default_preprocessing,
@@ -639,7 +654,7 @@ def build_datasets(cfg: TrainConfig, checkpoint: dict[str, Any] | None = None):
             if not is_ct:
                 raise ValueError(f"--window applies to CT data (modality CT); {cfg.data} has modality {modality!r}")
             preprocessing = dataclasses.replace(preprocessing, **parse_window(cfg.window))
-    augment = Augmentation(seed=cfg.seed) if cfg.augment else False  # draws depend on (seed, epoch, index) only
+    augment = cfg.augmentation_settings() or False  # draws depend on (seed, epoch, index) only
     train_set = SegmentationDataset(train_records, preprocessing, augment=augment, text_level=cfg.text_level)
     val_set = SegmentationDataset(val_records, preprocessing, augment=False, text_level="full") if val_records else None
     return preprocessing, train_set, val_set
@@ -697,13 +712,19 @@ def _progress(cfg: TrainConfig, env: DistEnv, total: int, desc: str):
 
 # --------------------------------------------------------------------------- command line
 
-PAPER_RECIPE: dict[str, Any] = {
-    # the paper's published recipe (Sec. IV-B): AdamW, lr 3e-5, wd 0.01, poly 0.9, 100 epochs, batch 16, 480x480,
-    # no augmentation; it fine-tunes pretrained weights (BERT-base, SegNeXt ImageNet-22K), which is not the case here
-    "preset": "base", "lr": PAPER_LR, "text_lr_scale": 1.0, "weight_decay": 0.01, "poly_power": 0.9,
-    "epochs": 100, "batch_size": 16, "image_size": 480, "augment": False, "warmup_steps": 0, "grad_clip": 0.0,
-    "no_decay_norm_bias": False,
-}
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A named recipe: ``src/lsms/recipes/NAME.yaml`` (settings in the format of ``--config``)."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown recipe {name!r}; choose one of {recipe_names()}")
+    return load_settings_file(path)
 
 
 def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -727,8 +748,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=S, metavar="RUN", help=f"run folder for checkpoints and logs (default {d.out})")
     p.add_argument("--config", metavar="YAML", help="settings file (keys as below, e.g. 'epochs: 20'); flags override it")
     p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its last.pt")
-    p.add_argument("--paper-recipe", action="store_true",
-                   help="the paper's settings: base, lr 3e-5, 100 epochs, batch 16, 480x480 (meant for fine-tuning)")
+    p.add_argument("--recipe", metavar="NAME",
+                   help="a named settings file under src/lsms/recipes/: 'paper' (base, lr 3e-5, 100 epochs, batch 16, "
+                        "480x480; meant for fine-tuning) or 'real' (real 2D images from scratch: lesion-centred "
+                        "patches, scale/rotation/flip/intensity augmentation, positions, 1/2-resolution output; "
+                        "docs/training.md); --config and flags override it")
+    p.add_argument("--paper-recipe", action="store_true", help="the same as --recipe paper")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=S, choices=MODEL_NAMES,
                    help=f"LSMS size, or a baseline: unet (MONAI BasicUNet, no text), film-unet (FiLM text fusion) (default {d.preset})")
@@ -746,7 +771,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-split", default=S, help=f"(default {d.train_split})")
     g.add_argument("--val-split", default=S, help=f"(default {d.val_split})")
     g.add_argument("--text-level", default=S, choices=("full", "half", "quarter", "none"), help="training expressions")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S, help="flip/intensity augmentation (paper: none)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S, help="training augmentation (paper: none)")
+    g.add_argument("--augmentation", action="append", metavar="KEY=VALUE",
+                   help="Augmentation field, repeatable: --augmentation patch_size=224 --augmentation text_flip=swap "
+                        "(fields: hflip_p, vflip_p, text_flip, patch_size, foreground_p, spatial_p, scale, rotation, "
+                        "contrast, brightness, gamma, noise)")
     g.add_argument("--num-workers", type=int, default=S, help="data-loading processes per training process")
     g.add_argument("--group-by-image", action=argparse.BooleanOptionalAction, default=S,
                    help="put the expressions of one image in the same batch (same image, different sentences)")
@@ -785,18 +814,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig defaults <- --paper-recipe <- --config YAML <- explicit flags."""
+    """TrainConfig defaults <- --recipe <- --config YAML <- explicit flags (dict settings merge key by key)."""
     values: dict[str, Any] = {}
-    if getattr(args, "paper_recipe", False):
-        values.update(PAPER_RECIPE)
+    recipe = "paper" if getattr(args, "paper_recipe", False) else getattr(args, "recipe", None)
+    layers = [load_recipe(recipe)] if recipe else []
     if getattr(args, "config", None):
-        values.update(load_settings_file(args.config))
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss", "model_overrides"}
+        layers.append(load_settings_file(args.config))
+    for layer in layers:
+        for key, value in layer.items():
+            merge = key in ("model_overrides", "loss", "augmentation") and isinstance(value, dict)
+            values[key] = {**values.get(key, {}), **value} if merge else value
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss", "model_overrides", "augmentation"}
     values.update({k: v for k, v in vars(args).items() if k in known})
     if getattr(args, "model", None):
         values["model_overrides"] = {**values.get("model_overrides", {}), **_key_values(args.model, "--model")}
     if getattr(args, "loss", None):
         values["loss"] = {**values.get("loss", {}), **_key_values(args.loss, "--loss")}
+    if getattr(args, "augmentation", None):
+        values["augmentation"] = {**values.get("augmentation", {}), **_key_values(args.augmentation, "--augmentation")}
     if values.get("image_size", 32) % 32:
         size = values["image_size"]
         raise ValueError(f"--image-size must be a multiple of 32, got {size}; use {max(32, round(size / 32) * 32)}")

@@ -1,13 +1,7 @@
 """Data: the manifest format, image readers, dataset layouts, preprocessing, torch dataset and checks."""
 
-from lsms.data.dataset import (
-    Augmentation,
-    Collator,
-    SampleError,
-    SegmentationDataset,
-    SkipLog,
-    swap_left_right,
-)
+from lsms.data.augment import Augmentation, swap_left_right
+from lsms.data.dataset import Collator, SampleError, SegmentationDataset, SkipLog
 from lsms.data.intensity import (
     CT_WINDOWS,
     Preprocessing,

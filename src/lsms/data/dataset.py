@@ -9,6 +9,7 @@ Every item is a dict that PyTorch's default collation can batch:
 | ``instances`` | int64 (H, W) | instance label map; all ``-1`` when the record has none |
 | ``target_instance`` | int | label of the referred lesion; ``-1`` when the record has none |
 | ``text`` | str | the expression at ``text_level`` (possibly with left/right swapped by a flip) |
+| ``coords`` | float32 (2, H, W) | only with spatial augmentation: (x, y) in [-1, 1] of each pixel in the whole image |
 | ``id`` | str | record id |
 | ``skipped`` | str | ids of bad samples this item stands in for (``on_error="skip"``), comma-joined; else ``""`` |
 
@@ -18,71 +19,18 @@ Tokenisation happens in :class:`Collator`, at batch time.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lsms.data.augment import Augmentation, draw
 from lsms.data.intensity import Preprocessing, preprocess_image, resize_labels
 from lsms.data.manifest import Record
 from lsms.data.readers import read_image, read_label_map, read_mask
 
 log = logging.getLogger(__name__)
-
-_SIDE_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_SIDE_RE = re.compile(r"\b(left|right|leftmost|rightmost)\b", re.IGNORECASE)
-TEXT_FLIP_POLICIES = ("swap", "refuse")
-
-
-def swap_left_right(text: str) -> str:
-    """Swap the words left/right (and leftmost/rightmost), keeping capitalisation.
-
-    >>> swap_left_right("Right femur, left of the Left knee")
-    'Left femur, right of the Right knee'
-    """
-
-    def repl(m: re.Match[str]) -> str:
-        word = m.group(0)
-        out = _SIDE_WORDS[word.lower()]
-        if word.isupper():
-            return out.upper()
-        return out.capitalize() if word[0].isupper() else out
-
-    return _SIDE_RE.sub(repl, text)
-
-
-@dataclass
-class Augmentation:
-    """Optional training augmentation (the paper trains without any; all of this is off unless asked for).
-
-    Attributes:
-        hflip_p: probability of a horizontal flip.
-        text_flip: what a flip does to a sample with text. ``refuse`` (default): text-bearing samples are
-            never flipped, because words such as Couinaud segment numbers or "right lobe" describe anatomy a
-            mirror image contradicts. ``swap``: flip and swap left/right words in the text (use it when sides
-            are only ever named with left/right). Samples without text are flipped either way.
-        contrast: maximum relative contrast change (0.1 = x0.9..x1.1 around the mean).
-        brightness: maximum brightness shift added after scaling (image units, e.g. 0.05).
-        seed: base seed; each item's randomness depends on (seed, epoch, index) only.
-    """
-
-    hflip_p: float = 0.5
-    text_flip: str = "refuse"
-    contrast: float = 0.0
-    brightness: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.hflip_p <= 1.0:
-            raise ValueError(f"hflip_p must be in [0, 1], got {self.hflip_p}")
-        if self.text_flip not in TEXT_FLIP_POLICIES:
-            raise ValueError(f"text_flip must be one of {', '.join(TEXT_FLIP_POLICIES)}, got {self.text_flip!r}")
-        if self.contrast < 0 or self.brightness < 0:
-            raise ValueError("contrast and brightness must be non-negative")
-
 
 class SampleError(ValueError):
     """A sample could not be loaded; the message names the record and the file."""
@@ -157,32 +105,14 @@ class SegmentationDataset(Dataset):
         else:
             inst = torch.full(prep.image_size, -1, dtype=torch.int64)
             target = -1
+        item = {"image": x.float(), "mask": m[None].float(), "instances": inst, "target_instance": target,
+                "text": text, "id": r.id, "skipped": ""}
         if self.augmentation is not None:
-            x, m, inst, text = self._augment(index, x, m, inst, text)
-        return {
-            "image": x.float(), "mask": m[None].float(), "instances": inst, "target_instance": target,
-            "text": text, "id": r.id, "skipped": "",
-        }
-
-    def _augment(
-        self, index: int, x: torch.Tensor, m: torch.Tensor, inst: torch.Tensor, text: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        aug = self.augmentation
-        assert aug is not None
-        rng = np.random.default_rng([aug.seed, self.epoch, index])
-        flip = rng.random() < aug.hflip_p
-        if flip and text and aug.text_flip == "refuse":
-            flip = False  # documented: text-bearing samples are not flipped under "refuse"
-        if flip:
-            x, m, inst = x.flip(-1), m.flip(-1), inst.flip(-1)
-            text = swap_left_right(text)
-        if aug.contrast > 0:
-            factor = 1.0 + rng.uniform(-aug.contrast, aug.contrast)
-            mean = x.mean(dim=(-2, -1), keepdim=True)
-            x = (x - mean) * factor + mean
-        if aug.brightness > 0:
-            x = x + float(rng.uniform(-aug.brightness, aug.brightness))
-        return x, m, inst, text
+            view = draw(self.augmentation, self.epoch, index, x, m, inst, text)
+            item.update(image=view.image.float(), mask=view.mask[None].float(), instances=view.instances, text=view.text)
+            if view.coords is not None:
+                item["coords"] = view.coords
+        return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.on_error == "raise":
@@ -232,7 +162,7 @@ class Collator:
 
     Returns (when called):
         ``image`` (B, C, H, W), ``mask`` (B, 1, H, W), ``instances`` (B, H, W), ``target_instance`` (B,),
-        ``text``/``id``/``skipped`` lists, and with a tokenizer ``input_ids``/``attention_mask`` (B, T) and
+        ``text``/``id``/``skipped`` lists, ``coords`` (B, 2, H, W) when the items have them, and with a tokenizer ``input_ids``/``attention_mask`` (B, T) and
         ``truncated`` (B,).
     """
 
@@ -251,6 +181,8 @@ class Collator:
             "id": [it["id"] for it in items],
             "skipped": [it.get("skipped", "") for it in items],
         }
+        if "coords" in items[0]:
+            batch["coords"] = torch.stack([it["coords"] for it in items])
         if self.tokenizer is not None:
             batch.update(self.tokenizer(batch["text"]))
         return batch

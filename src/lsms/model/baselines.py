@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
-from lsms.model.lsms import LSMSOutput, text_parts
+from lsms.model.encoder import coordinate_grid
+from lsms.model.lsms import LSMSOutput, check_coords, text_parts
 from lsms.settings import DictRoundTrip
 from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, TextEncoder, Tokenizer
 
@@ -29,6 +31,7 @@ class UNetConfig(DictRoundTrip):
     in_channels: int = 3
     features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)  # BasicUNet's 6 widths, halved for CPU
     use_text: bool = False
+    coord_embed: bool = False  # CoordConv: (x, y) of each pixel in the whole image as 2 extra input channels
     text_encoder: str = DEFAULT_TEXT_ENCODER
     text_config: dict[str, Any] | None = None
     pretrained_text: bool = True
@@ -65,7 +68,9 @@ class TextUNet(nn.Module):
         from monai.networks.nets import BasicUNet
 
         self.config = config
-        self.unet = BasicUNet(spatial_dims=2, in_channels=config.in_channels, out_channels=1, features=config.features)
+        extra = 2 if config.coord_embed else 0
+        self.unet = BasicUNet(spatial_dims=2, in_channels=config.in_channels + extra, out_channels=1,
+                              features=config.features)
         self.text_encoder = text_encoder if config.use_text else None
         self.tokenizer = tokenizer if config.use_text else None
         if self.text_encoder is not None:
@@ -81,12 +86,19 @@ class TextUNet(nn.Module):
         return self.tokenizer(texts)
 
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
-                         attention_mask: Tensor | None = None) -> LSMSOutput:
-        """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput` (no aligned features)."""
+                         attention_mask: Tensor | None = None, coords: Tensor | None = None) -> LSMSOutput:
+        """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput` (no aligned features).
+
+        ``coords`` as in :meth:`LSMS.forward_features` (read only with ``coord_embed``)."""
         if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[-1] % 16 or image.shape[-2] % 16:
             raise ValueError(f"image must be (B, {self.config.in_channels}, H, W) with H and W multiples of 16, "
                              f"got {tuple(image.shape)}")
+        check_coords(image, coords)
         u = self.unet
+        if self.config.coord_embed:
+            if coords is None:
+                coords = coordinate_grid(image.shape[0], *image.shape[-2:], device=image.device, dtype=image.dtype)
+            image = torch.cat([image, coords.to(image.dtype)], dim=1)
         x0 = u.conv_0(image)
         x1 = u.down_1(x0)
         x2 = u.down_2(x1)
@@ -108,8 +120,9 @@ class TextUNet(nn.Module):
             decoder_stages.append(x)
         return LSMSOutput(u.final_conv(x), [x0, x1, x2, x3, x4], decoder_stages, x, text_embedding)
 
-    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        return self.forward_features(image, input_ids, attention_mask).logits
+    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                coords: Tensor | None = None) -> Tensor:
+        return self.forward_features(image, input_ids, attention_mask, coords).logits
 
 
 def build_unet(config: UNetConfig) -> TextUNet:

@@ -28,6 +28,9 @@ class LSMSConfig(DictRoundTrip):
     drop_path: float = 0.0  # stochastic depth, linearly increasing over blocks
     conv_kernels: tuple[int, ...] = (7, 11, 21)  # ConvUnit sizes d_j; Table III(a)/(b)
     pixel_map: bool = True  # PM: Att_L = w_f(Att_L') * V_2; Table III(b)
+    # [deviation, off by default] (x, y) of every pixel in the whole image, projected (1x1 conv) and added to
+    # each stage's input, so that words naming image regions ("upper-left region") can be matched to pixels
+    coord_embed: bool = False
     # Text (spec 2.1)
     use_text: bool = True  # False: classical segmentation, no language branch, no contrastive loss
     text_encoder: str = DEFAULT_TEXT_ENCODER  # tokenizer (and weights) source: package default, folder or hub id
@@ -47,6 +50,9 @@ class LSMSConfig(DictRoundTrip):
     nmf_steps_eval: int = 7
     nmf_seed: int = 0  # seed of the NMF bases in eval, so eval is deterministic
     head_dropout: float = 0.1
+    # [deviation, 4 = the paper's FSD] 2: a residual refinement at 1/2 resolution from the stem's first
+    # convolution (small lesions); starts as the plain FSD output (its last conv is zero-initialised)
+    output_stride: int = 4
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "mlp_ratios", "conv_kernels", "decoder_stages"):
@@ -75,6 +81,8 @@ class LSMSConfig(DictRoundTrip):
             )
         if self.nmf_rank < 1 or self.nmf_steps_train < 1 or self.nmf_steps_eval < 1:
             raise ValueError("nmf_rank, nmf_steps_train and nmf_steps_eval must be >= 1")
+        if self.output_stride not in (2, 4):
+            raise ValueError(f"output_stride must be 4 (the paper's FSD) or 2 (refined at 1/2), got {self.output_stride}")
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.head_dropout < 1.0:
             raise ValueError("drop_path and head_dropout must lie in [0, 1)")
 

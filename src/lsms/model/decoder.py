@@ -131,3 +131,30 @@ class FullScaleDecoder(nn.Module):
             x = self.hamburger(x)
         decoded = self.project(x)  # (B, C_head, h, w)
         return self.seg(self.dropout(decoded)), aligned, decoded
+
+
+class Refine(nn.Module):
+    """[deviation, ``output_stride=2``] Logits at 1/2 resolution: the FSD logits up-sampled x2 plus a residual
+    from the decoder features (1x1 to 32 channels, up-sampled) fused with a stride-2 convolution of the image.
+
+    The last convolution starts at zero, so a fresh model outputs exactly the up-sampled FSD logits.
+    """
+
+    def __init__(self, in_channels: int, head_channels: int, channels: int = 32):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
+                                   nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+        self.reduce = conv_gn_relu(head_channels, channels)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1, bias=False),
+                                  nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+        self.out = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image: Tensor, decoded: Tensor, logits: Tensor) -> Tensor:
+        """image (B, C_in, H, W), decoded (B, C_head, H/4, W/4), logits (B, 1, H/4, W/4) -> (B, 1, H/2, W/2)."""
+        skip = self.image(image)  # (B, 32, H/2, W/2)
+        size = skip.shape[-2:]
+        up = F.interpolate(self.reduce(decoded), size=size, mode="bilinear", align_corners=False)
+        residual = self.out(self.fuse(torch.cat([skip, up], dim=1)))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False) + residual

@@ -9,9 +9,19 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig
+
+
+def coordinate_grid(batch: int, height: int, width: int, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """(x, y) of every pixel centre of a whole image in [-1, 1] (``align_corners=False``) -> (B, 2, H, W)."""
+    ys = (2 * torch.arange(height, device=device, dtype=dtype) + 1) / height - 1
+    xs = (2 * torch.arange(width, device=device, dtype=dtype) + 1) / width - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x varies along W, y along H
+    return grid[None].expand(batch, -1, -1, -1)
 
 
 class Stem(nn.Module):
@@ -168,15 +178,23 @@ class EncoderBlock(nn.Module):
 
 
 class EncoderStage(nn.Module):
-    """One LGVE stage: down-sampling (the stem for stage 1), then N_i encoder blocks."""
+    """One LGVE stage: down-sampling (the stem for stage 1), then N_i encoder blocks.
 
-    def __init__(self, down: nn.Module, blocks: list[EncoderBlock]):
+    With ``coord_embed`` [deviation], a 1x1 projection of the pixel positions (x, y) is added after the
+    down-sampling (zero-initialised: the stage starts as without it).
+    """
+
+    def __init__(self, down: nn.Module, blocks: list[EncoderBlock], position: nn.Conv2d | None = None):
         super().__init__()
         self.down = down
         self.blocks = nn.ModuleList(blocks)
+        self.position = position
 
-    def forward(self, x: Tensor, text: Tensor | None, text_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor | None, text_mask: Tensor | None, coords: Tensor | None = None) -> Tensor:
+        """x (B, C_in, H, W), coords (B, 2, H, W) when the stage embeds positions -> (B, C_i, H/2 or H/4, ...)."""
         x = self.down(x)
+        if self.position is not None:
+            x = x + self.position(F.interpolate(coords, size=x.shape[-2:], mode="bilinear", align_corners=False))
         for block in self.blocks:
             x = block(x, text, text_mask)
         return x
@@ -200,17 +218,25 @@ class LanguageGuidedEncoder(nn.Module):
         for i, (width, depth, ratio) in enumerate(zip(cfg.widths, cfg.depths, cfg.mlp_ratios)):
             down = Stem(prev, width) if i == 0 else Downsample(prev, width)
             blocks = [EncoderBlock(width, text_channels, cfg, ratio, rates[start + j]) for j in range(depth)]
-            stages.append(EncoderStage(down, blocks))
+            position = nn.Conv2d(2, width, 1) if cfg.coord_embed else None
+            if position is not None:
+                nn.init.zeros_(position.weight)
+                nn.init.zeros_(position.bias)
+            stages.append(EncoderStage(down, blocks, position))
             start, prev = start + depth, width
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, image: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> list[Tensor]:
-        """image (B, C_in, H, W), text (B, T, C_l) -> [F_i (B, C_i, H/s_i, W/s_i) for s_i in 4, 8, 16, 32]."""
+    def forward(self, image: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None,
+                coords: Tensor | None = None) -> list[Tensor]:
+        """image (B, C_in, H, W), text (B, T, C_l), coords (B, 2, H, W) (used with ``coord_embed``; default: the
+        whole-image grid) -> [F_i (B, C_i, H/s_i, W/s_i) for s_i in 4, 8, 16, 32]."""
+        if coords is None and self.stages[0].position is not None:
+            coords = coordinate_grid(image.shape[0], *image.shape[-2:], device=image.device, dtype=image.dtype)
         features, x = [], image
         for stage in self.stages:
-            x = stage(x, text, text_mask)
+            x = stage(x, text, text_mask, coords)
             features.append(x)
         return features
 
 
-__all__ = ["LanguageGuidedEncoder", "SVLA", "ConvUnit", "EncoderBlock"]
+__all__ = ["LanguageGuidedEncoder", "SVLA", "ConvUnit", "EncoderBlock", "coordinate_grid"]

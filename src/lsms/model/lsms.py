@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig, preset_config
-from lsms.model.decoder import FullScaleDecoder
+from lsms.model.decoder import FullScaleDecoder, Refine
 from lsms.model.encoder import LanguageGuidedEncoder
 from lsms.text import TextEncoder, Tokenizer, load_text_encoder
 
@@ -50,6 +50,7 @@ class LSMS(nn.Module):
         self.tokenizer = tokenizer if config.use_text else None
         self.encoder = encoder
         self.decoder = decoder
+        self.refine = Refine(config.in_channels, decoder.channels) if config.output_stride == 2 else None
         # proj of L_avg for the contrastive loss (Eq. 14)
         self.text_proj = nn.Linear(text_encoder.hidden_size, decoder.channels) if self.text_encoder else None
 
@@ -83,22 +84,38 @@ class LSMS(nn.Module):
             raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
 
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
-                         attention_mask: Tensor | None = None) -> LSMSOutput:
-        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> :class:`LSMSOutput`."""
+                         attention_mask: Tensor | None = None, coords: Tensor | None = None) -> LSMSOutput:
+        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> :class:`LSMSOutput`.
+
+        ``coords`` (B, 2, H, W): where each pixel lies in the whole image, (x, y) in [-1, 1]; read only with
+        ``coord_embed``, and only needed for a crop of an image (training patches); default: the image is whole.
+        """
         self._check_inputs(image, input_ids, attention_mask)
+        check_coords(image, coords)
         text = text_embedding = None
         if self.text_encoder is not None:
             text = self.text_encoder(input_ids, attention_mask)  # L (B, T, C_l)
             m = attention_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
             text_embedding = self.text_proj((text * m).sum(1) / m.sum(1))  # mean over real tokens -> (B, C_head)
-        stages = self.encoder(image, text, attention_mask)
+        stages = self.encoder(image, text, attention_mask, coords)
         logits, aligned, decoded = self.decoder(stages)
+        if self.refine is not None:
+            logits = self.refine(image, decoded, logits)
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return LSMSOutput(logits, stages, aligned, decoded, text_embedding)
 
-    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                coords: Tensor | None = None) -> Tensor:
         """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W)."""
-        return self.forward_features(image, input_ids, attention_mask).logits
+        return self.forward_features(image, input_ids, attention_mask, coords).logits
+
+
+def check_coords(image: Tensor, coords: Tensor | None) -> None:
+    """``coords`` must be None or (B, 2, H, W) like ``image``."""
+    if coords is not None and (coords.ndim != 4 or coords.shape[1] != 2 or coords.shape[0] != image.shape[0]
+                               or coords.shape[-2:] != image.shape[-2:]):
+        raise ValueError(f"coords must be (B, 2, H, W) = ({image.shape[0]}, 2, {image.shape[-2]}, {image.shape[-1]}) "
+                         f"like the image, got {tuple(coords.shape)}")
 
 
 def text_parts(config: Any) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
