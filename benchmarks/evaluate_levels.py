@@ -18,7 +18,7 @@ from lsms.evaluate import TEXT_LEVELS
 
 
 def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path,
-                    batch_size: int = 8) -> dict[str, dict]:
+                    batch_size: int = 8, prefer: str = "best") -> dict[str, dict]:
     import torch
 
     from lsms.data import SegmentationDataset, load_samples
@@ -26,7 +26,7 @@ def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir:
     from lsms.evaluate import evaluate_model, load_trained, make_loader
 
     env = DistEnv(device=torch.device("cpu"))
-    model, preprocessing, checkpoint = load_trained(run, env.device, prefer="best")
+    model, preprocessing, checkpoint = load_trained(run, env.device, prefer=prefer)
     records = load_samples(data, split=split)
     out = {}
     for level in levels:
@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", default=["full"], choices=TEXT_LEVELS)
     parser.add_argument("--json-dir", help="where the eval-SPLIT-LEVEL.json files go (default: RUN)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prefer", default="best", choices=("best", "last"), help="which checkpoint of RUN (default best.pt)")
     args = parser.parse_args()
-    evaluate_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size)
+    evaluate_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size,
+                    args.prefer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,284 @@
+"""Real images with the real-data recipe (``lsms train --recipe real``): BTXRD (radiographs + sentences) and
+Kvasir-SEG (endoscopy, no text), LSMS tiny against MONAI's U-Net and the FiLM text U-Net, on the CPU.
+
+    python benchmarks/real_data.py --rows btxrd/lsms-tiny-text kvasir/lsms-tiny-notext   # train + evaluate rows
+    python benchmarks/real_data.py --report                                           # table + plots from all rows
+
+Every row is ``lsms train DATA --recipe real ... --time-limit BUDGET`` followed by an evaluation of the run's
+last.pt on the val split (BTXRD text rows: with the sentence and with an empty sentence, same weights). A row's
+folder (CACHE/real/<row>/seed<k>) is reused: a finished row is only evaluated again if an evaluation is missing,
+an interrupted one resumes from its last.pt with the time it has left. Each row records wall and CPU seconds and
+the machine load before and after, and ``--report`` writes docs/results/real-data.{json,md} with the table, the
+learning curves, Dice against minutes and overlays of good and bad BTXRD cases with their sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds
+
+from common import RESULTS, command_line, machine, write_atomic, write_json
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: str  # under SHARED_DATA
+    image_size: int  # whole-image size (inference); patches come from the recipe (224)
+    epochs: dict[str, int]  # poly-schedule length per model family, so that the schedule ends near the budget
+    val_every: int
+    text: bool
+
+
+DATASETS = {
+    "btxrd": Dataset("btxrd", 448, {"lsms": 7, "unet": 10}, 3, True),
+    "kvasir": Dataset("kvasir-seg", 256, {"lsms": 14, "unet": 20}, 4, False),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    dataset: str
+    preset: str  # tiny | unet | film-unet
+    text: bool
+    label: str
+    extra: tuple[str, ...] = field(default_factory=tuple)  # more `lsms train` flags (ablations)
+
+    @property
+    def family(self) -> str:
+        return "unet" if "unet" in self.preset else "lsms"
+
+
+ROWS = {
+    "btxrd/lsms-tiny-text": Row("btxrd", "tiny", True, "LSMS tiny, sentence"),
+    "btxrd/lsms-tiny-notext": Row("btxrd", "tiny", False, "LSMS tiny, no-text model"),
+    "btxrd/film-unet": Row("btxrd", "film-unet", True, "FiLM U-Net, sentence"),
+    "btxrd/unet": Row("btxrd", "unet", False, "U-Net (MONAI), no text"),
+    "btxrd/lsms-tiny-text-nocoord": Row("btxrd", "tiny", True, "LSMS tiny, sentence, w/o positions",
+                                        ("--model", "coord_embed=false")),
+    "kvasir/lsms-tiny-notext": Row("kvasir", "tiny", False, "LSMS tiny, no text"),
+    "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)"),
+}
+
+
+@dataclass
+class Settings:
+    cache: Path
+    budget_min: float
+    threads: int
+    seed: int
+
+
+def run_dir(key: str, s: Settings) -> Path:
+    return s.cache / "real" / key / f"seed{s.seed}"
+
+
+def data_path(row: Row) -> Path:
+    return SHARED_DATA / DATASETS[row.dataset].path
+
+
+def train_command(key: str, s: Settings, time_limit: float | None = None, resume: bool = False) -> list[str]:
+    row, ds = ROWS[key], DATASETS[ROWS[key].dataset]
+    run = run_dir(key, s)
+    limit = f"{time_limit if time_limit is not None else s.budget_min:g}"
+    if resume:
+        return ["lsms", "train", "--resume", str(run), "--time-limit", limit, "--no-progress"]
+    return ["lsms", "train", str(data_path(row)), "--out", str(run), "--recipe", "real", "--preset", row.preset,
+            "--text" if row.text else "--no-text", "--image-size", str(ds.image_size),
+            "--epochs", str(ds.epochs[row.family]), "--time-limit", limit, "--val-every", str(ds.val_every),
+            "--freeze-text", "--max-tokens", "48", "--seed", str(s.seed), "--threads", str(s.threads),
+            "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *row.extra]
+
+
+def levels(row: Row) -> list[str]:
+    return ["full", "none"] if row.text else ["full"]
+
+
+def eval_command(key: str, s: Settings) -> list[str]:
+    row = ROWS[key]
+    return ["python", str(Path(__file__).with_name("evaluate_levels.py")), str(run_dir(key, s)), str(data_path(row)),
+            "--split", "val", "--prefer", "last", "--levels", *levels(row)]
+
+
+def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
+    """Train (or resume) and evaluate one row; the result goes to its folder's result.json."""
+    row = ROWS[key]
+    run = run_dir(key, s)
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    log = run / "bench.log"
+    ledger_path = run / "bench-ledger.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"sessions": []}
+    if not (run / "summary.json").exists():
+        load_before = os.getloadavg()[0]
+        if (run / "last.pt").exists():
+            left = max(s.budget_min - spent_seconds(run) / 60, 0.05)
+            cmd = train_command(key, s, time_limit=left, resume=True)
+            say(f"{key}: resuming with {left:.2f} of {s.budget_min:g} min left")
+        else:
+            if run.exists():
+                shutil.rmtree(run)
+            cmd = train_command(key, s)
+            say(f"{key}: training for {s.budget_min:g} min")
+        usage = run_logged(cmd, log, s.threads)
+        ledger["sessions"].append({"command": shown(cmd, s.threads), **usage,
+                                   "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]})
+        write_json(ledger_path, ledger)
+    if any(not (run / f"eval-val-{lv}.json").exists() for lv in levels(row)):
+        cmd = eval_command(key, s)
+        usage = run_logged(cmd, log, s.threads)
+        ledger["evaluation"] = {"command": shown(cmd, s.threads), **usage}
+        write_json(ledger_path, ledger)
+    summary = json.loads((run / "summary.json").read_text())
+    evals = {lv: json.loads((run / f"eval-val-{lv}.json").read_text()) for lv in levels(row)}
+    result = {
+        "row": key, "label": row.label, "dataset": row.dataset, "preset": row.preset, "text": row.text,
+        "seed": s.seed, "budget_min": s.budget_min, "threads": s.threads,
+        "commands": {"train": shown(train_command(key, s), s.threads), "evaluate": shown(eval_command(key, s), s.threads)},
+        "training": {"steps": summary["step"], "epochs_done": summary["epoch"],
+                     "train_s": sum(x["wall_s"] for x in ledger["sessions"]),
+                     "cpu_s": sum(x["cpu_s"] for x in ledger["sessions"]),
+                     "sessions": ledger["sessions"], "stopped_by_time_limit": summary.get("stopped_early")},
+        "evaluation": ledger.get("evaluation"),
+        "eval": {lv: {k: v for k, v in e.items() if k not in ("checkpoint", "data")} for lv, e in evals.items()},
+        "curve": read_curve(run),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    write_json(run / "result.json", result)
+    say(f"{key} seed {s.seed}: {summary['step']} steps, val Dice {evals['full']['Dice']:.4f}"
+        + (f" (empty sentence {evals['none']['Dice']:.4f})" if "none" in evals else ""))
+    return result
+
+
+def read_curve(run: Path) -> list[dict[str, float]]:
+    """(minutes, step, train loss, val Dice) per epoch row of metrics.csv; time restarts in resumed sessions."""
+    rows, offset, prev = [], 0.0, 0.0
+    with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            t = float(r["time_s"])
+            if t < prev:
+                offset += prev
+            prev = t
+            rows.append({"minutes": (offset + t) / 60, "step": int(r["step"]), "train_loss": float(r["train_loss"]),
+                         "val_dice": float(r["val_Dice"]) if r.get("val_Dice") else None})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def collect(cache: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((cache / "real").glob("*/*/seed*/result.json"))]
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f} (min {min(values):.3f}, max {max(values):.3f}; {len(values)} seeds)"
+
+
+def markdown(results: list[dict[str, Any]], cache: Path) -> str:
+    m = machine()
+    lines = [
+        "# Real images: BTXRD and Kvasir-SEG with the real-data recipe, CPU",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, no GPU, torch {m['torch']}. Each row trains from scratch "
+        "(random visual weights; LSMS and FiLM U-Net read the sentence through the frozen packaged MiniLM) with "
+        "`lsms train --recipe real` for the time budget given, then evaluates the run's last.pt on the val split. "
+        "Dice and mIoU are means over the val images of the per-image Dice / IoU (`lsms evaluate`).",
+        "",
+        "| dataset | row | seed | budget (min x threads) | steps | CPU min | load before/after | val Dice | Dice, empty sentence | mIoU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t, e = r["training"], r["eval"]
+        loads = "; ".join(f"{a:.1f}/{b:.1f}" for a, b in (s["loadavg_1min_before_after"] for s in t["sessions"]))
+        none = f"{e['none']['Dice']:.4f}" if "none" in e else "-"
+        lines.append(f"| {r['dataset']} | {r['label']} | {r['seed']} | {r['budget_min']:g} x {r['threads']} | "
+                     f"{t['steps']} | {t['cpu_s'] / 60:.1f} | {loads} | {e['full']['Dice']:.4f} | {none} | "
+                     f"{e['full']['mIoU']:.4f} |")
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_row.setdefault(r["row"], []).append(r)
+    lines += ["", "Mean over seeds:", "", "| row | val Dice | Dice, empty sentence |", "|---|---|---|"]
+    for key, rs in by_row.items():
+        full = mean_spread([r["eval"]["full"]["Dice"] for r in rs])
+        none = mean_spread([r["eval"]["none"]["Dice"] for r in rs]) if "none" in rs[0]["eval"] else "-"
+        lines.append(f"| {key} | {full} | {none} |")
+    lines += ["", "Commands (from the repository root; CACHE = " + str(cache) + "):", ""]
+    for r in results:
+        lines += [f"- `{r['row']}` seed {r['seed']}:", f"  `{r['commands']['train']}`", f"  then `{r['commands']['evaluate']}`"]
+    lines += ["", f"Made by `{command_line()}`.", ""]
+    return "\n".join(lines)
+
+
+def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, dataset in zip(axes, ("btxrd", "kvasir")):
+        for r in (r for r in results if r["dataset"] == dataset):
+            pts = [(c["minutes"], c["val_dice"]) for c in r["curve"] if c["val_dice"] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{r['label']} (seed {r['seed']})")
+        ax.set(title=f"{dataset}: val Dice vs training minutes", xlabel="minutes of training", ylabel="val Dice")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    dice_path = out.with_name(out.name + "_dice_vs_minutes.png")
+    fig.savefig(dice_path, dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, dataset in zip(axes, ("btxrd", "kvasir")):
+        for r in (r for r in results if r["dataset"] == dataset):
+            ax.plot([c["step"] for c in r["curve"]], [c["train_loss"] for c in r["curve"]], marker=".",
+                    label=f"{r['label']} (seed {r['seed']})")
+        ax.set(title=f"{dataset}: training loss per epoch", xlabel="optimiser step", ylabel="mean train loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    loss_path = out.with_name(out.name + "_learning_curves.png")
+    fig.savefig(loss_path, dpi=110)
+    plt.close(fig)
+    return [dice_path.name, loss_path.name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to train and evaluate, in order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-min", type=float, default=60.0, help="training minutes per row (default 60)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row (default 1)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE))
+    parser.add_argument("--fresh", action="store_true", help="discard the rows' previous run folders")
+    parser.add_argument("--report", action="store_true", help="write docs/results/real-data.{json,md} and plots")
+    parser.add_argument("--out", default=str(RESULTS / "real-data"), help="report path without extension")
+    args = parser.parse_args()
+    s = Settings(Path(args.cache).resolve(), args.budget_min, args.threads, args.seed)
+    for key in args.rows:
+        run_row(key, s, fresh=args.fresh)
+    if args.report:
+        results = collect(s.cache)
+        if not results:
+            raise SystemExit(f"no finished rows under {s.cache / 'real'}; run some with --rows first")
+        out = Path(args.out)
+        figures = plots(results, out)
+        write_json(out.with_suffix(".json"), {"machine": machine(), "rows": results, "figures": figures})
+        write_atomic(out.with_suffix(".md"), markdown(results, s.cache))
+        say(f"wrote {out}.md")
+
+
+if __name__ == "__main__":
+    main()
