@@ -30,6 +30,8 @@ ABLATIONS = {
     "fsd_no_hamburger": dict(hamburger=False),
     "fsd_stage_mlp": dict(stage_mlp=True),
     "no_text": dict(use_text=False),
+    "coord_embed": dict(coord_embed=True),
+    "output_stride_2": dict(output_stride=2),
 }
 
 
@@ -192,6 +194,7 @@ def test_truncation_is_counted():
         (dict(in_channels=0), "in_channels"),
         (dict(ham_channels=100), "multiples of 32"),
         (dict(depths=(1, 1, 1)), "4 entries"),
+        (dict(output_stride=8), "output_stride must be 4"),
     ],
 )
 def test_ill_arguments(kwargs, message):
@@ -213,6 +216,43 @@ def test_ill_inputs():
         model(image, ids.repeat(2, 1), mask.repeat(2, 1))
     with pytest.raises(TypeError, match="list of strings"):
         model.tokenize("a cyst")
+
+
+def test_coord_embed_reads_positions():
+    from lsms.model.encoder import coordinate_grid
+
+    torch.manual_seed(0)
+    model = build_model("tiny", **tiny_model_kwargs(coord_embed=True)).eval()
+    image, ids, mask = _inputs(model, ["the lesion in the upper-left region"])
+    with torch.no_grad():
+        for stage in model.encoder.stages:  # starts at zero: open it
+            torch.nn.init.normal_(stage.position.weight)
+        whole = model(image, ids, mask)
+        torch.testing.assert_close(whole, model(image, ids, mask, coordinate_grid(1, SIZE, SIZE)))  # the default
+        moved = model(image, ids, mask, coordinate_grid(1, SIZE, SIZE).flip(-1))
+    assert not torch.allclose(whole, moved, atol=1e-4)  # the same pixels elsewhere in the image
+    with pytest.raises(ValueError, match=r"coords must be \(B, 2, H, W\)"):
+        model(image, ids, mask, coordinate_grid(1, 32, 32))
+
+
+def test_output_stride_2_starts_as_the_fsd_output():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    fsd = build_model("tiny", **tiny_model_kwargs()).eval()
+    refined = build_model("tiny", **tiny_model_kwargs(output_stride=2)).eval()
+    missing = refined.load_state_dict(fsd.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("refine.") for k in missing)
+    image, ids, mask = _inputs(fsd, ["a cyst"])
+    with torch.no_grad():
+        stages = fsd.encoder(image, fsd.text_encoder(ids, mask), mask)
+        quarter = fsd.decoder(stages)[0]  # (1, 1, H/4, W/4)
+        half = F.interpolate(quarter, size=(SIZE // 2, SIZE // 2), mode="bilinear", align_corners=False)
+        expected = F.interpolate(half, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        out = refined(image, ids, mask)
+        assert torch.equal(out, expected)  # the residual starts at exactly zero
+        torch.nn.init.normal_(refined.refine.out.weight)
+        assert not torch.allclose(refined(image, ids, mask), out)
 
 
 def test_config_round_trip():

@@ -29,9 +29,22 @@ def _weights(run):
     return load_checkpoint(run / "last.pt")["model"]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(toy, tmp_path):
+REAL_RECIPE_LIKE = dict(  # the real recipe's augmentation and switches, at toy size
+    augmentation=dict(patch_size=64, foreground_p=0.5, spatial_p=0.5, scale=[0.7, 1.4], rotation=15, vflip_p=0.5,
+                      text_flip="swap", contrast=0.25, brightness=0.1, gamma=[0.7, 1.5], noise=0.05),
+    model_overrides_extra=dict(coord_embed=True, output_stride=2),
+)
+
+
+@pytest.mark.parametrize("recipe", ["flips", "real"])
+def test_resume_after_kill_matches_uninterrupted_run(toy, tmp_path, recipe):
     # 12 train samples, batch 4 -> 3 steps/epoch, 2 epochs = 6 steps; last.pt every 2 steps (mid-epoch too)
     settings = dict(epochs=2, save_every=2, augment=True)
+    if recipe == "real":
+        settings["augmentation"] = REAL_RECIPE_LIKE["augmentation"]
+        base = tiny_train_settings(toy, tmp_path)["model_overrides"]
+        settings["model_overrides"] = {**base, **REAL_RECIPE_LIKE["model_overrides_extra"]}
+        settings["image_size"] = 96  # patches of 64 from 96 px images
     full = tmp_path / "full"
     train(TrainConfig(**tiny_train_settings(toy, full, **settings)))
 

@@ -162,10 +162,12 @@ def sample_view(aug: Augmentation, rng: np.random.Generator, image: torch.Tensor
     H, W = image.shape[-2:]
     P = aug.patch_size
     ph, pw = (P, P) if P is not None else (H, W)
-    # centre, as a pixel index of the un-mirrored image
+    # centre, as a pixel index of the mirrored image: a lesion pixel (mirrored), or uniform so that the patch
+    # lies inside the image where it fits
     fg = torch.nonzero(mask) if rng.random() < aug.foreground_p else None
     if fg is not None and len(fg):
         cy, cx = (int(v) for v in fg[int(rng.integers(len(fg)))])
+        cx, cy = (W - 1 - cx if hflip else cx), (H - 1 - cy if vflip else cy)
     else:
         cy = int(rng.integers(ph // 2, H - (ph - ph // 2) + 1)) if H > ph else H // 2
         cx = int(rng.integers(pw // 2, W - (pw - pw // 2) + 1)) if W > pw else W // 2
@@ -179,8 +181,7 @@ def sample_view(aug: Augmentation, rng: np.random.Generator, image: torch.Tensor
     cos, sin = math.cos(angle), math.sin(angle)
     dx, dy = (cos * ox - sin * oy) / zoom, (sin * ox + cos * oy) / zoom
     # positions in the mirrored image (what the model sees as "where"); mirror back to read the source
-    mx = (W - 1 - cx if hflip else cx) + dx
-    my = (H - 1 - cy if vflip else cy) + dy
+    mx, my = cx + dx, cy + dy
     sx = W - 1 - mx if hflip else mx
     sy = H - 1 - my if vflip else my
 

@@ -135,9 +135,10 @@ class FullScaleDecoder(nn.Module):
 
 class Refine(nn.Module):
     """[deviation, ``output_stride=2``] Logits at 1/2 resolution: the FSD logits up-sampled x2 plus a residual
-    from the decoder features (1x1 to 32 channels, up-sampled) fused with a stride-2 convolution of the image.
+    from the decoder features (1x1 to 32 channels, up-sampled x2) fused with a stride-2 convolution of the image.
 
-    The last convolution starts at zero, so a fresh model outputs exactly the up-sampled FSD logits.
+    The last convolution starts at zero, so a fresh model outputs the FSD logits (up-sampled x2, then to the input
+    size by the model).
     """
 
     def __init__(self, in_channels: int, head_channels: int, channels: int = 32):

@@ -99,7 +99,7 @@ class LSMS(nn.Module):
             text_embedding = self.text_proj((text * m).sum(1) / m.sum(1))  # mean over real tokens -> (B, C_head)
         stages = self.encoder(image, text, attention_mask, coords)
         logits, aligned, decoded = self.decoder(stages)
-        if self.refine is not None:
+        if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
             logits = self.refine(image, decoded, logits)
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return LSMSOutput(logits, stages, aligned, decoded, text_embedding)
