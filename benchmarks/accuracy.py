@@ -208,9 +208,11 @@ def say(msg: str) -> None:
 
 
 def run_logged(cmd: list[str], log: Path, threads: int) -> dict[str, float]:
-    """Run ``cmd`` with ``threads`` torch/OpenMP threads, output appended to ``log``; wall and CPU seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    """Run ``cmd`` with ``threads`` torch/OpenMP threads (0: the default), output appended to ``log``; wall and CPU
+    seconds."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if threads:  # 0: the library's default
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     bindir = Path(sys.executable).parent  # the venv's lsms, whatever PATH says
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -18,14 +18,14 @@ from lsms.evaluate import TEXT_LEVELS
 
 
 def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path,
-                    batch_size: int = 8, prefer: str = "best") -> dict[str, dict]:
+                    batch_size: int = 8, prefer: str = "best", device: str = "cpu") -> dict[str, dict]:
     import torch
 
     from lsms.data import SegmentationDataset, load_samples
     from lsms.distributed import DistEnv
     from lsms.evaluate import evaluate_model, load_trained, make_loader
 
-    env = DistEnv(device=torch.device("cpu"))
+    env = DistEnv(device=torch.device(device))
     model, preprocessing, checkpoint = load_trained(run, env.device, prefer=prefer)
     records = load_samples(data, split=split)
     out = {}
@@ -50,10 +50,11 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", default=["full"], choices=TEXT_LEVELS)
     parser.add_argument("--json-dir", help="where the eval-SPLIT-LEVEL.json files go (default: RUN)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--prefer", default="best", choices=("best", "last"), help="which checkpoint of RUN (default best.pt)")
     args = parser.parse_args()
     evaluate_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size,
-                    args.prefer)
+                    args.prefer, args.device)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ class Dataset:
 
 
 DATASETS = {
-    "btxrd": Dataset("btxrd", 448, {"lsms": 7, "unet": 10}, 3, True),
-    "kvasir": Dataset("kvasir-seg", 256, {"lsms": 14, "unet": 20}, 4, False),
+    "btxrd": Dataset("btxrd", 448, {"lsms": 4, "unet": 8}, 2, True),
+    "kvasir": Dataset("kvasir-seg", 256, {"lsms": 9, "unet": 18}, 3, False),
 }
 
 
@@ -89,11 +89,12 @@ def train_command(key: str, s: Settings, time_limit: float | None = None, resume
     row, ds = ROWS[key], DATASETS[ROWS[key].dataset]
     run = run_dir(key, s)
     limit = f"{time_limit if time_limit is not None else s.budget_min:g}"
-    if resume:
-        return ["lsms", "train", "--resume", str(run), "--time-limit", limit, "--no-progress"]
+    schedule = ["--epochs", str(ds.epochs[row.family]), "--time-limit", limit]
+    if resume:  # the schedule is given again, so that it follows DATASETS
+        return ["lsms", "train", "--resume", str(run), *schedule, "--no-progress"]
     return ["lsms", "train", str(data_path(row)), "--out", str(run), "--recipe", "real", "--preset", row.preset,
             "--text" if row.text else "--no-text", "--image-size", str(ds.image_size),
-            "--epochs", str(ds.epochs[row.family]), "--time-limit", limit, "--val-every", str(ds.val_every),
+            *schedule, "--val-every", str(ds.val_every),
             "--freeze-text", "--max-tokens", "48", "--seed", str(s.seed), "--threads", str(s.threads),
             "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *row.extra]
 

@@ -1,0 +1,38 @@
+"""benchmarks/gpu.py (the paper and real-data recipes on a CUDA device) runs end to end at toy size on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from toy_data import make_toy_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_at_toy_size(tmp_path):
+    data = make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)
+    out = tmp_path / "gpu"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--toy", "--device", "cpu", "--btxrd", str(data),
+           "--kvasir", str(data), "--rows", "btxrd/paper", "kvasir/real", "--cache", str(tmp_path / "cache"),
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) == {"btxrd/paper", "kvasir/real"} and report["toy"]
+    assert set(rows["btxrd/paper"]["dice"]) == {"full", "none"}  # text rows: with the sentence and empty
+    assert set(rows["kvasir/real"]["dice"]) == {"full"}
+    for r in rows.values():
+        assert r["steps"] >= 1 and all(0.0 <= d <= 1.0 for d in r["dice"].values())
+    config = json.loads((tmp_path / "cache" / "kvasir" / "real" / "config.json").read_text())
+    assert config["model"]["output_stride"] == 2 and config["model"]["coord_embed"]  # the real recipe's switches
+    assert config["train"]["augmentation"]["patch_size"] == 64 and not config["model"]["use_text"]
+    paper = json.loads((tmp_path / "cache" / "btxrd" / "paper" / "config.json").read_text())
+    assert paper["train"]["lr"] == 3e-5 and paper["model"]["preset"] == "base" and not paper["train"]["augment"]
+    assert "| btxrd/paper |" in out.with_suffix(".md").read_text()
