@@ -4,7 +4,7 @@
 
 Each level gives exactly what ``lsms evaluate RUN DATA --split SPLIT --text-level LEVEL --json PATH`` gives (the
 same functions: :func:`lsms.evaluate.load_trained`, :func:`lsms.evaluate.evaluate_model`); the JSON goes to
-RUN/eval-SPLIT-LEVEL.json (or --json-dir). One process instead of one per level saves the start-up
+RUN/eval-SPLIT-LEVEL.json (or --json-dir), the per-sample scores to eval-SPLIT-LEVEL.csv. One process instead of one per level saves the start-up
 (imports, model load) of each, which is most of the cost of a small split on a CPU.
 """
 
@@ -23,7 +23,7 @@ def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir:
 
     from lsms.data import SegmentationDataset, load_samples
     from lsms.distributed import DistEnv
-    from lsms.evaluate import evaluate_model, load_trained, make_loader
+    from lsms.evaluate import evaluate_model, load_trained, make_loader, write_per_sample_csv
 
     env = DistEnv(device=torch.device(device))
     model, preprocessing, checkpoint = load_trained(run, env.device, prefer=prefer)
@@ -37,6 +37,7 @@ def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir:
                    **result["summary"]}
         path = out_dir / f"eval-{split}-{level}.json"
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_per_sample_csv(result["records"], path.with_suffix(".csv"))  # one row per sample (Dice, IoU, ...)
         out[level] = summary
         print(f"{run} [{split}, text {level}]: Dice {summary['Dice']:.4f} mIoU {summary['mIoU']:.4f}", flush=True)
     return out

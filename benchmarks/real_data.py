@@ -202,7 +202,8 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
     ]
     for r in results:
         t, e = r["training"], r["eval"]
-        loads = "; ".join(f"{a:.1f}/{b:.1f}" for a, b in (s["loadavg_1min_before_after"] for s in t["sessions"]))
+        loads = "; ".join("/".join("?" if v is None else f"{v:.1f}" for v in s["loadavg_1min_before_after"])
+                          for s in t["sessions"])
         none = f"{e['none']['Dice']:.4f}" if "none" in e else "-"
         lines.append(f"| {r['dataset']} | {r['label']} | {r['seed']} | {r['budget_min']:g} x {r['threads']} | "
                      f"{t['steps']} | {t['cpu_s'] / 60:.1f} | {loads} | {e['full']['Dice']:.4f} | {none} | "
@@ -256,6 +257,49 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     return [dice_path.name, loss_path.name]
 
 
+def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
+    """The n best and n worst val images of a text row (by Dice with the sentence), with the sentence, the target
+    (green), the prediction with the sentence (red) and with an empty sentence (yellow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lsms.data import SegmentationDataset, load_samples
+    from lsms.evaluate import load_trained
+
+    run = cache / "real" / result["row"] / f"seed{result['seed']}"
+    with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
+        scored = sorted((float(r["dice"]), r["id"]) for r in csv.DictReader(f) if r["dice"] not in ("", "None"))
+    picks = [("best", d, i) for d, i in scored[::-1][:n]] + [("worst", d, i) for d, i in scored[:n]]
+    model, preprocessing, _ = load_trained(run, "cpu", prefer="last")
+    records = {r.id: r for r in load_samples(data_path(ROWS[result["row"]]), split="val")}
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 9))
+    for ax, (kind, dice, rid) in zip(axes.flat, picks):
+        item = SegmentationDataset([records[rid]], preprocessing)[0]
+        with torch.no_grad():
+            tok = model.tokenize([item["text"], ""])
+            logits = model(item["image"][None].expand(2, -1, -1, -1), tok["input_ids"], tok["attention_mask"])
+        image = item["image"][0].numpy()
+        ax.imshow(image, cmap="gray")
+        ax.contour(item["mask"][0].numpy(), levels=[0.5], colors="lime", linewidths=1.2)
+        for k, colour in ((1, "yellow"), (0, "red")):
+            if (logits[k, 0] > 0).any():
+                ax.contour((logits[k, 0] > 0).numpy(), levels=[0.5], colors=colour, linewidths=1.0)
+        words = item["text"].split()
+        ax.set_title(f"{kind}: {rid}, Dice {dice:.2f}\n" + " ".join(words[: len(words) // 2]) + "\n"
+                     + " ".join(words[len(words) // 2:]), fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"{result['label']} (seed {result['seed']}), BTXRD val: target green, prediction red, "
+                 "prediction with an empty sentence yellow", fontsize=9)
+    fig.tight_layout()
+    path = out.with_name(out.name + "_btxrd_cases.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to train and evaluate, in order")
@@ -276,6 +320,9 @@ def main() -> None:
             raise SystemExit(f"no finished rows under {s.cache / 'real'}; run some with --rows first")
         out = Path(args.out)
         figures = plots(results, out)
+        text_rows = [r for r in results if r["row"] == "btxrd/lsms-tiny-text"]
+        if text_rows:
+            figures.append(overlays(text_rows[0], s.cache, out))
         write_json(out.with_suffix(".json"), {"machine": machine(), "rows": results, "figures": figures})
         write_atomic(out.with_suffix(".md"), markdown(results, s.cache))
         say(f"wrote {out}.md")
