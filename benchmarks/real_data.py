@@ -33,14 +33,14 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 class Dataset:
     path: str  # under SHARED_DATA
     image_size: int  # whole-image size (inference); patches come from the recipe (224)
-    epochs: dict[str, int]  # poly-schedule length per model family, so that the schedule ends near the budget
+    epochs: int  # poly-schedule length of LSMS rows, so that the schedule ends near the budget (rows may differ)
     val_every: int
     text: bool
 
 
 DATASETS = {
-    "btxrd": Dataset("btxrd", 448, {"lsms": 4, "unet": 8}, 2, True),
-    "kvasir": Dataset("kvasir-seg", 256, {"lsms": 9, "unet": 18}, 3, False),
+    "btxrd": Dataset("btxrd", 448, 4, 2, True),
+    "kvasir": Dataset("kvasir-seg", 256, 9, 3, False),
 }
 
 
@@ -51,21 +51,18 @@ class Row:
     text: bool
     label: str
     extra: tuple[str, ...] = field(default_factory=tuple)  # more `lsms train` flags (ablations)
-
-    @property
-    def family(self) -> str:
-        return "unet" if "unet" in self.preset else "lsms"
+    epochs: int | None = None  # None: the dataset's; faster models fit more epochs in the same minutes
 
 
 ROWS = {
     "btxrd/lsms-tiny-text": Row("btxrd", "tiny", True, "LSMS tiny, sentence"),
     "btxrd/lsms-tiny-notext": Row("btxrd", "tiny", False, "LSMS tiny, no-text model"),
-    "btxrd/film-unet": Row("btxrd", "film-unet", True, "FiLM U-Net, sentence"),
-    "btxrd/unet": Row("btxrd", "unet", False, "U-Net (MONAI), no text"),
+    "btxrd/film-unet": Row("btxrd", "film-unet", True, "FiLM U-Net, sentence", epochs=9),
+    "btxrd/unet": Row("btxrd", "unet", False, "U-Net (MONAI), no text", epochs=12),
     "btxrd/lsms-tiny-text-nocoord": Row("btxrd", "tiny", True, "LSMS tiny, sentence, w/o positions",
                                         ("--model", "coord_embed=false")),
     "kvasir/lsms-tiny-notext": Row("kvasir", "tiny", False, "LSMS tiny, no text"),
-    "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)"),
+    "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)", epochs=18),
 }
 
 
@@ -89,7 +86,7 @@ def train_command(key: str, s: Settings, time_limit: float | None = None, resume
     row, ds = ROWS[key], DATASETS[ROWS[key].dataset]
     run = run_dir(key, s)
     limit = f"{time_limit if time_limit is not None else s.budget_min:g}"
-    schedule = ["--epochs", str(ds.epochs[row.family]), "--time-limit", limit]
+    schedule = ["--epochs", str(row.epochs or ds.epochs), "--time-limit", limit]
     if resume:  # the schedule is given again, so that it follows DATASETS
         return ["lsms", "train", "--resume", str(run), *schedule, "--no-progress"]
     return ["lsms", "train", str(data_path(row)), "--out", str(run), "--recipe", "real", "--preset", row.preset,
@@ -187,6 +184,19 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.3f} (min {min(values):.3f}, max {max(values):.3f}; {len(values)} seeds)"
 
 
+def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, float]:
+    """(million parameters, GMACs per image at ``size`` px, with the sentence for text models) of a row's model."""
+    import torch
+
+    from lsms.evaluate import load_trained
+    from lsms.profile import count_flops, profile_inputs
+
+    model, _, _ = load_trained(cache / "real" / result["row"] / f"seed{result['seed']}", "cpu", prefer="last")
+    with torch.no_grad():
+        flops = count_flops(model, *profile_inputs(model, size, 1, torch.device("cpu")))
+    return sum(p.numel() for p in model.parameters()) / 1e6, flops / 2e9
+
+
 def markdown(results: list[dict[str, Any]], cache: Path) -> str:
     m = machine()
     lines = [
@@ -197,15 +207,21 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
         "`lsms train --recipe real` for the time budget given, then evaluates the run's last.pt on the val split. "
         "Dice and mIoU are means over the val images of the per-image Dice / IoU (`lsms evaluate`).",
         "",
-        "| dataset | row | seed | budget (min x threads) | steps | CPU min | load before/after | val Dice | Dice, empty sentence | mIoU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Cost: parameters (with the text encoder) and GMACs of one 224 px forward (a training patch) from the code "
+        "(`lsms.profile.count_flops`). Load: the 1-minute load average before/after each training session (the "
+        "machine was shared with other work; CPU minutes say how much the row got).",
+        "",
+        "| dataset | row | seed | params (M) | GMACs @224 | budget (min x threads) | steps | CPU min | load before/after | val Dice | Dice, empty sentence | mIoU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t, e = r["training"], r["eval"]
         loads = "; ".join("/".join("?" if v is None else f"{v:.1f}" for v in s["loadavg_1min_before_after"])
                           for s in t["sessions"])
         none = f"{e['none']['Dice']:.4f}" if "none" in e else "-"
-        lines.append(f"| {r['dataset']} | {r['label']} | {r['seed']} | {r['budget_min']:g} x {r['threads']} | "
+        params, gmacs = cost(r, cache)
+        lines.append(f"| {r['dataset']} | {r['label']} | {r['seed']} | {params:.1f} | {gmacs:.2f} | "
+                     f"{r['budget_min']:g} x {r['threads']} | "
                      f"{t['steps']} | {t['cpu_s'] / 60:.1f} | {loads} | {e['full']['Dice']:.4f} | {none} | "
                      f"{e['full']['mIoU']:.4f} |")
     by_row: dict[str, list[dict[str, Any]]] = {}
@@ -216,11 +232,40 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
         full = mean_spread([r["eval"]["full"]["Dice"] for r in rs])
         none = mean_spread([r["eval"]["none"]["Dice"] for r in rs]) if "none" in rs[0]["eval"] else "-"
         lines.append(f"| {key} | {full} | {none} |")
+    by_size = dice_by_lesion_size(results, cache)
+    if by_size:
+        lines += ["", "BTXRD val Dice by lesion size (terciles of the val masks' area; images per bucket in brackets):",
+                  "", *by_size]
     lines += ["", "Commands (from the repository root; CACHE = " + str(cache) + "):", ""]
     for r in results:
         lines += [f"- `{r['row']}` seed {r['seed']}:", f"  `{r['commands']['train']}`", f"  then `{r['commands']['evaluate']}`"]
     lines += ["", f"Made by `{command_line()}`.", ""]
     return "\n".join(lines)
+
+
+def dice_by_lesion_size(results: list[dict[str, Any]], cache: Path) -> list[str]:
+    """Markdown rows: val Dice of each BTXRD row by lesion size (share of the image, terciles of the val masks)."""
+    import numpy as np
+
+    from lsms.data import load_samples, read_mask
+
+    rows = [r for r in results if r["dataset"] == "btxrd"]
+    if not rows:
+        return []
+    area = {r.id: float(read_mask(r.mask_path).mean()) for r in load_samples(data_path(ROWS[rows[0]["row"]]), split="val")}
+    edges = np.quantile(list(area.values()), [1 / 3, 2 / 3])
+    names = [f"< {edges[0]:.2%}", f"{edges[0]:.2%} - {edges[1]:.2%}", f">= {edges[1]:.2%}"]
+    lines = ["| row | seed | " + " | ".join(f"Dice, lesion {n} of the image" for n in names) + " |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        run = cache / "real" / r["row"] / f"seed{r['seed']}"
+        buckets: list[list[float]] = [[], [], []]
+        with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
+            for rec in csv.DictReader(f):
+                dice = 1.0 if rec["dice"] in ("", "None") else float(rec["dice"])
+                buckets[int(np.searchsorted(edges, area[rec["id"]], side="right"))].append(dice)
+        lines.append(f"| {r['label']} | {r['seed']} | " + " | ".join(f"{np.mean(b):.3f} ({len(b)})" for b in buckets) + " |")
+    return lines
 
 
 def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
