@@ -351,7 +351,7 @@ def row_gmacs(row: Row) -> dict[str, float]:
     """GMACs per image at the row's training size (counted as in lsms profile / cost.py) and parameters."""
     import torch
 
-    from lsms.model import build_named_model, count_parameters
+    from lsms.model import build_model, count_parameters
     from lsms.profile import count_flops, profile_inputs
 
     ds = DATASETS[row.dataset]
@@ -364,9 +364,9 @@ def row_gmacs(row: Row) -> dict[str, float]:
     if row.preset not in ("unet", "film-unet"):
         overrides["use_text"] = row.text
     if row.text:
-        overrides["max_tokens"] = ds.max_tokens
+        overrides["text"] = {**overrides.get("text", {}), "max_tokens": ds.max_tokens}
     channels = 1 if row.dataset == "synth" else 3
-    model = build_named_model(row.preset, in_channels=channels, **overrides).eval()
+    model = build_model(row.preset, in_channels=channels, **overrides).eval()
     inputs = profile_inputs(model, ds.image_size, 1, torch.device("cpu"))
     with torch.inference_mode():
         flops = count_flops(model, *inputs)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lsms.model import MODEL_NAMES, build_named_model
+from lsms.model import MODELS, build_model
 from lsms.profile import profile, profile_inputs
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
@@ -47,7 +47,7 @@ def best_latencies(model_name: str, size: int, repeats: int, device: str) -> tup
     forwards is the usual estimate of what the model itself costs (timeit's advice), so both are kept.
     """
     dev = torch.device(device)
-    model = build_named_model(model_name, in_channels=3).eval().to(dev)
+    model = build_model(model_name, in_channels=3).eval().to(dev)
     out = []
     for batch, n in ((1, repeats), (BATCH_THROUGHPUT, max(2, repeats // 2))):
         inputs = profile_inputs(model, size, batch, dev)
@@ -112,7 +112,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 480])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")

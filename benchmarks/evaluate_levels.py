@@ -3,9 +3,9 @@
     python benchmarks/evaluate_levels.py RUN DATA --split test --levels full half quarter none
 
 Each level gives exactly what ``lsms evaluate RUN DATA --split SPLIT --text-level LEVEL --json PATH`` gives (the
-same functions: :func:`lsms.evaluate.load_trained`, :func:`lsms.evaluate.evaluate_model`); the JSON goes to
-RUN/eval-SPLIT-LEVEL.json (or --json-dir), the per-sample scores to eval-SPLIT-LEVEL.csv. One process instead of one per level saves the start-up
-(imports, model load) of each, which is most of the cost of a small split on a CPU.
+same function: :func:`lsms.evaluate.evaluate_levels`); the JSON goes to RUN/eval-SPLIT-LEVEL.json (or
+--json-dir), the per-sample scores to eval-SPLIT-LEVEL.csv. One process instead of one per level saves the
+start-up (imports, model load) of each, which is most of the cost of a small split on a CPU.
 """
 
 from __future__ import annotations
@@ -14,26 +14,16 @@ import argparse
 import json
 from pathlib import Path
 
-from lsms.evaluate import TEXT_LEVELS
+from lsms.data import TEXT_LEVELS
+from lsms.evaluate import evaluate_levels, write_per_sample_csv
 
 
-def evaluate_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path,
-                    batch_size: int = 8, prefer: str = "best", device: str = "cpu") -> dict[str, dict]:
-    import torch
-
-    from lsms.data import SegmentationDataset, load_samples
-    from lsms.distributed import DistEnv
-    from lsms.evaluate import evaluate_model, load_trained, make_loader, write_per_sample_csv
-
-    env = DistEnv(device=torch.device(device))
-    model, preprocessing, checkpoint = load_trained(run, env.device, prefer=prefer)
-    records = load_samples(data, split=split)
+def write_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path, batch_size: int = 8,
+                 prefer: str = "best", device: str = "cpu") -> dict:
     out = {}
-    for level in levels:
-        dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=level)
-        loader = make_loader(dataset, batch_size, env, tokenizer=getattr(model, "tokenizer", None))
-        result = evaluate_model(model, loader, env.device, env)
-        summary = {"checkpoint": checkpoint["path"], "data": str(data), "split": split, "text_level": level,
+    results = evaluate_levels(run, data, split, tuple(levels), batch_size=batch_size, device=device, prefer=prefer)
+    for level, result in results.items():
+        summary = {"checkpoint": result["checkpoint"], "data": str(data), "split": split, "text_level": level,
                    **result["summary"]}
         path = out_dir / f"eval-{split}-{level}.json"
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -54,8 +44,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--prefer", default="best", choices=("best", "last"), help="which checkpoint of RUN (default best.pt)")
     args = parser.parse_args()
-    evaluate_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size,
-                    args.prefer, args.device)
+    write_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size,
+                 args.prefer, args.device)
 
 
 if __name__ == "__main__":

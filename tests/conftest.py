@@ -17,8 +17,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def tiny_model_kwargs(**overrides):
-    """Keyword arguments for ``build_model`` giving a fast model with a tiny random text encoder."""
-    kwargs = dict(text_config=dict(TINY_TEXT), pretrained_text=False)
-    kwargs.update(overrides)
-    return kwargs
+def tiny_model_kwargs(text: dict | None = None, **overrides):
+    """Keyword arguments for ``build_model`` giving a fast model with a tiny random text encoder (``text``: more
+    text settings)."""
+    return dict(text=dict(hf_config=dict(TINY_TEXT), pretrained=False, **(text or {})), **overrides)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsms.model import build_from_config, build_named_model, config_from_dict
+from lsms.model import build, build_model, model_config_from_dict
 
 from conftest import tiny_model_kwargs
 
 
 def test_plain_unet_is_monais_basicunet():
-    model = build_named_model("unet", in_channels=1).eval()
+    model = build_model("unet", in_channels=1).eval()
     image = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         out = model.forward_features(image)
@@ -21,7 +21,7 @@ def test_plain_unet_is_monais_basicunet():
 
 
 def test_film_unet_uses_the_sentence_and_every_parameter_learns():
-    model = build_named_model("film-unet", **tiny_model_kwargs())
+    model = build_model("film-unet", **tiny_model_kwargs())
     tok = model.tokenize(["the cyst in segment VI", "the metastasis in segment II"])
     image = torch.randn(1, 3, 64, 64).expand(2, -1, -1, -1)
     out = model.forward_features(image, tok["input_ids"], tok["attention_mask"])
@@ -32,19 +32,21 @@ def test_film_unet_uses_the_sentence_and_every_parameter_learns():
 
 
 def test_config_round_trip_and_dispatch():
-    model = build_named_model("film-unet", **tiny_model_kwargs(in_channels=1))
-    again = build_from_config(config_from_dict(model.config.to_dict()))
+    model = build_model("film-unet", **tiny_model_kwargs(in_channels=1))
+    again = build(model_config_from_dict(model.config.to_dict()))
     assert type(again) is type(model) and again.config == model.config
-    lsms = build_named_model("tiny", use_text=False)
-    assert type(build_from_config(config_from_dict(lsms.config.to_dict()))) is type(lsms)
-    with pytest.raises(ValueError, match="unknown architecture"):
-        config_from_dict({"arch": "transformer"})
+    lsms = build_model("tiny", use_text=False)
+    assert type(build(model_config_from_dict(lsms.config.to_dict()))) is type(lsms)
+    with pytest.raises(ValueError, match="unknown preset 'transformer'"):
+        model_config_from_dict({"preset": "transformer"})
+    with pytest.raises(ValueError, match="has arch 'unet'"):
+        model_config_from_dict({"preset": "unet", "arch": "lsms"})
 
 
 def test_baseline_errors():
     with pytest.raises(ValueError, match="6 positive widths"):
-        build_named_model("unet", features=(8, 8))
-    model = build_named_model("unet")
+        build_model("unet", features=(8, 8))
+    model = build_model("unet")
     with pytest.raises(ValueError, match="multiples of 16"):
         model(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="without text"):
@@ -53,6 +55,6 @@ def test_baseline_errors():
 
 def test_named_model_refuses_settings_that_do_not_apply():
     with pytest.raises(ValueError, match="choose film-unet"):
-        build_named_model("unet", use_text=True)
+        build_model("unet", use_text=True)
     with pytest.raises(ValueError, match="do not apply"):
-        build_named_model("unet", decoder="last")
+        build_model("unet", decoder="last")

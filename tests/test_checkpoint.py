@@ -6,19 +6,28 @@ import os
 import pickle
 import random
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lsms import checkpoint as C
+from lsms.data import SegmentationDataset, load_samples
+from lsms.data.loaders import make_loader
+from lsms.distributed import DistEnv
+from lsms.evaluate import evaluate_model
+
+from toy_data import make_toy_dataset
+
+V1 = Path(__file__).parent / "fixtures" / "v1"
 
 
 def _ckpt(value: float) -> dict:
     return {
         "format": C.FORMAT, "format_version": C.FORMAT_VERSION, "model": {"w": torch.full((3, 3), value)},
         "optimizer": None, "epoch": 1, "step": 7, "batch_in_epoch": 0, "rng": [C.rng_state()],
-        "config": {"model": {"preset": "tiny", "widths": [1, 2]}, "train": {"lr": 1e-3}, "preprocessing": {}},
+        "config": {"run": {"model": {"preset": "tiny", "widths": [1, 2]}, "optim": {"lr": 1e-3}}, "preprocessing": {}},
     }
 
 
@@ -26,7 +35,7 @@ def test_save_and_load_round_trip(tmp_path):
     path = C.save_checkpoint(_ckpt(1.0), tmp_path / "run" / "last.pt")
     loaded = C.load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], torch.ones(3, 3))
-    assert loaded["config"]["model"]["widths"] == [1, 2]
+    assert loaded["config"]["run"]["model"]["widths"] == [1, 2]
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files left behind
 
 
@@ -60,7 +69,7 @@ class _Payload:
 def test_malicious_checkpoint_does_not_execute(tmp_path):
     marker = tmp_path / "pwned"
     evil = _ckpt(1.0)
-    evil["config"]["train"]["payload"] = _Payload(marker)
+    evil["config"]["run"]["payload"] = _Payload(marker)
     path = tmp_path / "evil.pt"
     torch.save(evil, path)  # a real torch zip archive whose data.pkl calls os.system when unpickled
     with zipfile.ZipFile(path) as z:
@@ -107,3 +116,43 @@ def test_rng_state_round_trip_through_file(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     C.set_rng_state(C.load_checkpoint(tmp_path / "last.pt")["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_format_1_checkpoint_loads_to_the_same_network():
+    """A checkpoint written before the settings tree (tests/fixtures/v1/README.md) gives the same logits."""
+    model, prep, ckpt = C.load_trained(V1 / "best.pt")
+    assert ckpt["format_version"] == C.FORMAT_VERSION == 2
+    expected = torch.load(V1 / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(expected["image"], expected["input_ids"], expected["attention_mask"])
+    assert torch.equal(logits, expected["logits"])
+    run = C.run_config(ckpt)  # the flat 0.1 settings, each at its place in the tree
+    assert (run.model.widths, run.model.text.max_tokens, run.model.text.pretrained) == ((8, 16, 16, 32), 16, False)
+    assert (run.optim.lr, run.optim.warmup_steps, run.data.image_size, run.log_every) == (1e-3, 1, 64, 1)
+    assert run.model.text.hf_config["hidden_size"] == 8 and run.loss.contrastive_weight == 0.125
+
+
+def test_format_1_checkpoint_evaluates_to_its_saved_metrics(tmp_path):
+    """The validation metrics the v1 run saved are what the same split gives now."""
+    data = make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)  # the fixture's dataset (seeded)
+    model, prep, ckpt = C.load_trained(V1)
+    env = DistEnv(device=torch.device("cpu"))
+    loader = make_loader(SegmentationDataset(load_samples(data, "val"), prep), 4, env, tokenizer=model.tokenizer)
+    summary = evaluate_model(model, loader, env.device, env)["summary"]
+    assert summary == ckpt["metrics"]
+
+
+def test_upgrade_names_every_format_1_setting():
+    flat = {"data": "d", "preset": "film-unet", "use_text": True, "lr": 0.1, "image_size": 96, "text_encoder": "x",
+            "model_overrides": {"features": [8, 8, 8, 8, 8, 8], "text_config": {"a": 1}}, "loss": {"tau": 0.2}}
+    old = {"format": C.FORMAT, "format_version": 1, "model": {}, "config": {
+        "model": {"arch": "unet", "preset": "film-unet", "use_text": True, "features": [8, 8, 8, 8, 8, 8],
+                  "text_encoder": "x", "text_config": {"a": 1}, "pretrained_text": True, "freeze_text": False,
+                  "max_tokens": 20},
+        "train": flat, "preprocessing": {"image_size": [96, 96]},
+        "loss": {"tau": 0.2, "contrastive_weight": 0.125}}}
+    new = C.upgrade_v1(old)
+    run = C.run_config(new)
+    assert run.model.preset == "film-unet" and run.model.features == (8,) * 6 and run.model.text.max_tokens == 20
+    assert (run.data.path, run.data.image_size, run.optim.lr, run.loss.tau) == ("d", 96, 0.1, 0.2)
+    assert new["config"]["preprocessing"] == {"image_size": [96, 96]} and old["format_version"] == 1

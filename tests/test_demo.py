@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 
+from lsms.config import merge_into
 from lsms.demo import DemoConfig, run_demo
 
-from toy_data import tiny_train_settings
+from toy_data import tiny_model
 
 
 def test_demo_writes_report(tmp_path):
-    model = tiny_train_settings(tmp_path, tmp_path)["model_overrides"]
-    cfg = DemoConfig(out=str(tmp_path / "report"), patients=10, slices_per_patient=2, image_size=64, epochs=1,
-                     batch_size=4, max_tokens=64, progress=False, device="cpu",
-                     train_overrides={"model_overrides": model, "warmup_steps": 2})
+    train = merge_into(DemoConfig().train.to_dict(), {
+        "model": {**tiny_model(), "text": {**tiny_model()["text"], "max_tokens": 64}},
+        "data": {"image_size": 64}, "optim": {"batch_size": 4, "warmup_steps": 2}, "progress": False, "device": "cpu",
+    })
+    cfg = DemoConfig.from_dict({"out": str(tmp_path / "report"), "patients": 10, "slices_per_patient": 2,
+                                "epochs": 1, "train": train})
     summary = run_demo(cfg)
     report = tmp_path / "report"
     text = (report / "README.md").read_text()
     assert "| full |" in text and "| none |" in text and "### Targets" in text
     assert set(summary["test"]) == {"full", "half", "quarter", "none"}
     assert summary["test"]["full"]["n_images"] == summary["test"]["none"]["n_images"] > 0
-    for name in ("metrics.json", "training_curves.png", "run/best.pt", "data/manifest.jsonl"):
+    for name in ("metrics.json", "training_curves.png", "run/best.pt", "data/manifest.jsonl", "train.yaml"):
         assert (report / name).is_file(), name
     if "overlay" in text:  # needs a multi-lesion test slice, which 10 patients usually give
         assert (report / "overlay_two_sentences.png").is_file() and (report / "features_sentence1.png").is_file()

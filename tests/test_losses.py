@@ -280,3 +280,28 @@ def test_lsms_loss_rejects_bad_inputs():
         loss(logits, torch.zeros(2, 1, 4, 4), torch.zeros(1, 3, 2, 2), torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"text_embedding must have shape \(2, 3\)"):
         loss(logits, torch.zeros(2, 1, 4, 4), torch.zeros(2, 3, 2, 2), torch.zeros(2, 4))
+
+
+def test_losses_run_in_float32_outside_autocast():
+    """Under mixed precision the model runs in bf16, but L_seg and L_con (its einsums) run in float32."""
+    from lsms import build_model
+    from lsms.optim import TrainingStep, autocast
+
+    from conftest import tiny_model_kwargs
+
+    seen: dict[str, object] = {}
+
+    class Spy(LSMSLoss):
+        def forward(self, logits, mask, features=None, text_embedding=None):
+            seen["autocast"] = torch.is_autocast_enabled("cpu")
+            seen["similarity"] = torch.einsum("bc,bc->b", features.mean((2, 3)), text_embedding).dtype
+            return super().forward(logits, mask, features=features, text_embedding=text_embedding)
+
+    model = build_model("tiny", **tiny_model_kwargs())
+    tok = model.tokenize(["a cyst", "a nodule"])
+    image, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.7).float()
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        losses = TrainingStep(model, Spy())(image, mask, tok["input_ids"], tok["attention_mask"])
+    assert seen == {"autocast": False, "similarity": torch.float32}
+    assert all(v.dtype == torch.float32 for v in losses.values())

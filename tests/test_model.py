@@ -63,7 +63,9 @@ def test_shape_table(preset):
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_every_parameter_gets_a_gradient(name):
-    model = build_model("tiny", **tiny_model_kwargs(**ABLATIONS[name]))
+    # the language branches open (as after training): at the closed start the gradients of everything before
+    # w_f's scale are exactly zero, and "is not None" alone would not show that they reach the branch
+    model = _open_language_gates(build_model("tiny", **tiny_model_kwargs(**ABLATIONS[name])))
     model.train()
     image, ids, mask = _inputs(model, ["the smaller hypodense lesion in segment VI", "a cyst"])
     out = model.forward_features(image, ids, mask)
@@ -76,6 +78,12 @@ def test_every_parameter_gets_a_gradient(name):
     assert not missing, f"no gradient for {missing}"
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradient for {bad}"
+    # the sentence reaches the loss: every language-branch and text-encoder weight gets a non-zero gradient
+    # (BERT's pooler feeds nothing; a branch's norm bias is cancelled by the InstanceNorm after it)
+    language = [n for n, p in model.named_parameters() if (".language." in n or n.startswith("text_encoder."))
+                and "pooler" not in n and p.ndim > 1]
+    assert not [n for n in language if model.get_parameter(n).grad.abs().sum() == 0], "zero gradient"
+    assert bool(language) == model.config.use_text
     if name == "wo_fsd":
         assert out.decoder.shape[-1] == SIZE // 32
 
@@ -175,8 +183,32 @@ def test_nmf_is_deterministic_in_eval_and_low_rank():
     assert (nmf(y) - y).norm() / y.norm() < 0.2
 
 
+def test_language_gate_init_is_a_config_value():
+    closed = build_model("tiny", **tiny_model_kwargs())
+    opened = build_model("tiny", **tiny_model_kwargs(language_gate_init=1.0))  # PyTorch's default init
+    assert closed.config.language_gate_init == 0.0
+    for model, value in ((closed, 0.0), (opened, 1.0)):
+        gates = [m.w_f[1].weight for m in model.modules() if isinstance(m, LanguageGuidedBranch)]
+        assert gates and all(torch.all(g == value) for g in gates)
+    image = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        outs = [opened.eval()(image, **{k: v for k, v in opened.tokenize([t]).items() if k != "truncated"})
+                for t in ("the cyst in segment VI", "the metastasis in segment II")]
+    assert (outs[0] - outs[1]).abs().max() > 1e-4  # open from the start: the sentence matters untrained
+
+
+@pytest.mark.parametrize("use_text", [True, False])
+def test_smallest_input_size(use_text):
+    model = build_model("tiny", **tiny_model_kwargs(use_text=use_text)).train()
+    image, ids, mask = _inputs(model, ["a cyst", "a nodule"], size=32)
+    with pytest.raises(ValueError, match="at least 64 pixels .* use 64x64"):
+        model(image, ids, mask)  # stage 4 would be 1x1: InstanceNorm (text) / BatchNorm cannot normalise it
+    image, ids, mask = _inputs(model, ["a cyst", "a nodule"], size=64)
+    assert model(image, ids, mask).shape == (2, 1, 64, 64)
+
+
 def test_truncation_is_counted():
-    model = build_model("tiny", **tiny_model_kwargs(max_tokens=8))
+    model = build_model("tiny", **tiny_model_kwargs(text={"max_tokens": 8}))
     tok = model.tokenize(["a very long sentence about the lesion in segment six of the liver", "cyst"])
     assert tok["input_ids"].shape[1] == 8
     assert tok["truncated"].tolist() == [True, False]
@@ -187,6 +219,7 @@ def test_truncation_is_counted():
     "kwargs, message",
     [
         (dict(preset="huge"), "unknown preset"),
+        (dict(text={"max_tokenz": 8}), "unknown text config fields"),
         (dict(widthz=(1, 2, 3, 4)), "unknown model settings"),
         (dict(conv_kernels=(8,)), "conv_kernels must be odd"),
         (dict(decoder="unet"), "decoder must be"),

@@ -34,7 +34,7 @@ def test_profile_json(capsys):
 
 def test_profile_rejects_bad_sizes(capsys):
     assert main(["profile", "--preset", "tiny", "--image-size", "100"]) == 2
-    assert "multiples of 32" in capsys.readouterr().err
+    assert "a multiple of 32 and at least 64" in capsys.readouterr().err
 
 
 def _mscan_state_dict(model) -> dict[str, torch.Tensor]:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lsms.train import TrainConfig, load_settings_file, lr_at, param_groups
+from lsms.config import OptimConfig, RunConfig, load_settings_file
+from lsms.optim import lr_at, param_groups
 
 
 def test_lr_schedule_warmup_then_poly():
@@ -33,35 +34,43 @@ class _Tiny(nn.Module):
 
 def test_param_groups_split_decay_and_text_lr():
     m = _Tiny()
-    groups = {g["name"]: g for g in param_groups(m, TrainConfig(lr=1e-3, text_lr_scale=0.1))}
+    groups = {g["name"]: g for g in param_groups(m, OptimConfig(lr=1e-3, text_lr_scale=0.1))}
     assert set(groups) == {"visual", "visual_no_decay", "text", "text_no_decay"}
     assert groups["visual"]["params"] == [m.conv.weight] and groups["visual"]["weight_decay"] == 0.01
     assert len(groups["visual_no_decay"]["params"]) == 3 and groups["visual_no_decay"]["weight_decay"] == 0.0
     assert groups["text"]["lr_scale"] == pytest.approx(0.1) and groups["visual"]["lr_scale"] == 1.0
-    groups = param_groups(m, TrainConfig(lr=1e-3, text_lr=1e-5, no_decay_norm_bias=False))
+    groups = param_groups(m, OptimConfig(lr=1e-3, text_lr=1e-5, no_decay_norm_bias=False))
     assert {g["name"] for g in groups} == {"visual", "text"}
     assert [g for g in groups if g["name"] == "text"][0]["lr_scale"] == pytest.approx(0.01)
     m.text_encoder.requires_grad_(False)  # frozen parameters are left out
-    assert {g["name"] for g in param_groups(m, TrainConfig())} == {"visual", "visual_no_decay"}
-    opt = torch.optim.AdamW(param_groups(m, TrainConfig()), lr=1.0)
+    assert {g["name"] for g in param_groups(m, OptimConfig())} == {"visual", "visual_no_decay"}
+    opt = torch.optim.AdamW(param_groups(m, OptimConfig()), lr=1.0)
     assert len(opt.param_groups) == 2
 
 
-def test_train_config_validation_and_round_trip():
-    cfg = TrainConfig(data="d", epochs=3, betas=[0.9, 0.99])
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+def test_run_config_validation_and_round_trip():
+    cfg = RunConfig.from_dict({"data": {"path": "d"}, "optim": {"epochs": 3, "betas": [0.9, 0.99]},
+                               "model": {"preset": "small", "decoder": "last"}, "loss": {"tau": 0.2}})
+    assert cfg.optim.betas == (0.9, 0.99) and cfg.model.widths == (64, 128, 320, 512) and cfg.loss.tau == 0.2
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert RunConfig.from_dict(RunConfig().to_dict()) == RunConfig()
     with pytest.raises(ValueError, match="text_level"):
-        TrainConfig(text_level="most")
+        RunConfig.from_dict({"data": {"text_level": "most"}})
     with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="unknown training settings"):
-        TrainConfig.from_dict({"learning_rate": 1})
+        RunConfig.from_dict({"optim": {"batch_size": 0}})
+    with pytest.raises(ValueError, match=r"unknown optim settings \['learning_rate'\] in optim"):
+        RunConfig.from_dict({"optim": {"learning_rate": 1}})
+    with pytest.raises(ValueError, match="multiple of 32 and at least 64"):
+        RunConfig.from_dict({"data": {"image_size": 32}})  # the API path checks the size too
 
 
 def test_settings_file(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("epochs: 4\nbatch-size: 2\nlr: 3.0e-5\n")
-    assert load_settings_file(path) == {"epochs": 4, "batch_size": 2, "lr": 3e-5}
+    path.write_text("optim:\n  epochs: 4\n  batch-size: 2\n  lr: 3.0e-5\nmodel: {preset: small}\n")
+    assert load_settings_file(path) == {"optim": {"epochs": 4, "batch_size": 2, "lr": 3e-5}, "model": {"preset": "small"}}
+    path.write_text("optim: {epochs: 4, learning_rate: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown optim settings \['learning_rate'\] in .*s.yaml.optim"):
+        load_settings_file(path)
     path.write_text("epochs: 4\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown settings \\['learning_rate'\\]"):
         load_settings_file(path)
@@ -70,6 +79,24 @@ def test_settings_file(tmp_path):
         load_settings_file(path)
     with pytest.raises(FileNotFoundError):
         load_settings_file(tmp_path / "missing.yaml")
+
+
+def test_flat_settings_file_of_lsms_0_1_still_loads(tmp_path, caplog):
+    """A settings file written before the tree (flat keys) loads, and the log names every moved key."""
+    path = tmp_path / "old.yaml"
+    path.write_text("data: /data/refliver\nepochs: 4\nbatch-size: 2\nlr: 3.0e-5\npreset: small\nfreeze_text: true\n"
+                    "image_size: 128\nmodel_overrides: {decoder: last, max_tokens: 64}\nloss: {tau: 0.2}\nseed: 3\n"
+                    "augment: true\naugmentation: {patch_size: 64, text_flip: swap}\n")
+    with caplog.at_level("WARNING"):
+        cfg = RunConfig.from_dict(load_settings_file(path))
+    assert (cfg.data.path, cfg.data.image_size, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.lr, cfg.seed) == \
+        ("/data/refliver", 128, 4, 2, 3e-5, 3)
+    assert (cfg.model.preset, cfg.model.decoder, cfg.model.text.freeze, cfg.model.text.max_tokens) == \
+        ("small", "last", True, 64)
+    assert cfg.model.widths == (64, 128, 320, 512) and cfg.loss.tau == 0.2
+    assert cfg.data.augment and (cfg.data.augmentation.patch_size, cfg.data.augmentation.text_flip) == (64, "swap")
+    assert "lr -> optim.lr" in caplog.text and "model_overrides -> model" in caplog.text
+    assert "freeze_text -> model.text.freeze" in caplog.text
 
 
 def test_grouped_sampler_keeps_groups_together_and_splits_ranks():
@@ -89,3 +116,26 @@ def test_grouped_sampler_keeps_groups_together_and_splits_ranks():
     ranks[0].set_epoch(4)
     assert list(ranks[0]) != a  # reshuffled each epoch
     assert list(ShardSampler(7, 1, 3)) == [1, 4]
+
+
+def test_named_recipes_load_into_the_tree(caplog):
+    from lsms.cli import build_parser
+    from lsms.train import config_from_args
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["train", "d", *argv]))
+
+    real = config("--recipe", "real", "--augmentation", "patch_size=128", "--image-size", "256")
+    assert (real.model.coord_embed, real.model.output_stride, real.optim.lr, real.data.image_size) == (True, 2, 2e-3, 256)
+    aug = real.data.augmentation
+    assert real.data.augment and (aug.patch_size, aug.scale, aug.text_flip, aug.vflip_p) == (128, (0.7, 1.4), "swap", 0.5)
+    with caplog.at_level("WARNING"):
+        unet = config("--recipe", "real", "--preset", "unet")
+    assert unet.model.coord_embed and "['output_stride'] do not exist in the unet baseline" in caplog.text
+    paper = config("--paper-recipe")
+    assert (paper.model.preset, paper.model.depths, paper.optim.lr, paper.data.image_size) == ("base", (3, 3, 12, 3), 3e-5, 480)
+    assert config("--recipe", "paper", "--lr", "1e-4").optim.lr == 1e-4  # flags beat the recipe
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        config("--recipe", "fast")
+    with pytest.raises(ValueError, match="the run's seed"):
+        config("--augmentation", "seed=3")

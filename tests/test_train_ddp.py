@@ -21,8 +21,8 @@ from toy_data import make_toy_dataset, tiny_train_settings
 def test_two_process_torchrun_training(tmp_path):
     data = make_toy_dataset(tmp_path / "toy", n_images=8, n_val=3)  # 6 val records: 3 per rank, uneven batches
     run = tmp_path / "run"
-    settings = tiny_train_settings(data, run, epochs=1, batch_size=2, eval_batch_size=2)
-    settings = {k: v for k, v in settings.items() if k not in ("data", "out")}
+    settings = tiny_train_settings(data, run, optim={"epochs": 1, "batch_size": 2}, data={"eval_batch_size": 2})
+    del settings["data"]["path"], settings["out"]
     (tmp_path / "settings.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

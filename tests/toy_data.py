@@ -50,34 +50,42 @@ def make_toy_dataset(root: str | Path, n_images: int = 8, n_val: int = 4, size: 
     return root
 
 
-def tiny_train_settings(data: Path, out: Path, **overrides):
-    """TrainConfig keyword arguments for a seconds-long CPU run with a tiny random text encoder."""
-    settings = dict(
-        data=str(data), out=str(out), preset="tiny", image_size=64, epochs=2, batch_size=4, lr=1e-3,
-        warmup_steps=2, device="cpu", progress=False, log_every=1, seed=0,
-        model_overrides={"text_config": dict(TINY_TEXT), "pretrained_text": False,
-                         "widths": [16, 32, 32, 64], "depths": [1, 1, 1, 1],
-                         "ham_channels": 32, "head_channels": 32, "nmf_rank": 4, "conv_kernels": [7]},
+def tiny_model() -> dict:
+    """A very small LSMS with a tiny random text encoder, as settings (plain data)."""
+    return dict(preset="tiny", widths=[16, 32, 32, 64], depths=[1, 1, 1, 1], ham_channels=32, head_channels=32,
+                nmf_rank=4, conv_kernels=[7], text={"hf_config": dict(TINY_TEXT), "pretrained": False})
+
+
+def tiny_train_settings(dataset: Path, out: Path, /, **overrides) -> dict:
+    """The settings tree (plain data) of a seconds-long CPU run; ``overrides`` deep-merge into it
+    (``optim={"epochs": 1}``, ``save_every=2``)."""
+    from lsms.config import merge_into
+
+    tree = dict(
+        out=str(out), model=tiny_model(), data={"path": str(dataset), "image_size": 64},
+        optim={"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2},
+        device="cpu", progress=False, log_every=1, seed=0,
     )
-    settings.update(overrides)
-    return settings
+    return merge_into(tree, overrides)
+
+
+def tiny_run_config(dataset: Path, out: Path, /, **overrides):
+    """:func:`tiny_train_settings` as a RunConfig."""
+    from lsms.config import RunConfig
+
+    return RunConfig.from_dict(tiny_train_settings(dataset, out, **overrides))
 
 
 def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True) -> Path:
     """A loadable checkpoint of a tiny random model (prediction tests need no training)."""
     import torch
 
-    from lsms.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+    from lsms.checkpoint import make_checkpoint, save_checkpoint
+    from lsms.config import RunConfig
     from lsms.data import default_preprocessing
-    from lsms.model import build_model
+    from lsms.model import build, model_config_from_dict
 
     torch.manual_seed(0)
-    overrides = tiny_train_settings(Path("."), Path("."))["model_overrides"]
-    model = build_model("tiny", in_channels=in_channels, **overrides)
+    model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
-    ckpt = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": None,
-        "epoch": 0, "step": 0, "batch_in_epoch": 0, "rng": [],
-        "config": {"model": model.config.to_dict(), "train": {}, "preprocessing": prep.to_dict()},
-    }
-    return save_checkpoint(ckpt, path)
+    return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from lsms.data.check import check_dataset
+from lsms.data.layouts import scan_samples
+from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, Tokenizer
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="dataset folder: manifest.jsonl folder, LViT layout, or images/ + masks/")
@@ -19,15 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsms.data.check import check_dataset
-    from lsms.data.layouts import scan_samples
-
     tokenizer = None
     if not args.no_text_check:
         _, records, _ = scan_samples(args.data, args.split)
         if any(r.text.strip() for r in records):
-            from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, Tokenizer
-
             tokenizer = Tokenizer(args.text_encoder or DEFAULT_TEXT_ENCODER, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS)
     report = check_dataset(args.data, split=args.split, tokenizer=tokenizer, workers=args.workers)
     if args.json:

@@ -3,7 +3,7 @@
 Layout (nanoGPT style, the config travels inside)::
 
     {
-        "format": "lsms-checkpoint", "format_version": 1, "lsms_version": "0.1.0",
+        "format": "lsms-checkpoint", "format_version": 2, "lsms_version": "0.1.0",
         "model": state_dict,                      # tensors only
         "optimizer": optimizer.state_dict(),      # or None (exported / best-only checkpoints keep it too)
         "scaler": grad_scaler.state_dict(),       # or None (no fp16 loss scaling)
@@ -11,9 +11,13 @@ Layout (nanoGPT style, the config travels inside)::
         "step": int,                               # optimiser steps done; the LR schedule is a pure function of it
         "batch_in_epoch": int,                     # batches of the current epoch already used (mid-epoch saves)
         "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
-        "config": {"model": {...}, "train": {...}, "preprocessing": {...}},
+        "config": {"run": RunConfig.to_dict(), "preprocessing": Preprocessing.to_dict()},
         "metrics": {...}, "best": {"metric": str, "value": float, "epoch": int},
     }
+
+The model config is ``config["run"]["model"]``; the network is rebuilt from it. Format 1 (lsms 0.1) held the
+flat ``config["model"]``, ``config["train"]`` and ``config["loss"]``; :func:`load_checkpoint` turns such a file
+into format 2 on reading (:func:`upgrade_v1`, the one converter), so no other code sees format 1.
 
 Why ``torch.load(weights_only=True)``: a pickle can run any code while it is read. The restricted
 unpickler only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
@@ -32,8 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsms import __version__
+from lsms.config import RunConfig, upgrade_flat_model, upgrade_flat_settings
+from lsms.data.intensity import Preprocessing
+from lsms.model import build, model_config_from_dict
+
 FORMAT = "lsms-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # the order a run folder is searched in
 
 
@@ -123,7 +132,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{str(path)!r} was written by a newer lsms (checkpoint format {checkpoint['format_version']}, "
             f"this lsms reads up to {FORMAT_VERSION}); upgrade lsms"
         )
+    if checkpoint.get("format_version", 1) == 1:
+        checkpoint = upgrade_v1(checkpoint)
     return checkpoint
+
+
+def upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint (flat model, train and loss configs of lsms 0.1) -> format 2 (the RunConfig tree).
+
+    The saved model config is the full one the weights were built with, so it wins over the training
+    settings' ``preset`` and ``model_overrides``; tensors, optimiser and RNG states are unchanged.
+    """
+    config = checkpoint.get("config") or {}
+    run, _ = upgrade_flat_settings(dict(config.get("train") or {}))
+    if config.get("model") is not None:
+        run["model"] = upgrade_flat_model(dict(config["model"]))
+    if config.get("loss") is not None:
+        run["loss"] = dict(config["loss"])
+    return {**checkpoint, "format_version": FORMAT_VERSION,
+            "config": {"run": run, "preprocessing": config.get("preprocessing", {})}}
 
 
 def _first_line(err: BaseException) -> str:
@@ -162,19 +189,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- assembling a checkpoint
+
+
+def make_checkpoint(model: torch.nn.Module, run: RunConfig, preprocessing: Preprocessing, *,
+                    optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+                    epoch: int = 0, step: int = 0, batch_in_epoch: int = 0, rng: list[dict[str, Any]] | None = None,
+                    metrics: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict of the layout above (weights on the CPU; ``optimizer`` None for inference-only files)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lsms_version": __version__,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng if rng is not None else [],
+        "config": {"run": run.to_dict(), "preprocessing": preprocessing.to_dict()},
+        "metrics": metrics or {}, "best": best or {},
+    }
+
+
+def run_config(checkpoint: dict[str, Any]) -> RunConfig:
+    """The settings a checkpoint was trained with."""
+    return RunConfig.from_dict(dict(checkpoint["config"]["run"]), where="checkpoint config")
+
+
 # --------------------------------------------------------------------------- model from a checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model (LSMS or a baseline) a checkpoint describes and load its weights (eval mode)."""
-    from lsms.model import build_from_config, config_from_dict
-
-    config = checkpoint.get("config", {}).get("model")
-    if config is None:
-        raise ValueError("checkpoint has no model config ('config' -> 'model'); it was not written by lsms train")
-    cfg = config_from_dict(dict(config))
-    cfg.pretrained_text = False  # the text weights come from the state dict below
-    model = build_from_config(cfg)
+    model_dict = (checkpoint.get("config") or {}).get("run", {}).get("model")
+    if model_dict is None:
+        raise ValueError("checkpoint has no model config ('config' -> 'run' -> 'model'); it was not written by lsms train")
+    cfg = model_config_from_dict(dict(model_dict))
+    cfg.text.pretrained = False  # the text weights come from the state dict below
+    model = build(cfg)
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -183,3 +239,13 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device
             f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
     return model.to(device).eval()
+
+
+def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):
+    """(model in eval mode, preprocessing, checkpoint dict) from a run folder or checkpoint file."""
+    path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)
+    checkpoint = load_checkpoint(path, map_location="cpu")
+    model = model_from_checkpoint(checkpoint, device)
+    preprocessing = Preprocessing.from_dict(dict(checkpoint["config"]["preprocessing"]))
+    checkpoint["path"] = str(path)
+    return model, preprocessing, checkpoint

@@ -10,7 +10,15 @@ import argparse
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lsms.data.layouts import load_image_folder, load_lvit
+from lsms.data.manifest import Record, load_manifest, write_manifest
+from lsms.data.readers import read_mask
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +40,6 @@ def convert(layout: str, src: str | Path, out: str | Path, modality: str | None 
         FileNotFoundError / ValueError: the source has errors (the first one, naming its file) or ``out`` is
             not empty.
     """
-    import numpy as np
-    from PIL import Image
-
-    from lsms.data.layouts import load_image_folder, load_lvit
-    from lsms.data.manifest import Record, write_manifest
-    from lsms.data.readers import read_mask
-
     src, out = Path(src), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output folder is not empty; choose a new folder")
@@ -65,11 +66,7 @@ def convert(layout: str, src: str | Path, out: str | Path, modality: str | None 
 
 
 def run(args: argparse.Namespace) -> int:
-    from collections import Counter
-
     path = convert(args.layout, args.src, args.out, modality=args.modality, link=args.link, split=args.split)
-    from lsms.data.manifest import load_manifest
-
     counts = Counter(r.split for r in load_manifest(path.parent))
     print(f"{path}: " + ", ".join(f"{sp} {n}" for sp, n in sorted(counts.items())))
     return 0

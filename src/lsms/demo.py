@@ -20,101 +20,107 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lsms.checkpoint import seed_everything
+from lsms.config import OptimConfig, RunConfig, set_path
+from lsms.data import Collator, DataConfig, load_samples, read_image, read_mask
+from lsms.data.loaders import build_datasets
+from lsms.evaluate import evaluate_levels
+from lsms.losses import LSMSLoss
+from lsms.model import model_config
+from lsms.optim import TrainingStep, build_optimizer, train_step
+from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
+from lsms.settings import DictRoundTrip
+from lsms.train import model_for, train
 
 log = logging.getLogger(__name__)
 
-TEXT_LEVELS = ("full", "half", "quarter", "none")
 TARGETS = {"dice_full": 0.75, "referring_accuracy_multi_full": 0.85}
 
 
+def demo_recipe() -> RunConfig:
+    """The demo's training recipe, tuned for 2 CPU cores (docs/training.md has the measurements)."""
+    return RunConfig(
+        # P1 (stride 4) in the decoder: the paper's (2, 3, 4) starts at stride 8; expressions are 40-60 tokens
+        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), text={"freeze": True, "max_tokens": 64}),
+        # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped; batches hold the same slice
+        # with different sentences
+        data=DataConfig(image_size=128, window="200,80", group_by_image=True),
+        optim=OptimConfig(batch_size=8, lr=2e-3, warmup_steps=30),
+        log_every=10,
+    )
+
+
 @dataclass
-class DemoConfig:
-    """Settings of the demo: the data, the training recipe and the time budget."""
+class DemoConfig(DictRoundTrip):
+    """Settings of the demo: the synthetic data, the training run (``train``) and the time budget.
+
+    The image size, seed, device and progress bars are the training run's (``train.data.image_size``, ...);
+    the data are generated at that size with that seed.
+    """
+
+    settings_name: ClassVar[str] = "demo settings"
 
     out: str = "demo-report"
     # data (RefLiver-Synth)
     patients: int = 100
     slices_per_patient: int = 8
-    image_size: int = 128
     fov_mm: float = 280.0  # field of view: 2.2 mm per pixel at 128 px
     diameter_mm: tuple[float, float] = (25.0, 60.0)  # lesions of at least ~11 px at 128 px (benchmark: 8..60)
     multi_lesion_share: float = 0.7
-    seed: int = 0
-    # training (see lsms.train.TrainConfig)
-    preset: str = "tiny"
+    # training
+    train: RunConfig = field(default_factory=demo_recipe)
     epochs: int | None = None  # None: as many as the time budget allows (measured), at most max_epochs
     max_epochs: int = 12
-    batch_size: int = 8
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    freeze_text: bool = True
-    max_tokens: int = 64  # full expressions are 40-60 tokens
-    text_level: str = "full"
-    window: str = "200,80"  # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped
-    group_by_image: bool = True  # batches hold the same slice with different sentences
-    decoder_stages: tuple[int, ...] = (1, 2, 3, 4)  # with P1 (stride 4): the paper's (2, 3, 4) is stride 8
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field
     # running
     budget_minutes: float = 15.0  # generation + training + evaluation + report
     eval_reserve_minutes: float = 1.0  # kept free for evaluation and the report (measured: ~0.4 min)
-    device: str = "auto"
-    progress: bool = True
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def generate_data(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
-    from lsms.synth import SynthConfig, generate_dataset
-
-    synth = SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.seed,
-                        image_size=cfg.image_size, fov_mm=cfg.fov_mm, diameter_mm=tuple(cfg.diameter_mm),
-                        multi_lesion_share=cfg.multi_lesion_share)
-    return generate_dataset(synth, folder, overwrite=True, progress=cfg.progress)
-
-
-def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: float):
-    from lsms.train import TrainConfig
-
-    settings = dict(
-        data=str(data), out=str(run), preset=cfg.preset, image_size=cfg.image_size, epochs=cfg.epochs or 1,
-        batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, freeze_text=cfg.freeze_text,
-        max_tokens=cfg.max_tokens, text_level=cfg.text_level, seed=cfg.seed, device=cfg.device,
-        progress=cfg.progress, time_limit_minutes=max(time_limit_minutes, 0.5), log_every=10,
-        window=cfg.window, group_by_image=cfg.group_by_image,
-        model_overrides={"decoder_stages": list(cfg.decoder_stages)},
+    from lsms.synth import (  # deferred on purpose: the synth package imports SciPy
+        SynthConfig,
+        generate_dataset,
     )
-    for key, value in cfg.train_overrides.items():
-        if key == "model_overrides":
-            settings["model_overrides"] = {**settings["model_overrides"], **value}
-        else:
-            settings[key] = value
-    return TrainConfig(**settings)
+
+    synth = SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.train.seed,
+                        image_size=cfg.train.data.image_size, fov_mm=cfg.fov_mm, diameter_mm=tuple(cfg.diameter_mm),
+                        multi_lesion_share=cfg.multi_lesion_share)
+    return generate_dataset(synth, folder, overwrite=True, progress=cfg.train.progress)
 
 
-def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, int]:
+def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: float) -> RunConfig:
+    """The demo's training run on the generated ``data``, written to ``run``."""
+    t = cfg.train
+    return dataclasses.replace(t, out=str(run), data=dataclasses.replace(t.data, path=str(data)),
+                               optim=dataclasses.replace(t.optim, epochs=cfg.epochs or 1),
+                               time_limit_minutes=max(time_limit_minutes, 0.5))
+
+
+def measure_step_seconds(train_cfg: RunConfig, steps: int = 3) -> tuple[float, int, int, int]:
     """Seconds per training step on this machine, the best thread count, steps per epoch and val size.
 
-    Runs the real model, loss and optimiser on real batches (a throwaway copy) with all cores and with one
-    thread (on a machine shared with other jobs, OpenMP threads that spin-wait for a descheduled partner can
-    make all-core steps many times slower than one thread), and keeps the faster. The demo uses the time to
-    choose how many epochs fit in the budget, so that the learning-rate schedule decays fully instead of being
-    cut off by the time limit.
+    Runs the real model, loss and optimiser step (:func:`lsms.optim.train_step`) on real batches (a throwaway
+    copy) with all cores and with one thread (on a machine shared with other jobs, OpenMP threads that
+    spin-wait for a descheduled partner can make all-core steps many times slower than one thread), and keeps
+    the faster. The demo uses the time to choose how many epochs fit in the budget, so that the learning-rate
+    schedule decays fully instead of being cut off by the time limit.
     """
-    import torch
-
-    from lsms.data import Collator
-    from lsms.losses import LossConfig, LSMSLoss
-    from lsms.train import TrainingStep, build_datasets, build_model_for, build_optimizer, seed_everything
-
     seed_everything(train_cfg.seed)
-    prep, train_set, val_set = build_datasets(train_cfg)
-    model = build_model_for(train_cfg, prep.in_channels)
-    step = TrainingStep(model, LSMSLoss(LossConfig(**train_cfg.loss))).train()
-    opt = build_optimizer(model, train_cfg, torch.device("cpu"))
+    prep, train_set, val_set = build_datasets(train_cfg.data, train_cfg.seed)
+    model = model_for(train_cfg, prep)
+    step = TrainingStep(model, LSMSLoss(train_cfg.loss)).train()
+    opt = build_optimizer(model, train_cfg.optim, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     collate = Collator(model.tokenizer)
-    bs = train_cfg.batch_size
+    bs = train_cfg.optim.batch_size
     default_threads = torch.get_num_threads()
     candidates = [train_cfg.threads] if train_cfg.threads else sorted({1, default_threads})
     best = (float("inf"), candidates[0])
@@ -124,10 +130,7 @@ def measure_step_seconds(train_cfg, steps: int = 3) -> tuple[float, int, int, in
         for i in range(steps + 1):  # the first step warms up
             t = time.perf_counter()
             batch = collate([train_set[(i * bs + j) % len(train_set)] for j in range(bs)])
-            losses = step(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"))
-            opt.zero_grad()
-            losses["loss"].backward()
-            opt.step()
+            train_step(step, opt, scaler, batch, train_cfg.optim.lr, train_cfg.optim.grad_clip)
             times.append(time.perf_counter() - t)
             if i >= 1 and times[-1] > 1.5 * best[0]:
                 break  # clearly slower than the best so far (e.g. spinning threads on a busy machine)
@@ -143,17 +146,6 @@ def choose_epochs(seconds_per_step: float, steps_per_epoch: int, val_samples: in
     """Epochs that fit in ``minutes`` (validation costs about a third of a training step per batch)."""
     epoch_s = steps_per_epoch * seconds_per_step + val_samples / 8 * seconds_per_step / 3
     return int(max(1, min(max_epochs, (60 * minutes) // max(epoch_s, 1e-9))))
-
-
-def evaluate_levels(run: Path, data: Path, device: str, progress: bool) -> dict[str, dict[str, Any]]:
-    """Test-split evaluation at every text level: {level: {"summary", "records"}}."""
-    from lsms.evaluate import evaluate_checkpoint
-
-    return {
-        level: evaluate_checkpoint(run, data, "test", text_level=level, batch_size=16, device=device,
-                                   progress=progress, prefer="best")
-        for level in TEXT_LEVELS
-    }
 
 
 def pick_showcase(records: list[dict[str, Any]], samples: list) -> tuple[Any, Any] | None:
@@ -178,7 +170,7 @@ def pick_showcase(records: list[dict[str, Any]], samples: list) -> tuple[Any, An
 
 
 def plot_curves(run: Path, path: Path) -> Path | None:
-    import matplotlib
+    import matplotlib  # deferred on purpose: only the report's figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -216,11 +208,6 @@ def plot_curves(run: Path, path: Path) -> Path | None:
 
 def write_pictures(run: Path, data: Path, results: dict, report: Path, device: str) -> dict[str, str]:
     """Overlays (one slice, two sentences, two lesions) and feature maps; returns {name: relative path}."""
-    import numpy as np
-
-    from lsms.data import load_samples, read_image, read_mask
-    from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
-
     out: dict[str, str] = {}
     samples = load_samples(data, "test")
     pair = pick_showcase(results["full"]["records"], samples)
@@ -282,7 +269,7 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, train_summary: dict,
+def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info: dict, train_summary: dict,
                  results: dict, pictures: dict, timings: dict[str, float]) -> Path:
     full = results["full"]["summary"]
     none = results["none"]["summary"]
@@ -299,7 +286,7 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
         "# LSMS demo: referring liver-lesion segmentation on RefLiver-Synth",
         "",
         "Generated by `lsms demo` (`make demo`). A procedural CT benchmark (RefLiver-Synth) was generated, the "
-        f"`{cfg.preset}` LSMS was trained on its train split and evaluated on its **test split** (patients never "
+        f"`{train_cfg.model.preset}` LSMS was trained on its train split and evaluated on its **test split** (patients never "
         "seen in training) with the full, half and quarter expressions and with no text.",
         "",
         "## Results (test split)",
@@ -343,35 +330,31 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
     if pictures.get("curves"):
         lines += ["## Training curves", "", f"![training curves]({pictures['curves']})", ""]
     best = train_summary.get("best", {})
+    model, o, size = train_cfg.model, train_cfg.optim, train_cfg.data.image_size
     lines += [
         "## What was run",
         "",
-        f"- Data: RefLiver-Synth, {cfg.patients} patients x {cfg.slices_per_patient} slices, {cfg.image_size}x"
-        f"{cfg.image_size} px over {cfg.fov_mm:g} mm, lesions {cfg.diameter_mm[0]:g}-{cfg.diameter_mm[1]:g} mm, "
-        f"seed {cfg.seed}: {json.dumps(counts)}",
-        f"- Model: `{cfg.preset}`, text encoder `{train_cfg.text_encoder}` "
-        f"({'frozen' if train_cfg.freeze_text else 'fine-tuned'}), max {train_cfg.max_tokens} tokens",
+        f"- Data: RefLiver-Synth, {cfg.patients} patients x {cfg.slices_per_patient} slices, {size}x{size} px over "
+        f"{cfg.fov_mm:g} mm, lesions {cfg.diameter_mm[0]:g}-{cfg.diameter_mm[1]:g} mm, seed {train_cfg.seed}: "
+        f"{json.dumps(counts)}",
+        f"- Model: `{model.preset}`, text encoder `{model.text.encoder}` "
+        f"({'frozen' if model.text.freeze else 'fine-tuned'}), max {model.text.max_tokens} tokens",
         f"- Training: {train_summary.get('epoch')} epochs / {train_summary.get('step')} steps of batch "
-        f"{train_cfg.batch_size}, AdamW lr {train_cfg.lr:g} (wd {train_cfg.weight_decay}, none on norms/biases), "
-        f"{train_cfg.warmup_steps} warm-up steps, poly 0.9, gradient clipping {train_cfg.grad_clip}; best "
+        f"{o.batch_size}, AdamW lr {o.lr:g} (wd {o.weight_decay}, none on norms/biases), "
+        f"{o.warmup_steps} warm-up steps, poly 0.9, gradient clipping {o.grad_clip}; best "
         f"checkpoint: epoch {best.get('epoch')} (val {best.get('metric')} {_fmt(best.get('value'))})"
         + (" — **stopped early by the time budget**" if train_summary.get("stopped_early") else ""),
         "- Time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()),
-        f"- Files: data in `{Path(train_cfg.data).name}/`, run (checkpoints, logs, TensorBoard) in "
-        f"`{Path(train_cfg.out).name}/`, per-level metrics in `metrics.json`",
+        f"- Files: data in `{Path(train_cfg.data.path).name}/`, run (checkpoints, logs, TensorBoard) in "
+        f"`{Path(train_cfg.out).name}/`, per-level metrics in `metrics.json`, training settings in `train.yaml`",
         "",
         "Reproduce a step by hand:",
         "",
         "```",
         f"lsms synth data --patients {cfg.patients} --slices-per-patient {cfg.slices_per_patient} "
-        f"--image-size {cfg.image_size} --fov-mm {cfg.fov_mm:g} --diameter-mm {cfg.diameter_mm[0]:g} "
-        f"{cfg.diameter_mm[1]:g} --multi-lesion-share {cfg.multi_lesion_share:g} --seed {cfg.seed}",
-        f"lsms train data --out run --preset {cfg.preset} --image-size {cfg.image_size} --epochs {train_cfg.epochs} "
-        f"--batch-size {train_cfg.batch_size} --lr {train_cfg.lr:g} --warmup-steps {train_cfg.warmup_steps} "
-        f"--max-tokens {train_cfg.max_tokens}" + (" --freeze-text" if train_cfg.freeze_text else "")
-        + (f" --window {train_cfg.window}" if train_cfg.window else "")
-        + (" --group-by-image" if train_cfg.group_by_image else "")
-        + "".join(f" --model {k}={json.dumps(v, separators=(',', ':'))}" for k, v in train_cfg.model_overrides.items()),
+        f"--image-size {size} --fov-mm {cfg.fov_mm:g} --diameter-mm {cfg.diameter_mm[0]:g} "
+        f"{cfg.diameter_mm[1]:g} --multi-lesion-share {cfg.multi_lesion_share:g} --seed {train_cfg.seed}",
+        "lsms train data --out run --config train.yaml",
         "lsms evaluate run data --split test --text-level full   # also half, quarter, none",
         "```",
         "",
@@ -386,8 +369,6 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg, data_info: dict, trai
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every step; returns the metrics and timings (also written to ``OUT/metrics.json``)."""
-    from lsms.train import train
-
     started = time.perf_counter()
     report = Path(cfg.out)
     report.mkdir(parents=True, exist_ok=True)
@@ -411,60 +392,76 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         epochs = choose_epochs(seconds, steps_per_epoch, n_val, 0.97 * left, cfg.max_epochs)
         log.info("measured %.2f s per training step (%d thread(s)): %d epochs of %d steps fit in %.1f min",
                  seconds, threads, epochs, steps_per_epoch, left)
-        train_cfg = dataclasses.replace(train_cfg, epochs=epochs, time_limit_minutes=max(left, 0.5), threads=threads)
+        train_cfg = dataclasses.replace(train_cfg, optim=dataclasses.replace(train_cfg.optim, epochs=epochs),
+                                        time_limit_minutes=max(left, 0.5), threads=threads)
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
-    log.info("2/4 training %s for %d epochs (time limit %.1f min)", cfg.preset, train_cfg.epochs, left)
+    log.info("2/4 training %s for %d epochs (time limit %.1f min)", train_cfg.model.preset, train_cfg.optim.epochs, left)
     train_summary = train(train_cfg)
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("3/4 evaluating on the test split with full, half, quarter and no text")
-    results = evaluate_levels(run, data, cfg.device, cfg.progress)
+    results = evaluate_levels(run, data, "test", batch_size=16, device=train_cfg.device, progress=train_cfg.progress)
     timings["evaluation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("4/4 writing the report")
-    pictures = write_pictures(run, data, results, report, cfg.device)
+    pictures = write_pictures(run, data, results, report, train_cfg.device)
     if plot_curves(run, report / "training_curves.png"):
         pictures["curves"] = "training_curves.png"
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     summary = {
-        "config": dataclasses.asdict(cfg), "train": train_cfg.to_dict(), "train_summary": train_summary,
+        "config": cfg.to_dict(), "train": train_cfg.to_dict(), "train_summary": train_summary,
         "test": {level: r["summary"] for level, r in results.items()}, "timings_s": timings,
         "showcase": {k: v for k, v in pictures.items() if k in ("texts", "dice")},
     }
     (report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (report / "train.yaml").write_text(train_yaml(train_cfg), encoding="utf-8")
     path = write_report(report, cfg, train_cfg, data_info, train_summary, results, pictures, timings)
     log.info("report: %s (%.1f min in all)", path, timings["total"] / 60)
     return summary
 
 
+def train_yaml(train_cfg: RunConfig) -> str:
+    """The training settings as an ``lsms train --config`` file (DATA and --out are given on the command line)."""
+    import yaml  # deferred on purpose: only this report file needs it
+
+    tree = train_cfg.to_dict()
+    del tree["out"], tree["data"]["path"]
+    tree["model"]["text"]["hf_config"] = None  # filled in from the text encoder at build
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
+    t = d.train
     p.add_argument("--out", default=d.out, help=f"report folder (default {d.out}); data and run go inside it")
     p.add_argument("--budget", dest="budget_minutes", type=float, default=d.budget_minutes,
                    help=f"minutes for everything; training stops in time for evaluation (default {d.budget_minutes:g})")
     p.add_argument("--patients", type=int, default=d.patients, help=f"synthetic patients (default {d.patients})")
     p.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient)
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"(default {d.image_size})")
+    p.add_argument("--image-size", dest="train.data.image_size", type=int, default=t.data.image_size,
+                   help=f"(default {t.data.image_size})")
     p.add_argument("--epochs", type=int, default=d.epochs,
                    help="training epochs (default: as many as fit in the budget, measured, at most --max-epochs)")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help=f"(default {d.max_epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, mps")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--batch-size", dest="train.optim.batch_size", type=int, default=t.optim.batch_size)
+    p.add_argument("--lr", dest="train.optim.lr", type=float, default=t.optim.lr)
+    p.add_argument("--seed", dest="train.seed", type=int, default=t.seed)
+    p.add_argument("--device", dest="train.device", default=t.device, help="auto, cpu, cuda, mps")
+    p.add_argument("--no-progress", dest="train.progress", action="store_false", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tree = DemoConfig().to_dict()
     names = {f.name for f in dataclasses.fields(DemoConfig)}
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if cfg.image_size % 32:
-        raise ValueError(f"--image-size must be a multiple of 32, got {cfg.image_size}")
+    for key, value in vars(args).items():
+        if key in names or key.startswith("train."):
+            set_path(tree, key, value)
+    cfg = DemoConfig.from_dict(tree)  # validates, e.g. the image size
     summary = run_demo(cfg)
     full = summary["test"]["full"]
     print(f"demo finished in {summary['timings_s']['total'] / 60:.1f} min: test Dice {_fmt(full['Dice'])} (full text), "

@@ -181,3 +181,21 @@ class GroupedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks stop at the same step)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective under DDP: every rank must call it)."""
+    if not env.distributed:
+        return [obj]
+    parts: list[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, obj)
+    return parts

@@ -10,7 +10,8 @@ weights, with nothing to refer to). Evaluation is deterministic: eval-mode Batch
 shuffling; running it twice gives the same numbers. Under ``torchrun`` the split is sharded over processes
 (every sample exactly once) and the records are gathered before summarising.
 
-:func:`evaluate_model` is the same code the training loop validates with.
+:func:`evaluate_model` is the same code the training loop validates with; :func:`evaluate_levels` evaluates
+one model at several text levels (the demo's and the benchmarks' tables).
 """
 
 from __future__ import annotations
@@ -19,32 +20,26 @@ import argparse
 import csv
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from lsms.distributed import DistEnv, ShardSampler, gather_records
+from lsms import distributed as D
+from lsms.checkpoint import load_trained
+from lsms.data import TEXT_LEVELS, SegmentationDataset, load_samples
+from lsms.data.loaders import make_loader
+from lsms.distributed import DistEnv, gather_records, pick_device
+from lsms.metrics import sample_scores, summarize
+from lsms.optim import autocast
 
 log = logging.getLogger(__name__)
-
-TEXT_LEVELS = ("full", "half", "quarter", "none")
-
-
-def make_loader(dataset, batch_size: int, env: DistEnv, num_workers: int = 0, tokenizer=None) -> DataLoader:
-    """Evaluation loader: this rank's shard of ``dataset`` in order, no padding, no shuffling."""
-    from lsms.data import Collator
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), env.rank, env.world_size),
-        collate_fn=Collator(tokenizer), num_workers=num_workers, pin_memory=env.device.type == "cuda",
-        generator=torch.Generator().manual_seed(0),  # worker seeds must not draw from (and shift) the global RNG
-    )
 
 
 @torch.no_grad()
@@ -63,16 +58,11 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
     Returns:
         ``{"records": [...], "summary": {...}}``, identical on every rank.
     """
-    from lsms.metrics import summarize
-    from lsms.train import autocast
-
     was_training = model.training
     model.eval()
     records: list[dict[str, Any]] = []
     batches = loader
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True)
     for batch in batches:
         image = batch["image"].to(device, non_blocking=True)
@@ -97,8 +87,6 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, 
     target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
     target taken as the referred one.
     """
-    from lsms.metrics import sample_scores
-
     inst = batch.get("instances")
     target_inst = batch.get("target_instance")
     ids = list(batch["id"])
@@ -125,43 +113,38 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, 
     return [out[i] for i in range(len(ids))]
 
 
-# --------------------------------------------------------------------------- loading a trained model
+# --------------------------------------------------------------------------- a trained model on a dataset
 
 
-def load_trained(run_or_checkpoint: str | Path, device: torch.device | str = "cpu", prefer: str = "best"):
-    """(model in eval mode, preprocessing, checkpoint dict) from a run folder or checkpoint file."""
-    from lsms.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from lsms.data import Preprocessing
+def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str = "val",
+                    levels: tuple[str, ...] = TEXT_LEVELS, batch_size: int = 8, device: str = "auto",
+                    num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
+                    on_batch: Callable | None = None, prefer: str = "best",
+                    empty_policy: str = "one") -> dict[str, dict[str, Any]]:
+    """A trained model on ``data``/``split`` at each text level, loaded once: {level: result}.
 
-    path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)
-    checkpoint = load_checkpoint(path, map_location="cpu")
-    model = model_from_checkpoint(checkpoint, device)
-    preprocessing = Preprocessing.from_dict(dict(checkpoint["config"]["preprocessing"]))
-    checkpoint["path"] = str(path)
-    return model, preprocessing, checkpoint
-
-
-def evaluate_checkpoint(run_or_checkpoint: str | Path, data: str | Path, split: str = "val",
-                        text_level: str = "full", batch_size: int = 8, device: str = "auto",
-                        num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
-                        on_batch: Callable | None = None, prefer: str = "best",
-                        empty_policy: str = "one") -> dict[str, Any]:
-    """Evaluate a trained model on ``data``/``split``; see :func:`evaluate_model` for the result."""
-    from lsms.data import SegmentationDataset, load_samples
-    from lsms.distributed import pick_device
-
-    if text_level not in TEXT_LEVELS:
-        raise ValueError(f"text_level must be one of {', '.join(TEXT_LEVELS)}, got {text_level!r}")
+    Each result is :func:`evaluate_model`'s plus ``checkpoint`` (its path) and ``epoch``. Level "none" gives
+    the text model an empty sentence (the same weights, nothing to refer to).
+    """
+    if unknown := [level for level in levels if level not in TEXT_LEVELS]:
+        raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
     env = env or DistEnv(device=pick_device(device))
     model, preprocessing, checkpoint = load_trained(run_or_checkpoint, env.device, prefer=prefer)
     records = load_samples(data, split=split)
-    dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=text_level)
-    loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=getattr(model, "tokenizer", None))
-    result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
-                            empty_policy=empty_policy)
-    result["checkpoint"] = checkpoint["path"]
-    result["epoch"] = checkpoint.get("epoch")
-    return result
+    results = {}
+    for level in levels:
+        dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=level)
+        loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=getattr(model, "tokenizer", None))
+        result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
+                                empty_policy=empty_policy)
+        results[level] = {**result, "checkpoint": checkpoint["path"], "epoch": checkpoint.get("epoch")}
+    return results
+
+
+def evaluate_checkpoint(run_or_checkpoint: str | Path, data: str | Path, split: str = "val",
+                        text_level: str = "full", **kwargs: Any) -> dict[str, Any]:
+    """A trained model on ``data``/``split`` at one text level (:func:`evaluate_levels` with one level)."""
+    return evaluate_levels(run_or_checkpoint, data, split, (text_level,), **kwargs)[text_level]
 
 
 # --------------------------------------------------------------------------- command line
@@ -217,8 +200,6 @@ def write_per_sample_csv(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsms import distributed as D
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     env = D.init_distributed(args.device)
@@ -230,8 +211,9 @@ def run(args: argparse.Namespace) -> int:
             pred_dir.mkdir(parents=True, exist_ok=True)
             on_batch = _prediction_writer(pred_dir)
         result = evaluate_checkpoint(
-            args.model, args.data, args.split, args.text_level, args.batch_size, args.device, args.num_workers,
-            env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint, empty_policy=args.empty_policy,
+            args.model, args.data, args.split, args.text_level, batch_size=args.batch_size, device=args.device,
+            num_workers=args.num_workers, env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint,
+            empty_policy=args.empty_policy,
         )
         if env.is_main:
             summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,
@@ -253,9 +235,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prediction_writer(folder: Path) -> Callable[[dict[str, Any], torch.Tensor], None]:
-    import numpy as np
-    from PIL import Image
-
     def write(batch: dict[str, Any], logits: torch.Tensor) -> None:
         masks = (logits[:, 0] > 0).numpy().astype(np.uint8) * 255  # sigmoid > 0.5
         for sample_id, m in zip(batch["id"], masks, strict=True):

@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lsms.settings import DictRoundTrip
 
 __all__ = [
     "LSMSLoss",
@@ -30,7 +33,7 @@ __all__ = [
 
 
 @dataclass
-class LossConfig:
+class LossConfig(DictRoundTrip):
     """Settings of :class:`LSMSLoss` (spec 2.6).
 
     Attributes:
@@ -45,6 +48,8 @@ class LossConfig:
         max_positive: at most this many positive (in-target) pixels are sampled per image.
         max_negative: at most this many negative (background) pixels are sampled per image.
     """
+
+    settings_name: ClassVar[str] = "loss settings"
 
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0

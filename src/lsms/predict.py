@@ -29,6 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from lsms.checkpoint import load_trained
+from lsms.data import ImageData, preprocess_image, read_image
+from lsms.data.intensity import scale_intensity
+from lsms.data.layouts import IMAGE_SUFFIXES
+from lsms.data.readers import is_dicom
+from lsms.distributed import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +88,6 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float = 0.5,
                         prefer: str = "best") -> Predictor:
-        from lsms.distributed import pick_device
-        from lsms.evaluate import load_trained
-
         dev = pick_device(device)
         model, preprocessing, _ = load_trained(run_or_checkpoint, dev, prefer=prefer)
         return cls(model, preprocessing, dev, threshold)
@@ -116,8 +121,6 @@ class Predictor:
 
     def _forward(self, image, text: str):
         """Checked, preprocessed forward pass -> ((H, W) of the input, LSMSOutput)."""
-        from lsms.data import ImageData, preprocess_image, read_image
-
         if isinstance(image, (str, Path)):
             image = read_image(image)
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
@@ -149,8 +152,6 @@ def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def display_image(array: np.ndarray, preprocessing) -> np.ndarray:
     """Raw image -> float (H, W) or (H, W, 3) in [0, 1] for display, scaled as the model sees it (CT window)."""
-    from lsms.data.intensity import scale_intensity
-
     a = scale_intensity(array, preprocessing)
     if a.ndim == 3:
         a = a[..., :3] if a.shape[-1] >= 3 else a[..., 0]
@@ -161,7 +162,7 @@ def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray | None
                  title: str | None = None, ncols: int | None = None,
                  colours: list[tuple[float, float, float]] | None = None) -> Path:
     """Panels of the image with each mask in colour and its sentence as caption (a None mask: image only)."""
-    import matplotlib
+    import matplotlib  # deferred on purpose: only the picture files need it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -202,7 +203,7 @@ def save_feature_maps(array: np.ndarray, preprocessing, maps: list[np.ndarray], 
     ``rows`` adds further labelled rows of heat maps (e.g. what the sentence changes); ``mask`` outlines the
     target in the image panel.
     """
-    import matplotlib
+    import matplotlib  # deferred on purpose: only the picture files need it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,7 +267,7 @@ def parse_slices(spec: str | None, n: int, path: Path) -> list[int]:
 
 def _volume_depth(path: Path) -> int | None:
     """Number of slices of a NIfTI volume or DICOM series folder; None for 2D inputs."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred on purpose: only NIfTI / DICOM inputs need it
 
     name = path.name.lower()
     if path.is_dir():
@@ -286,8 +287,6 @@ def _volume_depth(path: Path) -> int | None:
 
 def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices: str | None) -> list[Job]:
     """Turn the command line's inputs into jobs; folders of images expand to their files."""
-    from lsms.data.layouts import IMAGE_SUFFIXES
-
     jobs: list[Job] = []
     if pairs:
         pairs_path = Path(pairs)
@@ -319,7 +318,7 @@ def _jobs_for(path: Path, texts: list[str], slices: str | None, suffixes: tuple[
         raise FileNotFoundError(f"{path}: input not found")
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        is_series = any(f.suffix.lower() in (".dcm", ".dicom") or (not f.suffix and _is_dicom(f)) for f in files)
+        is_series = any(f.suffix.lower() in (".dcm", ".dicom") or (not f.suffix and is_dicom(f)) for f in files)
         if not is_series:
             images = [f for f in files if f.name.lower().endswith(suffixes)]
             if not images:
@@ -333,12 +332,6 @@ def _jobs_for(path: Path, texts: list[str], slices: str | None, suffixes: tuple[
     return [Job(path, texts, parse_slices(slices, depth, path))]
 
 
-def _is_dicom(path: Path) -> bool:
-    from lsms.data.readers import _is_dicom as is_dicom
-
-    return is_dicom(path)
-
-
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii", ".dcm"):
@@ -349,7 +342,7 @@ def _stem(path: Path) -> str:
 
 def write_volume_mask(masks: dict[int, np.ndarray], geometry, path: Path) -> Path:
     """Write the predicted slices into a zero volume with the input's size, spacing, origin and direction."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred on purpose: only NIfTI / DICOM inputs need it
 
     w, h = geometry.size[0], geometry.size[1]
     depth = geometry.size[2] if len(geometry.size) == 3 else 1
@@ -394,10 +387,6 @@ def run(args: argparse.Namespace) -> int:
 def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: bool = False,
                  features: bool = False) -> list[dict[str, Any]]:
     """Run every job and write its files; returns the rows of ``predictions.csv``."""
-    from PIL import Image
-
-    from lsms.data import read_image
-
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()

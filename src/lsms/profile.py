@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import statistics
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lsms.model import BASELINES, MODEL_NAMES, build_named_model, count_parameters
+from lsms.model import MODELS, build, check_image_size, count_parameters, model_config
 from lsms.text import DEFAULT_TEXT_ENCODER
 
 # The one built-in random encoder: BERT-base sizes (the paper's text encoder), for counting without weights.
@@ -91,7 +92,7 @@ def profile_inputs(model: nn.Module, image_size: int, batch: int, device: torch.
     if model.tokenizer is None:
         return (image,)
     enc = model.tokenizer.hf([PROFILE_SENTENCE] * batch, padding="max_length", truncation=True,
-                             max_length=model.config.max_tokens, return_tensors="pt")
+                             max_length=model.config.text.max_tokens, return_tensors="pt")
     return image, enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -137,15 +138,16 @@ def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEX
     ``text_encoder=None`` profiles the no-text model; the plain ``unet`` baseline never has text.
     """
     dev = torch.device(device)
-    if preset in BASELINES and not BASELINES[preset]:
+    config = model_config(preset, in_channels=in_channels, **overrides)
+    if preset == "unet":
         text_encoder = None
     elif text_encoder is None:
-        overrides["use_text"] = False
+        config.use_text = False
     if text_encoder == BERT_BASE_RANDOM:
-        overrides.update(text_config=dict(BERT_BASE_CONFIG), pretrained_text=False)
+        config.text = dataclasses.replace(config.text, hf_config=dict(BERT_BASE_CONFIG), pretrained=False)
     elif text_encoder is not None:
-        overrides["text_encoder"] = text_encoder
-    model = build_named_model(preset, in_channels=in_channels, **overrides).eval().to(dev)
+        config.text = dataclasses.replace(config.text, encoder=text_encoder)
+    model = build(config).eval().to(dev)
     inputs = profile_inputs(model, image_size, batch, dev)
     with torch.inference_mode():
         flops = count_flops(model, *inputs) / batch
@@ -179,9 +181,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = __doc__
-    parser.add_argument("--preset", nargs="+", default=["base"], choices=MODEL_NAMES,
+    parser.add_argument("--preset", nargs="+", default=["base"], choices=list(MODELS),
                         help="one or more LSMS presets or baselines (unet: MONAI BasicUNet; film-unet: with FiLM text fusion)")
-    parser.add_argument("--image-size", nargs="+", type=int, default=[480], help="one or more square input sizes (multiples of 32)")
+    parser.add_argument("--image-size", nargs="+", type=int, default=[480], help="one or more square input sizes (multiples of 32, at least 64)")
     parser.add_argument("--text-encoder", nargs="+", default=[DEFAULT_TEXT_ENCODER],
                         help=f"text encoder(s): {DEFAULT_TEXT_ENCODER!r} (packaged), a model folder, a hub id, "
                              f"{BERT_BASE_RANDOM!r} (random weights, BERT-base sizes as in the paper) or 'none' (no-text model)")
@@ -196,8 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(s % 32 or s < 32 for s in args.image_size):
-        raise ValueError(f"--image-size values must be positive multiples of 32, got {args.image_size}")
+    for size in args.image_size:
+        check_image_size(size, what="--image-size")
     if args.batch < 1 or args.repeats < 1:
         raise ValueError("--batch and --repeats must be >= 1")
     rows = []

@@ -1,31 +1,58 @@
-"""One home for the plain-data round trip of the typed settings dataclasses (model, training, data, synth)."""
+"""One home for the plain-data round trip of the typed settings dataclasses (model, run, data, loss, synth)."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T", bound="DictRoundTrip")
 
 
 class DictRoundTrip:
-    """Mixin for dataclasses: ``to_dict`` (tuples become lists, so JSON and checkpoints hold plain data) and
-    ``from_dict`` (tuple fields restored; an unknown key is an error naming it, never silently dropped)."""
+    """Mixin for dataclasses: ``to_dict`` (nested settings become dicts and tuples lists, so JSON, YAML and
+    checkpoints hold plain data) and ``from_dict`` (nested settings and tuple fields restored; an unknown key is
+    an error naming it and where it sits, never silently dropped).
+
+    A field typed as another settings class is read with that class's ``from_dict``.
+    """
 
     settings_name: ClassVar[str] = "settings"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where or cls.settings_name} must be a mapping of setting: value, got {data!r}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown {cls.settings_name} {unknown}; known: {sorted(fields)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) and _is_tuple(fields[k]) else v for k, v in data.items()})
+            raise ValueError(f"unknown {cls.settings_name} {unknown}{f' in {where}' if where else ''}; "
+                             f"known: {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()})
 
 
-def _is_tuple(field: dataclasses.Field) -> bool:
-    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-    return str(annotation).startswith("tuple")
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictRoundTrip):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _typed(hint: Any, value: Any, where: str) -> Any:
+    """A plain value read back as the type ``hint`` asks for (settings classes, tuples); others unchanged."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    classes = [o for o in options if isinstance(o, type) and issubclass(o, DictRoundTrip)]
+    if len(classes) == 1 and isinstance(value, dict):
+        return classes[0].from_dict(value, where)
+    if isinstance(value, list) and any(typing.get_origin(o) is tuple for o in options):
+        return tuple(value)
+    return value

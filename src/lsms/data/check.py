@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lsms.data.layouts import scan_samples
-from lsms.data.manifest import SPLITS, TEXT_LEVELS, Record
+from lsms.data.manifest import SPLITS, WRITTEN_LEVELS, Record
 from lsms.data.problems import Problem
 from lsms.data.readers import read_image, read_label_map
 
@@ -157,7 +157,7 @@ def _check_chunk(records: list[Record]) -> list[tuple[list[Problem], str | None]
 
 def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[Problem], bool]:
     texts_of = [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
-                for r in records for lvl in TEXT_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
+                for r in records for lvl in WRITTEN_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
     has_text = any(t.strip() for _, _, t in texts_of)
     problems: list[Problem] = []
     if not has_text:

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from lsms.data.augment import Augmentation, draw
 from lsms.data.intensity import Preprocessing, preprocess_image, resize_labels
-from lsms.data.manifest import Record
+from lsms.data.manifest import TEXT_LEVELS, Record
 from lsms.data.readers import read_image, read_label_map, read_mask
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class SegmentationDataset(Dataset):
         text_level: str = "full",
         on_error: str = "raise",
     ):
-        if text_level not in ("full", "half", "quarter", "none"):
-            raise ValueError(f"text_level must be full, half, quarter or none, got {text_level!r}")
+        if text_level not in TEXT_LEVELS:
+            raise ValueError(f"text_level must be one of {', '.join(TEXT_LEVELS)}, got {text_level!r}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not records:

@@ -18,7 +18,8 @@ from lsms.data.problems import Problem
 
 MANIFEST_NAME = "manifest.jsonl"
 SPLITS = ("train", "val", "test")
-TEXT_LEVELS = ("full", "half", "quarter")
+WRITTEN_LEVELS = ("full", "half", "quarter")  # the expressions a manifest record can hold
+TEXT_LEVELS = (*WRITTEN_LEVELS, "none")  # what a model can be given: "none" is an empty sentence
 _KNOWN = (
     "id", "image", "mask", "text", "split", "texts", "instances", "target_instance", "attributes",
     "spacing", "patient", "modality", "slice_index",
@@ -82,7 +83,7 @@ class Record:
         if level == "none":
             return ""
         if level not in TEXT_LEVELS:
-            raise ValueError(f"text level must be one of full, half, quarter, none; got {level!r}")
+            raise ValueError(f"text level must be one of {', '.join(TEXT_LEVELS)}; got {level!r}")
         if level == "full":
             return self.text
         return (self.texts or {}).get(level, self.text)
@@ -136,9 +137,9 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     if texts is not None:
         if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
             raise ValueError(f"{where}: field 'texts' must be an object of strings, e.g. {{\"full\": ..., \"half\": ...}}")
-        bad = sorted(set(texts) - set(TEXT_LEVELS))
+        bad = sorted(set(texts) - set(WRITTEN_LEVELS))
         if bad:
-            raise ValueError(f"{where}: field 'texts' has unknown level(s) {bad}; use {', '.join(TEXT_LEVELS)}")
+            raise ValueError(f"{where}: field 'texts' has unknown level(s) {bad}; use {', '.join(WRITTEN_LEVELS)}")
     instances = _check_str(line, "instances", where, False)
     target = line.get("target_instance")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):

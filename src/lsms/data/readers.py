@@ -283,7 +283,7 @@ def _read_dicom_series(folder: Path, slice_index: int | None, series_uid: str | 
     return _from_sitk(img, folder, "dicom-series", slice_index, modality=modality or None)
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
     try:
         with path.open("rb") as f:
             f.seek(128)
@@ -322,7 +322,7 @@ def read_image(
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path, slice_index)
-    if suffix in DICOM_SUFFIXES or (suffix not in PIL_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES and _is_dicom(path)):
+    if suffix in DICOM_SUFFIXES or (suffix not in PIL_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES and is_dicom(path)):
         return _read_dicom_file(path, slice_index)
     if slice_index not in (None, 0) and suffix not in NUMPY_SUFFIXES:
         raise ValueError(f"{path}: slice_index={slice_index} given but {suffix} files hold one 2D image")

@@ -8,43 +8,13 @@ Both speak the LSMS interface (``config``, ``tokenize``, ``forward_features`` ->
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
-
 import torch
 from torch import Tensor, nn
 
+from lsms.model.config import UNetConfig
 from lsms.model.encoder import coordinate_grid
-from lsms.model.lsms import LSMSOutput, check_coords, text_parts
-from lsms.settings import DictRoundTrip
-from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, TextEncoder, Tokenizer
-
-
-@dataclass
-class UNetConfig(DictRoundTrip):
-    """A 2D BasicUNet (MONAI), optionally FiLM-conditioned on the sentence (``use_text``)."""
-
-    settings_name: ClassVar[str] = "U-Net config fields"
-
-    arch: Literal["unet"] = "unet"
-    preset: str = "unet"
-    in_channels: int = 3
-    features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)  # BasicUNet's 6 widths, halved for CPU
-    use_text: bool = False
-    coord_embed: bool = False  # CoordConv: (x, y) of each pixel in the whole image as 2 extra input channels
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_config: dict[str, Any] | None = None
-    pretrained_text: bool = True
-    freeze_text: bool = False
-    max_tokens: int = DEFAULT_MAX_TOKENS
-
-    def __post_init__(self) -> None:
-        self.features = tuple(self.features)
-        if len(self.features) != 6 or min(self.features) < 1:
-            raise ValueError(f"features needs 6 positive widths (BasicUNet), got {self.features}")
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
-
+from lsms.model.lsms import LSMSOutput, check_coords
+from lsms.text import TextEncoder, Tokenizer
 
 
 class FiLM(nn.Module):
@@ -123,11 +93,3 @@ class TextUNet(nn.Module):
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 coords: Tensor | None = None) -> Tensor:
         return self.forward_features(image, input_ids, attention_mask, coords).logits
-
-
-def build_unet(config: UNetConfig) -> TextUNet:
-    """Build the U-Net baseline (``use_text=False``) or the FiLM text U-Net (``use_text=True``)."""
-    text_encoder = tokenizer = None
-    if config.use_text:
-        text_encoder, tokenizer, config.text_config = text_parts(config)
-    return TextUNet(config, text_encoder, tokenizer)

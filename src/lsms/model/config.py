@@ -1,13 +1,53 @@
-"""Typed configuration of the LSMS network and its named presets (spec sections 3 and 4)."""
+"""Typed configuration of the networks and the one registry of named models (spec sections 3 and 4).
+
+Every architecture number is on this page (segment-anything's ``build_sam.py`` style): :data:`MODELS` maps a
+name to a function returning its config; :func:`lsms.model.build` turns any config into the network. The
+config is stored in every checkpoint and the network rebuilt from it (nanoGPT's ``GPTConfig``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from lsms.settings import DictRoundTrip
 from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER
+
+SIZE_MULTIPLE = 32  # the encoder's largest stride
+MIN_IMAGE_SIZE = 64  # stage 4 (stride 32) must be at least 2x2: InstanceNorm needs more than one pixel
+
+
+def check_image_size(height: int, width: int | None = None, what: str = "image size") -> None:
+    """The one image-size check: sides must be multiples of 32 and at least 64 pixels (the message says the fix)."""
+    sides = (height, height if width is None else width)
+    if all(s % SIZE_MULTIPLE == 0 and s >= MIN_IMAGE_SIZE for s in sides):
+        return
+    fixed = [str(max(MIN_IMAGE_SIZE, round(s / SIZE_MULTIPLE) * SIZE_MULTIPLE)) for s in sides]
+    if width is None:
+        rule, got, fix = f"a multiple of {SIZE_MULTIPLE}", str(height), fixed[0]
+    else:
+        rule, got, fix = f"multiples of {SIZE_MULTIPLE}", f"{height}x{width}", "x".join(fixed)
+    raise ValueError(f"{what} must be {rule} and at least {MIN_IMAGE_SIZE} pixels (stage 4, at stride 32, needs "
+                     f"2x2 pixels), got {got}; use {fix}")
+
+
+@dataclass
+class TextConfig(DictRoundTrip):
+    """The text encoder of a model (spec 2.1); the same settings for LSMS and the FiLM U-Net."""
+
+    settings_name: ClassVar[str] = "text config fields"
+
+    encoder: str = DEFAULT_TEXT_ENCODER  # tokenizer (and weights) source: package default, folder or hub id
+    hf_config: dict[str, Any] | None = None  # HuggingFace config of the encoder; filled in at build
+    pretrained: bool = True  # load the weights from `encoder`; False: random init from hf_config
+    freeze: bool = False
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 3:
+            raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {self.max_tokens}")
 
 
 @dataclass
@@ -19,6 +59,7 @@ class LSMSConfig(DictRoundTrip):
 
     settings_name: ClassVar[str] = "LSMS config fields"
 
+    arch: Literal["lsms"] = "lsms"
     preset: str = "tiny"
     in_channels: int = 3  # 1 for CT, 3 for RGB
     # Encoder (spec 2.2-2.4)
@@ -31,13 +72,12 @@ class LSMSConfig(DictRoundTrip):
     # [deviation, off by default] (x, y) of every pixel in the whole image, projected (1x1 conv) and added to
     # each stage's input, so that words naming image regions ("upper-left region") can be matched to pixels
     coord_embed: bool = False
+    # [decision] initial scale of w_f's InstanceNorm: 0 starts the language-guided branch closed (Att_L = 0, each
+    # block the visual MSCAN block) and training opens it; 1 is PyTorch's default init (docs/model.md)
+    language_gate_init: float = 0.0
     # Text (spec 2.1)
     use_text: bool = True  # False: classical segmentation, no language branch, no contrastive loss
-    text_encoder: str = DEFAULT_TEXT_ENCODER  # tokenizer (and weights) source: package default, folder or hub id
-    text_config: dict[str, Any] | None = None  # HuggingFace config of the encoder; filled in at build
-    pretrained_text: bool = True  # load text weights from `text_encoder`; False: random init from text_config
-    freeze_text: bool = False
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    text: TextConfig = field(default_factory=TextConfig)
     # Decoder (spec 2.5)
     decoder: Literal["fsd", "last"] = "fsd"  # "last": w/o FSD, decode from F4 at 1/32; Table III(c)
     decoder_stages: tuple[int, ...] = (2, 3, 4)  # which P_i feed the FSD; Table III(d)/(e)
@@ -87,6 +127,33 @@ class LSMSConfig(DictRoundTrip):
             raise ValueError("drop_path and head_dropout must lie in [0, 1)")
 
 
+@dataclass
+class UNetConfig(DictRoundTrip):
+    """The baselines: a 2D BasicUNet (MONAI), and with ``use_text`` the same U-Net FiLM-conditioned on the sentence."""
+
+    settings_name: ClassVar[str] = "U-Net config fields"
+
+    arch: Literal["unet"] = "unet"
+    preset: str = "unet"
+    in_channels: int = 3
+    features: tuple[int, ...] = (16, 16, 32, 64, 128, 16)  # BasicUNet's 6 widths, halved for CPU
+    use_text: bool = False
+    coord_embed: bool = False  # CoordConv: (x, y) of each pixel in the whole image as 2 extra input channels
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        self.features = tuple(self.features)
+        if len(self.features) != 6 or min(self.features) < 1:
+            raise ValueError(f"features needs 6 positive widths (BasicUNet), got {self.features}")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+
+
+ModelConfig = LSMSConfig | UNetConfig
+
+
+# --------------------------------------------------------------------------- the registry
+
 
 def tiny() -> LSMSConfig:
     return LSMSConfig(preset="tiny")
@@ -104,18 +171,61 @@ def base() -> LSMSConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "small": small, "base": base}
+def unet() -> UNetConfig:
+    """MONAI's BasicUNet without text (classical segmentation)."""
+    return UNetConfig(preset="unet", use_text=False)
 
 
-def preset_config(preset: str, **overrides: Any) -> LSMSConfig:
-    """The named preset with ``overrides`` applied; unknown names raise a ValueError listing the valid ones."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(LSMSConfig)} - {"preset"}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown model settings {unknown}; valid settings: {sorted(known)}")
-    return dataclasses.replace(PRESETS[preset](), **overrides)
+def film_unet() -> UNetConfig:
+    """The same U-Net with late fusion of the sentence by FiLM."""
+    return UNetConfig(preset="film-unet", use_text=True)
 
 
-__all__ = ["LSMSConfig", "PRESETS", "preset_config"]
+MODELS: dict[str, Callable[[], ModelConfig]] = {
+    "tiny": tiny, "small": small, "base": base, "unet": unet, "film-unet": film_unet,
+}
+PRESETS = ("tiny", "small", "base")  # the LSMS sizes among MODELS
+BASELINES = ("unet", "film-unet")
+
+
+def model_config(name: str = "tiny", **overrides: Any) -> ModelConfig:
+    """The registered model ``name`` with ``overrides`` applied (any field of its config; ``text`` may be a
+    partial dict merged over the default text settings). Unknown names and fields raise a ValueError listing
+    the valid ones.
+
+    Example: ``model_config("tiny", in_channels=1, conv_kernels=(11,), decoder="last")``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown preset {name!r}; choose one of the registered models {list(MODELS)}")
+    config = MODELS[name]()
+    known = {f.name for f in dataclasses.fields(config)} - {"preset", "arch"}
+    for fixed in ("arch", "preset"):  # present in saved configs; must agree with the name
+        if fixed in overrides and overrides.pop(fixed) != getattr(config, fixed):
+            raise ValueError(f"model {name!r} has {fixed} {getattr(config, fixed)!r}; "
+                             f"choose the model by its name (one of {list(MODELS)})")
+    if unknown := sorted(set(overrides) - known):
+        raise ValueError(f"unknown model settings {unknown} for {name!r} (they do not apply to it); "
+                         f"valid settings: {sorted(known)}")
+    if name in BASELINES and overrides.get("use_text", config.use_text) != config.use_text:
+        raise ValueError(f"{name} is fixed {'with' if config.use_text else 'without'} text; "
+                         f"choose {'unet' if config.use_text else 'film-unet'} instead")
+    text = overrides.get("text")
+    if isinstance(text, dict):
+        overrides["text"] = TextConfig.from_dict({**config.text.to_dict(), **text}, "model.text")
+    return dataclasses.replace(config, **overrides)
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A model config from plain data: ``preset`` names the registered model, every other key overrides it
+    (a full saved config overrides every field, so it comes back exactly; a short one from a YAML file takes
+    the rest from the named model)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"model settings must be a mapping (e.g. {{preset: tiny}}), got {data!r}")
+    data = dict(data)
+    return model_config(data.pop("preset", "tiny"), **data)
+
+
+__all__ = [
+    "BASELINES", "MIN_IMAGE_SIZE", "MODELS", "PRESETS", "SIZE_MULTIPLE", "LSMSConfig", "ModelConfig", "TextConfig",
+    "UNetConfig", "check_image_size", "model_config", "model_config_from_dict",
+]

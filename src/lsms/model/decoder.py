@@ -1,4 +1,4 @@
-"""Full-Scale Decoder (paper Sec. III-C, Eq. 11-12; spec 2.5).
+"""Full-Scale Decoder (paper Sec. III-D, Eq. 11-12; spec 2.5).
 
 Position alignment resizes the chosen stage features to F1's size; the concatenation goes through a
 lightweight Hamburger head (NMF matrix decomposition) [decision, SegNeXt LightHamHead].

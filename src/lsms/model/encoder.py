@@ -1,4 +1,4 @@
-"""Language-guided visual encoder (paper Sec. III-B, Eq. 1-10; spec 2.2-2.4).
+"""Language-guided visual encoder (paper Sec. III-B, with the SVLA of Sec. III-C, Eq. 1-10; spec 2.2-2.4).
 
 Four stages; each down-samples and runs N_i encoder blocks whose attention (SVLA) mixes
 multi-scale strip convolutions with a language-guided branch over the token features L.
@@ -57,7 +57,7 @@ class Downsample(nn.Module):
 
 
 class ConvUnit(nn.Module):
-    """ConvUnit_j = conv(d x 1) o conv(1 x d), both depthwise (Eq. 5)."""
+    """ConvUnit_j = conv(d x 1) o conv(1 x d), both depthwise (Eq. 4)."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
@@ -83,18 +83,19 @@ class LanguageGuidedBranch(nn.Module):
     Padding tokens get -inf before the softmax, so a sentence padded to any length gives the same output.
     """
 
-    def __init__(self, channels: int, text_channels: int, pixel_map: bool = True):
+    def __init__(self, channels: int, text_channels: int, pixel_map: bool = True, gate_init: float = 0.0):
         super().__init__()
         self.w_v1 = ConvNorm(channels)
         self.w_v2 = ConvNorm(channels) if pixel_map else None
         self.w_l1 = nn.Conv1d(text_channels, channels, 1)
         self.w_l2 = nn.Conv1d(text_channels, channels, 1)
         self.w_f = ConvNorm(channels)
-        # [decision] the branch starts closed: w_f's InstanceNorm scale is 0, so Att_L = 0 at initialisation and
-        # each block starts as the purely visual MSCAN block; training opens it. With the default scale of 1,
-        # the product of two unit-variance (instance-normalised) maps is added at full strength to every block
-        # of an untrained network, and training from scratch is much slower (docs/model.md, "Initialisation").
-        nn.init.zeros_(self.w_f[1].weight)
+        # [decision] the branch starts closed (gate_init = LSMSConfig.language_gate_init = 0): w_f's InstanceNorm
+        # scale is 0, so Att_L = 0 at initialisation and each block starts as the purely visual MSCAN block;
+        # training opens it. With PyTorch's default scale of 1, the product of two unit-variance (instance-
+        # normalised) maps is added at full strength to every block of an untrained network, and training from
+        # scratch is much slower (docs/model.md, "Initialisation").
+        nn.init.constant_(self.w_f[1].weight, gate_init)
         self.scale = 1.0 / math.sqrt(text_channels)
 
     def forward(self, v_pre: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
@@ -118,11 +119,12 @@ class SVLA(nn.Module):
     F_att = Conv1x1(V_pre + sum_j ConvUnit_j(V_pre) + Att_L) * V with V_pre = DWConv5x5(V).
     """
 
-    def __init__(self, channels: int, text_channels: int | None, kernels: tuple[int, ...], pixel_map: bool):
+    def __init__(self, channels: int, text_channels: int | None, kernels: tuple[int, ...], pixel_map: bool,
+                 gate_init: float = 0.0):
         super().__init__()
         self.conv5x5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)  # [decision] depthwise
         self.conv_units = nn.ModuleList(ConvUnit(channels, k) for k in kernels)
-        self.language = LanguageGuidedBranch(channels, text_channels, pixel_map) if text_channels else None
+        self.language = LanguageGuidedBranch(channels, text_channels, pixel_map, gate_init) if text_channels else None
         self.mix = nn.Conv2d(channels, channels, 1)
 
     def forward(self, v: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
@@ -165,7 +167,7 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, channels: int, text_channels: int | None, cfg: LSMSConfig, mlp_ratio: int, drop: float):
         super().__init__()
-        self.svla = SVLA(channels, text_channels, cfg.conv_kernels, cfg.pixel_map)
+        self.svla = SVLA(channels, text_channels, cfg.conv_kernels, cfg.pixel_map, cfg.language_gate_init)
         self.norm1 = nn.BatchNorm2d(channels)
         self.ffn = FFN(channels, mlp_ratio)
         self.norm2 = nn.BatchNorm2d(channels)

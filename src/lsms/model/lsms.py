@@ -1,19 +1,16 @@
-"""The LSMS network: text encoder + language-guided visual encoder + Full-Scale Decoder (paper Fig. 2)."""
+"""The LSMS network: text encoder + language-guided visual encoder + Full-Scale Decoder (paper Fig. 4)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsms.model.config import LSMSConfig, preset_config
+from lsms.model.config import LSMSConfig, check_image_size
 from lsms.model.decoder import FullScaleDecoder, Refine
 from lsms.model.encoder import LanguageGuidedEncoder
-from lsms.text import TextEncoder, Tokenizer, load_text_encoder
-
-SIZE_MULTIPLE = 32  # the encoder's largest stride
+from lsms.text import TextEncoder, Tokenizer
 
 
 @dataclass
@@ -30,7 +27,7 @@ class LSMSOutput:
 class LSMS(nn.Module):
     """Language-guided Scale-aware MedSegmentor.
 
-    Receives its built parts (SAM style); :func:`build_model` wires them from a config.
+    Receives its built parts (SAM style); :func:`lsms.model.build` wires them from a config.
 
     Args:
         config: the architecture settings it was built from (kept for checkpoints).
@@ -66,11 +63,7 @@ class LSMS(nn.Module):
                 f"image must be (B, {self.config.in_channels}, H, W) for this model "
                 f"(in_channels={self.config.in_channels}), got shape {tuple(image.shape)}"
             )
-        H, W = image.shape[-2:]
-        if H % SIZE_MULTIPLE or W % SIZE_MULTIPLE:
-            fix = (max(SIZE_MULTIPLE, round(H / SIZE_MULTIPLE) * SIZE_MULTIPLE),
-                   max(SIZE_MULTIPLE, round(W / SIZE_MULTIPLE) * SIZE_MULTIPLE))
-            raise ValueError(f"image height and width must be multiples of {SIZE_MULTIPLE}, got {H}x{W}; resize to e.g. {fix[0]}x{fix[1]}")
+        check_image_size(*image.shape[-2:], what="image height and width")
         if self.text_encoder is None:
             return
         if input_ids is None or attention_mask is None:
@@ -118,49 +111,8 @@ def check_coords(image: Tensor, coords: Tensor | None) -> None:
                          f"like the image, got {tuple(coords.shape)}")
 
 
-def text_parts(config: Any) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
-    tokenizer = Tokenizer(config.text_encoder, config.max_tokens)
-    if config.pretrained_text:
-        text_encoder = load_text_encoder(config.text_encoder, freeze=config.freeze_text)
-    else:
-        if config.text_config is None:
-            raise ValueError("pretrained_text=False needs text_config (the encoder's HuggingFace config as a dict)")
-        from transformers import AutoConfig, AutoModel
-
-        hf_config = dict(config.text_config)
-        hf = AutoConfig.for_model(hf_config.pop("model_type", "bert"), **hf_config)
-        text_encoder = TextEncoder(AutoModel.from_config(hf), freeze=config.freeze_text)
-    vocab = text_encoder.backbone.config.vocab_size
-    if len(tokenizer.hf) > vocab:
-        raise ValueError(
-            f"tokenizer of {config.text_encoder!r} has {len(tokenizer.hf)} tokens but the text model only {vocab}; "
-            "use a tokenizer and model that belong together"
-        )
-    return text_encoder, tokenizer, text_encoder.backbone.config.to_diff_dict()
-
-
-def build_model_from_config(config: LSMSConfig) -> LSMS:
-    """Build LSMS from a full config; fills in ``config.text_config`` from the loaded text encoder."""
-    text_encoder = tokenizer = None
-    text_channels = None
-    if config.use_text:
-        text_encoder, tokenizer, config.text_config = text_parts(config)
-        text_channels = text_encoder.hidden_size
-    encoder = LanguageGuidedEncoder(config, text_channels)
-    decoder = FullScaleDecoder(config, encoder.channels)
-    return LSMS(config, encoder, decoder, text_encoder, tokenizer)
-
-
-def build_model(preset: str = "tiny", **overrides: Any) -> LSMS:
-    """Build a named preset (``tiny``, ``small``, ``base``) with any :class:`LSMSConfig` field overridden.
-
-    Example: ``build_model("tiny", in_channels=1, conv_kernels=(11,), decoder="last")``.
-    """
-    return build_model_from_config(preset_config(preset, **overrides))
-
-
 def count_parameters(module: nn.Module | None) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
-__all__ = ["LSMS", "LSMSOutput", "build_model", "build_model_from_config", "count_parameters"]
+__all__ = ["LSMS", "LSMSOutput", "count_parameters"]

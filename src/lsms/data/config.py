@@ -1,0 +1,45 @@
+"""Typed data settings of a training run (the ``data`` node of :class:`lsms.config.RunConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from lsms.data.augment import Augmentation
+from lsms.data.manifest import TEXT_LEVELS
+from lsms.model.config import check_image_size
+from lsms.settings import DictRoundTrip
+
+
+@dataclass
+class DataConfig(DictRoundTrip):
+    """What the network is trained on and how samples are read."""
+
+    settings_name: ClassVar[str] = "data settings"
+
+    path: str = ""  # manifest folder, LViT-layout folder, or images/ + masks/ folder
+    image_size: int = 256
+    in_channels: int | None = None  # None: 1 for CT manifests, 3 otherwise; the model gets the same number
+    window: str | None = None  # CT only: a named window (liver, abdomen, ...) or "WIDTH,LEVEL" in HU; None: liver
+    train_split: str = "train"
+    val_split: str = "val"
+    text_level: str = "full"  # full | half | quarter | none  (training expressions)
+    augment: bool = False  # the paper trains without augmentation
+    augmentation: Augmentation = field(default_factory=Augmentation)  # what augment does (patches, flips, ...)
+    group_by_image: bool = False  # batches hold several expressions of the same image (referring signal)
+    num_workers: int = 0
+    eval_batch_size: int | None = None  # None: optim.batch_size
+
+    def __post_init__(self) -> None:
+        check_image_size(self.image_size, what="data.image_size (--image-size)")
+        if self.text_level not in TEXT_LEVELS:
+            raise ValueError(f"data.text_level must be one of {', '.join(TEXT_LEVELS)}, got {self.text_level!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.augmentation.seed != 0:
+            raise ValueError("data.augmentation.seed: the augmentation draws from the run's seed; set 'seed' instead")
+        if self.in_channels not in (None, 1, 3):
+            raise ValueError(f"data.in_channels must be 1, 3 or null (from the modality), got {self.in_channels}")
+
+
+__all__ = ["DataConfig"]

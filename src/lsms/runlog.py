@@ -1,0 +1,82 @@
+"""What a training run writes besides checkpoints (rank 0 only): ``metrics.csv`` (one row per epoch),
+``log.jsonl`` (epochs and every ``log_every`` steps), TensorBoard scalars and the tqdm progress bars."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    """The run folder's logs; every method is a no-op on ranks other than 0 (``enabled=False``)."""
+
+    def __init__(self, out: Path, enabled: bool, resume: bool, progress: bool = True):
+        self.enabled = enabled
+        self.progress = progress and enabled
+        self.out = out
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name in ("metrics.csv", "log.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # deferred on purpose: slow import, rank 0 only
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            log.warning("tensorboard is not installed; writing CSV/JSON logs only")
+
+    def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def jsonl(self, entry: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def epoch_row(self, row: dict[str, Any]) -> None:
+        """Append a row to metrics.csv, rewriting the file so that one header covers every column seen."""
+        if not self.enabled:
+            return
+        path = self.out / "metrics.csv"
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        rows.append(row)
+        columns: list[str] = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def bar(self, total: int, desc: str):
+        """A tqdm progress bar, or None where progress is off."""
+        if not self.progress:
+            return None
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+__all__ = ["RunLog"]
