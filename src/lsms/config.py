@@ -15,6 +15,7 @@ Settings files and checkpoints written before the tree (flat keys: ``lr``, ``ima
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -189,6 +190,13 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     tree[last] = value
 
 
+def short_metavars(parser: argparse.ArgumentParser) -> None:
+    """Flags whose ``dest`` is a settings path show the last part in --help (``--lr LR``, not ``--lr OPTIM.LR``)."""
+    for action in parser._actions:
+        if action.metavar is None and action.choices is None and "." in action.dest and action.nargs != 0:
+            action.metavar = action.dest.rsplit(".", 1)[1].upper()
+
+
 def merge_into(tree: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: mappings merge key by key, anything else replaces."""
     for key, value in update.items():
@@ -246,5 +254,5 @@ def _underscores(data: Any) -> Any:
 
 __all__ = [
     "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "load_recipe", "recipe_names", "RunConfig", "load_settings_file", "merge_into",
-    "set_path", "upgrade_flat_model", "upgrade_flat_settings",
+    "set_path", "short_metavars", "upgrade_flat_model", "upgrade_flat_settings",
 ]

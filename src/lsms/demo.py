@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lsms.checkpoint import seed_everything
-from lsms.config import OptimConfig, RunConfig, set_path
+from lsms.config import OptimConfig, RunConfig, set_path, short_metavars
 from lsms.data import Collator, DataConfig, load_samples, read_image, read_mask
 from lsms.data.loaders import build_datasets
 from lsms.evaluate import evaluate_levels
@@ -452,6 +452,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", dest="train.seed", type=int, default=t.seed)
     p.add_argument("--device", dest="train.device", default=t.device, help="auto, cpu, cuda, mps")
     p.add_argument("--no-progress", dest="train.progress", action="store_false", help="no progress bars")
+    short_metavars(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ from lsms.config import (
     load_settings_file,
     merge_into,
     set_path,
+    short_metavars,
     upgrade_flat_model,
 )
 from lsms.data import TEXT_LEVELS, Collator, Preprocessing
@@ -389,6 +390,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-limit", dest="time_limit_minutes", type=float, default=S,
                    help="stop after this many minutes of training (validate and save first)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm progress bars")
+    short_metavars(p)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
