@@ -68,6 +68,26 @@ class RunLog:
             writer.writerows(rows)
         os.replace(tmp, path)
 
+    def step(self, epoch: int, step: int, lr: float, losses: dict[str, float], images_per_s: float) -> None:
+        """The training losses and learning rate of one step (every ``log_every`` steps)."""
+        self.scalars("train", {**losses, "lr": lr}, step)
+        self.jsonl({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **losses, "images_per_s": images_per_s})
+
+    def epoch(self, epoch: int, step: int, lr: float, train_means: dict[str, float], metrics: dict[str, Any],
+              seconds: float, improved: bool) -> None:
+        """The end of an epoch: a metrics.csv row, a log.jsonl line, TensorBoard scalars, one log line."""
+        if not self.enabled:
+            return
+        row = {"epoch": epoch, "step": step, "lr": lr, **{f"train_{k}": v for k, v in train_means.items()},
+               **{f"val_{k}": v for k, v in metrics.items() if k != "empty_policy"}, "time_s": round(seconds, 1)}
+        self.epoch_row(row)
+        self.jsonl({"kind": "epoch", **row})
+        self.scalars("train_epoch", train_means, step)
+        self.scalars("val", metrics, step)
+        if metrics:
+            log.info("epoch %d step %d: val Dice %.4f mIoU %.4f%s", epoch, step, _num(metrics.get("Dice")),
+                     _num(metrics.get("mIoU")), " (best)" if improved else "")
+
     def bar(self, total: int, desc: str):
         """A tqdm progress bar, or None where progress is off."""
         if not self.progress:
@@ -77,6 +97,10 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 __all__ = ["RunLog"]

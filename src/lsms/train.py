@@ -172,10 +172,8 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None,
             if bar is not None:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
                 bar.update(1)
-            if env.is_main and step % cfg.log_every == 0:
-                logs.scalars("train", {**values, "lr": lr}, step)
-                logs.jsonl({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **values,
-                            "images_per_s": images_per_s})
+            if step % cfg.log_every == 0:
+                logs.step(epoch, step, lr, values, images_per_s)
                 t_last, seen_last = time.perf_counter(), 0
             if cfg.save_every and step % cfg.save_every == 0 and batch_in_epoch < steps_per_epoch:
                 save("last")
@@ -206,19 +204,8 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None,
         improved = score is not None and score > best["value"]
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
-        if env.is_main:
-            row = {"epoch": epoch, "step": step,
-                   "lr": lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr),
-                   **{f"train_{k}": v for k, v in train_means.items()},
-                   **{f"val_{k}": v for k, v in metrics.items() if k != "empty_policy"},
-                   "time_s": round(time.perf_counter() - started, 1)}
-            logs.epoch_row(row)
-            logs.jsonl({"kind": "epoch", **row})
-            logs.scalars("train_epoch", train_means, step)
-            logs.scalars("val", metrics, step)
-            if metrics:
-                log.info("epoch %d step %d: val Dice %.4f mIoU %.4f%s", epoch, step, _num(metrics.get("Dice")),
-                         _num(metrics.get("mIoU")), " (best)" if improved else "")
+        last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr)
+        logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started, improved)
         save("last", metrics)
         if improved:
             save("best", metrics)
@@ -293,8 +280,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 # --------------------------------------------------------------------------- command line
