@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
+
 from lsms.data.config import DataConfig
 from lsms.losses import LossConfig
 from lsms.model.config import BASELINES, MODELS, ModelConfig, model_config_from_dict, tiny
@@ -212,8 +214,6 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
 
     Keys may use dashes for underscores; flat keys of lsms 0.1 are moved to their places in the tree (logged).
     """
-    import yaml  # deferred on purpose: only settings files need it
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"settings file {str(path)!r} does not exist")
@@ -232,6 +232,44 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
                     "Write them nested (e.g. 'optim: {lr: 0.001}') to silence this.", path, ", ".join(moved))
     RunConfig.from_dict(tree, where=str(path))  # every error now, naming the file and the key
     return tree
+
+
+def run_config_from_flags(flags: dict[str, Any], recipe: str | None = None, settings_file: str | None = None,
+                          model: list[str] | None = None, loss: list[str] | None = None,
+                          augmentation: list[str] | None = None) -> RunConfig:
+    """The settings of a command line: defaults <- ``recipe`` <- ``settings_file`` <- ``flags`` (a mapping of
+    settings paths, ``{"optim.lr": 1e-3}``; other keys are ignored) <- KEY=VALUE lists for the model, the loss
+    and the augmentation. Mappings merge key by key."""
+    tree: dict[str, Any] = {}
+    if recipe:
+        merge_into(tree, load_recipe(recipe))
+    if settings_file:
+        merge_into(tree, load_settings_file(settings_file))
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, value in flags.items():
+        if "." in key or key in top:
+            set_path(tree, key, value)
+    for key, value in key_values(model, "--model").items():
+        if "." in key:
+            set_path(tree, f"model.{key}", value)
+        else:  # flat text names of lsms 0.1 (text_config=...) land in model.text
+            merge_into(tree.setdefault("model", {}), upgrade_flat_model({key: value}))
+    for key, value in key_values(loss, "--loss").items():
+        set_path(tree, f"loss.{key}", value)
+    for key, value in key_values(augmentation, "--augmentation").items():
+        set_path(tree, f"data.augmentation.{key}", value)
+    return RunConfig.from_dict(tree)
+
+
+def key_values(items: list[str] | None, what: str) -> dict[str, Any]:
+    """``["decoder=last", "conv_kernels=[7]"]`` -> ``{"decoder": "last", "conv_kernels": [7]}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what} settings are KEY=VALUE, got {item!r} (e.g. --model decoder=last)")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def recipe_names() -> list[str]:
@@ -253,6 +291,7 @@ def _underscores(data: Any) -> Any:
 
 
 __all__ = [
-    "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "load_recipe", "recipe_names", "RunConfig", "load_settings_file", "merge_into",
+    "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "key_values", "load_recipe", "recipe_names",
+    "run_config_from_flags", "RunConfig", "load_settings_file", "merge_into",
     "set_path", "short_metavars", "upgrade_flat_model", "upgrade_flat_settings",
 ]

@@ -43,16 +43,7 @@ from lsms.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from lsms.config import (
-    PAPER_LR,
-    RunConfig,
-    load_recipe,
-    load_settings_file,
-    merge_into,
-    set_path,
-    short_metavars,
-    upgrade_flat_model,
-)
+from lsms.config import PAPER_LR, RunConfig, run_config_from_flags, short_metavars
 from lsms.data import TEXT_LEVELS, Collator, Preprocessing
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
@@ -379,41 +370,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig defaults <- --recipe <- --config YAML <- explicit flags (each a path in the tree; mappings merge
-    key by key)."""
-    tree: dict[str, Any] = {}
-    recipe = "paper" if getattr(args, "paper_recipe", False) else getattr(args, "recipe", None)
-    if recipe:
-        merge_into(tree, load_recipe(recipe))
-    if getattr(args, "config", None):
-        merge_into(tree, load_settings_file(args.config))
-    top = {f.name for f in dataclasses.fields(RunConfig)}
-    for key, value in vars(args).items():
-        if "." in key or key in top:
-            set_path(tree, key, value)
-    for key, value in _key_values(getattr(args, "model_overrides", None), "--model").items():
-        if "." in key:
-            set_path(tree, f"model.{key}", value)
-        else:  # flat text names of lsms 0.1 (text_config=...) land in model.text
-            merge_into(tree.setdefault("model", {}), upgrade_flat_model({key: value}))
-    for key, value in _key_values(getattr(args, "loss_overrides", None), "--loss").items():
-        set_path(tree, f"loss.{key}", value)
-    for key, value in _key_values(getattr(args, "augmentation_overrides", None), "--augmentation").items():
-        set_path(tree, f"data.augmentation.{key}", value)
-    return RunConfig.from_dict(tree)
-
-
-def _key_values(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``["decoder=last", "conv_kernels=[7]"]`` -> ``{"decoder": "last", "conv_kernels": [7]}`` (YAML values)."""
-    import yaml  # deferred on purpose: only KEY=VALUE flags need it
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"{what} settings are KEY=VALUE, got {item!r} (e.g. --model decoder=last)")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
+    """The settings of ``lsms train``'s command line (:func:`lsms.config.run_config_from_flags`)."""
+    flags = vars(args)
+    recipe = "paper" if flags.get("paper_recipe") else flags.get("recipe")
+    return run_config_from_flags(flags, recipe=recipe, settings_file=flags.get("config"),
+                                 model=flags.get("model_overrides"), loss=flags.get("loss_overrides"),
+                                 augmentation=flags.get("augmentation_overrides"))
 
 
 def run(args: argparse.Namespace) -> int:
