@@ -53,7 +53,7 @@ class Tokenizer:
     """
 
     def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = DEFAULT_MAX_TOKENS):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred on purpose: transformers takes seconds to import
 
         if max_tokens < 3:
             raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {max_tokens}")
@@ -125,7 +125,7 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, freeze: bool = False) -> TextEncoder:
     """Load pretrained encoder weights from the package, a folder or a hub id."""
-    from transformers import AutoModel
+    from transformers import AutoModel  # deferred on purpose: as above
 
     return TextEncoder(AutoModel.from_pretrained(resolve_text_encoder(name_or_path)), freeze=freeze)
 
@@ -134,7 +134,7 @@ def random_text_encoder(
     hidden_size: int = 768, layers: int = 12, heads: int = 12, intermediate_size: int = 3072, vocab_size: int = 30522
 ) -> TextEncoder:
     """A BERT with random weights of the given size (default: BERT-base); for tests and cost counting."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # deferred on purpose: as above
 
     config = BertConfig(
         hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,

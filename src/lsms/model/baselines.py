@@ -35,6 +35,7 @@ class TextUNet(nn.Module):
 
     def __init__(self, config: UNetConfig, text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None):
         super().__init__()
+        # deferred on purpose: MONAI is slow to import, and only the baselines need it
         from monai.networks.nets import BasicUNet
 
         self.config = config
