@@ -164,15 +164,16 @@ def _args(*argv):
 
 def test_recipes():
     real = _args("data", "--recipe", "real")
-    assert real.augment and real.augmentation["patch_size"] == 224 and real.augmentation["text_flip"] == "swap"
-    assert real.model_overrides == {"coord_embed": True, "output_stride": 2} and real.image_size == 448
-    # flags override the recipe, key by key for the dict settings
+    aug = real.data.augmentation
+    assert real.data.augment and aug.patch_size == 224 and aug.text_flip == "swap"
+    assert (real.model.coord_embed, real.model.output_stride, real.data.image_size) == (True, 2, 448)
+    # flags override the recipe, key by key for the mappings
     mixed = _args("data", "--recipe", "real", "--augmentation", "patch_size=128", "--model", "coord_embed=false",
                   "--image-size", "256")
-    assert mixed.augmentation["patch_size"] == 128 and mixed.augmentation["rotation"] == 15
-    assert mixed.model_overrides == {"coord_embed": False, "output_stride": 2} and mixed.image_size == 256
+    assert mixed.data.augmentation.patch_size == 128 and mixed.data.augmentation.rotation == 15
+    assert (mixed.model.coord_embed, mixed.model.output_stride, mixed.data.image_size) == (False, 2, 256)
     assert _args("data", "--paper-recipe") == _args("data", "--recipe", "paper")
-    assert _args("data", "--recipe", "paper").lr == 3e-5
+    assert _args("data", "--recipe", "paper").optim.lr == 3e-5
     with pytest.raises(ValueError, match="unknown recipe 'fast'.*paper.*real"):
         _args("data", "--recipe", "fast")
     with pytest.raises(ValueError, match="patch_size"):

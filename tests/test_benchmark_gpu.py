@@ -30,9 +30,9 @@ def test_gpu_script_at_toy_size(tmp_path):
     assert set(rows["kvasir/real"]["dice"]) == {"full"}
     for r in rows.values():
         assert r["steps"] >= 1 and all(0.0 <= d <= 1.0 for d in r["dice"].values())
-    config = json.loads((tmp_path / "cache" / "kvasir" / "real" / "config.json").read_text())
+    config = json.loads((tmp_path / "cache" / "kvasir" / "real" / "config.json").read_text())["run"]
     assert config["model"]["output_stride"] == 2 and config["model"]["coord_embed"]  # the real recipe's switches
-    assert config["train"]["augmentation"]["patch_size"] == 64 and not config["model"]["use_text"]
-    paper = json.loads((tmp_path / "cache" / "btxrd" / "paper" / "config.json").read_text())
-    assert paper["train"]["lr"] == 3e-5 and paper["model"]["preset"] == "base" and not paper["train"]["augment"]
+    assert config["data"]["augmentation"]["patch_size"] == 64 and not config["model"]["use_text"]
+    paper = json.loads((tmp_path / "cache" / "btxrd" / "paper" / "config.json").read_text())["run"]
+    assert paper["optim"]["lr"] == 3e-5 and paper["model"]["preset"] == "base" and not paper["data"]["augment"]
     assert "| btxrd/paper |" in out.with_suffix(".md").read_text()

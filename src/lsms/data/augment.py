@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lsms.model.config import check_image_size
 from lsms.settings import DictRoundTrip
 
 _SIDE_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
@@ -110,8 +109,8 @@ class Augmentation(DictRoundTrip):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] or not math.isfinite(lo_hi[1]):
                 raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {lo_hi}")
-        if self.patch_size is not None:
-            check_image_size(self.patch_size, what="augmentation patch_size")  # patches are the model's input
+        if self.patch_size is not None and (self.patch_size < 32 or self.patch_size % 32):
+            raise ValueError(f"patch_size must be a multiple of 32 (the encoder's stride), got {self.patch_size}")
 
     @property
     def spatial(self) -> bool:
