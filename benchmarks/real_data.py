@@ -188,7 +188,7 @@ def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, f
     """(million parameters, GMACs per image at ``size`` px, with the sentence for text models) of a row's model."""
     import torch
 
-    from lsms.evaluate import load_trained
+    from lsms.checkpoint import load_trained
     from lsms.profile import count_flops, profile_inputs
 
     model, _, _ = load_trained(cache / "real" / result["row"] / f"seed{result['seed']}", "cpu", prefer="last")
@@ -311,8 +311,8 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     import matplotlib.pyplot as plt
     import torch
 
+    from lsms.checkpoint import load_trained
     from lsms.data import SegmentationDataset, load_samples
-    from lsms.evaluate import load_trained
 
     run = cache / "real" / result["row"] / f"seed{result['seed']}"
     with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
