@@ -61,6 +61,9 @@ ROWS = {
     "btxrd/unet": Row("btxrd", "unet", False, "U-Net (MONAI), no text", epochs=12),
     "btxrd/lsms-tiny-text-nocoord": Row("btxrd", "tiny", True, "LSMS tiny, sentence, w/o positions",
                                         ("--model", "coord_embed=false")),
+    "btxrd/lsms-tiny-text-whole224": Row("btxrd", "tiny", True, "LSMS tiny, sentence, whole 224 px images, light aug.",
+                                         ("--image-size", "224", "--augmentation", "patch_size=224",
+                                          "--augmentation", "foreground_p=0", "--augmentation", "spatial_p=0"), epochs=3),
     "kvasir/lsms-tiny-notext": Row("kvasir", "tiny", False, "LSMS tiny, no text"),
     "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)", epochs=20),
 }
