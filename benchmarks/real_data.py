@@ -2,13 +2,13 @@
 Kvasir-SEG (endoscopy, no text), LSMS tiny against MONAI's U-Net and the FiLM text U-Net, on the CPU.
 
     python benchmarks/real_data.py --rows btxrd/lsms-tiny-text kvasir/lsms-tiny-notext   # train + evaluate rows
-    python benchmarks/real_data.py --report                                           # table + plots from all rows
+    python benchmarks/real_data.py --report          # docs/results/real-data-runs.{md,json} + plots from all rows
 
 Every row is ``lsms train DATA --recipe real ... --time-limit BUDGET`` followed by an evaluation of the run's
 last.pt on the val split (BTXRD text rows: with the sentence and with an empty sentence, same weights). A row's
 folder (CACHE/real/<row>/seed<k>) is reused: a finished row is only evaluated again if an evaluation is missing,
 an interrupted one resumes from its last.pt with the time it has left. Each row records wall and CPU seconds and
-the machine load before and after, and ``--report`` writes docs/results/real-data.{json,md} with the table, the
+the machine load before and after, and ``--report`` writes docs/results/real-data-runs.{json,md} with the table, the
 learning curves, Dice against minutes and overlays of good and bad BTXRD cases with their sentences.
 """
 
@@ -356,8 +356,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row (default 1)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--fresh", action="store_true", help="discard the rows' previous run folders")
-    parser.add_argument("--report", action="store_true", help="write docs/results/real-data.{json,md} and plots")
-    parser.add_argument("--out", default=str(RESULTS / "real-data"), help="report path without extension")
+    parser.add_argument("--report", action="store_true", help="write docs/results/real-data-runs.{json,md} and plots")
+    parser.add_argument("--out", default=str(RESULTS / "real-data-runs"),
+                        help="report path without extension (docs/results/real-data.md is the written analysis)")
     args = parser.parse_args()
     s = Settings(Path(args.cache).resolve(), args.budget_min, args.threads, args.seed)
     for key in args.rows:
