@@ -6,6 +6,7 @@ Training stores ``Preprocessing.to_dict()`` in the checkpoint; prediction rebuil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,6 +106,15 @@ class Preprocessing(DictRoundTrip):
         self.value_range = tuple(float(v) for v in self.value_range)  # type: ignore[assignment]
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
+        for name in ("window_width", "window_level", "percentiles", "value_range", "mean", "std"):
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (() if value is None else (value,))
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must hold finite numbers, got {value!r}")
+        if len(self.percentiles) != 2 or not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise ValueError(f"percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles}")
+        if len(self.value_range) != 2:
+            raise ValueError(f"value_range must be (min, max), got {self.value_range}")
         if self.value_range[1] <= self.value_range[0]:
             raise ValueError(f"value_range must be (min, max) with max > min, got {self.value_range}")
         for name, values in (("mean", self.mean), ("std", self.std)):
@@ -140,6 +150,18 @@ def default_preprocessing(modality: str | None, image_size: int | tuple[int, int
     if modality is not None and modality.upper() == "CT":
         return Preprocessing(image_size=image_size, in_channels=in_channels, intensity="window", window="liver")  # type: ignore[arg-type]
     return Preprocessing(image_size=image_size, in_channels=in_channels, intensity="percentile")  # type: ignore[arg-type]
+
+
+def input_mismatch(image: np.ndarray, modality: str | None, prep: Preprocessing) -> str | None:
+    """Why ``image`` is not what a model with ``prep`` was trained on, or None. Only a CT model (HU through a
+    window) can tell: a colour image or a DICOM of another modality gives a prediction that means nothing."""
+    if prep.intensity != "window":
+        return None
+    if image.ndim == 3:
+        return "the model was trained on CT (HU through a window) but this is a colour image"
+    if modality is not None and modality.upper() != "CT":
+        return f"the model was trained on CT (HU through a window) but this image's modality is {modality}"
+    return None
 
 
 def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
