@@ -20,15 +20,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes reading files (0 = one per core, up to 8)")
     parser.add_argument("--strict", action="store_true", help="warnings also give a non-zero exit status")
     parser.add_argument("--limit", type=int, default=30, help="problems listed per kind in the text report")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="read files the dataset names outside its folder (absolute paths, .., links elsewhere); "
+                             "off by default: they are errors and never opened")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 (one per core) or a positive number, got {args.workers}")
+    if args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     tokenizer = None
     if not args.no_text_check:
-        _, records, _ = scan_samples(args.data, args.split)
+        _, records, _ = scan_samples(args.data, args.split, args.allow_outside_root)
         if any(r.text.strip() for r in records):
             tokenizer = Tokenizer(args.text_encoder or DEFAULT_TEXT_ENCODER, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS)
-    report = check_dataset(args.data, split=args.split, tokenizer=tokenizer, workers=args.workers)
+    report = check_dataset(args.data, split=args.split, tokenizer=tokenizer, workers=args.workers,
+                           allow_outside_root=args.allow_outside_root)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

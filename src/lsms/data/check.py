@@ -1,10 +1,13 @@
 """Dataset integrity checks behind ``lsms check``.
 
-Errors (exit status 1): invalid manifest line, missing or unreadable file, image/mask (or instance map) size
-mismatch, NaN/inf pixels, duplicate ids, empty text in a dataset that has text, the same image (same
-decoded pixels) in two splits, a ``target_instance`` absent from its instance map.
+Errors (exit status 1): invalid manifest line (bad JSON, not UTF-8, bad field), missing or unreadable file
+(damaged, truncated, above a size limit of :class:`lsms.data.readers.ReadLimits`, zero spacing, RescaleSlope
+0), a file outside the dataset folder, image/mask (or instance map) size mismatch, NaN/inf pixels, duplicate
+ids, empty text in a dataset that has text, the same image (same decoded pixels) in two splits, a
+``target_instance`` absent from its instance map, two modalities in one dataset, an empty dataset.
 Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
-image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks.
+image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks,
+a modality set on some records only.
 """
 
 from __future__ import annotations
@@ -152,7 +155,16 @@ def _check_record(r: Record) -> tuple[list[Problem], str | None]:
 
 
 def _check_chunk(records: list[Record]) -> list[tuple[list[Problem], str | None]]:
-    return [_check_record(r) for r in records]
+    return [_check_record_safely(r) for r in records]
+
+
+def _check_record_safely(r: Record) -> tuple[list[Problem], str | None]:
+    """:func:`_check_record`, with anything unforeseen reported against the record instead of ending the check."""
+    try:
+        return _check_record(r)
+    except Exception as err:
+        message = f"{r.image_path}: checking sample {r.id!r} failed ({type(err).__name__}: {err})"
+        return [Problem("error", "unreadable", message, str(r.image_path), r.id, r.split)], None
 
 
 def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[Problem], bool]:
@@ -181,7 +193,8 @@ def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[P
 
 
 def check_dataset(
-    path: str | Path, split: str | None = None, tokenizer: Any | None = None, workers: int = 0
+    path: str | Path, split: str | None = None, tokenizer: Any | None = None, workers: int = 0,
+    allow_outside_root: bool = False,
 ) -> CheckReport:
     """Check every sample of a dataset in any supported layout.
 
@@ -190,12 +203,14 @@ def check_dataset(
         split: check one split only.
         tokenizer: an :class:`lsms.text.Tokenizer` to measure text length; None skips that check.
         workers: processes reading files (0 = up to 8, one per CPU core).
+        allow_outside_root: also check files that resolve outside the dataset folder (otherwise they are
+            reported as ``outside-root`` errors and never opened).
 
     Returns:
         The report; ``report.ok`` is False when there is any error.
     """
     start = time.perf_counter()
-    layout, records, problems = scan_samples(path, split)
+    layout, records, problems = scan_samples(path, split, allow_outside_root)
     counts = {sp: n for sp in SPLITS if (n := sum(r.split == sp for r in records))}
 
     ids = Counter(r.id for r in records)

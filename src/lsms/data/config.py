@@ -29,6 +29,7 @@ class DataConfig(DictRoundTrip):
     group_by_image: bool = False  # batches hold several expressions of the same image (referring signal)
     num_workers: int = 0
     eval_batch_size: int | None = None  # None: optim.batch_size
+    allow_outside_root: bool = False  # read dataset files that resolve outside the dataset folder
 
     def __post_init__(self) -> None:
         check_image_size(self.image_size, what="data.image_size (--image-size)")
@@ -40,6 +41,10 @@ class DataConfig(DictRoundTrip):
             raise ValueError("data.augmentation.seed: the augmentation draws from the run's seed; set 'seed' instead")
         if self.in_channels not in (None, 1, 3):
             raise ValueError(f"data.in_channels must be 1, 3 or null (from the modality), got {self.in_channels}")
+        if self.window is not None:
+            from lsms.data.loaders import parse_window
+
+            parse_window(self.window)  # a bad window is an error now, not after the data are read
 
 
 __all__ = ["DataConfig"]

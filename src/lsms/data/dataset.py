@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lsms.data.augment import Augmentation, draw
-from lsms.data.intensity import Preprocessing, preprocess_image, resize_labels
+from lsms.data.intensity import Preprocessing, input_mismatch, preprocess_image, resize_labels
 from lsms.data.manifest import TEXT_LEVELS, Record
 from lsms.data.readers import read_image, read_label_map, read_mask
 
@@ -70,6 +70,7 @@ class SegmentationDataset(Dataset):
         self.on_error = on_error
         self.epoch = 0
         self.skipped: dict[str, str] = {}  # id -> problem, in this process
+        self._warned_mismatch = False
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,6 +95,10 @@ class SegmentationDataset(Dataset):
                 instances = read_label_map(r.instances_path, slice_index=r.slice_index)
                 if instances.shape != image.shape:
                     raise ValueError(f"{r.instances_path}: instance map size {instances.shape} differs from the image's {image.shape}")
+            mismatch = input_mismatch(image.array, image.modality or r.modality, prep)
+            if mismatch and not self._warned_mismatch:
+                self._warned_mismatch = True  # once per dataset (and worker): the cause is the data set, not a file
+                log.warning("%s: %s (further such images are not reported)", r.image_path, mismatch)
             x = preprocess_image(image.array, prep)
         except (ValueError, FileNotFoundError, OSError) as err:
             raise SampleError(f"sample {r.id!r} ({r.split}): {err}") from err

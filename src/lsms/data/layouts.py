@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-from lsms.data.manifest import MANIFEST_NAME, SPLITS, Record, manifest_path, parse_manifest
+from lsms.data.manifest import MANIFEST_NAME, SPLITS, Record, manifest_path, outside_root, parse_manifest
 from lsms.data.problems import Problem, raise_first
 
 log = logging.getLogger(__name__)
@@ -292,8 +293,16 @@ def detect_layout(path: str | Path) -> str:
     )
 
 
-def scan_samples(path: str | Path, split: str | None = None) -> tuple[str, list[Record], list[Problem]]:
-    """Detect the layout and read it leniently: (layout, records, problems)."""
+def scan_samples(
+    path: str | Path, split: str | None = None, allow_outside_root: bool = False
+) -> tuple[str, list[Record], list[Problem]]:
+    """Detect the layout and read it leniently: (layout, records, problems).
+
+    Records whose files resolve outside the dataset folder (absolute paths, ``..``, symbolic links to
+    elsewhere) are dropped with an ``outside-root`` error unless ``allow_outside_root``; nothing outside is
+    opened. Records that mix modalities give a ``mixed-modality`` problem (error for two named modalities,
+    warning when only some records name one).
+    """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     layout = detect_layout(path)
@@ -305,26 +314,57 @@ def scan_samples(path: str | Path, split: str | None = None) -> tuple[str, list[
         records, problems = scan_lvit(path, split)
     else:
         records, problems = scan_image_folder(path, split)
-    if split and not records and not any(p.severity == "error" for p in problems):
-        problems.append(Problem("error", "empty-dataset", f"{path}: no samples in split {split!r}", str(path), split=split))
+    if not allow_outside_root:
+        records = [r for r in records if not _outside(r, layout, path, problems)]
+    problems.extend(_modality_problems(records, path))
+    if not records and not any(p.severity == "error" for p in problems):
+        where = f" in split {split!r}" if split else ""
+        problems.append(Problem("error", "empty-dataset", f"{path}: no samples{where}", str(path), split=split))
     return layout, records, problems
 
 
-def load_samples(path: str | Path, split: str | None = None) -> list[Record]:
+def _outside(r: Record, layout: str, path: str | Path, problems: list[Problem]) -> bool:
+    found = outside_root(r)
+    source = manifest_path(path) if layout == "manifest" else Path(path)
+    for name, rel, real in found:
+        problems.append(Problem(
+            "error", "outside-root", f"{source}: sample {r.id!r}: field {name!r} ({rel}) resolves to {real}, outside the "
+            f"dataset folder {os.path.realpath(r.root)}; move the file into the dataset, or pass --allow-outside-root "
+            "if you trust this dataset", str(source), r.id, r.split,
+        ))
+    return bool(found)
+
+
+def _modality_problems(records: list[Record], path: str | Path) -> list[Problem]:
+    named = sorted({r.modality for r in records if r.modality})
+    if len(named) > 1:
+        counts = ", ".join(f"{m}: {sum(r.modality == m for r in records)}" for m in named)
+        return [Problem("error", "mixed-modality", f"{path}: the samples mix modalities ({counts}); one model's "
+                        "preprocessing cannot serve them all: split the dataset by modality", str(path))]
+    if named and any(not r.modality for r in records):
+        n = sum(not r.modality for r in records)
+        return [Problem("warning", "mixed-modality", f"{path}: {n} sample(s) have no modality while the others are "
+                        f"{named[0]!r}; set 'modality' on every record", str(path))]
+    return []
+
+
+def load_samples(path: str | Path, split: str | None = None, allow_outside_root: bool = False) -> list[Record]:
     """Load a dataset in any supported layout (manifest folder, LViT, images/ + masks/).
 
     Args:
         path: the dataset folder (or its ``manifest.jsonl``).
         split: keep only ``train``, ``val`` or ``test``.
+        allow_outside_root: accept files that resolve outside the dataset folder (off by default).
 
     Returns:
         The records, paths resolvable through ``record.image_path`` / ``record.mask_path``.
 
     Raises:
         FileNotFoundError: the path, or a file the layout names, is missing.
-        ValueError: the layout is not recognised, or a record is invalid (the message names file and line).
+        ValueError: the layout is not recognised, a record is invalid (the message names file and line), a file
+            lies outside the dataset folder, or the records mix modalities.
     """
-    _, records, problems = scan_samples(path, split)
+    _, records, problems = scan_samples(path, split, allow_outside_root)
     _log_warnings(problems)
     raise_first(problems)
     if not records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -25,16 +26,20 @@ def build_datasets(cfg: DataConfig, seed: int, preprocessing: Preprocessing | No
     """(preprocessing, train dataset, val dataset or None). A resumed run passes its saved ``preprocessing``."""
     if not cfg.path:
         raise ValueError("no training data: give DATA (a manifest folder, LViT-layout folder or images/ + masks/)")
-    train_records = load_samples(cfg.path, split=cfg.train_split)
+    train_records = load_samples(cfg.path, split=cfg.train_split, allow_outside_root=cfg.allow_outside_root)
     try:
-        val_records = load_samples(cfg.path, split=cfg.val_split)
+        val_records = load_samples(cfg.path, split=cfg.val_split, allow_outside_root=cfg.allow_outside_root)
     except ValueError as err:
         if "no samples" not in str(err):
             raise
         log.warning("no %r split in %s: training without validation (best.pt follows nothing)", cfg.val_split, cfg.path)
         val_records = []
     if preprocessing is None:
-        modality = train_records[0].modality
+        named = sorted({r.modality for r in train_records + val_records if r.modality})
+        if len(named) > 1:
+            raise ValueError(f"{cfg.path}: the {cfg.train_split} and {cfg.val_split} splits mix modalities {named}; "
+                             "one preprocessing cannot serve them all")
+        modality = named[0] if named else None  # records without one are taken to share it (lsms check warns)
         is_ct = modality is not None and modality.upper() == "CT"
         channels = cfg.in_channels or (1 if is_ct else 3)
         preprocessing = default_preprocessing(modality, cfg.image_size, in_channels=channels)
@@ -57,8 +62,8 @@ def parse_window(text: str) -> dict[str, Any]:
         width, level = (float(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"window must be one of {sorted(CT_WINDOWS)} or WIDTH,LEVEL in HU (e.g. 200,80), got {text!r}") from None
-    if width <= 0:
-        raise ValueError(f"window width must be positive, got {width}")
+    if not (math.isfinite(width) and math.isfinite(level)) or width <= 0:
+        raise ValueError(f"window WIDTH,LEVEL must be finite numbers with a positive width, got {text!r}")
     return {"window": None, "window_width": width, "window_level": level}
 
 

@@ -111,6 +111,21 @@ def _check_str(line: dict[str, Any], name: str, where: str, required: bool) -> s
     return value
 
 
+def _encodable(value: Any) -> bool:
+    """Whether every string in a parsed JSON value is valid Unicode (JSON allows lone surrogates, UTF-8 does not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     """Validate one parsed manifest line and build its :class:`Record`.
 
@@ -124,6 +139,10 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     """
     if not isinstance(line, dict):
         raise ValueError(f"{where}: each line must be a JSON object, got {type(line).__name__}")
+    for name, value in line.items():
+        if not _encodable(value):
+            raise ValueError(f"{where}: field {name!r} holds a lone surrogate escape (e.g. \\ud800) that is not valid "
+                             "Unicode text; fix the string")
     rid, image, mask, text, split = (_check_str(line, n, where, True) for n in ("id", "image", "mask", "text", "split"))
     assert rid is not None and image is not None and mask is not None and text is not None and split is not None
     if not rid:
@@ -186,11 +205,17 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
     records: list[Record] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw_bytes in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(Problem("error", "invalid-record", f"{where}: not UTF-8 text (byte {err.start + 1} of the "
+                                        "line); save the manifest as UTF-8", str(path)))
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 line = json.loads(raw)
             except json.JSONDecodeError as err:
@@ -250,6 +275,24 @@ def write_manifest(folder: str | Path, records: list[Record]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def outside_root(record: Record) -> list[tuple[str, str, Path]]:
+    """The (field, path, where it resolves) of a record's files that lie outside its dataset folder.
+
+    A path is outside when it is absolute, climbs out with ``..``, or is (or passes through) a symbolic link
+    to elsewhere. Only names are resolved (``os.path.realpath``); no file is opened.
+    """
+    root = Path(os.path.realpath(record.root))
+    found = []
+    for name in ("image", "mask", "instances"):
+        rel = getattr(record, name)
+        if rel is None:
+            continue
+        real = Path(os.path.realpath(record.root / rel))
+        if Path(rel).is_absolute() or not real.is_relative_to(root):
+            found.append((name, rel, real))
+    return found
 
 
 def common_modality(records: list[Record]) -> str | None:
