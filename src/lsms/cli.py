@@ -40,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:
-        # User-facing errors carry their own fix; no deep traceback unless asked for.
+    except (ValueError, OSError, TypeError, RuntimeError) as err:
+        # User-facing errors carry their own fix (OSError: the path and the reason); no deep traceback unless asked.
         if args.verbose:
             raise
         print(f"lsms {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failure nobody foresaw: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"lsms {args.command}: unexpected error: {type(err).__name__}: {err} (rerun with -v for the traceback "
+              "and report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

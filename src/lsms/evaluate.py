@@ -120,7 +120,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
                     levels: tuple[str, ...] = TEXT_LEVELS, batch_size: int = 8, device: str = "auto",
                     num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
                     on_batch: Callable | None = None, prefer: str = "best",
-                    empty_policy: str = "one") -> dict[str, dict[str, Any]]:
+                    empty_policy: str = "one", allow_outside_root: bool = False) -> dict[str, dict[str, Any]]:
     """A trained model on ``data``/``split`` at each text level, loaded once: {level: result}.
 
     Each result is :func:`evaluate_model`'s plus ``checkpoint`` (its path) and ``epoch``. Level "none" gives
@@ -130,7 +130,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
         raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
     env = env or DistEnv(device=pick_device(device))
     model, preprocessing, checkpoint = load_trained(run_or_checkpoint, env.device, prefer=prefer)
-    records = load_samples(data, split=split)
+    records = load_samples(data, split=split, allow_outside_root=allow_outside_root)
     results = {}
     for level in levels:
         dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=level)
@@ -165,6 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="read files the dataset names outside its folder (off by default: an error)")
 
 
 def default_out(model_arg: str | Path, split: str, text_level: str) -> Path:
@@ -202,9 +204,15 @@ def write_per_sample_csv(records: list[dict[str, Any]], path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     env = D.init_distributed(args.device)
     try:
         out = Path(args.out) if args.out else default_out(args.model, args.split, args.text_level)
+        if env.is_main:
+            from lsms.runs import writable_folder
+
+            writable_folder(out, "--out")  # now, not after the whole evaluation
         on_batch = None
         if args.save_predictions:
             pred_dir = out / "predictions"
@@ -213,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(
             args.model, args.data, args.split, args.text_level, batch_size=args.batch_size, device=args.device,
             num_workers=args.num_workers, env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint,
-            empty_policy=args.empty_policy,
+            empty_policy=args.empty_policy, allow_outside_root=args.allow_outside_root,
         )
         if env.is_main:
             summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,
@@ -234,11 +242,21 @@ def run(args: argparse.Namespace) -> int:
         D.cleanup()
 
 
+def file_stem(sample_id: str, limit: int = 120) -> str:
+    """A sample id as a file name: only letters, digits, ``-_.``; a long id is cut and made unique by a hash
+    (file systems refuse names over 255 bytes)."""
+    import hashlib
+
+    safe = "".join(c if c.isalnum() and c.isascii() or c in "-_." else "_" for c in sample_id).lstrip(".") or "_"
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[:limit - 17]}-{hashlib.sha1(sample_id.encode('utf-8', 'replace')).hexdigest()[:16]}"
+
+
 def _prediction_writer(folder: Path) -> Callable[[dict[str, Any], torch.Tensor], None]:
     def write(batch: dict[str, Any], logits: torch.Tensor) -> None:
         masks = (logits[:, 0] > 0).numpy().astype(np.uint8) * 255  # sigmoid > 0.5
         for sample_id, m in zip(batch["id"], masks, strict=True):
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(sample_id))
-            Image.fromarray(m).save(folder / f"{safe}.png")
+            Image.fromarray(m).save(folder / f"{file_stem(str(sample_id))}.png")
 
     return write

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,11 @@ from PIL import Image
 
 from lsms.checkpoint import load_trained
 from lsms.data import ImageData, preprocess_image, read_image
-from lsms.data.intensity import scale_intensity
+from lsms.data.intensity import input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
-from lsms.data.readers import is_dicom
+from lsms.data.readers import is_dicom, volume_depth
 from lsms.distributed import pick_device
+from lsms.runs import writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -245,44 +247,29 @@ class Job:
     path: Path
     texts: list[str]
     slices: list[int] | None = None  # volumes only
+    error: str | None = None  # the input could not be opened; it is listed as failed, the others still run
+
+
+def slice_spec(spec: str) -> slice | int:
+    """``"7"`` -> 7; ``"10:20"`` -> slice(10, 20) (Python-style, negative allowed); anything else is an error."""
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            return slice(int(a) if a.strip() else None, int(b) if b.strip() else None)
+        return int(spec)
+    except ValueError:
+        raise ValueError(f"--slices takes N or START:STOP (e.g. 10:20), got {spec!r}") from None
 
 
 def parse_slices(spec: str | None, n: int, path: Path) -> list[int]:
     """``None`` -> all; ``"7"`` -> [7]; ``"10:20"`` -> 10..19 (Python-style, negative allowed)."""
     if spec is None:
         return list(range(n))
-    try:
-        if ":" in spec:
-            a, b = spec.split(":", 1)
-            picked = list(range(n))[slice(int(a) if a else None, int(b) if b else None)]
-        else:
-            k = int(spec)
-            picked = [k + n if k < 0 else k]
-    except ValueError:
-        raise ValueError(f"--slices takes N or START:STOP (e.g. 10:20), got {spec!r}") from None
+    which = slice_spec(spec)
+    picked = list(range(n)[which]) if isinstance(which, slice) else [which + n if which < 0 else which]
     if not picked or not all(0 <= k < n for k in picked):
         raise ValueError(f"{path}: slices {spec!r} are outside the volume's {n} slices (0..{n - 1})")
     return picked
-
-
-def _volume_depth(path: Path) -> int | None:
-    """Number of slices of a NIfTI volume or DICOM series folder; None for 2D inputs."""
-    import SimpleITK as sitk  # deferred on purpose: only NIfTI / DICOM inputs need it
-
-    name = path.name.lower()
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        uids = reader.GetGDCMSeriesIDs(str(path))
-        if not uids:
-            raise ValueError(f"{path}: folder is neither a DICOM series nor holds images")
-        return len(reader.GetGDCMSeriesFileNames(str(path), uids[0]))
-    if name.endswith((".nii", ".nii.gz")):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size = reader.GetSize()
-        return int(size[2]) if len(size) == 3 else None
-    return None
 
 
 def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices: str | None) -> list[Job]:
@@ -324,12 +311,23 @@ def _jobs_for(path: Path, texts: list[str], slices: str | None, suffixes: tuple[
             if not images:
                 raise ValueError(f"{path}: no image files in this folder (looked for {', '.join(suffixes)})")
             return [j for f in images for j in _jobs_for(f, texts, slices, suffixes)]
-    depth = _volume_depth(path)
-    if depth is None:
-        if slices not in (None, "0"):
-            raise ValueError(f"{path}: --slices given but this input is a 2D image")
-        return [Job(path, texts)]
-    return [Job(path, texts, parse_slices(slices, depth, path))]
+    try:
+        depth = volume_depth(path)
+        if depth is None:
+            if slices not in (None, "0"):
+                raise ValueError(f"{path}: --slices given but this input is a 2D image")
+            return [Job(path, texts)]
+        return [Job(path, texts, parse_slices(slices, depth, path))]
+    except (ValueError, OSError) as err:  # an unreadable input fails alone; the others are still predicted
+        return [Job(path, texts, error=_naming(path, None, err))]
+
+
+def _naming(path: Path, k: int | None, err: BaseException) -> str:
+    """The error's message, starting with the input (and slice) it concerns."""
+    message = str(err)
+    if message.startswith(str(path)):
+        return message
+    return f"{path}{'' if k is None else f' slice {k}'}: {message}"
 
 
 def _stem(path: Path) -> str:
@@ -377,60 +375,112 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.threshold < 1.0:
+        raise ValueError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    if args.slices is not None:
+        slice_spec(args.slices)
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
+    writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint)
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
-    print(f"{len(rows)} prediction(s) written to {args.out} (list: {Path(args.out) / 'predictions.csv'})")
+    failed = [r for r in rows if r.get("error")]
+    listing = Path(args.out) / "predictions.csv"
+    print(f"{len(rows) - len(failed)} prediction(s) written to {args.out} (list: {listing})")
+    if failed:
+        print(f"{len(failed)} input(s) failed and were skipped; predictions.csv lists each with its error")
+        return 1
     return 0
 
 
 def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: bool = False,
                  features: bool = False) -> list[dict[str, Any]]:
-    """Run every job and write its files; returns the rows of ``predictions.csv``."""
+    """Run every job and write its files; returns the rows of ``predictions.csv``.
+
+    An input (or a slice of a volume) that cannot be read or predicted is skipped with a warning and listed
+    with its ``error``; the others are still written. Inputs are read one at a time, so memory stays that of
+    one image (or one volume's mask) however many inputs there are.
+    """
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     for job in jobs:
+        if job.error is not None:
+            rows.extend(_failed(job, None, job.error))
+            continue
         stem = _unique(_stem(job.path), used)
         volume_masks: list[dict[int, np.ndarray]] = [{} for _ in job.texts]
         geometry = None
+        job_rows: list[dict[str, Any]] = []
         for k in job.slices if job.slices is not None else [None]:
-            image = read_image(job.path, slice_index=k)
-            name = stem if k is None else f"{stem}_z{k:04d}"
-            preds = [predictor.predict(image, t, features=features) for t in job.texts]
-            for j, (text, pred) in enumerate(zip(job.texts, preds, strict=True)):
-                tag = name if len(job.texts) == 1 else f"{name}_t{j}"
-                row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
-                                       "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max())}
+            try:
+                slice_rows, image = _predict_one(predictor, job, k, stem, out, probability, features)
+            except (ValueError, OSError, RuntimeError) as err:
+                rows.extend(_failed(job, k, _naming(job.path, k, err)))
+                continue
+            for j, row in enumerate(slice_rows):
                 if image.geometry is not None:
                     geometry = image.geometry
-                    volume_masks[j][image.geometry.slice_index] = pred.mask
+                    volume_masks[j][image.geometry.slice_index] = row.pop("_mask")
                 else:
-                    row["mask"] = str(out / f"{tag}_mask.png")
-                    Image.fromarray(pred.mask.astype(np.uint8) * 255).save(row["mask"])
-                row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [text],
-                                                  out / f"{tag}_overlay.png"))
-                if probability:
-                    row["probability"] = str(out / f"{tag}_prob.png")
-                    Image.fromarray(np.round(pred.probability * 255).astype(np.uint8)).save(row["probability"])
-                if features and pred.features is not None:
-                    row["features"] = str(save_feature_maps(image.array, predictor.preprocessing, pred.features,
-                                                            out / f"{tag}_features.png", caption=text))
-                rows.append(row)
+                    row.pop("_mask")
+            job_rows.extend(slice_rows)
         if geometry is not None:  # NIfTI / DICOM: one mask volume per sentence, in the input's geometry
             for j in range(len(job.texts)):
                 tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
                 path = write_volume_mask(volume_masks[j], geometry, out / f"{tag}_mask.nii.gz")
-                for row in rows:
-                    if row["input"] == str(job.path) and row["text"] == job.texts[j] and "mask" not in row:
+                for row in job_rows:
+                    if row["text"] == job.texts[j] and "mask" not in row:
                         row["mask"] = str(path)
-    columns = ["input", "slice", "text", "mask", "overlay", "probability", "features", "area_px", "max_probability"]
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        rows.extend(job_rows)
+    _write_csv(rows, out / "predictions.csv")
+    return rows
+
+
+def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: Path, probability: bool,
+                 features: bool):
+    """One 2D image (or slice ``k``) with every sentence of ``job`` -> (rows with their ``_mask``, the image)."""
+    image = read_image(job.path, slice_index=k)
+    mismatch = input_mismatch(image.array, image.modality, predictor.preprocessing)
+    if mismatch:
+        log.warning("%s: %s", image.path, mismatch)
+    name = stem if k is None else f"{stem}_z{k:04d}"
+    preds = [predictor.predict(image, t, features=features) for t in job.texts]
+    rows = []
+    for j, (text, pred) in enumerate(zip(job.texts, preds, strict=True)):
+        tag = name if len(job.texts) == 1 else f"{name}_t{j}"
+        row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
+                               "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max()),
+                               "_mask": pred.mask}
+        if image.geometry is None:
+            row["mask"] = str(out / f"{tag}_mask.png")
+            Image.fromarray(pred.mask.astype(np.uint8) * 255).save(row["mask"])
+        row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [text],
+                                          out / f"{tag}_overlay.png"))
+        if probability:
+            row["probability"] = str(out / f"{tag}_prob.png")
+            Image.fromarray(np.round(pred.probability * 255).astype(np.uint8)).save(row["probability"])
+        if features and pred.features is not None:
+            row["features"] = str(save_feature_maps(image.array, predictor.preprocessing, pred.features,
+                                                    out / f"{tag}_features.png", caption=text))
+        rows.append(row)
+    return rows, image
+
+
+def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
+    log.warning("skipped: %s", message)
+    return [{"input": str(job.path), "slice": "" if k is None else k, "text": t, "error": message} for t in job.texts]
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    columns = ["input", "slice", "text", "mask", "overlay", "probability", "features", "area_px", "max_probability",
+               "error"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow(row)
-    return rows
+    os.replace(tmp, path)
 
 
 def _unique(name: str, used: set[str]) -> str:

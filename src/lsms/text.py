@@ -8,6 +8,7 @@ Any local model directory or HuggingFace hub id works in its place.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -41,7 +42,26 @@ def resolve_text_encoder(name_or_path: str) -> str:
             f"text encoder {name_or_path!r} is not a model folder; give a folder with config.json and "
             f"tokenizer files, a hub id, or {DEFAULT_TEXT_ENCODER!r}"
         )
-    return name_or_path
+    return _hub_snapshot(name_or_path)
+
+
+def _hub_snapshot(hub_id: str) -> str:
+    """A hub id -> its folder in the local HuggingFace cache when it is there (no network needed); otherwise
+    the id itself, which ``from_pretrained`` downloads -- unless ``HF_HUB_OFFLINE`` is set, then a clear error."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(hub_id, "config.json")
+    except ValueError:  # not a valid repo id
+        raise FileNotFoundError(f"text encoder {hub_id!r} is neither a model folder nor a valid hub id") from None
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(
+            f"text encoder {hub_id!r} is a hub id that is not in the local HuggingFace cache and HF_HUB_OFFLINE is "
+            f"set, so it cannot be downloaded; give a local model folder or {DEFAULT_TEXT_ENCODER!r}"
+        )
+    return hub_id
 
 
 class Tokenizer:
@@ -60,6 +80,9 @@ class Tokenizer:
         self.name_or_path = name_or_path
         self.max_tokens = max_tokens
         self.hf = AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))
+        limit = int(getattr(self.hf, "model_max_length", 0) or 0)
+        if 0 < limit < max_tokens:
+            raise ValueError(f"max_tokens={max_tokens} exceeds what the text encoder {name_or_path!r} accepts ({limit})")
         self.truncated = 0  # expressions cut to max_tokens since creation
         self.seen = 0
 
