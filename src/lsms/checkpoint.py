@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    _verify_archive(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # UnpicklingError for forbidden globals, RuntimeError for damaged zips, ...
@@ -134,6 +136,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if checkpoint.get("format_version", 1) == 1:
         checkpoint = upgrade_v1(checkpoint)
+    _check_sections(checkpoint, path)
     return checkpoint
 
 
@@ -150,7 +153,35 @@ def upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if config.get("loss") is not None:
         run["loss"] = dict(config["loss"])
     return {**checkpoint, "format_version": FORMAT_VERSION,
-            "config": {"run": run, "preprocessing": config.get("preprocessing", {})}}
+            "config": {"run": run, "preprocessing": config.get("preprocessing")}}  # None when absent: an error
+
+
+def _verify_archive(path: Path) -> None:
+    """Check every member's CRC of a zip-format checkpoint (``torch.load`` does not: a flipped byte in the
+    weights would load as a silently different model). Legacy non-zip checkpoints are left to ``torch.load``."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"checkpoint {str(path)!r} is damaged ({_first_line(err)}); copy it again") from None
+    if bad is not None:
+        raise ValueError(f"checkpoint {str(path)!r} is damaged: the CRC of {bad!r} does not match; copy it again")
+
+
+def _check_sections(checkpoint: dict[str, Any], path: Path) -> None:
+    """The sections every use of a checkpoint needs, present and of the right kind; errors name the key."""
+    if not isinstance(checkpoint.get("model"), dict) or not all(
+        isinstance(v, torch.Tensor) for v in checkpoint["model"].values()
+    ):
+        raise ValueError(f"checkpoint {str(path)!r}: 'model' (the weights, a dict of tensors) is missing or malformed")
+    config = checkpoint.get("config")
+    run = config.get("run") if isinstance(config, dict) else None
+    for where, section in (("'config' -> 'run'", run), ("'config' -> 'run' -> 'model'", (run or {}).get("model")),
+                           ("'config' -> 'preprocessing'", (config or {}).get("preprocessing"))):
+        if not isinstance(section, dict):
+            raise ValueError(f"checkpoint {str(path)!r}: {where} is missing; it was not written by lsms train")
 
 
 def _first_line(err: BaseException) -> str:
@@ -230,15 +261,31 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device
         raise ValueError("checkpoint has no model config ('config' -> 'run' -> 'model'); it was not written by lsms train")
     cfg = model_config_from_dict(dict(model_dict))
     cfg.text.pretrained = False  # the text weights come from the state dict below
+    _check_weights_fit(cfg, checkpoint["model"])
     model = build(cfg)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    if missing or unexpected:
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Compare the stored weights with the model ``cfg`` describes, built on the ``meta`` device (no memory is
+    allocated, so a config declaring enormous sizes costs nothing); any difference is an error naming tensors."""
+    with torch.device("meta"):
+        skeleton = build(cfg)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in weights.items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [f"{k} {stored[k]} (config: {expected[k]})" for k in sorted(expected.keys() & stored.keys())
+             if expected[k] != stored[k]]
+    if missing or unexpected or wrong:
+        def some(items: list[str]) -> str:
+            return ", ".join(items[:4]) + (f" ... (+{len(items) - 4})" if len(items) > 4 else "") or "none"
+
         raise ValueError(
             "checkpoint weights do not fit the model its config describes "
-            f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+            f"(missing: {some(missing)}; unexpected: {some(unexpected)}; other shapes: {some(wrong)})"
         )
-    return model.to(device).eval()
 
 
 def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):

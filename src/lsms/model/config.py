@@ -114,9 +114,9 @@ class LSMSConfig(DictRoundTrip):
             raise ValueError(f"decoder_stages must be a non-empty subset of 1..4, got {self.decoder_stages}")
         if len(set(self.decoder_stages)) != len(self.decoder_stages):
             raise ValueError(f"decoder_stages has repeats: {self.decoder_stages}")
-        if self.ham_channels % 32 or self.head_channels % 32:
+        if self.ham_channels < 32 or self.head_channels < 32 or self.ham_channels % 32 or self.head_channels % 32:
             raise ValueError(
-                f"ham_channels and head_channels must be multiples of 32 (GroupNorm with 32 groups), "
+                f"ham_channels and head_channels must be positive multiples of 32 (GroupNorm with 32 groups), "
                 f"got {self.ham_channels} and {self.head_channels}"
             )
         if self.nmf_rank < 1 or self.nmf_steps_train < 1 or self.nmf_steps_eval < 1:

@@ -215,7 +215,7 @@ class LanguageGuidedEncoder(nn.Module):
     def __init__(self, cfg: LSMSConfig, text_channels: int | None):
         super().__init__()
         self.channels = cfg.widths
-        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths), device="cpu").tolist()  # numbers, not weights
         stages, start, prev = [], 0, cfg.in_channels
         for i, (width, depth, ratio) in enumerate(zip(cfg.widths, cfg.depths, cfg.mlp_ratios)):
             down = Stem(prev, width) if i == 0 else Downsample(prev, width)
