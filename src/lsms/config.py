@@ -26,8 +26,9 @@ import yaml
 
 from lsms.data.config import DataConfig
 from lsms.losses import LossConfig
+from lsms.metrics import SCORE_NAMES
 from lsms.model.config import BASELINES, MODELS, ModelConfig, model_config_from_dict, tiny
-from lsms.settings import DictRoundTrip
+from lsms.settings import DictRoundTrip, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class OptimConfig(DictRoundTrip):
         for name in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        check_finite(self, "optim.")
 
 
 @dataclass
@@ -104,6 +106,9 @@ class RunConfig(DictRoundTrip):
         for name in ("save_every", "time_limit_minutes", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_finite(self)
+        if self.best_metric not in SCORE_NAMES:
+            raise ValueError(f"best_metric {self.best_metric!r} is not a validation score; choose one of {list(SCORE_NAMES)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> RunConfig:
@@ -240,6 +245,14 @@ def run_config_from_flags(flags: dict[str, Any], recipe: str | None = None, sett
     """The settings of a command line: defaults <- ``recipe`` <- ``settings_file`` <- ``flags`` (a mapping of
     settings paths, ``{"optim.lr": 1e-3}``; other keys are ignored) <- KEY=VALUE lists for the model, the loss
     and the augmentation. Mappings merge key by key."""
+    return RunConfig.from_dict(chosen_settings(flags, recipe, settings_file, model, loss, augmentation))
+
+
+def chosen_settings(flags: dict[str, Any], recipe: str | None = None, settings_file: str | None = None,
+                    model: list[str] | None = None, loss: list[str] | None = None,
+                    augmentation: list[str] | None = None) -> dict[str, Any]:
+    """What :func:`run_config_from_flags` reads, as the tree of the settings chosen (no defaults): a resumed run
+    takes these over its saved ones."""
     tree: dict[str, Any] = {}
     if recipe:
         merge_into(tree, load_recipe(recipe))
@@ -258,7 +271,7 @@ def run_config_from_flags(flags: dict[str, Any], recipe: str | None = None, sett
         set_path(tree, f"loss.{key}", value)
     for key, value in key_values(augmentation, "--augmentation").items():
         set_path(tree, f"data.augmentation.{key}", value)
-    return RunConfig.from_dict(tree)
+    return tree
 
 
 def key_values(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -291,7 +304,7 @@ def _underscores(data: Any) -> Any:
 
 
 __all__ = [
-    "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "key_values", "load_recipe", "recipe_names",
+    "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "chosen_settings", "key_values", "load_recipe", "recipe_names",
     "run_config_from_flags", "RunConfig", "load_settings_file", "merge_into",
     "set_path", "short_metavars", "upgrade_flat_model", "upgrade_flat_settings",
 ]

@@ -397,7 +397,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
     log.info("2/4 training %s for %d epochs (time limit %.1f min)", train_cfg.model.preset, train_cfg.optim.epochs, left)
-    train_summary = train(train_cfg)
+    train_summary = train(train_cfg, overwrite=True)  # the report folder is the demo's own: a rerun replaces it
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -38,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "IOU_THRESHOLDS",
+    "SCORE_NAMES",
     "EmptyPolicy",
     "MetricAccumulator",
     "PredKind",
@@ -50,6 +51,9 @@ __all__ = [
 EmptyPolicy = Literal["one", "skip"]
 PredKind = Literal["logits", "probs", "mask"]
 IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+# the scores :func:`summarize` reports (higher is better): what a run may pick its best checkpoint by
+SCORE_NAMES: tuple[str, ...] = ("Dice", "mIoU", "oIoU", *(f"P@{t:g}" for t in IOU_THRESHOLDS), "referring_accuracy",
+                                "referring_accuracy_multi")
 
 
 class SampleRecord(TypedDict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -34,6 +35,15 @@ class DictRoundTrip:
                              f"known: {sorted(fields)}")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _typed(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()})
+
+
+def check_finite(settings: Any, prefix: str = "") -> None:
+    """Every float of a settings dataclass (alone or in a tuple) is a finite number: ``nan`` passes every
+    comparison a ``__post_init__`` makes, so it is refused here, naming the field."""
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
 def _plain(value: Any) -> Any:

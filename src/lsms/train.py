@@ -18,10 +18,12 @@ Run folder (``--out RUN``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +45,7 @@ from lsms.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from lsms.config import PAPER_LR, RunConfig, run_config_from_flags, short_metavars
+from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
 from lsms.data import TEXT_LEVELS, Collator, Preprocessing
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
@@ -51,34 +53,41 @@ from lsms.losses import LSMSLoss
 from lsms.model import MODELS, build
 from lsms.optim import TrainingStep, amp_dtype, build_optimizer, lr_at, train_step
 from lsms.runlog import RunLog
+from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
+from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
-# running knobs a resumed run may change; everything else comes from its checkpoint, so it continues exactly
-RESUME_KEEPS = ("out", "device", "progress", "time_limit_minutes", "optim.epochs", "data.path", "data.num_workers")
+# settings a resumed run cannot change: its checkpoint's model and preprocessing embody them
+FIXED_ON_RESUME = ("model", "data.image_size", "data.in_channels", "data.window")
 
 
-def train(cfg: RunConfig, resume: str | Path | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: str | Path | None = None, on_step: Callable[[int], None] | None = None,
+          overwrite: bool = False, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the final summary (best and last validation metrics, paths).
 
     Args:
         cfg: the settings.
-        resume: a run folder or ``last.pt`` to continue from (its saved settings win over ``cfg`` except for
-            :data:`RESUME_KEEPS`).
+        resume: a run folder or ``last.pt`` to continue from. Its saved settings are restored; the settings in
+            ``given`` override them (logged); those of :data:`FIXED_ON_RESUME` cannot change.
         on_step: called with the global step after every optimiser step (tests use it to stop a run).
+        overwrite: start over in an ``out`` folder that already holds a run (otherwise refused).
+        given: the tree of settings the caller chose (the command line's flags, file and recipe); None: those of
+            ``cfg`` that differ from the defaults.
     """
     env = D.init_distributed(cfg.device)
     try:
-        return _train(cfg, env, resume, on_step)
+        with contextlib.ExitStack() as hold:  # the run folder's lock, held until training ends
+            return _train(cfg, env, resume, on_step, hold, overwrite, given)
     finally:
         D.cleanup()
 
 
-def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None,
-           on_step: Callable[[int], None] | None) -> dict[str, Any]:
+def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: Callable[[int], None] | None,
+           hold: contextlib.ExitStack, overwrite: bool, given: dict[str, Any] | None) -> dict[str, Any]:
+    cfg, checkpoint, same_run = resumed(RunConfig.from_dict(cfg.to_dict()), resume, env, given)  # a copy
     device, out = env.device, Path(cfg.out)
-    cfg, checkpoint = resumed(RunConfig.from_dict(cfg.to_dict()), resume, env)  # a copy: the caller's stays as is
+    hold.enter_context(run_folder(out, resume=same_run, overwrite=overwrite, enabled=env.is_main))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.threads:
@@ -188,9 +197,6 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None,
             D.broadcast_buffers(model, env)
             metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype,
                                                     progress=logs.progress)["summary"]
-            if cfg.best_metric not in metrics:
-                raise ValueError(f"--best-metric {cfg.best_metric!r} is not a validation metric; choose one of "
-                                 f"{[k for k, v in metrics.items() if isinstance(v, float)]}")
         score = metrics.get(cfg.best_metric)
         improved = score is not None and score > best["value"]
         if improved:
@@ -211,26 +217,26 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None,
 # --------------------------------------------------------------------------- the loop's helpers
 
 
-def resumed(cfg: RunConfig, resume: str | Path | None, env: D.DistEnv) -> tuple[RunConfig, dict[str, Any] | None]:
-    """(settings, checkpoint): without ``resume`` ``cfg`` and None; else the checkpoint's settings with the
-    running knobs of :data:`RESUME_KEEPS` taken from ``cfg``."""
+def resumed(cfg: RunConfig, resume: str | Path | None, env: D.DistEnv, given: dict[str, Any] | None = None
+            ) -> tuple[RunConfig, dict[str, Any] | None, bool]:
+    """(settings, checkpoint, whether ``out`` is the resumed run's own folder): without ``resume`` ``cfg``, None,
+    False; else the checkpoint's settings with those in ``given`` (None: what ``cfg`` changes from the defaults)
+    over them, and ``out`` the checkpoint's folder unless given."""
     if resume is None:
-        return cfg, None
+        return cfg, None, False
     path = resolve_checkpoint(resume, prefer="last")
     checkpoint = load_checkpoint(path, map_location="cpu")
     if checkpoint.get("optimizer") is None:
         raise ValueError(f"{path} has no optimiser state (a best.pt or exported model); resume from last.pt")
-    saved = run_config(checkpoint).to_dict()
-    now = cfg.to_dict()
-    for key in RESUME_KEEPS:
-        node_saved, node_now = saved, now
-        *parents, last = key.split(".")
-        for p in parents:
-            node_saved, node_now = node_saved[p], node_now[p]
-        node_saved[last] = node_now[last]
+    if missing := [k for k in ("epoch", "step", "batch_in_epoch", "rng") if k not in checkpoint]:
+        raise ValueError(f"{path}: the checkpoint lacks {missing}; it cannot be resumed")
+    chosen = given if given is not None else changed_settings(cfg.to_dict(), RunConfig().to_dict())
+    tree = resume_settings(run_config(checkpoint).to_dict(), chosen, FIXED_ON_RESUME, strict=given is not None)
+    tree["out"] = chosen.get("out", str(path.parent))
     if env.is_main:
         log.info("resuming from %s (epoch %d, step %d)", path, checkpoint["epoch"], checkpoint["step"])
-    return RunConfig.from_dict(saved), checkpoint
+    cfg = RunConfig.from_dict(tree)
+    return cfg, checkpoint, Path(cfg.out).resolve() == path.parent.resolve()
 
 
 def restore(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -260,6 +266,21 @@ def wrap_ddp(step_module: nn.Module, model: nn.Module, criterion: LSMSLoss, devi
         step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
 
 
+def check_model_settings(cfg: RunConfig) -> None:
+    """Build the model ``cfg`` asks for on the ``meta`` device: every model setting and the token limit are
+    checked in a second, without allocating or loading weights (of a pretrained text encoder only the config is
+    read)."""
+    model = cfg.model
+    text = getattr(model, "text", None)
+    if model.use_text and text is not None and text.pretrained and text.hf_config is None:
+        from transformers import AutoConfig  # late: transformers is slow to import
+
+        hf_config = AutoConfig.from_pretrained(resolve_text_encoder(text.encoder)).to_diff_dict()
+        model = dataclasses.replace(model, text=dataclasses.replace(text, pretrained=False, hf_config=hf_config))
+    with torch.device("meta"):
+        build(dataclasses.replace(model, in_channels=cfg.data.in_channels or 1))
+
+
 def model_for(cfg: RunConfig, preprocessing: Preprocessing) -> nn.Module:
     """Build ``cfg.model`` reading as many channels as the preprocessing gives (``cfg.model`` is updated to the
     config it was built from, text encoder settings filled in)."""
@@ -286,7 +307,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML",
                    help="settings file: the settings tree (e.g. 'optim: {epochs: 20}', see docs/training.md); "
                         "flat keys of lsms 0.1 ('epochs: 20') still load; flags override it")
-    p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run from its last.pt")
+    p.add_argument("--resume", metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run from its last.pt, with its saved settings (flags given again override them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out folder that already holds a run (deletes its checkpoints and logs)")
     p.add_argument("--recipe", metavar="NAME",
                    help="a named settings file under src/lsms/recipes/: 'paper' (base, lr 3e-5, 100 epochs, batch 16, "
                         "480x480; meant for fine-tuning) or 'real' (real 2D images from scratch: lesion-centred "
@@ -329,6 +353,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-by-image", dest="data.group_by_image", action=argparse.BooleanOptionalAction, default=S,
                    help="put the expressions of one image in the same batch (same image, different sentences)")
     g.add_argument("--eval-batch-size", dest="data.eval_batch_size", type=int, default=S)
+    g.add_argument("--allow-outside-root", dest="data.allow_outside_root", action="store_const", const=True, default=S,
+                   help="read files the dataset names outside its folder (off by default: an error)")
     g = p.add_argument_group("optimisation")
     o = d.optim
     g.add_argument("--epochs", dest="optim.epochs", type=int, default=S, help=f"(default {o.epochs})")
@@ -371,23 +397,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The settings of ``lsms train``'s command line (:func:`lsms.config.run_config_from_flags`)."""
+    return RunConfig.from_dict(chosen_from_args(args))
+
+
+def chosen_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The tree of settings ``lsms train``'s command line chose (recipe, file, flags; no defaults)."""
     flags = vars(args)
     recipe = "paper" if flags.get("paper_recipe") else flags.get("recipe")
-    return run_config_from_flags(flags, recipe=recipe, settings_file=flags.get("config"),
-                                 model=flags.get("model_overrides"), loss=flags.get("loss_overrides"),
-                                 augmentation=flags.get("augmentation_overrides"))
+    return chosen_settings(flags, recipe=recipe, settings_file=flags.get("config"), model=flags.get("model_overrides"),
+                           loss=flags.get("loss_overrides"), augmentation=flags.get("augmentation_overrides"))
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if not cfg.data.path and not args.resume:
-        raise ValueError("give DATA (a dataset folder), a --config file with 'data: {path: ...}', or --resume RUN")
-    if args.resume:  # DATA and --out default to the resumed run's
+    chosen = chosen_from_args(args)
+    cfg = RunConfig.from_dict(chosen)  # every value checked now, before any work
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 owns the run folder
+    if args.resume:  # the run's saved settings (DATA, --out, ...) are restored; what is given again wins
         path = resolve_checkpoint(args.resume, prefer="last")
-        saved = run_config(load_checkpoint(path))
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=cfg.data.path or saved.data.path),
-                                  out=args.out if "out" in vars(args) else str(path.parent))
-    summary = train(cfg, resume=args.resume)
+        out = Path(chosen.get("out", path.parent))
+        if main_process:
+            check_run_folder(out, resume=out.resolve() == path.parent.resolve(), overwrite=args.overwrite)
+    else:
+        if not cfg.data.path:
+            raise ValueError("give DATA (a dataset folder), a --config file with 'data: {path: ...}', or --resume RUN")
+        if main_process:
+            check_run_folder(Path(cfg.out), resume=False, overwrite=args.overwrite)
+        check_model_settings(cfg)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, given=chosen)
     best = summary["best"]
     if best["epoch"] >= 0:
         log.info("best %s %.4f at epoch %d; checkpoints in %s", best["metric"], best["value"], best["epoch"], summary["out"])
