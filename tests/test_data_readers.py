@@ -121,37 +121,12 @@ def _png(path: Path, a: np.ndarray | None = None) -> Path:
 
 
 def _dicom(path: Path, stored: np.ndarray, slope: float, intercept: float, z: float = 0.0, series: str = "1.2.3.4") -> None:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from fuzz_inputs import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.3"
-    ds.SeriesInstanceUID = series
-    ds.Modality = "CT"
-    ds.PatientID = "p1"
-    ds.InstanceNumber = int(z) + 1
-    ds.Rows, ds.Columns = stored.shape
-    ds.PixelSpacing = [0.75, 0.5]
-    ds.SliceThickness = 2.0
-    ds.ImagePositionPatient = [-10.0, -20.0, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(
+        stored, RescaleSlope=slope, RescaleIntercept=intercept, SeriesInstanceUID=series, PatientID="p1",
+        InstanceNumber=int(z) + 1, SliceThickness=2.0, ImagePositionPatient=[-10.0, -20.0, z],
+    ))
 
 
 def test_dicom_file_in_hu(tmp_path: Path) -> None:

@@ -75,28 +75,10 @@ def test_predict_nifti_volume_slice_range_keeps_geometry(ckpt, tmp_path):
 
 
 def _dicom(path: Path, stored: np.ndarray, z: float):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from fuzz_inputs import dicom_bytes
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = "1.2.3", "1.2.3.4", "CT", "p1"
-    ds.InstanceNumber = int(z) + 1
-    ds.Rows, ds.Columns = stored.shape
-    ds.PixelSpacing, ds.SliceThickness = [0.75, 0.5], 2.0
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-10.0, -20.0, z], [1, 0, 0, 0, 1, 0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(dicom_bytes(stored, PatientID="p1", InstanceNumber=int(z) + 1, SliceThickness=2.0,
+                                 ImagePositionPatient=[-10.0, -20.0, z]))
 
 
 def test_predict_dicom_series_writes_nifti_in_series_geometry(ckpt, tmp_path):
@@ -142,6 +124,9 @@ def test_predict_errors(ckpt, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     assert main(["predict", str(ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path)]) == 2
     assert "--text" in capsys.readouterr().err
+    for flags, message in ((["--slices", "a:b"], "--slices takes N or START:STOP"), (["--threshold", "1"], "--threshold")):
+        assert main(["predict", "no-such-model", str(tmp_path / "a.png"), "--text", "x", "--out", str(tmp_path), *flags]) == 2
+        assert message in capsys.readouterr().err  # named before the model is looked for
     assert parse_slices("2:4", 5, Path("v")) == [2, 3] and parse_slices("-1", 5, Path("v")) == [4]
     with pytest.raises(ValueError, match="outside the volume"):
         parse_slices("7", 5, Path("v"))
