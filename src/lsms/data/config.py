@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lsms.data.augment import Augmentation
+from lsms.data.intensity import parse_window
 from lsms.data.manifest import TEXT_LEVELS
 from lsms.model.config import check_image_size
 from lsms.settings import DictRoundTrip
@@ -42,8 +43,6 @@ class DataConfig(DictRoundTrip):
         if self.in_channels not in (None, 1, 3):
             raise ValueError(f"data.in_channels must be 1, 3 or null (from the modality), got {self.in_channels}")
         if self.window is not None:
-            from lsms.data.loaders import parse_window
-
             parse_window(self.window)  # a bad window is an error now, not after the data are read
 
 

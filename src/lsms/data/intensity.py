@@ -145,6 +145,19 @@ class Preprocessing(DictRoundTrip):
         return super().from_dict(data)
 
 
+def parse_window(text: str) -> dict[str, Any]:
+    """``"liver"`` -> {"window": "liver"}; ``"200,80"`` -> width 200, level 80 HU (Preprocessing fields)."""
+    if text in CT_WINDOWS:
+        return {"window": text, "window_width": None, "window_level": None}
+    try:
+        width, level = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"window must be one of {sorted(CT_WINDOWS)} or WIDTH,LEVEL in HU (e.g. 200,80), got {text!r}") from None
+    if not (math.isfinite(width) and math.isfinite(level)) or width <= 0:
+        raise ValueError(f"window WIDTH,LEVEL must be finite numbers with a positive width, got {text!r}")
+    return {"window": None, "window_width": width, "window_level": level}
+
+
 def default_preprocessing(modality: str | None, image_size: int | tuple[int, int] = 256, in_channels: int = 3) -> Preprocessing:
     """The default for a modality: CT -> liver window; anything else -> per-image percentile scaling."""
     if modality is not None and modality.upper() == "CT":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lsms.data.config import DataConfig
 from lsms.data.dataset import Collator, SegmentationDataset
-from lsms.data.intensity import CT_WINDOWS, Preprocessing, default_preprocessing
+from lsms.data.intensity import Preprocessing, default_preprocessing, parse_window
 from lsms.data.layouts import load_samples
 from lsms.distributed import DistEnv, GroupedSampler, ShardSampler
 
@@ -54,19 +53,6 @@ def build_datasets(cfg: DataConfig, seed: int, preprocessing: Preprocessing | No
     return preprocessing, train_set, val_set
 
 
-def parse_window(text: str) -> dict[str, Any]:
-    """``"liver"`` -> {"window": "liver"}; ``"200,80"`` -> width 200, level 80 HU (Preprocessing fields)."""
-    if text in CT_WINDOWS:
-        return {"window": text, "window_width": None, "window_level": None}
-    try:
-        width, level = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"window must be one of {sorted(CT_WINDOWS)} or WIDTH,LEVEL in HU (e.g. 200,80), got {text!r}") from None
-    if not (math.isfinite(width) and math.isfinite(level)) or width <= 0:
-        raise ValueError(f"window WIDTH,LEVEL must be finite numbers with a positive width, got {text!r}")
-    return {"window": None, "window_width": width, "window_level": level}
-
-
 def train_sampler(train_set: SegmentationDataset, cfg: DataConfig, batch_size: int, env: DistEnv,
                   seed: int) -> Sampler[int]:
     """This rank's shuffled training indices; with ``group_by_image`` the expressions of one image share a batch."""
@@ -89,4 +75,4 @@ def make_loader(dataset, batch_size: int, env: DistEnv, num_workers: int = 0, to
     )
 
 
-__all__ = ["build_datasets", "make_loader", "parse_window", "train_sampler"]
+__all__ = ["build_datasets", "make_loader", "train_sampler"]
