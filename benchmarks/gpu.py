@@ -42,7 +42,7 @@ TOY = ["--image-size", "96", "--augmentation", "patch_size=64", "--batch-size", 
 def train_command(key: str, data: Path, run: Path, args: argparse.Namespace) -> list[str]:
     dataset, recipe = ROWS[key]
     text = dataset == "btxrd"
-    cmd = ["lsms", "train", str(data), "--out", str(run), "--recipe", recipe, "--preset", "base",
+    cmd = ["lsms", "train", str(data), "--out", str(run), "--overwrite", "--recipe", recipe, "--preset", "base",
            "--text" if text else "--no-text", "--image-size", str(IMAGE_SIZE[recipe][dataset]),
            "--device", args.device, "--amp", args.amp, "--time-limit", f"{args.budget_min:g}",
            "--epochs", str(args.epochs), "--seed", "0", "--no-progress", "--log-every", "20", "--max-tokens", "48",
