@@ -57,7 +57,7 @@ class Row:
 ROWS = {
     "btxrd/lsms-tiny-text": Row("btxrd", "tiny", True, "LSMS tiny, sentence"),
     "btxrd/lsms-tiny-notext": Row("btxrd", "tiny", False, "LSMS tiny, no-text model"),
-    "btxrd/film-unet": Row("btxrd", "film-unet", True, "FiLM U-Net, sentence", epochs=7),
+    "btxrd/film-unet": Row("btxrd", "film-unet", True, "FiLM U-Net, sentence", epochs=6),
     "btxrd/unet": Row("btxrd", "unet", False, "U-Net (MONAI), no text", epochs=12),
     "btxrd/lsms-tiny-text-nocoord": Row("btxrd", "tiny", True, "LSMS tiny, sentence, w/o positions",
                                         ("--model", "coord_embed=false")),
