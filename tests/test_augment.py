@@ -174,6 +174,9 @@ def test_recipes():
     assert (mixed.model.coord_embed, mixed.model.output_stride, mixed.data.image_size) == (False, 2, 256)
     assert _args("data", "--paper-recipe") == _args("data", "--recipe", "paper")
     assert _args("data", "--recipe", "paper").optim.lr == 3e-5
+    cpu = _args("data", "--recipe", "real-cpu")  # whole images: the patch is the image, never re-centred
+    assert (cpu.data.image_size, cpu.data.augmentation.patch_size, cpu.data.augmentation.foreground_p) == (224, 224, 0)
+    assert cpu.data.augmentation.spatial_p == 0 and cpu.data.augmentation.text_flip == "swap" and cpu.model.coord_embed
     with pytest.raises(ValueError, match="unknown recipe 'fast'.*paper.*real"):
         _args("data", "--recipe", "fast")
     with pytest.raises(ValueError, match="patch_size"):
