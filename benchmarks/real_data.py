@@ -203,11 +203,11 @@ def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, f
 def markdown(results: list[dict[str, Any]], cache: Path) -> str:
     m = machine()
     lines = [
-        "# Real images: BTXRD and Kvasir-SEG with the real-data recipe, CPU",
+        "# Real images: BTXRD and Kvasir-SEG, the runs (CPU)",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, no GPU, torch {m['torch']}. Each row trains from scratch "
         "(random visual weights; LSMS and FiLM U-Net read the sentence through the frozen packaged MiniLM) with "
-        "`lsms train --recipe real` for the time budget given, then evaluates the run's last.pt on the val split. "
+        "`lsms train --recipe real` (and the row's changes, in its commands) for the time budget given, then evaluates the run's last.pt on the val split. "
         "Dice and mIoU are means over the val images of the per-image Dice / IoU (`lsms evaluate`).",
         "",
         "Cost: parameters (with the text encoder) and GMACs of one 224 px forward (a training patch) from the code "
@@ -240,8 +240,9 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
         lines += ["", "BTXRD val Dice by lesion size (terciles of the val masks' area; images per bucket in brackets):",
                   "", *by_size]
     lines += ["", "Commands (from the repository root; CACHE = " + str(cache) + "):", ""]
-    for r in results:
-        lines += [f"- `{r['row']}` seed {r['seed']}:", f"  `{r['commands']['train']}`", f"  then `{r['commands']['evaluate']}`"]
+    for r in results:  # the commands as run (a row resumed after a stop has one per session)
+        sessions = [f"  `{x['command']}`" + (f" ({x['note']})" if x.get("note") else "") for x in r["training"]["sessions"]]
+        lines += [f"- `{r['row']}` seed {r['seed']}:", *sessions, f"  then `{r['commands']['evaluate']}`"]
     lines += ["", f"Made by `{command_line()}`.", ""]
     return "\n".join(lines)
 
@@ -368,6 +369,7 @@ def main() -> None:
         if not results:
             raise SystemExit(f"no finished rows under {s.cache / 'real'}; run some with --rows first")
         out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         figures = plots(results, out)
         text_rows = [r for r in results if r["row"] == "btxrd/lsms-tiny-text"]
         if text_rows:
