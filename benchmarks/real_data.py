@@ -324,7 +324,7 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     picks = [("best", d, i) for d, i in scored[::-1][:n]] + [("worst", d, i) for d, i in scored[:n]]
     model, preprocessing, _ = load_trained(run, "cpu", prefer="last")
     records = {r.id: r for r in load_samples(data_path(ROWS[result["row"]]), split="val")}
-    fig, axes = plt.subplots(2, n, figsize=(4 * n, 9))
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 10.5))
     for ax, (kind, dice, rid) in zip(axes.flat, picks):
         item = SegmentationDataset([records[rid]], preprocessing)[0]
         with torch.no_grad():
@@ -342,7 +342,7 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
         ax.axis("off")
     fig.suptitle(f"{result['label']} (seed {result['seed']}), BTXRD val: target green, prediction red, "
                  "prediction with an empty sentence yellow", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=2.5)
     path = out.with_name(out.name + "_btxrd_cases.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
