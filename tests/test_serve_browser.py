@@ -1,0 +1,111 @@
+"""lsms serve end to end in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+Opens a bundled slice, types two sentences, checks that the two masks differ and that the downloaded PNGs are
+byte for byte what ``lsms predict`` writes for the same input, that a bad sentence gets a message and the page
+keeps working, and that the page fetched nothing from anywhere but the viewer. Saves a screenshot.
+
+Skips (with the reason) when Playwright or Chromium is missing: ``pip install -e '.[browser]'`` and
+``apt-get install chromium``; ``.ci/run`` installs both. Environment:
+    LSMS_CHROMIUM: the browser executable (default: ``chromium`` or ``chromium-browser`` on PATH).
+    LSMS_SERVE_MODEL: serve this run or checkpoint instead of the tiny random model built here.
+    LSMS_SERVE_SCREENSHOT: also write the screenshot there (docs/images/serve.png is made this way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lsms.cli import main
+from lsms.predict import Predictor
+from lsms.serve import Viewer, ViewerServer
+from lsms.serve.examples import examples
+
+from toy_data import make_text_sensitive_checkpoint
+
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[browser]'")
+CHROMIUM = os.environ.get("LSMS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found: apt-get install chromium (Debian/Ubuntu) "
+                                                          "or set LSMS_CHROMIUM to a Chromium executable")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model = os.environ.get("LSMS_SERVE_MODEL") or make_text_sensitive_checkpoint(
+        tmp_path_factory.mktemp("model") / "model.pt")
+    viewer = Viewer(Predictor.from_checkpoint(model, "cpu"), model_name=str(model))
+    server = ViewerServer(viewer, "127.0.0.1", 0)  # a free loopback port
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, model
+    server.shutdown()
+    server.server_close()
+
+
+def test_two_sentences_in_a_real_browser(served, tmp_path):
+    server, model = served
+    e = examples()[1]
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 860}, accept_downloads=True)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server.url)
+        page.wait_for_selector("body[data-ready='1']")
+        page.select_option("#example", e.id)
+        page.click("#open-example")
+        page.wait_for_selector("#panels .panel img.base")
+        boxes = page.locator("textarea.sentence")
+        assert boxes.count() == 2  # a bundled slice comes with its first two reference sentences
+        for i in range(2):
+            boxes.nth(i).fill(e.texts[i])
+        page.check("#features")
+        page.click("#segment")
+        page.wait_for_selector("#panels .panel[data-index='1'] .features img")
+        areas = [int(page.locator(f".panel[data-index='{i}'] .area").inner_text()) for i in range(2)]
+
+        downloads = []
+        for i in range(2):
+            with page.expect_download() as info:
+                page.click(f".panel[data-index='{i}'] a.mask-link")
+            path = tmp_path / info.value.suggested_filename
+            info.value.save_as(path)
+            downloads.append(path.read_bytes())
+        with page.expect_download() as info:
+            page.click("#settings-link")
+        settings_path = tmp_path / "settings.json"
+        info.value.save_as(settings_path)
+
+        shot = tmp_path / "serve.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("LSMS_SERVE_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["LSMS_SERVE_SCREENSHOT"])
+
+        page.locator("textarea.sentence").nth(0).fill("x" * 10_000)  # bad input: message, page keeps working
+        page.click("#segment")
+        page.wait_for_selector("#message.error")
+        assert "10000 characters; the limit is 1000" in page.inner_text("#message")
+        page.locator("textarea.sentence").nth(0).fill(e.texts[0])
+        page.click("#segment")
+        page.wait_for_selector("#message:not(.error)")
+        page.wait_for_function("document.querySelector('#message').textContent.includes('sentence(s) on slice')")
+        browser.close()
+
+    assert downloads[0] != downloads[1]  # the sentence moves the mask
+    np.save(tmp_path / f"{e.id}.npy", e.image.array)
+    for i in range(2):
+        out = tmp_path / f"cli{i}"
+        assert main(["predict", str(model), str(tmp_path / f"{e.id}.npy"), "--text", e.texts[i], "--threshold", "0.5",
+                     "--out", str(out), "--device", "cpu"]) == 0
+        assert downloads[i] == (out / f"{e.id}_mask.png").read_bytes()  # byte for byte
+    from PIL import Image
+
+    assert areas == [int((np.array(Image.open(tmp_path / f"cli{i}" / f"{e.id}_mask.png")) > 0).sum()) for i in range(2)]
+    assert '"threshold": 0.5' in settings_path.read_text()
+    assert all(u.startswith((server.url, "data:", "blob:")) for u in requests), [u for u in requests if
+                                                                                 not u.startswith(server.url)]
+    assert Path(shot).stat().st_size > 10_000
