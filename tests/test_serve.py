@@ -159,7 +159,16 @@ def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):
     info = viewer.open_upload(sid, [("ct.zip", series_zip(["1.2.3.4"] * 3))])
     assert info["depth"] == 3 and info["modality"] == "CT" and info["ct"] and info["format"] == "dicom-series"
     status, msg = _status(viewer.open_upload, sid, [("mixed.zip", series_zip(["1.2.3.4", "1.2.3.5", "1.2.3.4"]))])
-    assert status == 400 and "2 DICOM series" in msg and str(viewer.root) not in msg
+    assert status == 400 and "2 DICOM series" in msg and "upload the files of one series" in msg
+    assert str(viewer.root) not in msg
+    # a folder, as the browser sends it: every file with its relative path
+    for k in range(3):
+        write_ct_dicom(tmp_path / f"f{k}.dcm", np.full((12, 10), 1000 + 20 * k, np.uint16), z=2.0 * k)
+    folder = [(f"my series/s{k}.dcm", (tmp_path / f"f{k}.dcm").read_bytes()) for k in range(3)]
+    info = viewer.open_upload(sid, folder)
+    assert info["depth"] == 3 and info["name"] == "my_series (3 slices)" and info["geometry"]
+    status, msg = _status(viewer.open_upload, sid, [*folder[:2], ("my series/notes.txt", b"hello")])
+    assert status == 400 and "not all are DICOM (e.g. notes.txt)" in msg
 
 
 @pytest.mark.parametrize("name, data, status, words", [

@@ -5,7 +5,8 @@ Public API:
     ViewerServer: the standard-library HTTP server around a Viewer.
 """
 
-from lsms.serve.app import ServeError, Viewer
+from lsms.serve.app import Viewer
+from lsms.serve.errors import ServeError
 from lsms.serve.http import ViewerServer
 
 __all__ = ["ServeError", "Viewer", "ViewerServer"]

@@ -10,18 +10,14 @@ request raises :class:`ServeError` with the HTTP status and a message for the pa
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import logging
-import re
 import secrets
 import shlex
 import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +28,9 @@ import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
+from lsms.serve.errors import ServeError
+from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
+from lsms.serve.uploads import extract_zip, files_sha256, header_size, hide_folder, write_upload
 
 log = logging.getLogger("lsms.serve")
 
@@ -46,14 +45,6 @@ SESSION_IDLE_S = 300.0  # a page pings every 60 s; a session silent this long is
 CACHE_SLICES = 32  # predictions (probability maps) kept per session for re-thresholding
 WINDOW_MODEL = "model input"  # the display the model sees (the checkpoint's intensity scaling)
 WINDOW_FULL = "full range"  # 0.5..99.5 percentile
-
-
-class ServeError(Exception):
-    """A request the viewer refuses; ``status`` is the HTTP status, the message is shown on the page."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -113,7 +104,7 @@ class Viewer:
         self.predictor = predictor
         self.model_name = model_name
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.checkpoint_sha256 = _sha256([self.checkpoint]) if self.checkpoint and self.checkpoint.is_file() else None
+        self.checkpoint_sha256 = files_sha256([self.checkpoint]) if self.checkpoint and self.checkpoint.is_file() else None
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="lsms-serve-")) if root is None else Path(root)
         self.max_pixels = int(max_megapixels * 1e6)
@@ -217,17 +208,17 @@ class Viewer:
             folder = s.folder / f"upload-{s.uploads}"
             self._drop_uploads(s)
             folder.mkdir()
-            paths = [_write_upload(folder, name, data) for name, data in files]
+            paths = [write_upload(folder, name, data) for name, data in files]
             try:
                 if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
-                    paths = _extract_zip(paths[0], folder / "zip", 2 * self.max_upload_bytes)
+                    paths = extract_zip(paths[0], folder / "zip", 2 * self.max_upload_bytes)
                 opened = self._open_paths(paths, folder)
             except ServeError:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             except (ValueError, FileNotFoundError, OSError) as err:
                 shutil.rmtree(folder, ignore_errors=True)
-                raise ServeError(400, _strip(str(err), folder)) from None
+                raise ServeError(400, hide_folder(str(err), folder)) from None
             return self._set_opened(s, opened)
 
     def _drop_uploads(self, s: Session) -> None:
@@ -251,16 +242,20 @@ class Viewer:
         parents = sorted({p.parent for p in dicom})
         if len(parents) > 1:
             raise ServeError(400, f"the DICOM files lie in {len(parents)} folders "
-                                  f"({', '.join(_strip(str(p), folder) or '.' for p in parents[:3])}); open one series")
+                                  f"({', '.join(hide_folder(str(p), folder) or '.' for p in parents[:3])}); open one series")
         return self._open_series(parents[0], folder, len(dicom))
 
     def _open_series(self, series: Path, folder: Path, n_files: int) -> Opened:
         from lsms.data import read_volume
 
         first = next(p for p in sorted(series.iterdir()) if p.is_file())
-        h, w, _ = _probe(first) or (0, 0, 1)
+        h, w, _ = header_size(first) or (0, 0, 1)
         self._check_size(h, w, n_files, series.name)
-        volume = read_volume(series)  # one series only: several -> ValueError naming them
+        try:
+            volume = read_volume(series)
+        except ValueError as err:  # several series: the page cannot pick one, the user can
+            raise ServeError(400, hide_folder(str(err), folder).replace("choose one with series_uid",
+                                                                   "upload the files of one series only")) from None
         name = series.name if series != folder else "DICOM series"
         return Opened(f"{name} ({volume.depth} slices)", volume.depth, volume.slice,
                       files=sorted(p for p in series.iterdir() if p.is_file()), source="DICOM_SERIES_FOLDER",
@@ -270,7 +265,7 @@ class Viewer:
         from lsms.data import read_image, read_volume
         from lsms.data.readers import NIFTI_SUFFIXES, _suffix
 
-        h, w, depth = _probe(path) or (0, 0, 1)
+        h, w, depth = header_size(path) or (0, 0, 1)
         self._check_size(h, w, depth, path.name)
         if _suffix(path) in NIFTI_SUFFIXES:
             volume = read_volume(path)
@@ -319,7 +314,7 @@ class Viewer:
         try:
             return s.opened.read(k)
         except (ValueError, OSError) as err:
-            raise ServeError(400, _strip(str(err), s.folder)) from None
+            raise ServeError(400, hide_folder(str(err), s.folder)) from None
 
     # ------------------------------------------------------------------ pictures and predictions
 
@@ -327,7 +322,7 @@ class Viewer:
         """The slice as the page shows it, through ``window``."""
         s = self.session(sid)
         with s.lock:
-            return _png(_to_uint8(self._grey(self._image(s, k), window)))
+            return png(to_uint8(self._grey(self._image(s, k), window)))
 
     def _grey(self, image: ImageData, window: str) -> np.ndarray:
         from lsms.data import apply_window, percentile_scale
@@ -357,10 +352,10 @@ class Viewer:
                 pred = self._prediction(s, k, image, text, features)
                 mask = self._remember(s, k, text, threshold, pred)
                 r = {"text": text, "area_px": int(mask.sum()), "max_probability": round(float(pred.probability.max()), 4),
-                     "overlay": _data_url(_overlay(mask, COLOURS[i % len(COLOURS)])),
-                     "probability": _data_url(_colormap(pred.probability, "viridis"))}
+                     "overlay": data_url(overlay(mask, COLOURS[i % len(COLOURS)])),
+                     "probability": data_url(colormap(pred.probability, "viridis"))}
                 if features and pred.features is not None:
-                    r["features"] = [_data_url(_heat_over(grey, m)) for m in pred.features]
+                    r["features"] = [data_url(heat_over(grey, m)) for m in pred.features]
                 results.append(r)
         seconds = time.perf_counter() - started
         log.info("session %s slice %d: %d sentence(s) in %.2f s", s.id[:6], k, len(texts), seconds)
@@ -471,7 +466,7 @@ class Viewer:
             "preprocessing": self.predictor.preprocessing.to_dict(),
             "input": {"name": opened.name, "format": image.format, "modality": image.modality,
                       "shape": list(image.array.shape), "slices": opened.depth,
-                      "sha256": _sha256(opened.files) if opened.files else None},
+                      "sha256": files_sha256(opened.files) if opened.files else None},
             "slice": k, "display_window": window, "threshold": threshold, "sentences": rows,
             "same_with_lsms_predict": commands,
         }
@@ -510,7 +505,7 @@ class Viewer:
             log.info("session %s: whole volume (%d predictions) in %.1f s", s.id[:6], job.total,
                      time.perf_counter() - started)
         except Exception as err:  # the page shows it; the server keeps serving
-            job.state, job.error = "failed", _strip(f"{type(err).__name__}: {err}", s.folder)
+            job.state, job.error = "failed", hide_folder(f"{type(err).__name__}: {err}", s.folder)
             log.warning("session %s: whole-volume prediction failed: %s", s.id[:6], job.error)
 
     def volume_progress(self, sid: str) -> dict[str, Any]:
@@ -541,153 +536,3 @@ def _is_ct(image: ImageData) -> bool:
         return image.modality.upper() == "CT"
     return image.array.ndim == 2 and image.format in ("nifti", "dicom", "dicom-series", "npy", "npz") and \
         float(image.array.min()) < -500
-
-
-def _safe_name(name: str) -> Path:
-    """An upload's (relative) file name -> a path of harmless parts (no '..', no absolute paths)."""
-    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", p) for p in re.split(r"[\\/]+", name)]
-    parts = [p for p in parts if p not in ("", ".", "..")]
-    return Path(*parts) if parts else Path("upload")
-
-
-def _write_upload(folder: Path, name: str, data: bytes) -> Path:
-    path = folder / _safe_name(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
-
-
-def _extract_zip(path: Path, out: Path, max_bytes: int) -> list[Path]:
-    """Extract a zip after checking its total size; member names are sanitised (no zip-slip)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = [i for i in z.infolist() if not i.is_dir()]
-            total = sum(i.file_size for i in infos)
-            if total > max_bytes:
-                raise ServeError(413, f"{path.name}: unpacks to {total / 2**20:.0f} MB; the limit is "
-                                      f"{max_bytes / 2**20:.0f} MB")
-            paths = []
-            for info in infos:
-                if Path(info.filename).name.startswith(".") or "__MACOSX" in info.filename:
-                    continue
-                target = out / _safe_name(info.filename)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                paths.append(target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as err:
-        raise ServeError(400, f"{path.name}: cannot unpack the zip ({err}); it is damaged or not a zip") from None
-    if not paths:
-        raise ServeError(400, f"{path.name}: the zip holds no files")
-    return paths
-
-
-def _probe(path: Path) -> tuple[int, int, int] | None:
-    """(height, width, slices) from the file header, without decoding pixels; None when unknown."""
-    from lsms.data.readers import (
-        DICOM_SUFFIXES,
-        NIFTI_SUFFIXES,
-        PIL_SUFFIXES,
-        TIFF_SUFFIXES,
-        _is_dicom,
-        _suffix,
-    )
-
-    suffix = _suffix(path)
-    try:
-        if suffix in PIL_SUFFIXES:
-            import warnings
-
-            from PIL import Image
-
-            try:
-                with warnings.catch_warnings():  # PIL warns above 89 M pixels; the viewer's own check follows
-                    warnings.simplefilter("ignore")
-                    with Image.open(path) as im:
-                        w, h = im.size
-            except Image.DecompressionBombError as err:  # PIL refuses above 179 M pixels before saying the size
-                raise ServeError(413, f"{path.name}: {err}") from None
-            return h, w, 1
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-            return int(shape[0]), int(shape[1]), 1
-        if suffix in NIFTI_SUFFIXES:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            size = reader.GetSize()
-            return int(size[1]), int(size[0]), int(size[2]) if len(size) > 2 else 1
-        if suffix == ".npy":
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-            return (int(a.shape[-2]), int(a.shape[-1]), int(a.shape[0])) if a.ndim == 3 else \
-                (int(a.shape[0]), int(a.shape[1]), 1)
-        if suffix in DICOM_SUFFIXES or _is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns), int(getattr(ds, "NumberOfFrames", 1) or 1)
-    except ServeError:
-        raise
-    except Exception:  # unreadable header: the reader reports it with its own message
-        return None
-    return None
-
-
-def _strip(message: str, folder: Path) -> str:
-    """Error messages name the uploaded file, not the server's temporary folder."""
-    return re.sub(re.escape(str(folder)) + r"[^/\s:]*/?", "", message)
-
-
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(a, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def _png(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def _data_url(a: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(a)).decode("ascii")
-
-
-def _overlay(mask: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
-    """RGBA: the mask filled at 45% opacity with an opaque outline, transparent elsewhere."""
-    from scipy.ndimage import binary_erosion
-
-    rgba = np.zeros((*mask.shape, 4), np.uint8)
-    rgba[..., :3] = _to_uint8(np.asarray(colour, np.float32))
-    rgba[..., 3] = np.where(mask, 115, 0)
-    rgba[mask & ~binary_erosion(mask), 3] = 255
-    return rgba
-
-
-def _colormap(a: np.ndarray, name: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return _to_uint8(colormaps[name](np.clip(a, 0.0, 1.0))[..., :3])
-
-
-def _heat_over(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """A stage heat map in jet over the image at 55% (as ``lsms predict --features`` draws it)."""
-    from matplotlib import colormaps
-
-    g = grey if grey.ndim == 3 else np.repeat(grey[..., None], 3, -1)
-    return _to_uint8(0.45 * g[..., :3] + 0.55 * colormaps["jet"](np.clip(heat, 0.0, 1.0))[..., :3])

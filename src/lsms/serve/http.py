@@ -33,7 +33,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from lsms.serve.app import ServeError, Viewer
+from lsms.serve.app import Viewer
+from lsms.serve.errors import ServeError
 
 log = logging.getLogger("lsms.serve")
 
