@@ -2,7 +2,9 @@
 
 Opens a bundled slice, types two sentences, checks that the two masks differ and that the downloaded PNGs are
 byte for byte what ``lsms predict`` writes for the same input, that a bad sentence gets a message and the page
-keeps working, and that the page fetched nothing from anywhere but the viewer. Saves a screenshot.
+keeps working, that a NIfTI volume uploaded through the page and segmented whole downloads as the same mask
+volume ``lsms predict`` writes, and that the page fetched nothing from anywhere but the viewer. Saves a
+screenshot.
 
 Skips (with the reason) when Playwright or Chromium is missing: ``pip install -e '.[browser]'`` and
 ``apt-get install chromium``; ``.ci/run`` installs both. Environment:
@@ -60,6 +62,7 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
     server, model = served
     e = examples()[1]
     requests: list[str] = []
+    volume = _nifti_volume(tmp_path / "ct.nii.gz")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 860}, accept_downloads=True)
@@ -101,6 +104,18 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
         page.locator("textarea.sentence").nth(0).fill(e.texts[0])
         page.click("#segment")
         playwright.expect(page.locator("#message")).to_contain_text("2 sentence(s) on slice 0")
+
+        # a NIfTI volume through the file input: slice slider, whole volume with progress, NIfTI download
+        page.set_input_files("#file", str(volume))
+        playwright.expect(page.locator("#image-info")).to_contain_text("ct.nii.gz: nifti, 40 x 48, 4 slices")
+        page.locator("#slice").fill("1")
+        page.click("#volume")
+        playwright.expect(page.locator("#progress-text")).to_contain_text("done: 8 predictions")
+        page.click("#segment")
+        page.wait_for_selector(".panel[data-index='1'] a.nifti-link")
+        with page.expect_download() as info:
+            page.click(".panel[data-index='0'] a.nifti-link")
+        info.value.save_as(tmp_path / "served.nii.gz")
         browser.close()
 
     assert downloads[0] != downloads[1]  # the sentence moves the mask
@@ -117,3 +132,20 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
     assert all(u.startswith((server.url, "data:", "blob:")) for u in requests), [u for u in requests if
                                                                                  not u.startswith(server.url)]
     assert Path(shot).stat().st_size > 10_000
+    import SimpleITK as sitk
+
+    assert main(["predict", str(model), str(volume), "--text", e.texts[0], "--out", str(tmp_path / "vol"),
+                 "--device", "cpu"]) == 0
+    served, cli = (sitk.ReadImage(str(p)) for p in (tmp_path / "served.nii.gz", tmp_path / "vol" / "ct_mask.nii.gz"))
+    assert served.GetOrigin() == cli.GetOrigin() and served.GetSpacing() == cli.GetSpacing()
+    assert np.array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(cli))  # every slice
+
+
+def _nifti_volume(path: Path) -> Path:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.random.default_rng(1).normal(60, 40, (4, 40, 48)).astype(np.int16))
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    sitk.WriteImage(img, str(path))
+    return path

@@ -186,74 +186,74 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ routes
 
-    def session(self, q: dict) -> None:
+    def api_session(self, q: dict) -> None:
         self._body()
         self._json(200, self.server.viewer.new_session())
 
-    def close(self, q: dict) -> None:
+    def api_close(self, q: dict) -> None:
         self._body()
         self.server.viewer.close_session(_one(q, "sid"))
         self._json(200, {"closed": True})
 
-    def ping(self, q: dict) -> None:
+    def api_ping(self, q: dict) -> None:
         self._body()
         self._json(200, self.server.viewer.ping(_one(q, "sid")))
 
-    def open(self, q: dict) -> None:
+    def api_open(self, q: dict) -> None:
         sid = _one(q, "sid")
         self.server.viewer.session(sid)  # fail before reading a large body for an ended session
         files = _multipart(self.headers.get("Content-Type", ""), self._body())
         self._json(200, self.server.viewer.open_upload(sid, files))
 
-    def example(self, q: dict) -> None:
+    def api_example(self, q: dict) -> None:
         body = self._json_body()
         self._json(200, self.server.viewer.open_example(_one(q, "sid"), str(body.get("id", ""))))
 
-    def image(self, q: dict) -> None:
+    def api_image(self, q: dict) -> None:
         png = self.server.viewer.image_png(_one(q, "sid"), _int(q, "slice"), _one(q, "window"))
         self._send(200, png, "image/png")
 
-    def predict(self, q: dict) -> None:
+    def api_predict(self, q: dict) -> None:
         b = self._json_body()
         self._json(200, self.server.viewer.predict(
             _one(q, "sid"), b.get("slice"), b.get("texts"), b.get("threshold", 0.5),
             str(b.get("window", "model input")), bool(b.get("features", False))))
 
-    def mask_png(self, q: dict) -> None:
+    def api_mask_png(self, q: dict) -> None:
         k = _int(q, "slice")
         png = self.server.viewer.mask_png(_one(q, "sid"), k, _one(q, "text"), _one(q, "threshold"))
         self._send(200, png, "image/png", filename=_one(q, "name", "mask.png"))
 
-    def mask_nifti(self, q: dict) -> None:
+    def api_mask_nifti(self, q: dict) -> None:
         data = self.server.viewer.mask_nifti(_one(q, "sid"), _one(q, "text"), _one(q, "threshold"))
         self._send(200, data, "application/gzip", filename=_one(q, "name", "mask.nii.gz"))
 
-    def settings(self, q: dict) -> None:
+    def api_settings(self, q: dict) -> None:
         data = self.server.viewer.settings(_one(q, "sid"), _int(q, "slice"), q.get("text", []),
                                            _one(q, "threshold"), _one(q, "window"))
         self._json(200, data, filename=_one(q, "name", "settings.json"))
 
-    def volume_start(self, q: dict) -> None:
+    def api_volume_start(self, q: dict) -> None:
         b = self._json_body()
         self._json(200, self.server.viewer.start_volume(_one(q, "sid"), b.get("texts"), b.get("threshold", 0.5)))
 
-    def volume_progress(self, q: dict) -> None:
+    def api_volume_progress(self, q: dict) -> None:
         self._json(200, self.server.viewer.volume_progress(_one(q, "sid")))
 
 
 ROUTES = {
-    ("POST", "/api/session"): Handler.session,
-    ("POST", "/api/close"): Handler.close,
-    ("POST", "/api/ping"): Handler.ping,
-    ("POST", "/api/open"): Handler.open,
-    ("POST", "/api/example"): Handler.example,
-    ("GET", "/api/image.png"): Handler.image,
-    ("POST", "/api/predict"): Handler.predict,
-    ("GET", "/api/mask.png"): Handler.mask_png,
-    ("GET", "/api/mask.nii.gz"): Handler.mask_nifti,
-    ("GET", "/api/settings.json"): Handler.settings,
-    ("POST", "/api/volume"): Handler.volume_start,
-    ("GET", "/api/volume"): Handler.volume_progress,
+    ("POST", "/api/session"): Handler.api_session,
+    ("POST", "/api/close"): Handler.api_close,
+    ("POST", "/api/ping"): Handler.api_ping,
+    ("POST", "/api/open"): Handler.api_open,
+    ("POST", "/api/example"): Handler.api_example,
+    ("GET", "/api/image.png"): Handler.api_image,
+    ("POST", "/api/predict"): Handler.api_predict,
+    ("GET", "/api/mask.png"): Handler.api_mask_png,
+    ("GET", "/api/mask.nii.gz"): Handler.api_mask_nifti,
+    ("GET", "/api/settings.json"): Handler.api_settings,
+    ("POST", "/api/volume"): Handler.api_volume_start,
+    ("GET", "/api/volume"): Handler.api_volume_progress,
 }
 
 
