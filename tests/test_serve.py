@@ -313,3 +313,27 @@ def test_cli_refuses_a_checkpoint_of_the_wrong_kind(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2
     assert "no checkpoint in run folder" in capsys.readouterr().err
+
+
+def test_cli_serves_warns_off_loopback_and_cleans_up_on_sigterm(ckpt, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "lsms", "serve", str(ckpt), "--host", "0.0.0.0", "--port", "0",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("lsms serve: http://0.0.0.0:"), line + proc.stderr.read()
+        port = int(line.split("http://0.0.0.0:")[1].split("/")[0])
+        status, _, body = _request(f"http://127.0.0.1:{port}/api/session", b"", method="POST")
+        assert status == 200 and json.loads(body)["sid"]
+        assert len(list(tmp_path.glob("lsms-serve-*/*"))) == 1  # the session's folder
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "bound to 0.0.0.0: anyone who can reach this machine" in err
+    assert not list(tmp_path.glob("lsms-serve-*"))  # every upload folder removed

@@ -375,8 +375,9 @@ class Viewer:
             if not t and self.predictor.uses_text:
                 raise ServeError(400, f"sentence {i} is empty; type what to segment, e.g. 'the larger cyst in segment VI'")
             if len(t) > MAX_TEXT_CHARS:
+                tokens = getattr(getattr(self.predictor.model, "tokenizer", None), "max_tokens", "its first")
                 raise ServeError(400, f"sentence {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS} (the model "
-                                      f"reads at most {self.predictor.model.config.max_tokens} tokens); shorten it")
+                                      f"reads {tokens} tokens at most); shorten it")
         return texts
 
     def _prediction(self, s: Session, k: int, image: ImageData, text: str, features: bool) -> Prediction:
