@@ -134,7 +134,7 @@ class Viewer:
             "sid": sid,
             "model": {"name": self.model_name, "uses_text": self.predictor.uses_text,
                       "image_size": list(p.image_size), "intensity": p.intensity, "window": p.window,
-                      "device": str(self.predictor.device)},
+                      "device": str(getattr(self.predictor, "device", ""))},
             "examples": [{"id": e.id, "texts": e.texts} for e in examples()],
             "limits": {"megapixels": self.max_pixels / 1e6, "upload_bytes": self.max_upload_bytes,
                        "text_chars": MAX_TEXT_CHARS, "sentences": MAX_SENTENCES, "idle_s": SESSION_IDLE_S},
@@ -375,9 +375,8 @@ class Viewer:
             if not t and self.predictor.uses_text:
                 raise ServeError(400, f"sentence {i} is empty; type what to segment, e.g. 'the larger cyst in segment VI'")
             if len(t) > MAX_TEXT_CHARS:
-                tokens = getattr(getattr(self.predictor.model, "tokenizer", None), "max_tokens", "its first")
                 raise ServeError(400, f"sentence {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS} (the model "
-                                      f"reads {tokens} tokens at most); shorten it")
+                                      "reads only its first tokens anyway); shorten it")
         return texts
 
     def _prediction(self, s: Session, k: int, image: ImageData, text: str, features: bool) -> Prediction:
@@ -386,7 +385,11 @@ class Viewer:
         pred = s.cache.get(key)
         if pred is None or (features and pred.features is None):
             with self.model_lock:
-                pred = self.predictor.predict(image, text, features=features)
+                try:
+                    pred = self.predictor.predict(image, text, features=features)
+                except (ValueError, TypeError, RuntimeError) as err:  # e.g. an image the model cannot take
+                    raise ServeError(400, f"the model cannot segment this image: {hide_folder(str(err), s.folder)}") \
+                        from None
             s.cache[key] = pred
             while len(s.cache) > CACHE_SLICES:
                 s.cache.popitem(last=False)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         viewer.close()
         raise RuntimeError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); "
                            "choose another --port (0 picks a free one)") from None
-    print(f"lsms serve: {server.url}  (model {checkpoint}, {predictor.device}; ready in "
+    print(f"lsms serve: {server.url}  (model {checkpoint}; ready in "
           f"{time.perf_counter() - started:.1f} s; Ctrl+C stops it and deletes every upload)", flush=True)
     if args.open:
         webbrowser.open(server.url)

@@ -270,7 +270,7 @@ async function start() {
   state.sid = state.info.sid;
   const m = state.info.model;
   $("model-info").textContent = `model ${m.name} · ${m.uses_text ? "reads text" : "no text"} · ` +
-    `input ${m.image_size.join("x")} · ${m.device}`;
+    `input ${m.image_size.join("x")}${m.device ? " · " + m.device : ""}`;
   $("example").replaceChildren(...state.info.examples.map((e) =>
     new Option(`${e.id} (${e.texts.length} lesions)`, e.id)));
   setSentences([]);
