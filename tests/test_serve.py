@@ -278,6 +278,10 @@ def test_http_page_is_self_contained_and_guarded(server):
     status, _, body = _request(server.url, headers={"Host": "attacker.example:7860"})
     assert status == 403 and b"loopback" in body
     assert _request(server.url + "api/nothing")[0] == 404
+    status, _, body = _request(server.url + "api/session", b"", {"Origin": "https://attacker.example"}, "POST")
+    assert status == 403 and b"another site" in body
+    host = server.url.split("/")[2]
+    assert _request(server.url + "api/session", b"", {"Origin": f"http://{host}"}, "POST")[0] == 200
 
 
 def test_http_upload_predict_download(server, viewer):

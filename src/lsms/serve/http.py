@@ -15,7 +15,8 @@ Routes (``sid`` = the page's session id, in the query string):
     POST /api/volume, GET /api/volume   start / poll the whole-volume prediction
 
 Security: binds 127.0.0.1 by default; while bound to a loopback address it answers only requests whose
-``Host`` header names a loopback host (no DNS rebinding); responses forbid framing, sniffing, caching and
+``Host`` header names a loopback host (no DNS rebinding); a request that carries an ``Origin`` other than
+the viewer's own (another web site's script) is refused; responses forbid framing, sniffing, caching and
 any script or style from elsewhere (Content-Security-Policy ``default-src 'self'``).
 """
 
@@ -139,6 +140,10 @@ class Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": f"internal error ({type(err).__name__}: {err}); the server log has details"})
 
     def _check_host(self) -> None:
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != self.headers.get("Host"):
+            raise ServeError(403, f"a request from another site ({origin}) refused: only this viewer's own page may "
+                                  "call it")
         if not self.server.loopback:
             return
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
