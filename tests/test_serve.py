@@ -108,6 +108,31 @@ def test_sessions_are_isolated_and_closing_deletes_uploads(viewer):
     assert viewer.ping(b)["ok"]
 
 
+def test_colour_image_and_3d_array(viewer, tmp_path):
+    sid = viewer.new_session()["sid"]
+    rgb = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    info = viewer.open_upload(sid, [("photo.png", _png_bytes(rgb))])
+    assert info["ct"] is False and info["windows"] == ["model input", "full range"] and info["shape"] == [24, 32, 3]
+    out = viewer.predict(sid, 0, ["the polyp"], 0.5, window="full range", features=True)
+    assert len(out["results"][0]["features"]) == 4
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(1).normal(0, 1, (3, 16, 20)).astype(np.float32))
+    info = viewer.open_upload(sid, [("stack.npy", buf.getvalue())])
+    assert info["depth"] == 3 and info["shape"] == [16, 20] and not info["geometry"]
+    assert viewer.predict(sid, 2, ["a"], 0.5)["slice"] == 2
+
+
+def test_bundled_ct_slices_only_for_ct_models(predictor, tmp_path):
+    import copy
+    import dataclasses
+
+    other = copy.copy(predictor)
+    other.preprocessing = dataclasses.replace(predictor.preprocessing, intensity="percentile")
+    v = Viewer(other, root=tmp_path)
+    assert v.new_session()["examples"] == []
+    assert len(Viewer(predictor, root=tmp_path).new_session()["examples"]) == 8
+
+
 def test_idle_sessions_expire(viewer, monkeypatch):
     import lsms.serve.app as app
 

@@ -135,7 +135,8 @@ class Viewer:
             "model": {"name": self.model_name, "uses_text": self.predictor.uses_text,
                       "image_size": list(p.image_size), "intensity": p.intensity, "window": p.window,
                       "device": str(getattr(self.predictor, "device", ""))},
-            "examples": [{"id": e.id, "texts": e.texts} for e in examples()],
+            # the bundled slices are CT in HU: offered to models that read CT through a window
+            "examples": [{"id": e.id, "texts": e.texts} for e in examples()] if p.intensity == "window" else [],
             "limits": {"megapixels": self.max_pixels / 1e6, "upload_bytes": self.max_upload_bytes,
                        "text_chars": MAX_TEXT_CHARS, "sentences": MAX_SENTENCES, "idle_s": SESSION_IDLE_S},
             "colours": ["#" + "".join(f"{int(255 * c):02x}" for c in rgb) for rgb in COLOURS],

@@ -273,6 +273,10 @@ async function start() {
     `input ${m.image_size.join("x")}${m.device ? " · " + m.device : ""}`;
   $("example").replaceChildren(...state.info.examples.map((e) =>
     new Option(`${e.id} (${e.texts.length} lesions)`, e.id)));
+  if (!state.info.examples.length) {  // the bundled slices are CT; this model does not read CT windows
+    $("example").append(new Option("(none: this model was not trained on CT)", ""));
+    $("example").disabled = $("open-example").disabled = true;
+  }
   setSentences([]);
   $("open-example").addEventListener("click", async () => {
     try { await opened(await api("POST", "/api/example", { id: $("example").value })); } catch (err) { say(err.message, true); }
