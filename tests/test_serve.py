@@ -100,6 +100,9 @@ def test_sessions_are_isolated_and_closing_deletes_uploads(viewer):
     assert _status(viewer.image_png, "not-a-session", 0, "model input")[0] == 410
     folder = viewer.sessions[a].folder
     assert any(folder.rglob("x.png"))
+    _status(viewer.open_upload, a, [("bad.png", b"not a png")])
+    assert any(folder.rglob("x.png")) and not any(folder.rglob("bad.png"))  # a failed upload keeps the image
+    assert viewer.image_png(a, 0, "model input")[:4] == b"\x89PNG"
     viewer.open_upload(a, [("y.png", _png_bytes(np.zeros((8, 8), np.uint8)))])
     assert not any(folder.rglob("x.png"))  # only the image on screen is kept
     viewer.close_session(a)

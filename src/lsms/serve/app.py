@@ -207,25 +207,22 @@ class Viewer:
         with s.lock:
             s.uploads += 1
             folder = s.folder / f"upload-{s.uploads}"
-            self._drop_uploads(s)
             folder.mkdir()
-            paths = [write_upload(folder, name, data) for name, data in files]
             try:
+                paths = [write_upload(folder, name, data) for name, data in files]
                 if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
                     paths = extract_zip(paths[0], folder / "zip", 2 * self.max_upload_bytes)
-                opened = self._open_paths(paths, folder)
+                info = self._set_opened(s, self._open_paths(paths, folder))
             except ServeError:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             except (ValueError, FileNotFoundError, OSError) as err:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise ServeError(400, hide_folder(str(err), folder)) from None
-            return self._set_opened(s, opened)
-
-    def _drop_uploads(self, s: Session) -> None:
-        """Delete the session's earlier uploads: only the image on screen is kept on disk."""
-        for old in s.folder.glob("upload-*"):
-            shutil.rmtree(old, ignore_errors=True)
+            for old in s.folder.glob("upload-*"):  # only the image on screen is kept on disk
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+            return info
 
     def _open_paths(self, paths: list[Path], folder: Path) -> Opened:
         from lsms.data.readers import DICOM_SUFFIXES, _is_dicom
@@ -276,7 +273,7 @@ class Viewer:
             return Opened(path.name, depth, lambda k: read_image(path, slice_index=k), files=[path],
                           source=path.name)
         image = read_image(path)
-        if image.array.shape[0] * image.array.shape[1] > self.max_pixels:  # formats _probe cannot size
+        if image.array.shape[0] * image.array.shape[1] > self.max_pixels:  # formats header_size cannot size
             self._check_size(image.array.shape[0], image.array.shape[1], 1, path.name)
         return Opened(path.name, 1, lambda k: image, files=[path], source=path.name,
                       geometry=image.geometry is not None)
@@ -291,14 +288,14 @@ class Viewer:
                                   f"limit is {MAX_VOXELS / 1e6:.0f} M voxels per volume; crop it, or use lsms predict")
 
     def _set_opened(self, s: Session, opened: Opened, texts: list[str] | None = None) -> dict[str, Any]:
+        k = opened.depth // 2
+        image = opened.read(k)  # an unreadable image fails here, before it replaces the one on screen
         with s.lock:
             if s.job is not None:
                 s.job.cancel.set()
             s.opened, s.job = opened, None
             s.cache.clear()
             s.masks.clear()
-            k = opened.depth // 2
-            image = self._image(s, k)
         ct = _is_ct(image)
         windows = ([*CT_WINDOWS, WINDOW_MODEL] if ct else [WINDOW_MODEL, WINDOW_FULL])
         log.info("session %s opened %s: %s, %d slice(s) of %s", s.id[:6], opened.name, image.format,
