@@ -312,6 +312,19 @@ def test_http_page_is_self_contained_and_guarded(server):
     assert _request(server.url + "api/session", b"", {"Origin": f"http://{host}"}, "POST")[0] == 200
 
 
+def test_http_refused_upload_does_not_poison_the_connection(server):
+    import http.client
+
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", "/api/open?sid=ended", body=b"x" * 5000, headers={"Content-Type": "multipart/form-data"})
+    r = conn.getresponse()
+    assert r.status == 410 and b"session has ended" in r.read()
+    conn.request("POST", "/api/session", body=b"")  # reconnects if the server closed it; never reads the old body
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["sid"]
+
+
 def test_http_upload_predict_download(server, viewer):
     status, _, body = _request(server.url + "api/session", b"", method="POST")
     sid = json.loads(body)["sid"]

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sys
 import threading
 from email import policy
 from email.parser import BytesParser
@@ -88,8 +89,6 @@ class ViewerServer(ThreadingHTTPServer):
             self.viewer.reap()
 
     def handle_error(self, request, client_address) -> None:
-        import sys
-
         err = sys.exc_info()[1]
         if isinstance(err, (ConnectionError, TimeoutError)):  # a tab closed mid-request: nothing to report
             log.debug("connection from %s dropped: %s", client_address[0], err)
@@ -120,6 +119,7 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ dispatch
 
     def _handle(self, method: str) -> None:
+        self._consumed = False  # whether the request body was read (see _refuse)
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         try:
@@ -134,10 +134,15 @@ class Handler(BaseHTTPRequestHandler):
             route(self, query)
         except ServeError as err:
             log.warning("%s %s -> %d: %s", method, url.path, err.status, err)
-            self._json(err.status, {"error": str(err)})
+            self._refuse(err.status, str(err))
         except Exception as err:  # a bug: say so on the page and in the log, keep serving
             log.exception("%s %s failed", method, url.path)
-            self._json(500, {"error": f"internal error ({type(err).__name__}: {err}); the server log has details"})
+            self._refuse(500, f"internal error ({type(err).__name__}: {err}); the server log has details")
+
+    def _refuse(self, status: int, message: str) -> None:
+        if not self._consumed and (self.headers.get("Content-Length") or "0").strip() != "0":
+            self.close_connection = True  # an unread body would be taken for the next request on this connection
+        self._json(status, {"error": message})
 
     def _check_host(self) -> None:
         origin = self.headers.get("Origin")
@@ -161,6 +166,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ServeError(413, f"the upload is {n / 2**20:.0f} MB; the limit is "
                                   f"{self.server.viewer.max_upload_bytes / 2**20:.0f} MB (lsms serve --max-upload-mb)")
+        self._consumed = True
         return self.rfile.read(n) if n else b""
 
     def _json_body(self) -> dict[str, Any]:
@@ -181,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in HEADERS.items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         if filename:
             self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(filename)}")
         self.end_headers()
