@@ -2,7 +2,7 @@
 
 Opens a bundled slice, types two sentences, checks that the two masks differ and that the downloaded PNGs are
 byte for byte what ``lsms predict`` writes for the same input, that a bad sentence gets a message and the page
-keeps working, that a NIfTI volume uploaded through the page and segmented whole downloads as the same mask
+keeps working, that a second tab has its own session which closing the tab ends, that a NIfTI volume uploaded through the page and segmented whole downloads as the same mask
 volume ``lsms predict`` writes, and that the page fetched nothing from anywhere but the viewer. Saves a
 screenshot.
 
@@ -97,6 +97,20 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         if os.environ.get("LSMS_SERVE_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["LSMS_SERVE_SCREENSHOT"])
+
+        other = browser.new_page()  # a second tab: its own session, nothing shared
+        other.goto(server.url)
+        other.wait_for_selector("body[data-ready='1']")
+        other.click("#open-example")
+        playwright.expect(other.locator("#image-info")).to_contain_text(examples()[0].id)
+        assert len(server.viewer.sessions) == 2
+        other.close(run_before_unload=True)  # the page says it is closed: its session and files go at once
+        for _ in range(100):
+            if len(server.viewer.sessions) == 1:
+                break
+            page.wait_for_timeout(50)
+        assert len(server.viewer.sessions) == 1
+        playwright.expect(page.locator("#image-info")).to_contain_text(e.id)
 
         page.locator("textarea.sentence").nth(0).fill("x" * 10_000)  # bad input: message, page keeps working
         page.click("#segment")
