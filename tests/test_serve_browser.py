@@ -1,10 +1,10 @@
 """lsms serve end to end in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
 Opens a bundled slice, types two sentences, checks that the two masks differ and that the downloaded PNGs are
-byte for byte what ``lsms predict`` writes for the same input, that a bad sentence gets a message and the page
-keeps working, that a second tab has its own session which closing the tab ends, that a NIfTI volume uploaded through the page and segmented whole downloads as the same mask
-volume ``lsms predict`` writes, and that the page fetched nothing from anywhere but the viewer. Saves a
-screenshot.
+byte for byte what ``lsms predict`` writes for the same input, that a second tab has its own session which
+closing the tab ends, that a bad sentence gets a message and the page keeps working, that a NIfTI volume
+uploaded through the page and segmented whole downloads as the same mask volume ``lsms predict`` writes,
+and that the page fetched nothing from anywhere but the viewer. Saves a screenshot.
 
 Skips (with the reason) when Playwright or Chromium is missing: ``pip install -e '.[browser]'`` and
 ``apt-get install chromium``; ``.ci/run`` installs both. Environment:
