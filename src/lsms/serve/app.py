@@ -225,14 +225,14 @@ class Viewer:
             return info
 
     def _open_paths(self, paths: list[Path], folder: Path) -> Opened:
-        from lsms.data.readers import DICOM_SUFFIXES, _is_dicom
+        from lsms.data.readers import DICOM_SUFFIXES, is_dicom
 
         paths = [p for p in paths if not p.name.startswith(".")]
         if not paths:
             raise ServeError(400, "the upload holds no files (hidden files are ignored)")
         if len(paths) == 1:
             return self._open_file(paths[0], folder)
-        dicom = [p for p in paths if p.suffix.lower() in DICOM_SUFFIXES or _is_dicom(p)]
+        dicom = [p for p in paths if p.suffix.lower() in DICOM_SUFFIXES or is_dicom(p)]
         if len(dicom) != len(paths):
             others = sorted(p.name for p in paths if p not in dicom)[:3]
             raise ServeError(400, f"{len(paths)} files uploaded and not all are DICOM (e.g. {', '.join(others)}); "

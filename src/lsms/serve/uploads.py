@@ -59,8 +59,8 @@ def header_size(path: Path) -> tuple[int, int, int] | None:
         NIFTI_SUFFIXES,
         PIL_SUFFIXES,
         TIFF_SUFFIXES,
-        _is_dicom,
         _suffix,
+        is_dicom,
     )
 
     suffix = _suffix(path)
@@ -96,7 +96,7 @@ def header_size(path: Path) -> tuple[int, int, int] | None:
             a = np.load(path, mmap_mode="r", allow_pickle=False)
             return (int(a.shape[-2]), int(a.shape[-1]), int(a.shape[0])) if a.ndim == 3 else \
                 (int(a.shape[0]), int(a.shape[1]), 1)
-        if suffix in DICOM_SUFFIXES or _is_dicom(path):
+        if suffix in DICOM_SUFFIXES or is_dicom(path):
             import pydicom
 
             ds = pydicom.dcmread(path, stop_before_pixels=True)
