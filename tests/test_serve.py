@@ -20,7 +20,7 @@ from lsms.predict import Predictor
 from lsms.serve import ServeError, Viewer, ViewerServer
 from lsms.serve.examples import examples
 
-from toy_data import make_text_sensitive_checkpoint, write_ct_dicom
+from toy_data import make_text_sensitive_checkpoint, make_untrained_checkpoint, write_ct_dicom
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,16 @@ def test_bundled_ct_slices_only_for_ct_models(predictor, tmp_path):
     v = Viewer(other, root=tmp_path)
     assert v.new_session()["examples"] == []
     assert len(Viewer(predictor, root=tmp_path).new_session()["examples"]) == 8
+
+
+def test_model_without_text_takes_an_empty_sentence(tmp_path):
+    ckpt = make_untrained_checkpoint(tmp_path / "no-text.pt", use_text=False)
+    v = Viewer(Predictor.from_checkpoint(ckpt, "cpu"), root=tmp_path)
+    info = v.new_session()
+    assert info["model"]["uses_text"] is False
+    v.open_example(info["sid"], examples()[0].id)
+    empty, other = (v.predict(info["sid"], 0, [t], 0.5)["results"][0]["area_px"] for t in ("", "any words"))
+    assert empty == other
 
 
 def test_idle_sessions_expire(viewer, monkeypatch):

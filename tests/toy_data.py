@@ -76,8 +76,10 @@ def tiny_run_config(dataset: Path, out: Path, /, **overrides):
     return RunConfig.from_dict(tiny_train_settings(dataset, out, **overrides))
 
 
-def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True) -> Path:
-    """A loadable checkpoint of a tiny random model (prediction tests need no training)."""
+def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True,
+                              **model: object) -> Path:
+    """A loadable checkpoint of a tiny random model (prediction tests need no training); ``model`` overrides
+    its settings (``use_text=False``)."""
     import torch
 
     from lsms.checkpoint import make_checkpoint, save_checkpoint
@@ -86,9 +88,9 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
     from lsms.model import build, model_config_from_dict
 
     torch.manual_seed(0)
-    model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels}))
+    net = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, **model}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
-    return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)
+    return save_checkpoint(make_checkpoint(net, RunConfig(model=net.config), prep), path)
 
 
 def make_text_sensitive_checkpoint(path: str | Path) -> Path:
