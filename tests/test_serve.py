@@ -20,7 +20,7 @@ from lsms.predict import Predictor
 from lsms.serve import ServeError, Viewer, ViewerServer
 from lsms.serve.examples import examples
 
-from toy_data import make_text_sensitive_checkpoint, make_untrained_checkpoint, write_ct_dicom
+from toy_data import make_text_sensitive_checkpoint, make_untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,13 @@ def _png_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _ct_dicom(path: Path, stored: np.ndarray, z: float, series: str = "1.2.3.4") -> None:
+    from fuzz_inputs import dicom_bytes
+
+    path.write_bytes(dicom_bytes(stored, SeriesInstanceUID=series, InstanceNumber=int(z) + 1, SliceThickness=2.0,
+                                 ImagePositionPatient=[-10.0, -20.0, z]))
 
 
 def _status(call, *args) -> tuple[int, str]:
@@ -189,7 +196,7 @@ def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):
         with zipfile.ZipFile(buf, "w") as z:
             for k, uid in enumerate(uids):
                 path = tmp_path / f"s{k}.dcm"
-                write_ct_dicom(path, np.full((12, 10), 1000 + 20 * k, np.uint16), z=2.0 * k, series=uid)
+                _ct_dicom(path, np.full((12, 10), 1000 + 20 * k, np.uint16), z=2.0 * k, series=uid)
                 z.write(path, f"study/series/s{k}.dcm")
         return buf.getvalue()
 
@@ -201,7 +208,7 @@ def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):
     assert str(viewer.root) not in msg
     # a folder, as the browser sends it: every file with its relative path
     for k in range(3):
-        write_ct_dicom(tmp_path / f"f{k}.dcm", np.full((12, 10), 1000 + 20 * k, np.uint16), z=2.0 * k)
+        _ct_dicom(tmp_path / f"f{k}.dcm", np.full((12, 10), 1000 + 20 * k, np.uint16), z=2.0 * k)
     folder = [(f"my series/s{k}.dcm", (tmp_path / f"f{k}.dcm").read_bytes()) for k in range(3)]
     info = viewer.open_upload(sid, folder)
     assert info["depth"] == 3 and info["name"] == "my_series (3 slices)" and info["geometry"]
@@ -214,7 +221,7 @@ def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):
      "broken.png: cannot decode"),
     ("notes.txt", b"hello", 400, "unsupported image format '.txt'"),
     ("bad.zip", b"PK\x03\x04 not really", 400, "bad.zip: cannot unpack the zip"),
-    ("bad.nii.gz", b"\x1f\x8b garbage", 400, "bad.nii.gz: cannot read the NIfTI"),
+    ("bad.nii.gz", b"\x1f\x8b garbage", 400, "bad.nii.gz: cannot read"),
 ])
 def test_bad_files_get_a_clear_message_naming_them(viewer, name, data, status, words):
     sid = viewer.new_session()["sid"]
@@ -235,7 +242,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_100_megapixel_image_refused_from_its_header(viewer):
     sid = viewer.new_session()["sid"]
     status, msg = _status(viewer.open_upload, sid, [("huge.png", _png_header_only(10_000, 10_000))])
-    assert status == 413 and "huge.png: 100.0 megapixels (10000 x 10000)" in msg and "limit is 50" in msg
+    assert status == 413 and "huge.png: the image declares 10000 x 10000 pixels" in msg
+    assert "above the limit max_image_pixels = 50,000,000" in msg and "--max-megapixels" in msg
 
 
 def test_zip_member_names_cannot_escape_the_session_folder(viewer, tmp_path):

@@ -10,6 +10,7 @@ request raises :class:`ServeError` with the HTTP status and a message for the pa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import secrets
@@ -27,16 +28,17 @@ from typing import Any
 import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
+from lsms.data.readers import ReadLimits
 from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
-from lsms.serve.uploads import extract_zip, files_sha256, header_size, hide_folder, write_upload
+from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
 
 log = logging.getLogger("lsms.serve")
 
-# Limits, documented in docs/serve.md. Pixels are checked from the file header, before decoding.
+# Limits, documented in docs/serve.md. The readers check sizes from the file header, before decoding.
 MAX_MEGAPIXELS = 50.0  # one 2D image or one slice
-MAX_VOXELS = 400_000_000  # a whole volume (a 512 x 512 x 1500 CT is 393 M)
+MAX_VOXELS = 400_000_000  # a DICOM series, held in memory (a 512 x 512 x 1500 CT is 393 M)
 MAX_UPLOAD_MB = 1024  # one upload request (a file, a zip or a folder)
 MAX_TEXT_CHARS = 1000  # one sentence; the model reads at most its max_tokens tokens of it anyway
 MAX_SENTENCES = 4  # sentences compared side by side
@@ -108,6 +110,8 @@ class Viewer:
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="lsms-serve-")) if root is None else Path(root)
         self.max_pixels = int(max_megapixels * 1e6)
+        self.limits = dataclasses.replace(ReadLimits.from_env(), max_image_pixels=max(1, self.max_pixels),
+                                          max_volume_voxels=MAX_VOXELS)
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # the sessions dict
@@ -244,48 +248,31 @@ class Viewer:
         return self._open_series(parents[0], folder, len(dicom))
 
     def _open_series(self, series: Path, folder: Path, n_files: int) -> Opened:
-        from lsms.data import read_volume
-
-        first = next(p for p in sorted(series.iterdir()) if p.is_file())
-        h, w, _ = header_size(first) or (0, 0, 1)
-        self._check_size(h, w, n_files, series.name)
-        try:
-            volume = read_volume(series)
-        except ValueError as err:  # several series: the page cannot pick one, the user can
-            raise ServeError(400, hide_folder(str(err), folder).replace("choose one with series_uid",
-                                                                   "upload the files of one series only")) from None
         name = series.name if series != folder else "DICOM series"
+        volume = self._read_volume(series, folder)
         return Opened(f"{name} ({volume.depth} slices)", volume.depth, volume.slice,
                       files=sorted(p for p in series.iterdir() if p.is_file()), source="DICOM_SERIES_FOLDER",
                       geometry=True)
 
     def _open_file(self, path: Path, folder: Path) -> Opened:
-        from lsms.data import read_image, read_volume
-        from lsms.data.readers import NIFTI_SUFFIXES, _suffix
+        volume = self._read_volume(path, folder)
+        return Opened(path.name, volume.depth, volume.slice, files=[path], source=path.name,
+                      geometry=volume.slice(volume.depth // 2).geometry is not None)
 
-        h, w, depth = header_size(path) or (0, 0, 1)
-        self._check_size(h, w, depth, path.name)
-        if _suffix(path) in NIFTI_SUFFIXES:
-            volume = read_volume(path)
-            return Opened(path.name, volume.depth, volume.slice, files=[path], source=path.name, geometry=True)
-        if depth > 1:  # a (Z, H, W) NumPy array or a multi-frame DICOM
-            read_image(path, slice_index=0)  # unreadable files fail now, with the reader's message
-            return Opened(path.name, depth, lambda k: read_image(path, slice_index=k), files=[path],
-                          source=path.name)
-        image = read_image(path)
-        if image.array.shape[0] * image.array.shape[1] > self.max_pixels:  # formats header_size cannot size
-            self._check_size(image.array.shape[0], image.array.shape[1], 1, path.name)
-        return Opened(path.name, 1, lambda k: image, files=[path], source=path.name,
-                      geometry=image.geometry is not None)
+    def _read_volume(self, path: Path, folder: Path):
+        """The readers' :func:`~lsms.data.read_volume` with the viewer's limits; their errors as page messages."""
+        from lsms.data import read_volume
+        from lsms.data.readers import ImageTooLargeError
 
-    def _check_size(self, h: int, w: int, depth: int, name: str) -> None:
-        if h * w > self.max_pixels:
-            raise ServeError(413, f"{name}: {h * w / 1e6:.1f} megapixels ({w} x {h}); the viewer's limit is "
-                                  f"{self.max_pixels / 1e6:g} megapixels per image (lsms serve --max-megapixels); "
-                                  "downsample it, or use lsms predict")
-        if h * w * depth > MAX_VOXELS:
-            raise ServeError(413, f"{name}: {h * w * depth / 1e6:.0f} M voxels ({w} x {h} x {depth}); the viewer's "
-                                  f"limit is {MAX_VOXELS / 1e6:.0f} M voxels per volume; crop it, or use lsms predict")
+        try:
+            return read_volume(path, limits=self.limits)
+        except ImageTooLargeError as err:  # checked from the header, before any pixel is decoded
+            raise ServeError(413, hide_folder(str(err), folder).split("; if the file is genuine")[0] +
+                             "; the viewer's limits are --max-megapixels per image and 400 M voxels per volume "
+                             "held in memory; downsample or crop it, or use lsms predict") from None
+        except ValueError as err:  # several series: the page cannot pick one, the user can
+            raise ServeError(400, hide_folder(str(err), folder).replace("choose one with series_uid",
+                                                                   "upload the files of one series only")) from None
 
     def _set_opened(self, s: Session, opened: Opened, texts: list[str] | None = None) -> dict[str, Any]:
         k = opened.depth // 2

@@ -1,4 +1,4 @@
-"""Uploads of ``lsms serve``: safe file names, zip extraction with a size check, header-only image sizes."""
+"""Uploads of ``lsms serve``: safe file names, zip extraction with a size check, hashes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-
-import numpy as np
 
 from lsms.serve.errors import ServeError
 
@@ -50,62 +48,6 @@ def extract_zip(path: Path, out: Path, max_bytes: int) -> list[Path]:
     if not paths:
         raise ServeError(400, f"{path.name}: the zip holds no files")
     return paths
-
-
-def header_size(path: Path) -> tuple[int, int, int] | None:
-    """(height, width, slices) from the file header, without decoding pixels; None when unknown."""
-    from lsms.data.readers import (
-        DICOM_SUFFIXES,
-        NIFTI_SUFFIXES,
-        PIL_SUFFIXES,
-        TIFF_SUFFIXES,
-        _suffix,
-        is_dicom,
-    )
-
-    suffix = _suffix(path)
-    try:
-        if suffix in PIL_SUFFIXES:
-            import warnings
-
-            from PIL import Image
-
-            try:
-                with warnings.catch_warnings():  # PIL warns above 89 M pixels; the viewer's own check follows
-                    warnings.simplefilter("ignore")
-                    with Image.open(path) as im:
-                        w, h = im.size
-            except Image.DecompressionBombError as err:  # PIL refuses above 179 M pixels before saying the size
-                raise ServeError(413, f"{path.name}: {err}") from None
-            return h, w, 1
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shape = tif.pages[0].shape
-            return int(shape[0]), int(shape[1]), 1
-        if suffix in NIFTI_SUFFIXES:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            size = reader.GetSize()
-            return int(size[1]), int(size[0]), int(size[2]) if len(size) > 2 else 1
-        if suffix == ".npy":
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-            return (int(a.shape[-2]), int(a.shape[-1]), int(a.shape[0])) if a.ndim == 3 else \
-                (int(a.shape[0]), int(a.shape[1]), 1)
-        if suffix in DICOM_SUFFIXES or is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return int(ds.Rows), int(ds.Columns), int(getattr(ds, "NumberOfFrames", 1) or 1)
-    except ServeError:
-        raise
-    except Exception:  # unreadable header: the reader reports it with its own message
-        return None
-    return None
 
 
 def hide_folder(message: str, folder: Path) -> str:
