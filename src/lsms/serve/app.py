@@ -32,13 +32,12 @@ from lsms.data.readers import ReadLimits
 from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
-from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
+from lsms.serve.uploads import extract_zip, files_sha256, gunzip, hide_folder, write_upload
 
 log = logging.getLogger("lsms.serve")
 
 # Limits, documented in docs/serve.md. The readers check sizes from the file header, before decoding.
-MAX_MEGAPIXELS = 50.0  # one 2D image or one slice
-MAX_VOXELS = 400_000_000  # a DICOM series, held in memory (a 512 x 512 x 1500 CT is 393 M)
+MAX_GUNZIP_BYTES = 4 << 30  # a .nii.gz volume is decompressed once when it unpacks to at most this (4 GiB)
 MAX_UPLOAD_MB = 1024  # one upload request (a file, a zip or a folder)
 MAX_TEXT_CHARS = 1000  # one sentence; the model reads at most its max_tokens tokens of it anyway
 MAX_SENTENCES = 4  # sentences compared side by side
@@ -97,11 +96,13 @@ class Viewer:
         model_name: what the page shows as the model (the run folder or checkpoint given).
         checkpoint: the checkpoint file, for the settings JSON (and its sha256).
         root: folder for the sessions' uploads (a fresh temporary folder when None; removed by :meth:`close`).
-        max_megapixels, max_upload_mb: the limits above.
+        max_megapixels: largest image or slice; None: the readers' ``max_image_pixels`` (``LSMS_MAX_IMAGE_PIXELS``),
+            as everywhere in lsms (docs/reliability.md).
+        max_upload_mb: largest upload.
     """
 
     def __init__(self, predictor: Predictor, model_name: str = "", checkpoint: str | Path | None = None,
-                 root: str | Path | None = None, max_megapixels: float = MAX_MEGAPIXELS,
+                 root: str | Path | None = None, max_megapixels: float | None = None,
                  max_upload_mb: float = MAX_UPLOAD_MB):
         self.predictor = predictor
         self.model_name = model_name
@@ -109,9 +110,9 @@ class Viewer:
         self.checkpoint_sha256 = files_sha256([self.checkpoint]) if self.checkpoint and self.checkpoint.is_file() else None
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="lsms-serve-")) if root is None else Path(root)
-        self.max_pixels = int(max_megapixels * 1e6)
-        self.limits = dataclasses.replace(ReadLimits.from_env(), max_image_pixels=max(1, self.max_pixels),
-                                          max_volume_voxels=MAX_VOXELS)
+        self.limits = ReadLimits.from_env()  # the same limits as lsms predict, unless --max-megapixels says otherwise
+        if max_megapixels is not None:
+            self.limits = dataclasses.replace(self.limits, max_image_pixels=max(1, int(max_megapixels * 1e6)))
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # the sessions dict
@@ -141,7 +142,7 @@ class Viewer:
                       "device": str(getattr(self.predictor, "device", ""))},
             # the bundled slices are CT in HU: offered to models that read CT through a window
             "examples": [{"id": e.id, "texts": e.texts} for e in examples()] if p.intensity == "window" else [],
-            "limits": {"megapixels": self.max_pixels / 1e6, "upload_bytes": self.max_upload_bytes,
+            "limits": {"megapixels": self.limits.max_image_pixels / 1e6, "upload_bytes": self.max_upload_bytes,
                        "text_chars": MAX_TEXT_CHARS, "sentences": MAX_SENTENCES, "idle_s": SESSION_IDLE_S},
             "colours": ["#" + "".join(f"{int(255 * c):02x}" for c in rgb) for rgb in COLOURS],
         }
@@ -256,6 +257,12 @@ class Viewer:
 
     def _open_file(self, path: Path, folder: Path) -> Opened:
         volume = self._read_volume(path, folder)
+        if volume.depth > 1 and path.name.lower().endswith(".nii.gz"):
+            # a slice of a .nii.gz is read by decompressing everything before it: decompressed once here, the
+            # slider and the whole-volume run read each slice directly (the same voxels, the same geometry)
+            plain = gunzip(path, path.with_name(path.name[:-3]), MAX_GUNZIP_BYTES)
+            if plain is not None:
+                volume = self._read_volume(plain, folder)
         return Opened(path.name, volume.depth, volume.slice, files=[path], source=path.name,
                       geometry=volume.slice(volume.depth // 2).geometry is not None)
 
@@ -268,8 +275,8 @@ class Viewer:
             return read_volume(path, limits=self.limits)
         except ImageTooLargeError as err:  # checked from the header, before any pixel is decoded
             raise ServeError(413, hide_folder(str(err), folder).split("; if the file is genuine")[0] +
-                             "; the viewer's limits are --max-megapixels per image and 400 M voxels per volume "
-                             "held in memory; downsample or crop it, or use lsms predict") from None
+                             " (lsms serve --max-megapixels, or the environment variables of docs/reliability.md)"
+                             ) from None
         except ValueError as err:  # several series: the page cannot pick one, the user can
             raise ServeError(400, hide_folder(str(err), folder).replace("choose one with series_uid",
                                                                    "upload the files of one series only")) from None

@@ -12,7 +12,7 @@ import signal
 import time
 import webbrowser
 
-from lsms.serve.app import MAX_MEGAPIXELS, MAX_UPLOAD_MB
+from lsms.serve.app import MAX_UPLOAD_MB
 
 log = logging.getLogger("lsms.serve")
 
@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
-    p.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
-                   help=f"largest image or slice accepted (default {MAX_MEGAPIXELS:g})")
+    p.add_argument("--max-megapixels", type=float, default=None,
+                   help="largest image or slice accepted (default: lsms' reader limit, 33.5 megapixels, "
+                        "environment variable LSMS_MAX_IMAGE_PIXELS)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest upload accepted (default {MAX_UPLOAD_MB})")
     p.add_argument("--open", action="store_true", help="open the page in the default web browser")
