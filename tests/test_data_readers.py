@@ -160,6 +160,29 @@ def test_dicom_series_slice_and_mask_written_back(tmp_path: Path) -> None:
     assert sitk.GetArrayFromImage(back)[1, 0, 0] == 1 and sitk.GetArrayFromImage(back).sum() == 1
 
 
+def test_read_volume_slices_equal_read_image(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from lsms.data import read_volume
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in (2, 0, 1):
+        _dicom(series / f"s{k}.dcm", np.full((4, 5), 1000 + 10 * k, np.uint16), slope=1.0, intercept=-1024.0, z=2.0 * k)
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)),
+                    str(tmp_path / "v.nii.gz"))
+    _png(tmp_path / "a.png")
+    for path, depth in ((series, 3), (tmp_path / "v.nii.gz", 3), (tmp_path / "a.png", 1)):
+        volume = read_volume(path)
+        assert volume.depth == depth
+        for k in range(depth):
+            got, want = volume.slice(k), read_image(path, slice_index=k if depth > 1 else None)
+            np.testing.assert_array_equal(got.array, want.array)
+            assert got.geometry == want.geometry and got.format == want.format and got.modality == want.modality
+        with pytest.raises(ValueError, match="out of range"):
+            volume.slice(depth)
+
+
 def test_masks_and_label_maps(tmp_path: Path) -> None:
     m = np.zeros((6, 8), np.uint8)
     m[2:4, 2:4] = 255

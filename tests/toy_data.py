@@ -76,8 +76,10 @@ def tiny_run_config(dataset: Path, out: Path, /, **overrides):
     return RunConfig.from_dict(tiny_train_settings(dataset, out, **overrides))
 
 
-def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True) -> Path:
-    """A loadable checkpoint of a tiny random model (prediction tests need no training)."""
+def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True,
+                              **model: object) -> Path:
+    """A loadable checkpoint of a tiny random model (prediction tests need no training); ``model`` overrides
+    its settings (``use_text=False``)."""
     import torch
 
     from lsms.checkpoint import make_checkpoint, save_checkpoint
@@ -86,6 +88,26 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
     from lsms.model import build, model_config_from_dict
 
     torch.manual_seed(0)
-    model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels}))
+    net = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, **model}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
-    return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)
+    return save_checkpoint(make_checkpoint(net, RunConfig(model=net.config), prep), path)
+
+
+def make_text_sensitive_checkpoint(path: str | Path) -> Path:
+    """A tiny random CT model (liver window, 64 px) whose language branches are open.
+
+    A fresh LSMS starts with every language-guided branch closed (w_f's InstanceNorm scale 0), so an untrained
+    model ignores the sentence; random scales make two sentences give two different masks, as a trained
+    model does.
+    """
+    import torch
+
+    from lsms.checkpoint import load_checkpoint, save_checkpoint
+
+    make_untrained_checkpoint(path, in_channels=1)
+    ckpt = load_checkpoint(path)
+    g = torch.Generator().manual_seed(0)
+    for key, value in ckpt["model"].items():
+        if key.endswith("language.w_f.1.weight"):
+            ckpt["model"][key] = torch.randn(value.shape, generator=g)
+    return save_checkpoint(ckpt, path)

@@ -84,16 +84,19 @@ class DemoConfig(DictRoundTrip):
 # --------------------------------------------------------------------------- steps
 
 
-def generate_data(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
-    from lsms.synth import (  # deferred on purpose: the synth package imports SciPy
-        SynthConfig,
-        generate_dataset,
-    )
+def synth_config(cfg: DemoConfig):
+    """The demo's RefLiver-Synth settings (also used by ``lsms serve`` for its bundled test slices)."""
+    from lsms.synth import SynthConfig  # deferred on purpose: the synth package imports SciPy
 
-    synth = SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.train.seed,
-                        image_size=cfg.train.data.image_size, fov_mm=cfg.fov_mm, diameter_mm=tuple(cfg.diameter_mm),
-                        multi_lesion_share=cfg.multi_lesion_share)
-    return generate_dataset(synth, folder, overwrite=True, progress=cfg.train.progress)
+    return SynthConfig(patients=cfg.patients, slices_per_patient=cfg.slices_per_patient, seed=cfg.train.seed,
+                       image_size=cfg.train.data.image_size, fov_mm=cfg.fov_mm, diameter_mm=tuple(cfg.diameter_mm),
+                       multi_lesion_share=cfg.multi_lesion_share)
+
+
+def generate_data(cfg: DemoConfig, folder: Path) -> dict[str, Any]:
+    from lsms.synth import generate_dataset
+
+    return generate_dataset(synth_config(cfg), folder, overwrite=True, progress=cfg.train.progress)
 
 
 def train_config(cfg: DemoConfig, data: Path, run: Path, time_limit_minutes: float) -> RunConfig:

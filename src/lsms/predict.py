@@ -43,6 +43,7 @@ from lsms.runs import writable_folder
 log = logging.getLogger(__name__)
 
 VOLUME_FORMATS = ("nifti", "dicom-series")
+COLOURS = ((1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1))  # one per sentence, RGB in [0, 1]
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Predictor:
         maps = None
         if features:
             maps = [heat_map(f, (H, W)) for f in out.stages]
-        return Prediction(mask=prob > self.threshold, probability=prob, text=text, features=maps)
+        return Prediction(mask=threshold_mask(prob, self.threshold), probability=prob, text=text, features=maps)
 
     @torch.no_grad()
     def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
@@ -141,6 +142,13 @@ class Predictor:
         return array.shape[:2], out
 
 
+def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
+    """bool mask: probability strictly above ``threshold`` (0 < threshold < 1)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    return probability > threshold
+
+
 def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(1, C, h, w) stage output -> (H, W) in [0, 1]: mean absolute activation over channels, min-max scaled."""
     m = feature.float().abs().mean(1, keepdim=True)  # (1, 1, h, w)
@@ -150,6 +158,13 @@ def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pictures
+
+
+def save_mask_png(mask: np.ndarray, target) -> None:
+    """Write a mask as a 0/255 8-bit grey PNG to a path or binary file (``lsms serve`` sends the same bytes)."""
+    from PIL import Image
+
+    Image.fromarray(mask.astype(np.uint8) * 255).save(target, format="PNG")
 
 
 def display_image(array: np.ndarray, preprocessing) -> np.ndarray:
@@ -174,7 +189,7 @@ def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray | None
     ncols = ncols or n
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.9 * nrows), squeeze=False)
-    colours = colours or [(1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1)]
+    colours = colours or list(COLOURS)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for i, (ax, mask, caption) in enumerate(zip(axes.flat, masks, captions, strict=False)):
@@ -453,7 +468,7 @@ def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: 
                                "_mask": pred.mask}
         if image.geometry is None:
             row["mask"] = str(out / f"{tag}_mask.png")
-            Image.fromarray(pred.mask.astype(np.uint8) * 255).save(row["mask"])
+            save_mask_png(pred.mask, row["mask"])
         row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [text],
                                           out / f"{tag}_overlay.png"))
         if probability:

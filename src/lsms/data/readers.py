@@ -42,6 +42,10 @@ class ImageReadError(ValueError):
     """A file could not be read as an image; the message starts with the file and says why."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """A file declares more pixels, voxels or bytes than :class:`ReadLimits` allow."""
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """Sizes a file may declare; checked against its header before any pixel is allocated.
@@ -88,10 +92,10 @@ class ReadLimits:
         return cls(**values)
 
     def check(self, path: Path, name: str, amount: int, what: str) -> None:
-        """Raise :class:`ImageReadError` when ``amount`` exceeds the limit ``name``."""
+        """Raise :class:`ImageTooLargeError` when ``amount`` exceeds the limit ``name``."""
         limit = getattr(self, name)
         if amount > limit:
-            raise ImageReadError(
+            raise ImageTooLargeError(
                 f"{path}: {what} = {amount:,}, above the limit {name} = {limit:,}; if the file is genuine, raise "
                 f"the limit (environment variable {LIMIT_ENV[name]}, see docs/reliability.md)"
             )
@@ -248,7 +252,7 @@ def _read_pil(path: Path, limits: ReadLimits) -> ImageData:
     except ImageReadError:
         raise
     except Image.DecompressionBombError as err:  # Pillow's own ceiling, above ours: refused before we saw the size
-        raise ImageReadError(f"{path}: {err}; that is above the limit max_image_pixels = {limits.max_image_pixels:,} "
+        raise ImageTooLargeError(f"{path}: {err}; that is above the limit max_image_pixels = {limits.max_image_pixels:,} "
                              f"(environment variable {LIMIT_ENV['max_image_pixels']}, see docs/reliability.md)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"{path}: cannot decode the image ({err}); the file is truncated or not an image") from err
@@ -561,14 +565,20 @@ def _series_files(folder: Path, series_uid: str | None) -> tuple[str, list[str]]
 
 
 def _read_dicom_series(folder: Path, slice_index: int | None, series_uid: str | None, limits: ReadLimits) -> ImageData:
-    import SimpleITK as sitk
-
     _, files = _series_files(folder, series_uid)
     if slice_index is None:
         if len(files) != 1:
             raise ImageReadError(f"{folder}: a DICOM series of {len(files)} slices; give a slice index (0..{len(files) - 1})")
         slice_index = 0
     _check_index(folder, slice_index, len(files))
+    img, modality = _load_dicom_series(folder, files, limits)
+    return _series_slice(img, folder, slice_index, modality)
+
+
+def _load_dicom_series(folder: Path, files: list[str], limits: ReadLimits):  # -> (SimpleITK.Image, modality)
+    """The whole series (sorted files) as one image, after checking the sizes its first file declares."""
+    import SimpleITK as sitk
+
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     first.ReadImageInformation()
@@ -589,6 +599,14 @@ def _read_dicom_series(folder: Path, slice_index: int | None, series_uid: str | 
     spacing = img.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ImageReadError(f"{folder}: voxel spacing {spacing} must be positive; fix PixelSpacing / slice positions")
+    return img, modality or None
+
+
+def _series_slice(img: Any, folder: Path, slice_index: int, modality: str | None) -> ImageData:
+    """Slice ``slice_index`` of a loaded series, with the series' geometry."""
+    import SimpleITK as sitk
+
+    spacing = img.GetSpacing()
     arr = sitk.GetArrayViewFromImage(img)[slice_index]  # (z, y, x) -> (y, x)
     geometry = Geometry(
         size=tuple(int(s) for s in img.GetSize()), spacing=tuple(float(s) for s in spacing),
@@ -597,7 +615,7 @@ def _read_dicom_series(folder: Path, slice_index: int | None, series_uid: str | 
     )
     return ImageData(
         _finish(np.array(arr), folder, "image"), folder, "dicom-series", spacing=(float(spacing[1]), float(spacing[0])),
-        modality=modality or None, bit_depth=_bits(np.dtype(arr.dtype)), geometry=geometry,
+        modality=modality, bit_depth=_bits(np.dtype(arr.dtype)), geometry=geometry,
     )
 
 
@@ -727,6 +745,52 @@ def _depth(path: Path, limits: ReadLimits) -> int | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return frames if frames > 1 else None
     return None
+
+
+@dataclass
+class Volume:
+    """A volume opened for slice-by-slice access (a viewer's slice slider): ``slice(k)`` equals
+    ``read_image(path, k)``. A DICOM series is read once and kept in memory (reading slice k alone would read
+    the whole series again); NIfTI, NumPy, TIFF and multi-frame DICOM read only slice k at each call.
+
+    Attributes:
+        path: the file or series folder.
+        depth: number of slices (1 for a 2D image).
+    """
+
+    path: Path
+    depth: int
+    _read: Any  # Callable[[int], ImageData]
+
+    def slice(self, index: int) -> ImageData:
+        _check_index(self.path, index, self.depth)
+        return self._read(index)
+
+
+def read_volume(path: str | Path, series_uid: str | None = None, limits: ReadLimits | None = None) -> Volume:
+    """Open any input for slice-by-slice reading (a 2D image is a volume of one slice).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ImageReadError: unreadable, or larger than ``limits``; the message starts with the file.
+    """
+    path = Path(path)
+    limits = limits or ReadLimits.from_env()
+    if path.is_dir():
+        try:
+            _, files = _series_files(path, series_uid)
+            img, modality = _load_dicom_series(path, files, limits)
+        except ImageReadError:
+            raise
+        except Exception as err:
+            raise ImageReadError(f"{path}: cannot read the DICOM series ({type(err).__name__}: {_first_line(err)})") from err
+        return Volume(path, len(files), lambda k: _series_slice(img, path, k, modality))
+    depth = volume_depth(path, limits)
+    if depth is None:
+        image = read_image(path, limits=limits)
+        return Volume(path, 1, lambda k: image)
+    read_image(path, slice_index=0, limits=limits)  # an unreadable file fails now
+    return Volume(path, depth, lambda k: read_image(path, slice_index=k, limits=limits))
 
 
 def _holds_volume(path: Path, limits: ReadLimits) -> bool:
