@@ -54,6 +54,10 @@ class Row:
     epochs: int | None = None  # None: the dataset's; faster models fit more epochs in the same minutes
 
 
+# --recipe real at whole 224 px images without patches or scale/rotation: exactly the settings of --recipe real-cpu
+WHOLE_224 = ("--image-size", "224", "--augmentation", "patch_size=224", "--augmentation", "foreground_p=0",
+             "--augmentation", "spatial_p=0")
+
 ROWS = {
     "btxrd/lsms-tiny-text": Row("btxrd", "tiny", True, "LSMS tiny, sentence"),
     "btxrd/lsms-tiny-notext": Row("btxrd", "tiny", False, "LSMS tiny, no-text model"),
@@ -62,8 +66,9 @@ ROWS = {
     "btxrd/lsms-tiny-text-nocoord": Row("btxrd", "tiny", True, "LSMS tiny, sentence, w/o positions",
                                         ("--model", "coord_embed=false")),
     "btxrd/lsms-tiny-text-whole224": Row("btxrd", "tiny", True, "LSMS tiny, sentence, whole 224 px images, light aug.",
-                                         ("--image-size", "224", "--augmentation", "patch_size=224",
-                                          "--augmentation", "foreground_p=0", "--augmentation", "spatial_p=0"), epochs=3),
+                                         WHOLE_224, epochs=3),
+    "btxrd/lsms-tiny-notext-whole224": Row("btxrd", "tiny", False, "LSMS tiny, no-text model, whole 224 px images, "
+                                           "light aug.", WHOLE_224, epochs=3),
     "kvasir/lsms-tiny-notext": Row("kvasir", "tiny", False, "LSMS tiny, no text"),
     "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)", epochs=20),
 }
