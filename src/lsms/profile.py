@@ -290,6 +290,7 @@ def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = B
             "threads": torch.get_num_threads(), "params_m": round(count_parameters(model) / 1e6, 2),
             "gmacs": round(arch_flops / 2e9, 3), "gmacs_run": round(run_flops / 2e9, 3),
             "latency_b1_ms": round(b1["median_ms"], 1), "latency_b1_best_ms": round(b1["best_ms"], 1),
+            "latency_b1_cpu_ms": round(b1["best_cpu_ms"], 1),
             "images_per_s_b8": round(THROUGHPUT_BATCH / b8["median_ms"] * 1000, 2),
             "images_per_s_b8_best": round(THROUGHPUT_BATCH / b8["best_ms"] * 1000, 2),
             "images_per_cpu_s_b8": round(THROUGHPUT_BATCH / b8["best_cpu_ms"] * 1000, 2),
