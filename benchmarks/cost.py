@@ -51,7 +51,8 @@ def markdown(result: dict) -> str:
         "'images per CPU-s' and '% peak (CPU time)' divide by the CPU time this process used instead of the wall "
         "time: with one thread that is the time a core actually worked on the call, so these columns (and 'x torch "
         "(CPU)') hold on a loaded machine, where the wall-clock columns measure the load. Peak mem: "
-        "rise of the resident set during one batch-1 call. CPU s / wall s: CPU time this process got during the "
+        "rise of the resident set during one batch-1 call (ONNX Runtime allocates its memory arena in the warm-up calls "
+        "and reuses it, so its rise is ~0: not comparable with PyTorch's). CPU s / wall s: CPU time this process got during the "
         "timed calls over their wall time; with N threads and an idle machine it approaches N x wall, and less means "
         "other processes held the cores (load above the thread count), so the fastest call is the better estimate "
         "and the ratios within a row group are more robust than the absolute figures.",
