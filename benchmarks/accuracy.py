@@ -372,7 +372,7 @@ def row_gmacs(row: Row) -> dict[str, float]:
     model = build_model(row.preset, in_channels=channels, **overrides).eval()
     inputs = profile_inputs(model, ds.image_size, 1, torch.device("cpu"))
     with torch.inference_mode():
-        flops = count_flops(model, *inputs)
+        flops = count_flops(model.forward_features, *inputs)  # the architecture, as lsms profile counts it
     text = count_parameters(model.text_encoder) if getattr(model, "text_encoder", None) is not None else 0
     return {"gmacs": round(flops / 2e9, 3), "params_m": round(count_parameters(model) / 1e6, 3),
             "params_vision_m": round((count_parameters(model) - text) / 1e6, 3)}

@@ -201,7 +201,7 @@ def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, f
 
     model, _, _ = load_trained(cache / "real" / result["row"] / f"seed{result['seed']}", "cpu", prefer="last")
     with torch.no_grad():
-        flops = count_flops(model, *profile_inputs(model, size, 1, torch.device("cpu")))
+        flops = count_flops(model.forward_features, *profile_inputs(model, size, 1, torch.device("cpu")))
     return sum(p.numel() for p in model.parameters()) / 1e6, flops / 2e9
 
 

@@ -124,9 +124,12 @@ def test_format_1_checkpoint_loads_to_the_same_network():
     assert ckpt["format_version"] == C.FORMAT_VERSION == 2
     expected = torch.load(V1 / "expected.pt", weights_only=True)
     with torch.no_grad():
-        logits = model(expected["image"], expected["input_ids"], expected["attention_mask"])
-    # the same weights and network; the thread count (the fixture was made on 1) only moves float rounding
+        logits = model.forward_features(expected["image"], expected["input_ids"], expected["attention_mask"]).logits
+        fast = model(expected["image"], expected["input_ids"], expected["attention_mask"])
+    # the same weights and network; the thread count (the fixture was made on 1) only moves float rounding, and
+    # forward takes the decoder's logits-only path: the same network, summed in another order
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, expected["logits"], atol=1e-5, rtol=1e-5)
     run = C.run_config(ckpt)  # the flat 0.1 settings, each at its place in the tree
     assert (run.model.widths, run.model.text.max_tokens, run.model.text.pretrained) == ((8, 16, 16, 32), 16, False)
     assert (run.optim.lr, run.optim.warmup_steps, run.data.image_size, run.log_every) == (1e-3, 1, 64, 1)

@@ -172,7 +172,7 @@ def test_any_number_of_input_channels():
 
 
 def test_nmf_is_deterministic_in_eval_and_low_rank():
-    nmf = NMF2D(rank=4).eval()
+    nmf = NMF2D(16, rank=4).eval()
     x = torch.rand(2, 16, 8, 8)
     a, b = nmf(x), nmf(x)
     assert torch.equal(a, b)

@@ -96,3 +96,16 @@ def test_mscan_import_missing_file(tmp_path):
     model = build_model("tiny", use_text=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mscan_weights(model, tmp_path / "nope.pth")
+
+
+def test_profile_backends_side_by_side(capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["profile", "--preset", "unet", "--image-size", "64", "--repeats", "1", "--backends", "torch",
+                 "onnxruntime", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert r["images_per_s_b8_best"] >= r["images_per_s_b8"] > 0 and r["latency_b1_best_ms"] > 0
+        assert r["matmul_peak_gflops"] > 0 and r["peak_share_pct"] > 0 and r["cpu_s"] > 0
+        assert r["images_per_cpu_s_b8"] > 0 and r["peak_share_cpu_pct"] > 0
+    assert rows[0]["gmacs"] == rows[1]["gmacs"]

@@ -77,9 +77,8 @@ def tiny_run_config(dataset: Path, out: Path, /, **overrides):
 
 
 def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True,
-                              **model: object) -> Path:
-    """A loadable checkpoint of a tiny random model (prediction tests need no training); ``model`` overrides
-    its settings (``use_text=False``)."""
+                              model=None) -> Path:
+    """A loadable checkpoint of a tiny random model, or of ``model`` (prediction tests need no training)."""
     import torch
 
     from lsms.checkpoint import make_checkpoint, save_checkpoint
@@ -88,9 +87,10 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
     from lsms.model import build, model_config_from_dict
 
     torch.manual_seed(0)
-    net = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, **model}))
+    if model is None:
+        model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
-    return save_checkpoint(make_checkpoint(net, RunConfig(model=net.config), prep), path)
+    return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)
 
 
 def make_text_sensitive_checkpoint(path: str | Path) -> Path:

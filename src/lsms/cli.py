@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lsms.evaluate", "metrics of a trained model on a dataset split"),
     "predict": ("lsms.predict", "segment the lesion a sentence refers to in images, NIfTI volumes or DICOM series"),
     "serve": ("lsms.serve.cli", "a local web viewer: open an image, type sentences, see and download the masks"),
+    "export": ("lsms.export", "export a trained model to ONNX or TorchScript (one file, runs without the training config)"),
     "demo": ("lsms.demo", "generate RefLiver-Synth, train tiny, evaluate and write a report (the main job)"),
 }
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lsms import distributed as D
-from lsms.checkpoint import load_trained
+from lsms.backends import add_backend_argument, load_backend
 from lsms.data import TEXT_LEVELS, SegmentationDataset, load_samples
 from lsms.data.loaders import make_loader
 from lsms.distributed import DistEnv, gather_records, pick_device
@@ -50,7 +50,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
     """Per-sample records over the whole split (gathered from all ranks) and their summary.
 
     Args:
-        model: an LSMS model (not DDP-wrapped: ranks may see different numbers of batches).
+        model: an LSMS model (not DDP-wrapped: ranks may see different numbers of batches) or a
+            :class:`~lsms.backends.Backend` (e.g. an exported model).
         loader: from :func:`make_loader`.
         on_batch: called with each batch and its logits (B, 1, H, W) on the CPU (e.g. to save predictions).
         empty_policy: how an empty target with an empty prediction scores (see :func:`lsms.metrics.summarize`).
@@ -58,8 +59,9 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
     Returns:
         ``{"records": [...], "summary": {...}}``, identical on every rank.
     """
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
     records: list[dict[str, Any]] = []
     batches = loader
     if progress:
@@ -75,7 +77,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         records.extend(batch_scores(logits, batch))
         if on_batch is not None:
             on_batch(batch, logits)
-    model.train(was_training)
+    if isinstance(model, nn.Module):
+        model.train(was_training)
     records = gather_records(records, env)
     return {"records": records, "summary": summarize(records, empty_policy=empty_policy)}
 
@@ -120,24 +123,26 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
                     levels: tuple[str, ...] = TEXT_LEVELS, batch_size: int = 8, device: str = "auto",
                     num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
                     on_batch: Callable | None = None, prefer: str = "best",
-                    empty_policy: str = "one", allow_outside_root: bool = False) -> dict[str, dict[str, Any]]:
-    """A trained model on ``data``/``split`` at each text level, loaded once: {level: result}.
+                    empty_policy: str = "one", allow_outside_root: bool = False,
+                    backend: str | None = None) -> dict[str, dict[str, Any]]:
+    """A trained or exported model on ``data``/``split`` at each text level, loaded once: {level: result}.
 
     Each result is :func:`evaluate_model`'s plus ``checkpoint`` (its path) and ``epoch``. Level "none" gives
-    the text model an empty sentence (the same weights, nothing to refer to).
+    the text model an empty sentence (the same weights, nothing to refer to). ``backend``: as in
+    :func:`lsms.backends.load_backend` (default: the one the file is for).
     """
     if unknown := [level for level in levels if level not in TEXT_LEVELS]:
         raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
     env = env or DistEnv(device=pick_device(device))
-    model, preprocessing, checkpoint = load_trained(run_or_checkpoint, env.device, prefer=prefer)
+    model = load_backend(run_or_checkpoint, backend, str(env.device), prefer=prefer)
     records = load_samples(data, split=split, allow_outside_root=allow_outside_root)
     results = {}
     for level in levels:
-        dataset = SegmentationDataset(records, preprocessing, augment=False, text_level=level)
-        loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=getattr(model, "tokenizer", None))
+        dataset = SegmentationDataset(records, model.preprocessing, augment=False, text_level=level)
+        loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=model.tokenizer)
         result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
                                 empty_policy=empty_policy)
-        results[level] = {**result, "checkpoint": checkpoint["path"], "epoch": checkpoint.get("epoch")}
+        results[level] = {**result, "checkpoint": str(getattr(model, "path", model.source)), "epoch": model.epoch}
     return results
 
 
@@ -151,7 +156,8 @@ def evaluate_checkpoint(run_or_checkpoint: str | Path, data: str | Path, split: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (uses best.pt, else last.pt) or a .pt file")
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder (uses best.pt, else last.pt), a .pt checkpoint, or a file from 'lsms export'")
     p.add_argument("data", metavar="DATA", help="dataset folder: manifest, LViT layout or images/ + masks/")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to evaluate (default val)")
     p.add_argument("--text-level", default="full", choices=TEXT_LEVELS,
@@ -167,6 +173,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
+    add_backend_argument(p)
 
 
 def default_out(model_arg: str | Path, split: str, text_level: str) -> Path:
@@ -221,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_checkpoint(
             args.model, args.data, args.split, args.text_level, batch_size=args.batch_size, device=args.device,
             num_workers=args.num_workers, env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint,
-            empty_policy=args.empty_policy, allow_outside_root=args.allow_outside_root,
+            empty_policy=args.empty_policy, allow_outside_root=args.allow_outside_root, backend=args.backend,
         )
         if env.is_main:
             summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,

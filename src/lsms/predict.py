@@ -4,6 +4,7 @@
     lsms predict RUN ct.nii.gz --slices 40:60 --text "..." --out DIR      # a NIfTI volume, slices 40..59
     lsms predict RUN dicom_series_folder/ --text "..." --out DIR           # a DICOM series (all slices)
     lsms predict RUN --pairs pairs.csv --out DIR                           # CSV with columns image,text[,slice]
+    lsms predict model.onnx IMAGES... --text "..." --out DIR               # a file from lsms export (ONNX Runtime)
 
 For every (image, sentence) it writes ``NAME_mask.png`` (0/255, the input's size; NIfTI/DICOM inputs get
 ``NAME_mask.nii.gz`` in the input's geometry instead, one volume per input holding every predicted slice),
@@ -32,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lsms.checkpoint import load_trained
+from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.intensity import input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
 from lsms.data.readers import is_dicom, volume_depth
-from lsms.distributed import pick_device
 from lsms.runs import writable_folder
 
 log = logging.getLogger(__name__)
@@ -64,42 +64,42 @@ class Prediction:
 
 
 class Predictor:
-    """A trained LSMS model with its preprocessing: raw image + sentence -> mask, in memory.
+    """A trained model with its preprocessing: raw image + sentence -> mask, in memory.
 
     Example::
 
-        predictor = Predictor.from_checkpoint("runs/demo")
+        predictor = Predictor.from_checkpoint("runs/demo")         # or an exported "lsms-tiny.onnx"
         pred = predictor.predict(read_image("slice.dcm"), "the larger of the two cysts")
         pred.mask  # (H, W) bool at the DICOM's size
 
     Args:
-        model: an LSMS model (put in eval mode here).
-        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with.
-        device: where to run it.
-        threshold: probability above which a pixel is lesion.
+        model: an LSMS model (put in eval mode here) or a :class:`~lsms.backends.Backend`.
+        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with (a backend brings its own).
+        device: where to run a model.
+        threshold: probability above which a pixel is lesion (default: the backend's, 0.5).
     """
 
-    def __init__(self, model: torch.nn.Module, preprocessing, device: torch.device | str = "cpu",
-                 threshold: float = 0.5):
-        if not 0.0 < threshold < 1.0:
+    def __init__(self, model, preprocessing=None, device: torch.device | str = "cpu", threshold: float | None = None):
+        if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.preprocessing = preprocessing
-        self.threshold = threshold
+        if not isinstance(model, Backend):
+            if preprocessing is None:
+                raise ValueError("a model needs its preprocessing (from the checkpoint's config)")
+            model = TorchBackend(model, preprocessing, device)
+        self.backend = model
+        self.preprocessing = preprocessing or model.preprocessing
+        self.threshold = threshold if threshold is not None else model.threshold
 
     @classmethod
-    def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float = 0.5,
-                        prefer: str = "best") -> Predictor:
-        dev = pick_device(device)
-        model, preprocessing, _ = load_trained(run_or_checkpoint, dev, prefer=prefer)
-        return cls(model, preprocessing, dev, threshold)
+    def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,
+                        prefer: str = "best", backend: str | None = None) -> Predictor:
+        """From a run folder, checkpoint or ``lsms export`` file; ``backend`` as in :func:`lsms.backends.load_backend`."""
+        return cls(load_backend(run_or_checkpoint, backend, device, prefer=prefer, threshold=threshold))
 
     @property
     def uses_text(self) -> bool:
-        return bool(self.model.config.use_text)
+        return self.backend.uses_text
 
-    @torch.no_grad()
     def predict(self, image, text: str = "", features: bool = False) -> Prediction:
         """Segment what ``text`` refers to in ``image``.
 
@@ -107,23 +107,26 @@ class Predictor:
             image: an :class:`~lsms.data.ImageData` (from :func:`~lsms.data.read_image`), a path, or a raw
                 array (H, W) / (H, W, C) in the file's units (HU for CT).
             text: the referring expression (ignored, with a warning, by a model trained without text).
-            features: also return the stage feature maps as heat maps.
+            features: also return the stage feature maps as heat maps (PyTorch backend only).
         """
-        (H, W), out = self._forward(image, text)
-        logits = F.interpolate(out.logits.float(), size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
-        prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
+        (H, W), inputs = self._inputs(image, text)
         maps = None
         if features:
+            out = self.backend.forward_features(*inputs)
+            logits = out.logits.float().cpu()
             maps = [heat_map(f, (H, W)) for f in out.stages]
+        else:
+            logits = self.backend(*inputs)
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
+        prob = torch.sigmoid(logits)[0, 0].numpy()
         return Prediction(mask=threshold_mask(prob, self.threshold), probability=prob, text=text, features=maps)
 
-    @torch.no_grad()
     def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
         """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
-        return self._forward(image, text)[1].stages
+        return self.backend.forward_features(*self._inputs(image, text)[1]).stages
 
-    def _forward(self, image, text: str):
-        """Checked, preprocessed forward pass -> ((H, W) of the input, LSMSOutput)."""
+    def _inputs(self, image, text: str):
+        """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask))."""
         if isinstance(image, (str, Path)):
             image = read_image(image)
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
@@ -131,15 +134,14 @@ class Predictor:
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        x = preprocess_image(array, self.preprocessing)[None].to(self.device)  # (1, C, h, w)
+        x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
         ids = attn = None
         if self.uses_text:
-            tokens = self.model.tokenize([text])
-            ids, attn = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            tokens = self.backend.tokenize([text])
+            ids, attn = tokens["input_ids"], tokens["attention_mask"]
         elif text:
             log.warning("this model was trained without text; the sentence %r is ignored", text)
-        out = self.model.forward_features(x, ids, attn)
-        return array.shape[:2], out
+        return array.shape[:2], (x, ids, attn)
 
 
 def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -375,7 +377,8 @@ def write_volume_mask(masks: dict[int, np.ndarray], geometry, path: Path) -> Pat
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (best.pt, else last.pt) or a .pt file")
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder (best.pt, else last.pt), a .pt checkpoint, or a file from 'lsms export'")
     p.add_argument("images", nargs="*", metavar="IMAGES",
                    help="image files, folders of images, NIfTI volumes or DICOM series folders")
     p.add_argument("--text", help="the referring expression, used for every image")
@@ -387,6 +390,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_backend_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -396,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
         slice_spec(args.slices)
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
     writable_folder(Path(args.out), "--out")
-    predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
+                                          backend=args.backend)
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
     failed = [r for r in rows if r.get("error")]
     listing = Path(args.out) / "predictions.csv"

@@ -149,8 +149,8 @@ def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEX
         config.text = dataclasses.replace(config.text, encoder=text_encoder)
     model = build(config).eval().to(dev)
     inputs = profile_inputs(model, image_size, batch, dev)
-    with torch.inference_mode():
-        flops = count_flops(model, *inputs) / batch
+    with torch.inference_mode():  # the architecture's count: forward_features forms every P_i (Eq. 11)
+        flops = count_flops(model.forward_features, *inputs) / batch
         text_flops = count_flops(model.text_encoder, *inputs[1:]) / batch if model.text_encoder else 0
     latency, peak = measure(model, inputs, repeats, dev)
     text_params = count_parameters(model.text_encoder)
@@ -161,6 +161,175 @@ def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEX
         latency_ms=round(latency, 2), peak_mem_mb=None if peak is None else round(peak, 1),
         device=str(dev), batch=batch, threads=torch.get_num_threads(),
     )
+
+
+# --------------------------------------------------------------------------- backends side by side
+
+BACKEND_CHOICES = ("torch", "onnxruntime", "onnxruntime-int8")
+THROUGHPUT_BATCH = 8
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Measured fp32 matmul throughput of this CPU with torch's threads, fastest of ``repeats`` n^3 products:
+    GFLOP per wall second (``wall``: the practical peak) and per CPU second of this process (``cpu``: with one
+    thread, what a core does while this process runs on it, however loaded the machine is)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        torch.mm(a, b)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"wall": 2 * n**3 / min(wall) / 1e9, "cpu": 2 * n**3 / max(min(cpu), 1e-9) / 1e9}
+
+
+def time_interleaved(calls: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """One warm-up each, then ``repeats`` rounds that time every call once in turn, so that load from other
+    processes, which changes over seconds, falls on all of them alike. Per call: median and fastest wall time
+    (ms), fastest CPU time of this process (ms; with one thread the work itself, little affected by load), and
+    the CPU seconds over the wall seconds of all its timed calls (with N threads on idle cores the CPU time
+    approaches N x wall; less means other work held the cores)."""
+    for call in calls.values():
+        call()
+    stats = {name: {"times": [], "cpu": [], "wall_s": 0.0} for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            call()
+            wall = time.perf_counter() - t0
+            st = stats[name]
+            st["times"].append(wall * 1000)
+            st["cpu"].append((time.process_time() - cpu0) * 1000)
+            st["wall_s"] += wall
+    return {name: {"median_ms": statistics.median(st["times"]), "best_ms": min(st["times"]),
+                   "best_cpu_ms": min(st["cpu"]), "cpu_s": sum(st["cpu"]) / 1000, "wall_s": st["wall_s"]}
+            for name, st in stats.items()}
+
+
+def peak_rss_rise_mb(call) -> float | None:
+    """Rise of the peak resident set during one ``call`` over the resident set before it (Linux), in MB."""
+    gc.collect()
+    if not _reset_peak_rss() or (before := _status_kb("VmRSS")) is None:
+        return None
+    call()
+    return round((_status_kb("VmHWM") - before) / 1024, 1)
+
+
+def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = BACKEND_CHOICES, repeats: int = 5,
+                     text_encoder: str | None = DEFAULT_TEXT_ENCODER, in_channels: int = 3,
+                     peak: dict[str, float] | None = None, workdir: str | None = None) -> list[dict[str, Any]]:
+    """Time one configuration (random weights) in each backend, side by side in this process.
+
+    Per backend: batch-1 latency, batch-8 images/s (median and fastest of ``repeats``, the backends timed in
+    turn, see :func:`time_interleaved`), GFLOP/s reached by the fastest batch-8 call as a share of
+    the matmul ``peak`` (:func:`matmul_peak`, measured here when not given), the same per CPU second (the
+    fastest call's CPU time against the matmul's: robust to load with one thread), peak memory of a batch-1
+    call, and CPU/wall seconds of the timed calls with the load average around them. ``onnxruntime-int8`` is
+    calibrated on random inputs: its speed is real, its accuracy is not meaningful (see ``lsms export``).
+    """
+    import copy
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from lsms.data import default_preprocessing
+
+    unknown = sorted(set(backends) - set(BACKEND_CHOICES))
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BACKEND_CHOICES)}")
+    config = model_config(preset, in_channels=in_channels)
+    if preset == "unet":
+        text_encoder = None
+    elif text_encoder is None:
+        config.use_text = False
+    else:
+        config.text = dataclasses.replace(config.text, encoder=text_encoder)
+    model = build(config).eval()
+    peak = peak or matmul_peak()
+    inputs = {b: profile_inputs(model, image_size, b, torch.device("cpu")) for b in (1, THROUGHPUT_BATCH)}
+    with torch.inference_mode():
+        arch_flops = count_flops(model.forward_features, *inputs[1])
+        run_flops = count_flops(model, *inputs[1])  # the logits-only path the backends run
+    prep = default_preprocessing(None, image_size, in_channels=in_channels)
+    runs = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for name in backends:
+            if name == "torch":
+                from lsms.backends import TorchBackend
+
+                eager = TorchBackend(copy.deepcopy(model), prep, optimize=True, text_cache=0)
+                runs[name] = (lambda x, eager=eager: eager(*x))  # noqa: E731
+            else:
+                from lsms.backends import OnnxRuntimeBackend
+                from lsms.export import export_network, quantize_int8
+
+                fp32 = Path(tmp) / "onnxruntime.onnx"
+                if not fp32.exists():  # one export serves both ONNX rows
+                    export_network(copy.deepcopy(model), prep, fp32, batch=None)
+                path = fp32
+                if name == "onnxruntime-int8":
+                    names = ("image", "input_ids", "attention_mask")
+                    path = Path(tmp) / "onnxruntime-int8.onnx"
+                    shutil.copyfile(fp32, path)
+                    quantize_int8(path, [dict(zip(names, (t.numpy() for t in inputs[1]))) for _ in range(2)])
+                backend = OnnxRuntimeBackend(path, threads=torch.get_num_threads())
+                runs[name] = (lambda x, backend=backend: backend(*x))  # noqa: E731
+        load_before = os.getloadavg()[0]
+        one = time_interleaved({n: (lambda r=r: r(inputs[1])) for n, r in runs.items()}, repeats)
+        eight = time_interleaved({n: (lambda r=r: r(inputs[THROUGHPUT_BATCH])) for n, r in runs.items()},
+                                 max(2, repeats // 2 + 1))
+        memory = {n: peak_rss_rise_mb(lambda r=r: r(inputs[1])) for n, r in runs.items()}
+        load_after = os.getloadavg()[0]
+    rows = []
+    for name in backends:
+        b1, b8 = one[name], eight[name]
+        rows.append({
+            "backend": name, "preset": preset, "image_size": image_size, "text_encoder": text_encoder,
+            "threads": torch.get_num_threads(), "params_m": round(count_parameters(model) / 1e6, 2),
+            "gmacs": round(arch_flops / 2e9, 3), "gmacs_run": round(run_flops / 2e9, 3),
+            "latency_b1_ms": round(b1["median_ms"], 1), "latency_b1_best_ms": round(b1["best_ms"], 1),
+            "latency_b1_cpu_ms": round(b1["best_cpu_ms"], 1),
+            "images_per_s_b8": round(THROUGHPUT_BATCH / b8["median_ms"] * 1000, 2),
+            "images_per_s_b8_best": round(THROUGHPUT_BATCH / b8["best_ms"] * 1000, 2),
+            "images_per_cpu_s_b8": round(THROUGHPUT_BATCH / b8["best_cpu_ms"] * 1000, 2),
+            "matmul_peak_gflops": round(peak["wall"], 1), "matmul_peak_cpu_gflops": round(peak["cpu"], 1),
+            "peak_share_pct": round(100 * run_flops / 1e9 * THROUGHPUT_BATCH / b8["best_ms"] * 1000 / peak["wall"], 1),
+            "peak_share_cpu_pct": round(100 * run_flops / 1e9 * THROUGHPUT_BATCH / b8["best_cpu_ms"] * 1000 / peak["cpu"], 1),
+            "peak_mem_mb": memory[name],
+            "cpu_s": round(b1["cpu_s"] + b8["cpu_s"], 2), "wall_s": round(b1["wall_s"] + b8["wall_s"], 2),
+            "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
+        })
+        print(f"{preset} @ {image_size} [{name}]: b1 {rows[-1]['latency_b1_best_ms']} ms best, "
+              f"b8 {rows[-1]['images_per_s_b8_best']} img/s best, {rows[-1]['peak_share_pct']} % of peak",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def backends_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`compare_backends` rows; 'x torch' = speed-up of the fastest batch-8 call."""
+    lines = [
+        "| model | size | backend | GMACs (run) | latency b1 median / best (ms) | images/s b8 median / best | "
+        "x torch | % matmul peak | b1 CPU (ms) | images per CPU-s b8 | x torch (CPU) | % peak (CPU time) | "
+        "peak mem b1 (MB) | CPU s / wall s | load 1 min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    eager = {(r["preset"], r["image_size"]): r for r in rows if r["backend"] == "torch"}
+    for r in rows:
+        ref = eager.get((r["preset"], r["image_size"]))
+        speedup = f"{r['images_per_s_b8_best'] / ref['images_per_s_b8_best']:.2f}" if ref else "-"
+        cpu_speedup = f"{r['images_per_cpu_s_b8'] / ref['images_per_cpu_s_b8']:.2f}" if ref else "-"
+        lines.append(
+            f"| {r['preset']} | {r['image_size']} | {r['backend']} | {r['gmacs']:.2f} ({r['gmacs_run']:.2f}) | "
+            f"{r['latency_b1_ms']:.1f} / {r['latency_b1_best_ms']:.1f} | "
+            f"{r['images_per_s_b8']:.2f} / {r['images_per_s_b8_best']:.2f} | {speedup} | {r['peak_share_pct']:.1f} | "
+            f"{r.get('latency_b1_cpu_ms', '-')} | {r['images_per_cpu_s_b8']:.2f} | {cpu_speedup} | "
+            f"{r['peak_share_cpu_pct']:.1f} | "
+            f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else 'n/a'} | {r['cpu_s']:.1f} / {r['wall_s']:.1f} | "
+            f"{r['loadavg_1min'][0]:.1f} / {r['loadavg_1min'][1]:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -193,6 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print JSON (one object for one configuration, else a list)")
+    parser.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, metavar="BACKEND",
+                        help=f"time these inference backends side by side instead ({', '.join(BACKEND_CHOICES)}): "
+                             "latency b1, images/s b8, %% of the matmul peak measured in the same run, peak memory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,6 +374,15 @@ def run(args: argparse.Namespace) -> int:
         check_image_size(size, what="--image-size")
     if args.batch < 1 or args.repeats < 1:
         raise ValueError("--batch and --repeats must be >= 1")
+    if args.backends:
+        peak = matmul_peak()
+        print(f"measured fp32 matmul peak: {peak['wall']:.1f} GFLOP/s ({peak['cpu']:.1f} per CPU second) with "
+              f"{torch.get_num_threads()} threads", file=sys.stderr)
+        rows = [r for preset in args.preset for size in args.image_size for text in args.text_encoder
+                for r in compare_backends(preset, size, tuple(args.backends), args.repeats,
+                                          None if text == "none" else text, args.in_channels, peak)]
+        print(json.dumps(rows, indent=2) if args.json else backends_table(rows))
+        return 0
     rows = []
     for preset in args.preset:
         for size in args.image_size:

@@ -48,7 +48,7 @@ def percentile_scale(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got ({low}, {high})")
     a = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(a, [low, high])
+    lo, hi = np.percentile(a, [low, high]).astype(np.float32)  # float64 bounds would promote the image (NumPy 2)
     if hi <= lo:
         return np.zeros_like(a)
     return np.clip((a - lo) / np.float32(hi - lo), 0.0, 1.0)

@@ -56,11 +56,20 @@ class TextUNet(nn.Module):
             raise ValueError("this U-Net was built without text (use_text=False); it takes images only")
         return self.tokenizer(texts)
 
-    def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
-                         attention_mask: Tensor | None = None, coords: Tensor | None = None) -> LSMSOutput:
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """input_ids/attention_mask (B, T) -> (mean token feature (B, C_l), its projection (B, C_head))."""
+        tokens = self.text_encoder(input_ids, attention_mask)  # (B, T, C_l)
+        m = attention_mask.to(tokens.dtype).unsqueeze(-1)
+        sentence = (tokens * m).sum(1) / m.sum(1)  # mean over real tokens, (B, C_l)
+        return sentence, self.text_proj(sentence)
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                         coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> LSMSOutput:
         """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput` (no aligned features).
 
-        ``coords`` as in :meth:`LSMS.forward_features` (read only with ``coord_embed``)."""
+        ``coords`` as in :meth:`LSMS.forward_features` (read only with ``coord_embed``); ``text`` is
+        :meth:`encode_text` of the same ids and mask, computed earlier (a cache of repeated sentences).
+        """
         if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[-1] % 16 or image.shape[-2] % 16:
             raise ValueError(f"image must be (B, {self.config.in_channels}, H, W) with H and W multiples of 16, "
                              f"got {tuple(image.shape)}")
@@ -79,10 +88,7 @@ class TextUNet(nn.Module):
         if self.text_encoder is not None:
             if input_ids is None or attention_mask is None:
                 raise ValueError("this U-Net uses text: pass input_ids and attention_mask (see model.tokenize)")
-            tokens = self.text_encoder(input_ids, attention_mask)  # (B, T, C_l)
-            m = attention_mask.to(tokens.dtype).unsqueeze(-1)
-            sentence = (tokens * m).sum(1) / m.sum(1)  # mean over real tokens, (B, C_l)
-            text_embedding = self.text_proj(sentence)
+            sentence, text_embedding = text if text is not None else self.encode_text(input_ids, attention_mask)
         x, decoder_stages = x4, []
         for i, (up, skip) in enumerate(zip((u.upcat_4, u.upcat_3, u.upcat_2, u.upcat_1), (x3, x2, x1, x0))):
             x = up(x, skip)
@@ -92,5 +98,5 @@ class TextUNet(nn.Module):
         return LSMSOutput(u.final_conv(x), [x0, x1, x2, x3, x4], decoder_stages, x, text_embedding)
 
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                coords: Tensor | None = None) -> Tensor:
-        return self.forward_features(image, input_ids, attention_mask, coords).logits
+                coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.forward_features(image, input_ids, attention_mask, coords, text).logits

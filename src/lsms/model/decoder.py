@@ -18,32 +18,34 @@ class NMF2D(nn.Module):
 
     x (B, C, H, W) is read as B matrices X (C, N=HW) ~= D (C, R) @ Cf^T (R, N). The updates run without
     gradient; only the last coefficient update carries it ("one-step gradient", Hamburger paper).
-    Bases are random: in training from the global RNG (seeded by the trainer), in eval from a fixed-seed
-    generator on the CPU, so eval output is deterministic on any device.
+    Bases are random: in training from the global RNG (seeded by the trainer), in eval a fixed draw from a
+    seeded CPU generator, made once at construction and held as a non-persistent buffer (not in the
+    state_dict, so checkpoints are unchanged): eval output is deterministic on any device, and the whole
+    network traces for export (a ``torch.Generator`` inside ``forward`` does not).
 
     Args:
+        channels: C, the channels of the factorised feature map.
         rank: R, the number of bases.
         steps_train / steps_eval: multiplicative-update steps.
         seed: seed of the eval bases.
         inv_t: inverse temperature of the coefficient initialisation; eps: division guard.
     """
 
-    def __init__(self, rank: int, steps_train: int = 6, steps_eval: int = 7, seed: int = 0,
+    def __init__(self, channels: int, rank: int, steps_train: int = 6, steps_eval: int = 7, seed: int = 0,
                  inv_t: float = 1.0, eps: float = 1e-6):
         super().__init__()
         self.rank, self.steps_train, self.steps_eval = rank, steps_train, steps_eval
         self.seed, self.inv_t, self.eps = seed, inv_t, eps
+        # one set of eval bases shared by the batch: a sample's output must not depend on its batch position
+        # (evaluation sharded over DDP ranks equals a single-process evaluation)
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("eval_bases", F.normalize(torch.rand(1, channels, rank, generator=gen), dim=1),
+                             persistent=False)  # (1, C, R)
 
     def _bases(self, batch: int, channels: int, like: Tensor) -> Tensor:
         if self.training:
-            bases = torch.rand(batch, channels, self.rank, device=like.device, dtype=like.dtype)
-        else:
-            # one set of bases shared by the batch: a sample's output must not depend on its batch position
-            # (evaluation sharded over DDP ranks equals a single-process evaluation)
-            gen = torch.Generator().manual_seed(self.seed)
-            bases = torch.rand(1, channels, self.rank, generator=gen).to(like.device, like.dtype)
-            bases = bases.expand(batch, -1, -1)
-        return F.normalize(bases, dim=1)
+            return F.normalize(torch.rand(batch, channels, self.rank, device=like.device, dtype=like.dtype), dim=1)
+        return self.eval_bases.to(like.dtype).expand(batch, -1, -1)
 
     def _update_coef(self, x: Tensor, bases: Tensor, coef: Tensor) -> Tensor:
         numerator = torch.bmm(x.transpose(1, 2), bases)  # (B, N, C) @ (B, C, R) -> (B, N, R)
@@ -109,7 +111,8 @@ class FullScaleDecoder(nn.Module):
         concat = cfg.head_channels * len(chans) if cfg.stage_mlp else sum(chans)
         self.squeeze = conv_gn_relu(concat, cfg.ham_channels)
         self.hamburger = (
-            Hamburger(cfg.ham_channels, NMF2D(cfg.nmf_rank, cfg.nmf_steps_train, cfg.nmf_steps_eval, cfg.nmf_seed))
+            Hamburger(cfg.ham_channels,
+                      NMF2D(cfg.ham_channels, cfg.nmf_rank, cfg.nmf_steps_train, cfg.nmf_steps_eval, cfg.nmf_seed))
             if cfg.hamburger else None
         )
         self.project = conv_gn_relu(cfg.ham_channels, cfg.head_channels)
@@ -127,10 +130,38 @@ class FullScaleDecoder(nn.Module):
         ]  # each (B, C_i, H/4, W/4) under FSD
         x = [mlp(p) for mlp, p in zip(self.stage_mlp, aligned)] if self.stage_mlp is not None else aligned
         x = self.squeeze(torch.cat(x, dim=1))  # (B, C_ham, h, w)
+        logits, decoded = self._head(x)
+        return logits, aligned, decoded
+
+    def forward_logits(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """[F1..F4] -> (logits (B, 1, h, w), decoder features (B, C_head, h, w)) as :meth:`forward` gives them,
+        without forming the aligned P_i.
+
+        [decision] The stage MLP and the squeeze conv are 1x1 convolutions (linear over channels) and bilinear
+        position alignment is linear over positions with weights summing to 1, so they commute:
+        conv(Concat[Up(P_i)]) = sum_i Up(conv_i(P_i)), conv_i being the squeeze weight's columns for stage i.
+        Each conv then runs at its stage's own resolution (LSMS tiny at 224: 0.87 instead of 1.23 GMACs per
+        image in the decoder), and only C_ham channels are resized. Equal to :meth:`forward` up to rounding.
+        """
+        size = features[0].shape[-2:]
+        weight = self.squeeze[0].weight  # (C_ham, sum of the stage channels, 1, 1)
+        x, start = 0, 0
+        for i, s in enumerate(self.stages):
+            p = features[s - 1] if self.stage_mlp is None else self.stage_mlp[i](features[s - 1])
+            part = F.conv2d(p, weight[:, start:start + p.shape[1]])  # (B, C_ham, h_i, w_i)
+            start += p.shape[1]
+            if self.align and s > 1:
+                part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+            x = x + part  # (B, C_ham, h, w)
+        x = self.squeeze[2](self.squeeze[1](x))  # GroupNorm, ReLU
+        return self._head(x)
+
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Squeezed (B, C_ham, h, w) -> (logits (B, 1, h, w), decoder features (B, C_head, h, w))."""
         if self.hamburger is not None:
             x = self.hamburger(x)
         decoded = self.project(x)  # (B, C_head, h, w)
-        return self.seg(self.dropout(decoded)), aligned, decoded
+        return self.seg(self.dropout(decoded)), decoded
 
 
 class Refine(nn.Module):

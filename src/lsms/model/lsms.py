@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -73,24 +74,25 @@ class LSMS(nn.Module):
                 f"input_ids and attention_mask must both be (B, T) with B = {image.shape[0]} images, "
                 f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
             )
-        if not bool(attention_mask[:, 0].all()):
+        # a value check cannot be traced: an exported graph leaves it to its caller (lsms.backends)
+        if not torch.compiler.is_exporting() and not torch.jit.is_tracing() and not bool(attention_mask[:, 0].all()):
             raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
 
-    def forward_features(self, image: Tensor, input_ids: Tensor | None = None,
-                         attention_mask: Tensor | None = None, coords: Tensor | None = None) -> LSMSOutput:
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """input_ids/attention_mask (B, T) -> (token features L (B, T, C_l), proj of their mean (B, C_head))."""
+        text = self.text_encoder(input_ids, attention_mask)  # L (B, T, C_l)
+        m = attention_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
+        return text, self.text_proj((text * m).sum(1) / m.sum(1))  # mean over real tokens -> (B, C_head)
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                         coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> LSMSOutput:
         """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> :class:`LSMSOutput`.
 
         ``coords`` (B, 2, H, W): where each pixel lies in the whole image, (x, y) in [-1, 1]; read only with
         ``coord_embed``, and only needed for a crop of an image (training patches); default: the image is whole.
+        ``text`` is :meth:`encode_text` of the same ids and mask, computed earlier (a cache of repeated sentences).
         """
-        self._check_inputs(image, input_ids, attention_mask)
-        check_coords(image, coords)
-        text = text_embedding = None
-        if self.text_encoder is not None:
-            text = self.text_encoder(input_ids, attention_mask)  # L (B, T, C_l)
-            m = attention_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
-            text_embedding = self.text_proj((text * m).sum(1) / m.sum(1))  # mean over real tokens -> (B, C_head)
-        stages = self.encoder(image, text, attention_mask, coords)
+        stages, text_embedding = self._encode(image, input_ids, attention_mask, coords, text)
         logits, aligned, decoded = self.decoder(stages)
         if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
             logits = self.refine(image, decoded, logits)
@@ -98,9 +100,26 @@ class LSMS(nn.Module):
         return LSMSOutput(logits, stages, aligned, decoded, text_embedding)
 
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                coords: Tensor | None = None) -> Tensor:
-        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W)."""
-        return self.forward_features(image, input_ids, attention_mask, coords).logits
+                coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W).
+
+        The logits of :meth:`forward_features` (up to rounding) by the decoder's cheaper logits-only path.
+        """
+        stages, _ = self._encode(image, input_ids, attention_mask, coords, text)
+        logits, decoded = self.decoder.forward_logits(stages)
+        if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
+            logits = self.refine(image, decoded, logits)
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _encode(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
+                coords: Tensor | None, text: tuple[Tensor, Tensor] | None) -> tuple[list[Tensor], Tensor | None]:
+        """Checked inputs -> (stage features [F1..F4], text embedding (B, C_head) or None)."""
+        self._check_inputs(image, input_ids, attention_mask)
+        check_coords(image, coords)
+        text_features = text_embedding = None
+        if self.text_encoder is not None:
+            text_features, text_embedding = text if text is not None else self.encode_text(input_ids, attention_mask)
+        return self.encoder(image, text_features, attention_mask, coords), text_embedding
 
 
 def check_coords(image: Tensor, coords: Tensor | None) -> None:

@@ -1,0 +1,326 @@
+"""Inference backends: one interface over a checkpoint run in PyTorch and an ``lsms export`` file run in
+ONNX Runtime or TorchScript. ``lsms predict`` and ``lsms evaluate`` use it, so every backend gives the same
+masks and the same metrics.
+
+    backend = load_backend("runs/demo")                        # a run folder or checkpoint: PyTorch
+    backend = load_backend("lsms-tiny.onnx")                   # an exported file: ONNX Runtime
+    tokens = backend.tokenize(["the larger cyst in segment VI"])
+    logits = backend(image, tokens["input_ids"], tokens["attention_mask"])  # (B, 1, H, W), CPU float32
+
+An exported file carries what prediction needs (preprocessing, tokenizer settings, threshold; see
+:class:`lsms.export.ExportMetadata`), so it runs without the training config. Only the PyTorch backend
+returns the encoder's stage features (``forward_features``), which the feature heat maps need.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+BACKENDS = ("torch", "onnxruntime", "torchscript")
+TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
+
+
+class Backend:
+    """A trained model with what prediction needs: ``preprocessing``, ``tokenizer`` (None without text),
+    ``threshold`` (probability above which a pixel is lesion), ``source`` (the checkpoint it came from) and
+    ``epoch``. Calling it maps image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W) on the CPU.
+    """
+
+    name = ""
+
+    def __init__(self, config: Any, preprocessing: Any, tokenizer: Any | None, threshold: float, source: str,
+                 epoch: int | None):
+        self.config, self.preprocessing, self.tokenizer = config, preprocessing, tokenizer
+        self.threshold, self.source, self.epoch = threshold, source, epoch
+
+    @property
+    def uses_text(self) -> bool:
+        return self.tokenizer is not None
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("this model was trained without text (use_text=False); it takes images only")
+        return self.tokenizer(texts)
+
+    def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """image (B, C, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W), float32 on the CPU."""
+        raise NotImplementedError
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
+        raise ValueError(
+            f"the {self.name} backend returns logits only; the stage feature maps (--features) need the "
+            "PyTorch model: give the run folder or checkpoint with --backend torch"
+        )
+
+
+class TorchBackend(Backend):
+    """The PyTorch model in eval mode, made fast where it is cheap: inference mode, the decoder's logits-only
+    path (:meth:`~lsms.model.decoder.FullScaleDecoder.forward_logits`), a cache of text features for repeated
+    sentences (one image with many sentences, or many images with one sentence, encode each sentence once) and,
+    with ``optimize``, Conv+BatchNorm folded (:func:`fuse_conv_bn`) and channels-last memory layout.
+
+    Args:
+        model: an LSMS model or baseline.
+        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with.
+        device: where to run it.
+        threshold: probability above which a pixel is lesion.
+        optimize: fold Conv+BatchNorm and switch to channels-last (changes the module tree: only for a model
+            that is not trained or saved afterwards).
+        text_cache: how many sentences' text features to keep (0: none).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, preprocessing: Any, device: torch.device | str = "cpu",
+                 threshold: float = 0.5, source: str = "", epoch: int | None = None, optimize: bool = False,
+                 text_cache: int = TEXT_CACHE_SIZE):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.channels_last = optimize
+        if optimize:
+            fuse_conv_bn(self.model).to(memory_format=torch.channels_last)
+        super().__init__(model.config, preprocessing, getattr(model, "tokenizer", None), threshold, source, epoch)
+        self.text_cache_size = text_cache
+        self._text_cache: OrderedDict[bytes, tuple[Tensor, ...]] = OrderedDict()
+
+    @torch.inference_mode()
+    def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
+        return self.model(image, input_ids, attention_mask, text=text).float().cpu()
+
+    @torch.inference_mode()
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
+        image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
+        return self.model.forward_features(image, input_ids, attention_mask, text=text)
+
+    def _inputs(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> tuple:
+        """On the device, with the text features from the cache: the model's (image, ids, mask, text)."""
+        image = image.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if input_ids is None or attention_mask is None or not self.uses_text:
+            return image, input_ids, attention_mask, None
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if not self.text_cache_size:
+            return image, input_ids, attention_mask, None
+        return image, input_ids, attention_mask, self.encode_text(input_ids, attention_mask)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        """The model's ``encode_text`` per sentence, from the cache where the same (ids, mask) row was seen."""
+        keys = [ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()
+                for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self._text_cache})
+        if todo:
+            new = self.model.encode_text(input_ids[todo], attention_mask[todo])  # each (len(todo), ...)
+            for j, i in enumerate(todo):
+                self._text_cache[keys[i]] = tuple(t[j:j + 1] for t in new)
+                if len(self._text_cache) > self.text_cache_size:
+                    self._text_cache.popitem(last=False)
+        for k in keys:
+            self._text_cache.move_to_end(k)
+        rows = [self._text_cache[k] for k in keys]
+        return tuple(torch.cat(parts) for parts in zip(*rows, strict=True))
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a Conv2d inside an ``nn.Sequential`` (the stem) or in a
+    :class:`~lsms.model.encoder.Downsample` into the conv; in place, eval only.
+
+    The encoder blocks' BatchNorms follow a residual sum (post-norm), so they stay.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from lsms.model.encoder import Downsample
+
+    if model.training:
+        raise ValueError("fuse_conv_bn folds eval-mode statistics: call model.eval() first")
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                    module[i + 1] = nn.Identity()
+        if isinstance(module, Downsample) and isinstance(module.norm, nn.BatchNorm2d):
+            module.conv = fuse_conv_bn_eval(module.conv, module.norm)
+            module.norm = nn.Identity()
+    return model
+
+
+class ExportedBackend(Backend):
+    """Common part of the exported-file backends: the file's metadata, input checks, fixed-batch chunking."""
+
+    def __init__(self, path: Path, metadata: Any):
+        from lsms.data import Preprocessing
+        from lsms.text import Tokenizer
+
+        self.path, self.metadata = path, metadata
+        model = metadata.model
+        tokenizer = Tokenizer(model["text"]["encoder"], metadata.max_tokens) if metadata.max_tokens else None
+        super().__init__(model, Preprocessing.from_dict(dict(metadata.preprocessing)), tokenizer,
+                         metadata.threshold, metadata.source, metadata.epoch)
+
+    def _check(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+        C, (H, W) = self.preprocessing.in_channels, self.metadata.image_size
+        if image.ndim != 4 or tuple(image.shape[1:]) != (C, H, W):
+            raise ValueError(f"{self.path}: the exported model takes images (B, {C}, {H}, {W}), got "
+                             f"{tuple(image.shape)}; export again with --image-size for another size")
+        if not self.uses_text:
+            return
+        if input_ids is None or attention_mask is None:
+            raise ValueError("this model uses text: pass input_ids and attention_mask (see backend.tokenize)")
+        if input_ids.shape != attention_mask.shape or input_ids.ndim != 2 or input_ids.shape[0] != image.shape[0]:
+            raise ValueError(f"input_ids and attention_mask must both be (B, T) with B = {image.shape[0]} images, "
+                             f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        if input_ids.shape[1] > self.metadata.max_tokens:
+            raise ValueError(f"{self.path}: at most {self.metadata.max_tokens} tokens per sentence (the export's "
+                             f"--max-tokens), got {input_ids.shape[1]}")
+        if not bool(attention_mask[:, 0].all()):
+            raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
+
+    def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        self._check(image, input_ids, attention_mask)
+        inputs = [image.float()] + ([input_ids.long(), attention_mask.long()] if self.uses_text else [])
+        fixed = self.metadata.batch
+        if fixed is None or image.shape[0] == fixed:
+            return self._run(inputs)
+        # a fixed-batch export: run in chunks of its batch, the last one padded by repeating its final sample
+        out = []
+        for start in range(0, image.shape[0], fixed):
+            chunk = [x[start:start + fixed] for x in inputs]
+            n = chunk[0].shape[0]
+            if n < fixed:
+                chunk = [torch.cat([x, x[-1:].expand(fixed - n, *x.shape[1:])]) for x in chunk]
+            out.append(self._run(chunk)[:n])
+        return torch.cat(out)
+
+    def _run(self, inputs: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class OnnxRuntimeBackend(ExportedBackend):
+    """An ``lsms export --format onnx`` file in ONNX Runtime (CPU).
+
+    Args:
+        threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeError("the onnxruntime backend needs ONNX Runtime: pip install 'lsms[export]'") from None
+        from lsms.export import ExportMetadata
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for damaged files
+            raise ValueError(f"{path}: ONNX Runtime cannot load this file ({type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        super().__init__(path, ExportMetadata.from_json(meta.get(ExportMetadata.KEY), path))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _run(self, inputs: list[Tensor]) -> Tensor:
+        feed = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs, strict=True)}
+        return torch.from_numpy(np.asarray(self.session.run(None, feed)[0], dtype=np.float32))
+
+
+class TorchScriptBackend(ExportedBackend):
+    """An ``lsms export --format torchscript`` file, run by ``torch.jit``."""
+
+    name = "torchscript"
+
+    def __init__(self, path: Path, device: torch.device | str = "cpu"):
+        from lsms.export import ExportMetadata
+
+        self.device = torch.device(device)
+        extra = {ExportMetadata.FILE: ""}
+        try:
+            self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
+        except Exception as err:  # RuntimeError for damaged or foreign archives
+            raise ValueError(f"{path}: not a loadable TorchScript file ({type(err).__name__})") from None
+        super().__init__(path, ExportMetadata.from_json(extra[ExportMetadata.FILE] or None, path))
+
+    @torch.inference_mode()
+    def _run(self, inputs: list[Tensor]) -> Tensor:
+        return self.module(*(x.to(self.device) for x in inputs)).float().cpu()
+
+
+def file_backend(path: Path) -> str:
+    """The backend a file is meant for: ``onnxruntime`` (ONNX), ``torchscript`` (a TorchScript archive) or
+    ``torch`` (an lsms checkpoint, or a run folder)."""
+    if path.is_dir():
+        return "torch"
+    if path.suffix.lower() == ".onnx":
+        return "onnxruntime"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "torch"  # not a zip archive: the checkpoint loader gives the precise error
+    return "torchscript" if any(n.split("/")[1:2] == ["code"] for n in names) else "torch"
+
+
+def load_backend(model: str | Path, backend: str | None = None, device: str = "auto", prefer: str = "best",
+                 threads: int | None = None, threshold: float | None = None) -> Backend:
+    """A backend for a run folder, checkpoint or exported file.
+
+    Args:
+        model: run folder or ``.pt`` checkpoint (backend ``torch``), ``.onnx`` file (``onnxruntime``) or
+            TorchScript file from ``lsms export`` (``torchscript``).
+        backend: one of :data:`BACKENDS`; None picks the one the file is for.
+        device: for the PyTorch backends (ONNX Runtime runs on the CPU).
+        prefer: which checkpoint of a run folder (``best`` or ``last``).
+        threads: ONNX Runtime intra-op threads.
+        threshold: override the model's probability threshold.
+    """
+    from lsms.distributed import pick_device
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {str(path)!r} does not exist (a run folder, a checkpoint or an exported file)")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    kind = file_backend(path)
+    backend = backend or kind
+    if backend != kind:
+        what = {"torch": "a checkpoint (or run folder)", "onnxruntime": "an ONNX file",
+                "torchscript": "a TorchScript file"}[kind]
+        raise ValueError(f"{path} is {what}: use --backend {kind}, or export it with 'lsms export' for {backend}")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if backend == "onnxruntime":
+        loaded: Backend = OnnxRuntimeBackend(path, threads)
+    elif backend == "torchscript":
+        loaded = TorchScriptBackend(path, pick_device(device))
+    else:
+        from lsms.checkpoint import load_trained
+
+        dev = pick_device(device)
+        net, preprocessing, checkpoint = load_trained(path, dev, prefer=prefer)
+        loaded = TorchBackend(net, preprocessing, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
+                              optimize=True)
+    if threshold is not None:
+        loaded.threshold = threshold
+    return loaded
+
+
+def add_backend_argument(p: Any) -> None:
+    """The ``--backend`` option of ``lsms predict`` and ``lsms evaluate``."""
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="torch (a run folder or checkpoint), onnxruntime (.onnx) or torchscript (files from "
+                        "'lsms export'); default: the one the file is for")
+
+
+__all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "TorchBackend", "TorchScriptBackend", "add_backend_argument",
+           "fuse_conv_bn", "load_backend"]
