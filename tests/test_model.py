@@ -282,7 +282,7 @@ def test_output_stride_2_starts_as_the_fsd_output():
         quarter = fsd.decoder(stages)[0]  # (1, 1, H/4, W/4)
         half = F.interpolate(quarter, size=(SIZE // 2, SIZE // 2), mode="bilinear", align_corners=False)
         expected = F.interpolate(half, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        out = refined(image, ids, mask)
+        out = refined.forward_features(image, ids, mask).logits
         assert torch.equal(out, expected)  # the residual starts at exactly zero
         torch.nn.init.normal_(refined.refine.out.weight)
         assert not torch.allclose(refined(image, ids, mask), out)

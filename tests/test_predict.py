@@ -105,7 +105,9 @@ def test_predictor_in_memory_and_pairs_csv(ckpt, tmp_path):
     a = predictor.predict(hu, "the larger cyst", features=True)
     b = predictor.predict(hu, "the larger cyst")
     assert a.mask.shape == a.probability.shape == (45, 61) and a.mask.dtype == bool
-    np.testing.assert_array_equal(a.probability, b.probability)  # deterministic
+    # the same network: with features the full decoder runs, without it the logits-only path (another float order)
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-5)
+    np.testing.assert_array_equal(a.mask, b.mask)
     assert len(a.features) == 4 and all(f.shape == (45, 61) for f in a.features)
     with pytest.raises(ValueError, match="image must be"):
         predictor.predict(np.zeros((2, 3, 4, 5)), "x")

@@ -77,7 +77,7 @@ def tiny_run_config(dataset: Path, out: Path, /, **overrides):
 
 
 def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True,
-                              model=None) -> Path:
+                              model=None, use_text: bool = True) -> Path:
     """A loadable checkpoint of a tiny random model, or of ``model`` (prediction tests need no training)."""
     import torch
 
@@ -88,7 +88,7 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
 
     torch.manual_seed(0)
     if model is None:
-        model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels}))
+        model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, "use_text": use_text}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
     return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)
 

@@ -216,8 +216,15 @@ class OnnxRuntimeBackend(ExportedBackend):
             import onnxruntime as ort
         except ImportError:
             raise RuntimeError("the onnxruntime backend needs ONNX Runtime: pip install 'lsms[export]'") from None
+        import onnx
+
         from lsms.export import ExportMetadata
 
+        try:  # the metadata first: a file lsms did not write is named as such, whatever ONNX Runtime makes of it
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as err:  # onnx raises protobuf's and its own exception types for damaged files
+            raise ValueError(f"{path}: not a readable ONNX file ({type(err).__name__})") from None
+        metadata = ExportMetadata.from_json(props.get(ExportMetadata.KEY), path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -226,8 +233,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         except Exception as err:  # onnxruntime raises its own exception types for damaged files
             raise ValueError(f"{path}: ONNX Runtime cannot load this file ({type(err).__name__}: "
                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        super().__init__(path, ExportMetadata.from_json(meta.get(ExportMetadata.KEY), path))
+        super().__init__(path, metadata)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _run(self, inputs: list[Tensor]) -> Tensor:
