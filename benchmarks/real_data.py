@@ -283,32 +283,27 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, dataset in zip(axes, ("btxrd", "kvasir")):
-        for r in (r for r in results if r["dataset"] == dataset):
-            pts = [(c["minutes"], c["val_dice"]) for c in r["curve"] if c["val_dice"] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{r['label']} (seed {r['seed']})")
-        ax.set(title=f"{dataset}: val Dice vs training minutes", xlabel="minutes of training", ylabel="val Dice")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    dice_path = out.with_name(out.name + "_dice_vs_minutes.png")
-    fig.savefig(dice_path, dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, dataset in zip(axes, ("btxrd", "kvasir")):
-        for r in (r for r in results if r["dataset"] == dataset):
-            ax.plot([c["step"] for c in r["curve"]], [c["train_loss"] for c in r["curve"]], marker=".",
-                    label=f"{r['label']} (seed {r['seed']})")
-        ax.set(title=f"{dataset}: training loss per epoch", xlabel="optimiser step", ylabel="mean train loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    loss_path = out.with_name(out.name + "_learning_curves.png")
-    fig.savefig(loss_path, dpi=110)
-    plt.close(fig)
-    return [dice_path.name, loss_path.name]
+    def figure(name: str, title: str, xlabel: str, ylabel: str, x: str, y: str, marker: str) -> str:
+        """One panel per dataset, one line per row: the (x, y) points of its curve (missing y skipped)."""
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, dataset in zip(axes, ("btxrd", "kvasir")):
+            for r in (r for r in results if r["dataset"] == dataset):
+                pts = [(c[x], c[y]) for c in r["curve"] if c[y] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, label=f"{r['label']} (seed {r['seed']})")
+            ax.set(title=f"{dataset}: {title}", xlabel=xlabel, ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out.with_name(f"{out.name}_{name}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path.name
+
+    return [figure("dice_vs_minutes", "val Dice vs training minutes", "minutes of training", "val Dice",
+                   "minutes", "val_dice", "o"),
+            figure("learning_curves", "training loss per epoch", "optimiser step", "mean train loss",
+                   "step", "train_loss", ".")]
 
 
 def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
