@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,28 @@ def spent_seconds(run: Path) -> float:
     return total + max(prev, 0.0)
 
 
+def train_or_resume(run: Path, key: str, budget_min: float, threads: int, ledger: dict[str, Any], ledger_path: Path,
+                    resume_command: Callable[[float], list[str]], start_command: Callable[[], list[str]]) -> None:
+    """Train RUN unless it finished: resume its last.pt with the minutes left of ``budget_min``, or start it
+    afresh; append the session (command, wall and CPU seconds, load before/after) to the ledger."""
+    if (run / "summary.json").exists():
+        return
+    load_before = os.getloadavg()[0]
+    if (run / "last.pt").exists():
+        left = max(budget_min - spent_seconds(run) / 60, 0.05)
+        cmd = resume_command(left)
+        say(f"{key}: resuming with {left:.2f} of {budget_min:g} min left")
+    else:
+        if run.exists():
+            shutil.rmtree(run)
+        cmd = start_command()
+        say(f"{key}: training for {budget_min:g} min")
+    usage = run_logged(cmd, run / "bench.log", threads)
+    ledger["sessions"].append({"command": shown(cmd, threads), **usage,
+                               "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]})
+    write_json(ledger_path, ledger)
+
+
 def ensure_synth(path: Path, threads: int) -> None:
     """Generate the benchmark's RefLiver-Synth once (again if SYNTH_ARGS changed)."""
     stamp = path.parent / (path.name + ".args.json")
@@ -282,21 +305,8 @@ def run_row(row: Row, s: Settings, fresh: bool = False) -> dict[str, Any]:
     log = run / "bench.log"
     ledger_path = run / "bench-ledger.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"sessions": []}
-    if not (run / "summary.json").exists():
-        load_before = os.getloadavg()
-        if (run / "last.pt").exists():
-            left = s.budget_min - spent_seconds(run) / 60
-            cmd = train_command(row, s, time_limit=max(left, 0.05), resume=True)
-            say(f"{row.key}: resuming with {max(left, 0.05):.2f} of {s.budget_min:g} min left")
-        else:
-            if run.exists():
-                shutil.rmtree(run)
-            cmd = train_command(row, s)
-            say(f"{row.key}: training for {s.budget_min:g} min")
-        usage = run_logged(cmd, log, s.threads)
-        ledger["sessions"].append({"command": shown(cmd, s.threads), **usage,
-                                   "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]]})
-        write_json(ledger_path, ledger)
+    train_or_resume(run, row.key, s.budget_min, s.threads, ledger, ledger_path,
+                    lambda left: train_command(row, s, time_limit=left, resume=True), lambda: train_command(row, s))
     summary = json.loads((run / "summary.json").read_text())
     # all text levels in one process (the same functions as lsms evaluate, the model loaded once)
     ds = DATASETS[row.dataset]

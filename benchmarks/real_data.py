@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds
+from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, train_or_resume
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
@@ -123,21 +122,8 @@ def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
     log = run / "bench.log"
     ledger_path = run / "bench-ledger.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"sessions": []}
-    if not (run / "summary.json").exists():
-        load_before = os.getloadavg()[0]
-        if (run / "last.pt").exists():
-            left = max(s.budget_min - spent_seconds(run) / 60, 0.05)
-            cmd = train_command(key, s, time_limit=left, resume=True)
-            say(f"{key}: resuming with {left:.2f} of {s.budget_min:g} min left")
-        else:
-            if run.exists():
-                shutil.rmtree(run)
-            cmd = train_command(key, s)
-            say(f"{key}: training for {s.budget_min:g} min")
-        usage = run_logged(cmd, log, s.threads)
-        ledger["sessions"].append({"command": shown(cmd, s.threads), **usage,
-                                   "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]})
-        write_json(ledger_path, ledger)
+    train_or_resume(run, key, s.budget_min, s.threads, ledger, ledger_path,
+                    lambda left: train_command(key, s, time_limit=left, resume=True), lambda: train_command(key, s))
     if any(not (run / f"eval-val-{lv}.json").exists() for lv in levels(row)):
         cmd = eval_command(key, s)
         usage = run_logged(cmd, log, s.threads)
