@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from lsms.config import merge_into
-from lsms.demo import DemoConfig, run_demo
+from lsms.demo import DemoConfig, choose_steps, run_demo
 
 from toy_data import tiny_model
 
@@ -28,3 +28,14 @@ def test_demo_writes_report(tmp_path):
     if "overlay" in text:  # needs a multi-lesion test slice, which 10 patients usually give
         assert (report / "overlay_two_sentences.png").is_file() and (report / "features_sentence1.png").is_file()
     assert json.loads((report / "metrics.json").read_text())["timings_s"]["total"] > 0
+    # the same test expressions in the held-out wording, evaluated beside
+    assert set(summary["test_heldout_wording"]) == {"full", "half", "quarter"}
+    assert "held-out wording" in text and (report / "data" / "manifest-phrasings-heldout.jsonl").is_file()
+    assert summary["test_heldout_wording"]["full"]["n_scored"] == summary["test"]["full"]["n_scored"]
+
+
+def test_choose_steps_fills_the_budget_mid_epoch():
+    # 1 s per step, 100 steps per epoch, 80 val samples (3.3 s per validation), 10 minutes
+    assert choose_steps(1.0, 100, 80, 10.0, max_epochs=12) == (6, 576)
+    assert choose_steps(0.5, 100, 80, 10.0, max_epochs=12) == (12, 1156)  # 1200 fit; validations take the rest
+    assert choose_steps(0.1, 100, 80, 10.0, max_epochs=3) == (3, 300)  # capped by max_epochs

@@ -212,3 +212,53 @@ def test_bad_arguments():
         sample_scores(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), [0], INSTANCES[None], [5])
     with pytest.raises(ValueError, match=r"target_instance must have shape \(1,\)"):
         sample_scores(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), [0], INSTANCES[None], [1, 2])
+
+
+# --------------------------------------------------------------------------- existence
+
+
+def _rec(i, score, pred_area, target_area, dice):
+    return {"id": i, "existence": score, "pred_area": pred_area, "target_area": target_area, "dice": dice}
+
+
+HAND = [  # three positives, three negatives (and a repeated id, dropped)
+    _rec("p1", 0.9, 10, 12, 0.8), _rec("p2", 0.7, 5, 6, 0.6), _rec("p3", 0.4, 0, 8, 0.0),
+    _rec("n1", 0.8, 3, 0, 0.0), _rec("n2", 0.3, 0, 0, None), _rec("n3", 0.6, 2, 0, 0.0),
+    _rec("n1", 0.1, 0, 0, None),
+]
+
+
+def test_existence_summary_hand_case():
+    from lsms.metrics import existence_summary
+
+    s = existence_summary(HAND)  # threshold 0.5: any predicted pixel counts as found
+    # AUROC: of the 9 (positive, negative) pairs, the positive scores higher in 3 + 2 + 1
+    assert s["existence_AUROC"] == pytest.approx(6 / 9)
+    assert s["n_positive"] == 3 and s["n_negative"] == 3 and s["existence_threshold"] == 0.5
+    assert s["negative_mask_rate"] == pytest.approx(2 / 3)  # n1 and n3 draw a mask
+    assert s["positive_miss_rate"] == pytest.approx(1 / 3)  # p3 predicts nothing
+    assert s["Dice_positive"] == s["Dice_positive_at_threshold"] == pytest.approx((0.8 + 0.6) / 3)
+    t = existence_summary(HAND, threshold=0.75)
+    assert t["negative_mask_rate"] == pytest.approx(1 / 3) and t["positive_miss_rate"] == pytest.approx(2 / 3)
+    assert t["Dice_positive_at_threshold"] == pytest.approx(0.8 / 3) and t["Dice_positive"] == s["Dice_positive"]
+    assert existence_summary(HAND[:3])["existence_AUROC"] is None  # no negatives
+    tied = [_rec("a", 0.7, 1, 1, 1.0), _rec("b", 0.7, 1, 0, 0.0)]
+    assert existence_summary(tied)["existence_AUROC"] == 0.5
+
+
+def test_choose_existence_threshold_hand_case():
+    from lsms.metrics import choose_existence_threshold
+
+    # costs (negatives drawn + positives missed): 0.5 -> 1, 0.6 -> 1, 0.7 -> 2/3, 0.8 -> 1, 0.9 -> 2/3: the smaller
+    assert choose_existence_threshold(HAND) == 0.7
+    assert choose_existence_threshold(HAND[:3]) is None
+    separable = [_rec("p", 0.95, 4, 4, 1.0), _rec("n", 0.6, 1, 0, 0.0)]
+    assert choose_existence_threshold(separable) == 0.95
+
+
+def test_existence_score_is_the_highest_probability():
+    from lsms.metrics import existence_score
+
+    logits = torch.full((2, 1, 4, 4), -5.0)
+    logits[0, 0, 1, 2] = 2.0
+    assert torch.allclose(existence_score(logits), torch.sigmoid(torch.tensor([2.0, -5.0])))

@@ -30,6 +30,11 @@ def _manifest(root: Path) -> list[dict]:
     return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
 
 
+def _lesion_records(root: Path) -> list[dict]:
+    """The records of lesions (negatives, which describe absent lesions, have tests of their own)."""
+    return [r for r in _manifest(root) if "negative" not in r]
+
+
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
@@ -68,7 +73,7 @@ def test_files_and_format(sets: dict[str, Path]) -> None:
     summary = json.loads((root / "dataset.json").read_text())
     assert summary["counts"]["expressions"] == len(recs) and summary["seed"] == summary["settings"]["seed"]
     assert (root / "README.md").is_file() and (root / "card" / "contact_sheet.png").is_file()
-    for r in recs:
+    for r in _lesion_records(root):
         img = np.load(root / r["image"])
         assert img.dtype == np.int16 and img.shape == (128, 128)
         assert r["modality"] == "CT" and r["text"] == r["texts"]["full"] and r["spacing"] == [350 / 128] * 2
@@ -80,7 +85,7 @@ def test_files_and_format(sets: dict[str, Path]) -> None:
 def test_masks_inside_liver_disjoint_and_target_is_instance(sets: dict[str, Path], slices: dict) -> None:
     root = sets["a"]
     by_slice: dict[str, list[dict]] = {}
-    for r in _manifest(root):
+    for r in _lesion_records(root):
         by_slice.setdefault(r["slice_id"], []).append(r)
     for sid, recs in by_slice.items():
         inst = np.asarray(Image.open(root / recs[0]["instances"]))
@@ -130,7 +135,7 @@ def _relation_holds(rel: dict, k: int, inst: np.ndarray, kinds: dict[int, str], 
 def test_full_expressions_true_and_unique(sets: dict[str, Path], slices: dict) -> None:
     root = sets["a"]
     ph = load_phrasing()
-    recs = _manifest(root)
+    recs = _lesion_records(root)
     by_slice: dict[str, list[dict]] = {}
     for r in recs:
         by_slice.setdefault(r["slice_id"], []).append(r)
@@ -230,6 +235,8 @@ def test_phrasing_file_swaps_wording(tmp_path: Path) -> None:
     (dict(diameter_mm=(50.0, 10.0)), "diameter-mm"),
     (dict(val_share=0.6, test_share=0.5), "val-share"),
     (dict(patients=0), "patients"),
+    (dict(negative_share=1.2), "negative-share"),
+    (dict(variants=-1), "variants"),
 ])
 def test_bad_settings_name_the_option(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):

@@ -97,6 +97,16 @@ def test_evaluate_is_deterministic_and_matches_training(toy, tmp_path):
     assert first["summary"]["n_images"] == 4
 
 
+def test_max_steps_ends_training_mid_epoch_with_the_schedule(toy, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_run_config(toy, run, optim={"epochs": 3, "max_steps": 4, "warmup_steps": 1}))
+    assert summary["step"] == 4 and summary["epoch"] == 1  # 3 steps per epoch: stopped in the second
+    steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"kind": "step"' in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    assert steps[-1]["lr"] == pytest.approx(1e-3 * (1 - 2 / 3) ** 0.9)  # the poly schedule over 4 steps
+    assert summary["last_metrics"]  # validated at the end
+
+
 def test_cli_train_evaluate_with_settings_file(toy, tmp_path):
     run = tmp_path / "run"
     # a settings file as lsms 0.1 wrote them (flat keys): it still loads, its keys at their new places

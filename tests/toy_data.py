@@ -50,6 +50,28 @@ def make_toy_dataset(root: str | Path, n_images: int = 8, n_val: int = 4, size: 
     return root
 
 
+def add_negatives(root: str | Path) -> Path:
+    """Adds to a toy dataset one negative expression per image: a sentence about a lesion that is not there
+    (the toy images hold no square), with an empty mask and ``target_instance`` 0."""
+    root = Path(root)
+    lines = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    images = {}
+    for r in lines:
+        images.setdefault(r["image"], r)
+    for image, r in images.items():
+        name = Path(image).stem
+        size = np.asarray(Image.open(root / r["mask"])).shape
+        Image.fromarray(np.zeros(size, np.uint8)).save(root / "masks" / f"{name}_none.png")
+        lines.append({"id": f"{name}_none", "image": image, "mask": f"masks/{name}_none.png",
+                      "text": "the square lesion in the middle of the image", "split": r["split"],
+                      "instances": r["instances"], "target_instance": 0, "patient": r["patient"], "modality": "XR",
+                      "negative": "type"})
+    with open(root / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return root
+
+
 def tiny_model() -> dict:
     """A very small LSMS with a tiny random text encoder, as settings (plain data)."""
     return dict(preset="tiny", widths=[16, 32, 32, 64], depths=[1, 1, 1, 1], ham_channels=32, head_channels=32,

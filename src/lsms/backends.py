@@ -29,7 +29,8 @@ TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
 
 class Backend:
     """A trained model with what prediction needs: ``preprocessing``, ``tokenizer`` (None without text),
-    ``threshold`` (probability above which a pixel is lesion), ``source`` (the checkpoint it came from) and
+    ``threshold`` (probability above which a pixel is lesion), ``existence_threshold`` (the existence score
+    below which the described lesion is "not found"; None: never), ``source`` (the checkpoint it came from) and
     ``epoch``. Calling it maps image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W) on the CPU.
     """
 
@@ -39,6 +40,7 @@ class Backend:
                  epoch: int | None):
         self.config, self.preprocessing, self.tokenizer = config, preprocessing, tokenizer
         self.threshold, self.source, self.epoch = threshold, source, epoch
+        self.existence_threshold: float | None = None
 
     @property
     def uses_text(self) -> bool:
@@ -163,6 +165,7 @@ class ExportedBackend(Backend):
         tokenizer = Tokenizer(model["text"]["encoder"], metadata.max_tokens) if metadata.max_tokens else None
         super().__init__(model, Preprocessing.from_dict(dict(metadata.preprocessing)), tokenizer,
                          metadata.threshold, metadata.source, metadata.epoch)
+        self.existence_threshold = metadata.existence_threshold
 
     def _check(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
         C, (H, W) = self.preprocessing.in_channels, self.metadata.image_size
@@ -310,12 +313,13 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
     elif backend == "torchscript":
         loaded = TorchScriptBackend(path, pick_device(device))
     else:
-        from lsms.checkpoint import load_trained
+        from lsms.checkpoint import existence_threshold_of, load_trained
 
         dev = pick_device(device)
         net, preprocessing, checkpoint = load_trained(path, dev, prefer=prefer)
         loaded = TorchBackend(net, preprocessing, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
                               optimize=True)
+        loaded.existence_threshold = existence_threshold_of(checkpoint)
     if threshold is not None:
         loaded.threshold = threshold
     return loaded

@@ -288,6 +288,13 @@ def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
         )
 
 
+def existence_threshold_of(checkpoint: dict[str, Any]) -> float | None:
+    """The existence threshold chosen on the validation split when this checkpoint was saved (None if the
+    split had no negative expressions to choose it with)."""
+    value = (checkpoint.get("metrics") or {}).get("existence_threshold")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):
     """(model in eval mode, preprocessing, checkpoint dict) from a run folder or checkpoint file."""
     path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)

@@ -48,6 +48,9 @@ class OptimConfig(DictRoundTrip):
     settings_name: ClassVar[str] = "optim settings"
 
     epochs: int = 50
+    # stop after this many optimiser steps, mid-epoch if need be; the schedule ends there (None: epochs x
+    # steps per epoch). What a time budget sets: the demo measures its step time and gives the steps that fit
+    max_steps: int | None = None
     batch_size: int = 8  # per process
     lr: float = 1e-3
     text_lr: float | None = None  # text-encoder lr; None: lr * text_lr_scale
@@ -65,6 +68,8 @@ class OptimConfig(DictRoundTrip):
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps must be >= 1 (or null: epochs x steps per epoch), got {self.max_steps}")
         for name in ("lr", "text_lr_scale", "poly_power"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")

@@ -36,7 +36,13 @@ from lsms.backends import add_backend_argument, load_backend
 from lsms.data import TEXT_LEVELS, SegmentationDataset, load_samples
 from lsms.data.loaders import make_loader
 from lsms.distributed import DistEnv, gather_records, pick_device
-from lsms.metrics import sample_scores, summarize
+from lsms.metrics import (
+    choose_existence_threshold,
+    existence_score,
+    existence_summary,
+    sample_scores,
+    summarize,
+)
 from lsms.optim import autocast
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv,
                    amp: torch.dtype | None = None, progress: bool = False,
                    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
-                   empty_policy: str = "one") -> dict[str, Any]:
+                   empty_policy: str = "one", existence_threshold: float | str | None = None) -> dict[str, Any]:
     """Per-sample records over the whole split (gathered from all ranks) and their summary.
 
     Args:
@@ -55,6 +61,10 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         loader: from :func:`make_loader`.
         on_batch: called with each batch and its logits (B, 1, H, W) on the CPU (e.g. to save predictions).
         empty_policy: how an empty target with an empty prediction scores (see :func:`lsms.metrics.summarize`).
+        existence_threshold: when the split has both positives and negatives (expressions with an empty target),
+            the summary adds the existence metrics (:func:`lsms.metrics.existence_summary`) at this threshold;
+            ``"choose"`` picks it on this split (:func:`lsms.metrics.choose_existence_threshold`, as validation
+            during training does); None: 0.5 (any predicted pixel counts as found).
 
     Returns:
         ``{"records": [...], "summary": {...}}``, identical on every rank.
@@ -80,16 +90,27 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
     if isinstance(model, nn.Module):
         model.train(was_training)
     records = gather_records(records, env)
-    return {"records": records, "summary": summarize(records, empty_policy=empty_policy)}
+    summary = summarize(records, empty_policy=empty_policy)
+    if any(r["target_area"] == 0 for r in records) and any(r["target_area"] > 0 for r in records):
+        threshold = choose_existence_threshold(records) if existence_threshold == "choose" else existence_threshold
+        summary.update(existence_summary(records, threshold))
+    return {"records": records, "summary": summary}
 
 
 def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-sample metric records of a collated batch, in batch order.
+    """Per-sample metric records of a collated batch, in batch order, with each sample's ``existence`` score.
 
     The dataset marks a record without an instance map by instances = -1 and without a referred lesion by
     target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
     target taken as the referred one.
     """
+    records = _scores(logits, batch)
+    for r, score in zip(records, existence_score(logits).tolist(), strict=True):
+        r["existence"] = score
+    return records
+
+
+def _scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
     inst = batch.get("instances")
     target_inst = batch.get("target_instance")
     ids = list(batch["id"])
@@ -141,7 +162,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
         dataset = SegmentationDataset(records, model.preprocessing, augment=False, text_level=level)
         loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=model.tokenizer)
         result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
-                                empty_policy=empty_policy)
+                                empty_policy=empty_policy, existence_threshold=model.existence_threshold)
         results[level] = {**result, "checkpoint": str(getattr(model, "path", model.source)), "epoch": model.epoch}
     return results
 

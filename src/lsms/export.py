@@ -59,6 +59,8 @@ class ExportMetadata(DictRoundTrip):
         max_tokens: the tokenizer's maximum tokens per sentence; None for a model without text.
         batch: the fixed batch size, or None (any batch).
         threshold: probability above which a pixel is lesion.
+        existence_threshold: the existence score below which prediction says "not found" (chosen on the
+            validation split during training; None: never).
         quantize: None (fp32) or ``int8``.
         inputs: graph input names in order.
         source / epoch: the checkpoint it was exported from and its epoch.
@@ -77,6 +79,7 @@ class ExportMetadata(DictRoundTrip):
     max_tokens: int | None
     batch: int | None
     threshold: float = 0.5
+    existence_threshold: float | None = None
     quantize: str | None = None
     inputs: tuple[str, ...] = ("image", "input_ids", "attention_mask")
     source: str = ""
@@ -140,7 +143,7 @@ def export_model(model_path: str | Path, out: str | Path, export_format: str = "
     Returns:
         (path written, its metadata, largest |logit difference| to the PyTorch model on an example).
     """
-    from lsms.checkpoint import load_trained
+    from lsms.checkpoint import existence_threshold_of, load_trained
 
     if quantize and calibration is None:
         raise ValueError("--quantize int8 needs --calibration DATA: a few training images set the activation ranges")
@@ -151,13 +154,15 @@ def export_model(model_path: str | Path, out: str | Path, export_format: str = "
         feeds = calibration_feeds(Path(calibration), dataclasses.replace(preprocessing, image_size=size),
                                   model.tokenizer if model.config.use_text else None, batch or 1, calibration_samples)
     return export_network(model, preprocessing, out, export_format, image_size, max_tokens, batch, quantize, feeds,
-                          source=str(checkpoint["path"]), epoch=checkpoint.get("epoch"))
+                          source=str(checkpoint["path"]), epoch=checkpoint.get("epoch"),
+                          existence_threshold=existence_threshold_of(checkpoint))
 
 
 def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export_format: str = "onnx",
                    image_size: int | None = None, max_tokens: int | None = None, batch: int | None = 1,
                    quantize: str | None = None, calibration: list[dict[str, Any]] | None = None,
-                   source: str = "", epoch: int | None = None) -> tuple[Path, ExportMetadata, float]:
+                   source: str = "", epoch: int | None = None, existence_threshold: float | None = None
+                   ) -> tuple[Path, ExportMetadata, float]:
     """Export an in-memory model (eval mode; its BatchNorms are folded in place) with its preprocessing.
 
     ``calibration``: int8 calibration inputs, a list of {graph input name: array} (see :func:`calibration_feeds`).
@@ -195,7 +200,7 @@ def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export
         export_format=export_format, model=model.config.to_dict(), preprocessing=preprocessing.to_dict(),
         image_size=size, max_tokens=max_tokens if use_text else None, batch=batch, quantize=quantize,
         inputs=("image", "input_ids", "attention_mask") if use_text else ("image",),
-        source=source, epoch=epoch, lsms_version=__version__,
+        source=source, epoch=epoch, lsms_version=__version__, existence_threshold=existence_threshold,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

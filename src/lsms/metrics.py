@@ -21,6 +21,14 @@ With a non-empty target both definitions are MONAI's ``compute_dice`` / ``comput
 (``tests/test_metrics.py`` checks the equality). They are computed here in plain torch because the per-sample
 records need the raw counts (intersection, union, areas) and ``import monai`` costs seconds.
 
+Existence (does the sentence match a lesion of the image at all?): each record may carry ``existence``, the
+model's score that the described lesion is present (LSMS: the highest mask probability, see docs/model.md).
+:func:`existence_summary` reports, over images with a non-empty target (positives) and with an empty one
+(negatives: the sentence describes a lesion that is not there), the ROC AUC of the score, the share of
+negatives on which a mask is drawn at a threshold, the share of positives without one, and the Dice of the
+positives when masks below the threshold are withheld; :func:`choose_existence_threshold` picks the threshold
+on a validation split.
+
 Distributed evaluation: :func:`sample_scores` turns a batch into per-sample records (plain Python values, so
 they can be gathered with ``torch.distributed.all_gather_object``); :func:`summarize` aggregates records from
 all ranks once, dropping repeated ids (a ``DistributedSampler`` pads the last batch with repeats). Sums use
@@ -44,6 +52,9 @@ __all__ = [
     "PredKind",
     "SampleRecord",
     "binarize",
+    "choose_existence_threshold",
+    "existence_score",
+    "existence_summary",
     "sample_scores",
     "summarize",
 ]
@@ -61,7 +72,8 @@ class SampleRecord(TypedDict):
 
     ``dice`` and ``iou`` are None when both the prediction and the target are empty (0/0); the empty policy
     of :func:`summarize` decides what that counts as. ``referred_hit`` is None when no instance map was given
-    or the expression refers to no instance.
+    or the expression refers to no instance. Evaluation adds ``existence`` (float), the model's score that the
+    described lesion is present, where the model gives one.
     """
 
     id: str | int
@@ -331,3 +343,85 @@ class MetricAccumulator:
     def reset(self) -> None:
         """Forget all records."""
         self.records = []
+
+
+# --------------------------------------------------------------------------- existence ("not present")
+
+# the lowest threshold that means anything: below it the mask (probability > 0.5) is empty anyway
+MIN_EXISTENCE_THRESHOLD = 0.5
+
+
+def existence_score(logits: Tensor) -> Tensor:
+    """The existence score of each sample, (B,) from logits (B, 1, H, W): the highest mask probability.
+
+    A calibration-free choice (no extra head): training with negative expressions (empty targets) teaches the
+    model to keep every pixel below 0.5 when nothing matches, and the score orders how sure the most
+    confident pixel is. docs/model.md has the measurements.
+    """
+    return torch.sigmoid(logits.detach().float().flatten(1).amax(1))
+
+
+def _split_by_target(records: Iterable[SampleRecord]) -> tuple[list[SampleRecord], list[SampleRecord]]:
+    seen: set[str | int] = set()
+    pos, neg = [], []
+    for r in records:
+        if r["id"] in seen or "existence" not in r:
+            continue
+        seen.add(r["id"])
+        (pos if r["target_area"] > 0 else neg).append(r)
+    return pos, neg
+
+
+def _drawn(r: SampleRecord, threshold: float) -> bool:
+    """Whether a mask is shown for this record: something predicted, and the score reaches the threshold."""
+    return r["pred_area"] > 0 and r["existence"] >= threshold
+
+
+def existence_summary(records: Iterable[SampleRecord], threshold: float | None = None) -> dict[str, float | int | None]:
+    """Existence metrics over records with an ``existence`` score (ids de-duplicated; see the module docstring).
+
+    Args:
+        records: :func:`sample_scores` records with ``existence`` set.
+        threshold: masks are withheld ("not found") below it; None: :data:`MIN_EXISTENCE_THRESHOLD` (any
+            predicted pixel counts as found).
+
+    Returns:
+        ``existence_AUROC`` (None unless there are both positives and negatives), ``negative_mask_rate``
+        (negatives with a mask drawn), ``positive_miss_rate`` (positives without one), ``Dice_positive``
+        and ``Dice_positive_at_threshold`` (mean Dice over positives, without and with the withholding),
+        ``existence_threshold``, ``n_positive``, ``n_negative``.
+    """
+    t = MIN_EXISTENCE_THRESHOLD if threshold is None else float(threshold)
+    pos, neg = _split_by_target(records)
+    auroc = None
+    if pos and neg:
+        from scipy.stats import mannwhitneyu  # deferred on purpose: SciPy is only needed here
+
+        u = mannwhitneyu([r["existence"] for r in pos], [r["existence"] for r in neg]).statistic
+        auroc = float(u) / (len(pos) * len(neg))  # P(score of a positive > score of a negative), ties count 1/2
+    dice = [r["dice"] or 0.0 for r in pos]
+    return {
+        "existence_AUROC": auroc,
+        "negative_mask_rate": _mean([float(_drawn(r, t)) for r in neg]),
+        "positive_miss_rate": _mean([float(not _drawn(r, t)) for r in pos]),
+        "Dice_positive": _mean(dice),
+        "Dice_positive_at_threshold": _mean([d if _drawn(r, t) else 0.0 for d, r in zip(dice, pos, strict=True)]),
+        "existence_threshold": t,
+        "n_positive": len(pos),
+        "n_negative": len(neg),
+    }
+
+
+def choose_existence_threshold(records: Iterable[SampleRecord]) -> float | None:
+    """The threshold (>= 0.5) that minimises ``negative_mask_rate + positive_miss_rate`` on these records (the
+    smallest on ties); None without both positives and negatives to choose from."""
+    pos, neg = _split_by_target(records)
+    if not pos or not neg:
+        return None
+    candidates = sorted({MIN_EXISTENCE_THRESHOLD, *(r["existence"] for r in pos + neg if r["existence"] > 0.5)})
+    best = None
+    for t in candidates:
+        cost = (sum(_drawn(r, t) for r in neg) / len(neg)) + (sum(not _drawn(r, t) for r in pos) / len(pos))
+        if best is None or cost < best[0]:
+            best = (cost, t)
+    return float(best[1])

@@ -15,6 +15,11 @@ feature maps as heat maps, as in the paper's Fig. 6), and ``predictions.csv`` li
 Pre- and post-processing live here, not in the network (SAM's ``Predictor``): the checkpoint's saved
 :class:`~lsms.data.Preprocessing` maps the raw image to the model input exactly as in training; the logits are
 resized back to the input size (bilinear) and thresholded at probability 0.5.
+
+"Not found": every prediction has an existence score (the highest mask probability, on the model's grid;
+:func:`lsms.metrics.existence_score`). Below the model's existence threshold (chosen on the validation split
+during training, when it held negative expressions; ``--existence-threshold`` overrides it) the mask is
+withheld (empty), ``predictions.csv`` says ``found`` False and the overlay's caption says "not found".
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.intensity import input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
 from lsms.data.readers import is_dicom, volume_depth
+from lsms.metrics import existence_score
 from lsms.runs import writable_folder
 
 log = logging.getLogger(__name__)
@@ -55,12 +61,16 @@ class Prediction:
         probability: float32 (H, W) in [0, 1].
         text: the sentence used ("" for a model without text).
         features: with ``features=True``, four float32 (H, W) heat maps in [0, 1], stages 1..4 (F1..F4).
+        existence: the score that the described lesion is in the image (highest mask probability).
+        found: False when ``existence`` is under the existence threshold: then ``mask`` is empty.
     """
 
     mask: np.ndarray
     probability: np.ndarray
     text: str
     features: list[np.ndarray] | None = None
+    existence: float = 1.0
+    found: bool = True
 
 
 class Predictor:
@@ -77,11 +87,16 @@ class Predictor:
         preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with (a backend brings its own).
         device: where to run a model.
         threshold: probability above which a pixel is lesion (default: the backend's, 0.5).
+        existence_threshold: existence score below which the mask is withheld ("not found"); default the
+            backend's (chosen on the validation split during training; None there: never withheld); 0: never.
     """
 
-    def __init__(self, model, preprocessing=None, device: torch.device | str = "cpu", threshold: float | None = None):
+    def __init__(self, model, preprocessing=None, device: torch.device | str = "cpu", threshold: float | None = None,
+                 existence_threshold: float | None = None):
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        if existence_threshold is not None and not 0.0 <= existence_threshold < 1.0:
+            raise ValueError(f"existence threshold must lie in [0, 1) (0: never 'not found'), got {existence_threshold}")
         if not isinstance(model, Backend):
             if preprocessing is None:
                 raise ValueError("a model needs its preprocessing (from the checkpoint's config)")
@@ -89,12 +104,15 @@ class Predictor:
         self.backend = model
         self.preprocessing = preprocessing or model.preprocessing
         self.threshold = threshold if threshold is not None else model.threshold
+        self.existence_threshold = existence_threshold if existence_threshold is not None else model.existence_threshold
 
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,
-                        prefer: str = "best", backend: str | None = None) -> Predictor:
+                        prefer: str = "best", backend: str | None = None,
+                        existence_threshold: float | None = None) -> Predictor:
         """From a run folder, checkpoint or ``lsms export`` file; ``backend`` as in :func:`lsms.backends.load_backend`."""
-        return cls(load_backend(run_or_checkpoint, backend, device, prefer=prefer, threshold=threshold))
+        return cls(load_backend(run_or_checkpoint, backend, device, prefer=prefer, threshold=threshold),
+                   existence_threshold=existence_threshold)
 
     @property
     def uses_text(self) -> bool:
@@ -117,9 +135,12 @@ class Predictor:
             maps = [heat_map(f, (H, W)) for f in out.stages]
         else:
             logits = self.backend(*inputs)
+        existence = float(existence_score(logits)[0])
+        found = self.existence_threshold is None or existence >= self.existence_threshold
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
         prob = torch.sigmoid(logits)[0, 0].numpy()
-        return Prediction(mask=threshold_mask(prob, self.threshold), probability=prob, text=text, features=maps)
+        mask = threshold_mask(prob, self.threshold) if found else np.zeros(prob.shape, dtype=bool)
+        return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found)
 
     def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
         """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
@@ -388,6 +409,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probability", action="store_true", help="also write the probability map (PNG, x255)")
     p.add_argument("--features", action="store_true", help="also write the four stage feature maps as heat maps")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--existence-threshold", type=float, default=None, metavar="T",
+                   help="existence score under which the lesion is reported 'not found' and no mask is drawn "
+                        "(default: the model's, chosen on its validation split; 0: always draw the mask)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_backend_argument(p)
@@ -401,11 +425,16 @@ def run(args: argparse.Namespace) -> int:
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
     writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
-                                          backend=args.backend)
+                                          backend=args.backend, existence_threshold=args.existence_threshold)
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
     failed = [r for r in rows if r.get("error")]
     listing = Path(args.out) / "predictions.csv"
     print(f"{len(rows) - len(failed)} prediction(s) written to {args.out} (list: {listing})")
+    for r in rows:
+        if r.get("found") is False:
+            where = r["input"] if r["slice"] == "" else f"{r['input']} slice {r['slice']}"
+            print(f"not found: {r['text']!r} in {where} (existence {r['existence']:.3f} < "
+                  f"{predictor.existence_threshold:.3f}): no mask drawn")
     if failed:
         print(f"{len(failed)} input(s) failed and were skipped; predictions.csv lists each with its error")
         return 1
@@ -470,11 +499,12 @@ def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: 
         tag = name if len(job.texts) == 1 else f"{name}_t{j}"
         row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
                                "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max()),
-                               "_mask": pred.mask}
+                               "existence": round(pred.existence, 4), "found": pred.found, "_mask": pred.mask}
         if image.geometry is None:
             row["mask"] = str(out / f"{tag}_mask.png")
             save_mask_png(pred.mask, row["mask"])
-        row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [text],
+        caption = text if pred.found else f"{text} (not found: existence {pred.existence:.2f})"
+        row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [caption],
                                           out / f"{tag}_overlay.png"))
         if probability:
             row["probability"] = str(out / f"{tag}_prob.png")
@@ -492,8 +522,8 @@ def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = ["input", "slice", "text", "mask", "overlay", "probability", "features", "area_px", "max_probability",
-               "error"]
+    columns = ["input", "slice", "text", "found", "existence", "mask", "overlay", "probability", "features", "area_px",
+               "max_probability", "error"]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -113,7 +113,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_set)} training samples are fewer than one batch ({o.batch_size} x "
                          f"{env.world_size} processes); lower --batch-size")
-    total_steps = o.epochs * steps_per_epoch
+    total_steps = min(o.epochs * steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch)
     epoch, step, batch_in_epoch = 0, 0, 0
     best = {"metric": cfg.best_metric, "value": -math.inf, "epoch": -1}
     if checkpoint is not None:
@@ -147,7 +147,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
     started, time_up, last_metrics = time.perf_counter(), False, {}
 
-    while epoch < o.epochs and not time_up:
+    while epoch < o.epochs and step < total_steps and not time_up:
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         train_set.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, index): resumable
         indices = list(sampler)[: steps_per_epoch * o.batch_size][batch_in_epoch * o.batch_size:]
@@ -185,6 +185,8 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
                 if env.is_main:
                     log.warning("time limit of %.1f minutes reached at step %d; stopping", cfg.time_limit_minutes, step)
                 break
+            if step >= total_steps:  # optim.max_steps reached mid-epoch
+                break
         if bar is not None:
             bar.close()
         if batch_in_epoch >= steps_per_epoch:
@@ -193,10 +195,12 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
 
         # ---- validation: every sample exactly once over all ranks, rank 0's BatchNorm statistics
         metrics: dict[str, Any] = {}
-        if val_loader is not None and (epoch % cfg.val_every == 0 or epoch >= o.epochs or time_up):
+        last = epoch >= o.epochs or step >= total_steps or time_up
+        if val_loader is not None and (epoch % cfg.val_every == 0 or last):
             D.broadcast_buffers(model, env)
-            metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype,
-                                                    progress=logs.progress)["summary"]
+            # with negative expressions in val, the existence threshold is chosen here and saved with the model
+            metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype, progress=logs.progress,
+                                                    existence_threshold="choose")["summary"]
         score = metrics.get(cfg.best_metric)
         improved = score is not None and score > best["value"]
         if improved:
@@ -359,6 +363,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     o = d.optim
     g.add_argument("--epochs", dest="optim.epochs", type=int, default=S, help=f"(default {o.epochs})")
+    g.add_argument("--max-steps", dest="optim.max_steps", type=int, default=S,
+                   help="stop after this many optimiser steps, mid-epoch if need be; the learning-rate schedule "
+                        "ends there (default: epochs x steps per epoch)")
     g.add_argument("--batch-size", dest="optim.batch_size", type=int, default=S, help=f"per process (default {o.batch_size})")
     g.add_argument("--lr", dest="optim.lr", type=float, default=S, help=f"peak learning rate (default {o.lr}; paper {PAPER_LR})")
     g.add_argument("--text-lr", dest="optim.text_lr", type=float, default=S,

@@ -127,7 +127,7 @@ def _check_record(r: Record) -> tuple[list[Problem], str | None]:
             add("error", "nan-inf", f"{r.mask_path}: the mask holds NaN/inf", r.mask_path)
         else:
             top = float(m.max())
-            if top <= 0:
+            if top <= 0 and r.target_instance != 0:  # target_instance 0: a negative, empty on purpose
                 add("warning", "empty-mask", f"{r.mask_path}: the mask has no lesion pixel", r.mask_path)
             grey = int(((m != 0) & (m != top)).sum())
             if grey:

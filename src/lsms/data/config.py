@@ -25,6 +25,10 @@ class DataConfig(DictRoundTrip):
     train_split: str = "train"
     val_split: str = "val"
     text_level: str = "full"  # full | half | quarter | none  (training expressions)
+    # train-time text augmentation: share of training items that get one of their record's ``variants``
+    # (paraphrases written by ``lsms synth``: other phrasing files, details dropped or reordered) instead of
+    # its expression; records without variants keep theirs
+    paraphrase_p: float = 0.0
     augment: bool = False  # the paper trains without augmentation
     augmentation: Augmentation = field(default_factory=Augmentation)  # what augment does (patches, flips, ...)
     group_by_image: bool = False  # batches hold several expressions of the same image (referring signal)
@@ -36,6 +40,8 @@ class DataConfig(DictRoundTrip):
         check_image_size(self.image_size, what="data.image_size (--image-size)")
         if self.text_level not in TEXT_LEVELS:
             raise ValueError(f"data.text_level must be one of {', '.join(TEXT_LEVELS)}, got {self.text_level!r}")
+        if not 0.0 <= self.paraphrase_p <= 1.0:
+            raise ValueError(f"data.paraphrase_p must be in [0, 1], got {self.paraphrase_p}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.augmentation.seed != 0:

@@ -32,6 +32,9 @@ from lsms.data.readers import read_image, read_label_map, read_mask
 
 log = logging.getLogger(__name__)
 
+PARAPHRASE_STREAM = 1  # (seed, epoch, index, 1): the paraphrase draw, apart from the augmentation's (seed, epoch, index)
+
+
 class SampleError(ValueError):
     """A sample could not be loaded; the message names the record and the file."""
 
@@ -47,6 +50,9 @@ class SegmentationDataset(Dataset):
             ``half``/``quarter`` fall back to ``text`` for records without ``texts``.
         on_error: ``raise`` stops at the first bad sample with its file and problem; ``skip`` replaces it by
             the next good one, logs it, lists it in the item's ``skipped`` key and in :attr:`skipped`.
+        paraphrase_p: train-time text augmentation at ``text_level`` full: the share of items given one of their
+            record's ``variants`` (paraphrases) instead of the expression; drawn from (seed, epoch, index) only.
+        seed: the run's seed (for ``paraphrase_p``; the augmentation carries its own).
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class SegmentationDataset(Dataset):
         augment: bool | Augmentation = False,
         text_level: str = "full",
         on_error: str = "raise",
+        paraphrase_p: float = 0.0,
+        seed: int = 0,
     ):
         if text_level not in TEXT_LEVELS:
             raise ValueError(f"text_level must be one of {', '.join(TEXT_LEVELS)}, got {text_level!r}")
@@ -68,6 +76,8 @@ class SegmentationDataset(Dataset):
         self.augmentation = Augmentation() if augment is True else (augment or None)
         self.text_level = text_level
         self.on_error = on_error
+        self.paraphrase_p = paraphrase_p
+        self.seed = seed
         self.epoch = 0
         self.skipped: dict[str, str] = {}  # id -> problem, in this process
         self._warned_mismatch = False
@@ -78,6 +88,17 @@ class SegmentationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draw (call once per epoch; workers see it from the next epoch's iterator)."""
         self.epoch = epoch
+
+    def text_of(self, index: int) -> str:
+        """The expression item ``index`` gets this epoch: the record's text at ``text_level``, or with
+        ``paraphrase_p`` (level full) sometimes one of its ``variants``."""
+        r = self.records[index]
+        variants = r.extra.get("variants") if self.paraphrase_p and self.text_level == "full" else None
+        if variants:
+            rng = np.random.default_rng([self.seed, self.epoch, index, PARAPHRASE_STREAM])
+            if rng.random() < self.paraphrase_p:
+                return str(variants[int(rng.integers(len(variants)))])
+        return r.text_at(self.text_level)
 
     def load(self, index: int) -> dict[str, Any]:
         """Read and preprocess one record; raises :class:`SampleError` naming the record and file."""
@@ -103,7 +124,7 @@ class SegmentationDataset(Dataset):
         except (ValueError, FileNotFoundError, OSError) as err:
             raise SampleError(f"sample {r.id!r} ({r.split}): {err}") from err
         m = resize_labels(torch.from_numpy(mask.astype(np.uint8)), prep.image_size)
-        text = r.text_at(self.text_level)
+        text = self.text_of(index)
         if instances is not None:
             inst = resize_labels(torch.from_numpy(instances), prep.image_size)
             target = int(r.target_instance) if r.target_instance is not None else -1

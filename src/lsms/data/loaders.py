@@ -48,7 +48,8 @@ def build_datasets(cfg: DataConfig, seed: int, preprocessing: Preprocessing | No
             preprocessing = dataclasses.replace(preprocessing, **parse_window(cfg.window))
     # draws depend on (seed, epoch, index) only
     augment = dataclasses.replace(cfg.augmentation, seed=seed) if cfg.augment else False
-    train_set = SegmentationDataset(train_records, preprocessing, augment=augment, text_level=cfg.text_level)
+    train_set = SegmentationDataset(train_records, preprocessing, augment=augment, text_level=cfg.text_level,
+                                    paraphrase_p=cfg.paraphrase_p, seed=seed)
     val_set = SegmentationDataset(val_records, preprocessing, augment=False, text_level="full") if val_records else None
     return preprocessing, train_set, val_set
 

@@ -40,7 +40,8 @@ class Record:
         split: ``train``, ``val`` or ``test``.
         texts: expression at several levels of detail (keys from ``full``, ``half``, ``quarter``).
         instances: instance label map (0 = background, k = lesion k).
-        target_instance: label of the referred lesion in ``instances``.
+        target_instance: label of the referred lesion in ``instances``; 0 for a negative expression (it
+            describes a lesion that is not in the image; the mask is empty).
         attributes: structured attributes of the referred lesion.
         spacing: pixel spacing (row, column) in mm.
         patient: patient id (splits are by patient).
@@ -159,10 +160,14 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
         bad = sorted(set(texts) - set(WRITTEN_LEVELS))
         if bad:
             raise ValueError(f"{where}: field 'texts' has unknown level(s) {bad}; use {', '.join(WRITTEN_LEVELS)}")
+    variants = line.get("variants")
+    if variants is not None and (not isinstance(variants, list) or not all(isinstance(v, str) and v for v in variants)):
+        raise ValueError(f"{where}: field 'variants' must be a list of non-empty strings (paraphrases of 'text')")
     instances = _check_str(line, "instances", where, False)
     target = line.get("target_instance")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):
-        raise ValueError(f"{where}: field 'target_instance' must be a positive integer label, got {target!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 0):
+        raise ValueError(f"{where}: field 'target_instance' must be a positive integer label (0: the expression "
+                         f"refers to no lesion of the image, a negative), got {target!r}")
     if target is not None and instances is None:
         raise ValueError(f"{where}: field 'target_instance' is set but 'instances' (the label map) is missing")
     attributes = line.get("attributes")

@@ -39,7 +39,7 @@ def examples() -> tuple[Example, ...]:
         if split != "test":
             continue
         for j in range(cfg.slices_per_patient):
-            s = render_slice(cfg, i, j)
+            s = render_slice(cfg, i, j, paraphrasings=[])  # no paraphrases: only the expressions are shown
             if len(s.texts) < 2:
                 continue
             spacing = cfg.fov_mm / cfg.image_size

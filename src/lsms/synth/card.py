@@ -77,6 +77,8 @@ def write_contact_sheet(out: Path, records: list[dict[str, Any]], per_type: int 
 
 def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Writes ``README.md`` and ``card/contact_sheet.png`` next to the data."""
+    negatives = [r for r in records if "negative" in r]
+    records = [r for r in records if "negative" not in r]
     sheet = write_contact_sheet(out, records)
     c = summary["counts"]
     types = Counter(r["attributes"]["type"] for r in records)
@@ -105,7 +107,10 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
         "- `manifest.jsonl`: one record per (slice, lesion) expression; see docs/dataset-format.md and "
         "docs/refliver-synth.md", "",
         "## Counts", "",
-        f"- slices {c['slices']}, expressions (= lesions) {c['expressions']}",
+        f"- slices {c['slices']}, expressions {c['expressions']}: {len(records)} of lesions, {len(negatives)} negative "
+        "(a lesion not on the slice; empty target): " + ", ".join(f"{k} {v}" for k, v in
+                                                                    sorted(Counter(r["negative"] for r in negatives).items())),
+        f"- paraphrases per expression (`variants`, train-time text augmentation): {cfg.variants}",
         "- splits (by patient): " + ", ".join(f"{k} {v['patients']} patients / {v['expressions']} expressions"
                                               for k, v in c["splits"].items()),
         f"- full expressions unique: {uniq['full']}/{len(records)}; half unique {uniq['half'] / n_rec:.1%}, "
@@ -117,7 +122,9 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
     lines += _table("Couinaud segments", sorted(segs.items(), key=lambda kv: kv[0]))
     ex = records[:3]
     lines += ["## Examples", ""] + [f"- `{r['id']}` full: {r['texts']['full']}  \n  half: {r['texts']['half']}  \n"
-                                      f"  quarter: {r['texts']['quarter']}" for r in ex] + [""]
+                                      f"  quarter: {r['texts']['quarter']}" for r in ex]
+    lines += [f"- `{r['id']}` ({r['negative']} negative): {r['text']}" for r in negatives[:3]]
+    lines += [f"- a paraphrase of `{r['id']}`: {r['variants'][0]}" for r in records[:2] if r.get("variants")] + [""]
     if sheet is not None:
         lines += ["## Contact sheet", "",
                   "Each row: a lesion type; each example shown in the abdomen window (W400/L50) and in the liver "

@@ -13,7 +13,13 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
-    parser.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
+    parser.add_argument("out", help="output folder (created; must be empty unless --overwrite); with --rephrase, "
+                                    "an existing RefLiver-Synth folder")
+    parser.add_argument("--rephrase", metavar="PHRASING",
+                        help="generate nothing: rewrite the expressions of the dataset in OUT in the wording of this "
+                             "phrasing file (same lesions, slots and relations) into OUT/manifest-NAME.jsonl, e.g. "
+                             "--rephrase phrasings-heldout.yaml; evaluate on it with 'lsms evaluate RUN "
+                             "OUT/manifest-NAME.jsonl'")
     parser.add_argument("--patients", type=int, default=d.patients, help="synthetic patients (default %(default)s)")
     parser.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient,
                         help="axial slices per patient (default %(default)s)")
@@ -30,7 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lesion diameter range in mm (default %(default)s)")
     parser.add_argument("--noise", type=float, nargs=2, metavar=("MIN", "MAX"), default=list(d.noise_hu),
                         help="noise sigma range in HU, drawn per patient (default %(default)s)")
-    parser.add_argument("--phrasing", default=None, help="phrasing file (YAML/JSON) replacing the packaged one")
+    parser.add_argument("--phrasing", default=None,
+                        help="phrasing file (YAML/JSON) replacing the packaged one, or a packaged name such as "
+                             "phrasings-heldout.yaml (the held-out wording, never used for training)")
+    parser.add_argument("--negative-share", type=float, default=d.negative_share,
+                        help="share of slices that also get a sentence describing a lesion NOT on the slice, with an "
+                             "empty target (default %(default)s; 0: none)")
+    parser.add_argument("--variants", type=int, default=d.variants,
+                        help="paraphrases written per expression for train-time text augmentation "
+                             "(default %(default)s; 0: none)")
+    parser.add_argument("--paraphrasing", nargs="+", metavar="FILE", default=None,
+                        help="phrasing files the paraphrases are written in (default: the packaged training set "
+                             "phrasings.yaml, phrasings-2.yaml, phrasings-3.yaml)")
     parser.add_argument("--val-share", type=float, default=d.val_share, help="share of patients in val (default %(default)s)")
     parser.add_argument("--test-share", type=float, default=d.test_share, help="share of patients in test (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous dataset in OUT")
@@ -44,12 +61,18 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         image_size=args.image_size, fov_mm=args.fov_mm, max_lesions=args.lesions_per_slice,
         multi_lesion_share=args.multi_lesion_share, lesion_types=types, diameter_mm=tuple(args.diameter_mm),
         noise_hu=tuple(args.noise), val_share=args.val_share, test_share=args.test_share, phrasing=args.phrasing,
+        negative_share=args.negative_share, variants=args.variants,
+        paraphrasings=tuple(args.paraphrasing) if args.paraphrasing else None,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsms.synth.generate import generate_dataset
+    from lsms.synth.generate import generate_dataset, rephrase_dataset
 
+    if args.rephrase:
+        path = rephrase_dataset(args.out, args.rephrase, seed=args.seed)
+        log.info("wrote %s: the expressions of %s in the wording of %s", path, args.out, args.rephrase)
+        return 0
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     summary = generate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)

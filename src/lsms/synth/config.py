@@ -36,6 +36,14 @@ class SynthConfig(DictRoundTrip):
         noise_hu: (min, max) standard deviation of the correlated noise in HU, drawn per patient.
         val_share, test_share: shares of *patients* in the val and test splits.
         phrasing: path of a phrasing file (YAML/JSON); ``None`` uses the one shipped with the package.
+        negative_share: share of slices that also get a *negative* expression: a sentence describing a lesion
+            that is not on the slice (another type, another segment, or a relation no lesion satisfies), with an
+            empty target mask (docs/refliver-synth.md, "Negatives").
+        variants: paraphrases written per expression (the record's ``variants``) for train-time text
+            augmentation: each in a random phrasing file of ``paraphrasings``, with some details dropped (only
+            while the expression stays unique) and the rest reordered. 0: none.
+        paraphrasings: phrasing files of the variants; ``None``: the packaged training set
+            (``TRAINING_PHRASINGS``). The packaged ``phrasings-heldout.yaml`` is kept out of it.
     """
 
     settings_name: ClassVar[str] = "synth settings"
@@ -53,6 +61,9 @@ class SynthConfig(DictRoundTrip):
     val_share: float = 0.1
     test_share: float = 0.1
     phrasing: str | None = None
+    negative_share: float = 0.2
+    variants: int = 4
+    paraphrasings: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.patients < 1:
@@ -86,6 +97,12 @@ class SynthConfig(DictRoundTrip):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+        if not 0.0 <= self.negative_share <= 1.0:
+            raise ValueError(f"--negative-share must be in [0, 1], got {self.negative_share}")
+        if not 0 <= self.variants <= 32:
+            raise ValueError(f"--variants must be between 0 and 32 paraphrases per expression, got {self.variants}")
+        if self.paraphrasings is not None and not self.paraphrasings:
+            raise ValueError("--paraphrasing needs at least one phrasing file (or leave it out for the packaged set)")
         if self.val_share + self.test_share >= 1.0:
             raise ValueError("--val-share + --test-share must leave some patients for training (sum < 1)")
 

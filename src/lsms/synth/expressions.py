@@ -38,17 +38,29 @@ RELATIONS = ("larger_of_type", "smaller_of_type", "largest", "smallest", "most_a
              "most_right", "most_left", "near_gallbladder", "near_ivc")
 
 
-def load_phrasing(path: str | Path | None = None) -> dict[str, Any]:
-    """Loads and checks a phrasing file (YAML or JSON); ``None`` gives the packaged default."""
+PACKAGED_PHRASINGS = ("phrasings.yaml", "phrasings-2.yaml", "phrasings-3.yaml", "phrasings-heldout.yaml")
+TRAINING_PHRASINGS = PACKAGED_PHRASINGS[:3]  # what variants (train-time paraphrases) are written with
+HELDOUT_PHRASING = "phrasings-heldout.yaml"  # never in training: the paraphrase test (docs/refliver-synth.md)
+
+
+def phrasing_bytes(path: str | Path | None = None) -> tuple[bytes, str]:
+    """The bytes of a phrasing file and where they came from. ``None`` is the packaged default; a name of
+    :data:`PACKAGED_PHRASINGS` that is not a file here is the packaged file of that name."""
     if path is None:
-        text = resources.files("lsms.synth").joinpath("phrasings.yaml").read_text(encoding="utf-8")
-        source = "phrasings.yaml (packaged)"
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"--phrasing {path}: no such file; give a YAML/JSON file with the keys of "
-                                    "lsms/synth/phrasings.yaml")
-        text, source = p.read_text(encoding="utf-8"), str(p)
+        path = PACKAGED_PHRASINGS[0]
+    p = Path(path)
+    if not p.is_file() and str(path) in PACKAGED_PHRASINGS:
+        return resources.files("lsms.synth").joinpath(str(path)).read_bytes(), f"{path} (packaged)"
+    if not p.is_file():
+        raise FileNotFoundError(f"--phrasing {path}: no such file; give a YAML/JSON file with the keys of "
+                                f"lsms/synth/phrasings.yaml, or a packaged name ({', '.join(PACKAGED_PHRASINGS)})")
+    return p.read_bytes(), str(p)
+
+
+def load_phrasing(path: str | Path | None = None) -> dict[str, Any]:
+    """Loads and checks a phrasing file (YAML or JSON); ``None`` gives the packaged default (see :func:`phrasing_bytes`)."""
+    raw, source = phrasing_bytes(path)
+    text = raw.decode("utf-8")
     data = yaml.safe_load(text)  # JSON is valid YAML
     if not isinstance(data, dict):
         raise ValueError(f"phrasing file {source} must hold a mapping of templates and synonyms")

@@ -29,21 +29,26 @@ from lsms.synth.anatomy import (
 )
 from lsms.synth.config import SynthConfig
 from lsms.synth.expressions import (
+    DETAIL_SLOTS,
+    TRAINING_PHRASINGS,
     LesionFacts,
     choose_slots,
     confusable,
     load_phrasing,
+    phrasing_bytes,
     render_all_text,
     render_expression,
     true_relations,
 )
 from lsms.synth.geometry import Grid
 from lsms.synth.lesions import Lesion, draw_lesion, place_lesions, render_lesion, sample_diameter
+from lsms.synth.negatives import Negative, draw_negative
 
 FORMAT_VERSION = 1
 METASTATIC_PATTERN_P = 0.15  # multi-lesion slices made of metastases only ("often several")
 PARTIAL_VOLUME_MM = 0.6  # Gaussian sigma of the slice-profile / partial-volume blur
 Z_RANGE = (0.06, 0.94)  # levels between the liver dome (0) and the liver tip (1) that are sampled
+DETAIL_DROP_P = 0.3  # a variant leaves out each detail (size, shape, ...) with this chance, if still unique
 
 
 @dataclass
@@ -63,14 +68,38 @@ class SliceSample:
     slots: list[dict[str, list[str]]]
     stated_relations: list[list[dict[str, Any]]]  # the relation each full expression states (0 or 1)
     all_text: str
+    variants: list[list[str]]  # paraphrases of each lesion's full expression (train-time text augmentation)
+    negative: Negative | None = None  # a described lesion that is not on the slice
+    negative_text: str = ""
+    negative_variants: list[str] | None = None
 
 
 def patient_rng(cfg: SynthConfig, i: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(i,)))
 
 
-def slice_rng(cfg: SynthConfig, i: int, j: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(i, j + 1)))
+def slice_rng(cfg: SynthConfig, i: int, j: int, stream: int | None = None) -> np.random.Generator:
+    """The slice's generator; ``stream`` 1 (variants) and 2 (negatives) are separate streams, so that adding
+    paraphrases or negatives changes no image, mask or template expression."""
+    key = (i, j + 1) if stream is None else (i, j + 1, stream)
+    return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=key))
+
+
+def load_paraphrasings(cfg: SynthConfig) -> list[dict[str, Any]]:
+    """The phrasing files the variants are written with (the packaged training set by default)."""
+    return [load_phrasing(path) for path in (cfg.paraphrasings or TRAINING_PHRASINGS)] if cfg.variants else []
+
+
+def write_variants(phs: list[dict[str, Any]], f: LesionFacts, slots: list[str], relation: dict[str, Any] | None,
+                   n: int, rng: np.random.Generator, still_true: Any) -> list[str]:
+    """``n`` paraphrases of the expression stating ``slots`` about ``f``: each in a random phrasing of ``phs``,
+    leaving out each detail with :data:`DETAIL_DROP_P` when ``still_true(slots)`` holds without it."""
+    out = []
+    for _ in range(n if phs else 0):
+        ph = phs[int(rng.integers(len(phs)))]
+        kept = [s for s in slots if s not in DETAIL_SLOTS or rng.random() >= DETAIL_DROP_P]
+        out.append(render_expression(ph, f, kept if still_true(kept) else slots, relation, rng))
+    return out
 
 
 def patient_and_levels(cfg: SynthConfig, i: int) -> tuple[Patient, np.ndarray]:
@@ -145,9 +174,14 @@ def lesion_diameter_mm(area_px: int, spacing: float) -> float:
 
 
 def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | None = None,
-                 patient: tuple[Patient, np.ndarray] | None = None) -> SliceSample:
-    """Renders slice ``j`` of patient ``i`` (deterministic in ``cfg.seed``, independent of other slices)."""
+                 patient: tuple[Patient, np.ndarray] | None = None,
+                 paraphrasings: list[dict[str, Any]] | None = None) -> SliceSample:
+    """Renders slice ``j`` of patient ``i`` (deterministic in ``cfg.seed``, independent of other slices).
+
+    ``phrasing`` / ``paraphrasings``: the loaded phrasing files (loaded from ``cfg`` when None).
+    """
     ph = phrasing if phrasing is not None else load_phrasing(cfg.phrasing)
+    phs = paraphrasings if paraphrasings is not None else load_paraphrasings(cfg)
     p, levels = patient if patient is not None else patient_and_levels(cfg, i)
     z = float(levels[j])
     rng = slice_rng(cfg, i, j)
@@ -185,6 +219,18 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         unique.append({lvl: not confusable(facts, a, s) for lvl, s in levels_.items()})
         slots.append(levels_)
     all_text = render_all_text(ph, facts, rng) if facts else ""
+    vrng = slice_rng(cfg, i, j, stream=1)
+    variants = [write_variants(phs, f, sl["full"], (st or [None])[0], cfg.variants, vrng,
+                               lambda kept, a=a: not confusable(facts, a, kept))
+                for a, (f, sl, st) in enumerate(zip(facts, slots, stated, strict=True))]
+    nrng = slice_rng(cfg, i, j, stream=2)
+    negative, negative_text, negative_variants = None, "", None
+    if facts and nrng.random() < cfg.negative_share:
+        negative = draw_negative(facts, anat.segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"], nrng)
+        if negative is not None:
+            negative_text = render_expression(ph, negative.facts, negative.slots, negative.relation, nrng)
+            negative_variants = write_variants(phs, negative.facts, negative.slots, negative.relation, cfg.variants,
+                                               nrng, lambda kept: True)
 
     # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
     img = anat.hu.copy()
@@ -203,7 +249,8 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         instances[les.window][les.local_mask] = k
     return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
                        anatomy=anat, facts=facts, lesions=lesions, texts=texts, unique=unique, slots=slots,
-                       stated_relations=stated, all_text=all_text)
+                       stated_relations=stated, all_text=all_text, variants=variants, negative=negative,
+                       negative_text=negative_text, negative_variants=negative_variants)
 
 
 def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
@@ -225,33 +272,42 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
 
 
 def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[dict[str, Any]]:
-    """Writes the slice's files and returns its manifest records (one per lesion expression)."""
+    """Writes the slice's files and returns its manifest records (one per lesion expression, then the
+    negative expression if the slice has one)."""
     np.save(out / "images" / f"{s.slice_id}.npy", s.image, allow_pickle=False)
     _save_png(out / "instances" / f"{s.slice_id}.png", s.instances)
     _save_png(out / "all" / f"{s.slice_id}.png", np.where(s.instances > 0, 255, 0).astype(np.uint8))
+    common = {"image": f"images/{s.slice_id}.npy", "instances": f"instances/{s.slice_id}.png",
+              "spacing": [spacing, spacing], "patient": s.patient, "modality": "CT", "split": split,
+              "all_mask": f"all/{s.slice_id}.png", "all_text": s.all_text, "slice_id": s.slice_id,
+              "slice_level": round(s.z, 4), "n_lesions": len(s.facts)}
     records = []
-    for f, texts, unique, slots, stated in zip(s.facts, s.texts, s.unique, s.slots, s.stated_relations, strict=True):
+    for f, texts, unique, slots, stated, variants in zip(s.facts, s.texts, s.unique, s.slots, s.stated_relations,
+                                                          s.variants, strict=True):
         rid = f"{s.slice_id}_l{f.index}"
         _save_png(out / "masks" / f"{rid}.png", np.where(s.instances == f.index, 255, 0).astype(np.uint8))
         records.append({
-            "id": rid, "image": f"images/{s.slice_id}.npy", "mask": f"masks/{rid}.png", "text": texts["full"],
-            "texts": texts, "instances": f"instances/{s.slice_id}.png", "target_instance": f.index,
-            "attributes": _attributes(f, slots, stated, spacing), "unique": unique, "spacing": [spacing, spacing],
-            "patient": s.patient, "modality": "CT", "split": split, "all_mask": f"all/{s.slice_id}.png",
-            "all_text": s.all_text, "slice_id": s.slice_id, "slice_level": round(s.z, 4),
-            "n_lesions": len(s.facts),
+            "id": rid, "mask": f"masks/{rid}.png", "text": texts["full"], "texts": texts, "target_instance": f.index,
+            "attributes": _attributes(f, slots, stated, spacing), "unique": unique, **common,
+            **({"variants": variants} if variants else {}),
+        })
+    if s.negative is not None:
+        rid = f"{s.slice_id}_n"
+        _save_png(out / "masks" / f"{rid}.png", np.zeros_like(s.instances))
+        attributes = _attributes(s.negative.facts, {"full": s.negative.slots}, [s.negative.relation] if
+                                 s.negative.relation else [], spacing)
+        for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
+            del attributes[key]  # the lesion does not exist: nothing measured
+        records.append({
+            "id": rid, "mask": f"masks/{rid}.png", "text": s.negative_text, "target_instance": 0,
+            "negative": s.negative.kind, "attributes": attributes, **common,
+            **({"variants": s.negative_variants} if s.negative_variants else {}),
         })
     return records
 
 
 def phrasing_digest(cfg: SynthConfig) -> str:
-    from importlib import resources
-
-    if cfg.phrasing is None:
-        data = resources.files("lsms.synth").joinpath("phrasings.yaml").read_bytes()
-    else:
-        data = Path(cfg.phrasing).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    return hashlib.sha256(phrasing_bytes(cfg.phrasing)[0]).hexdigest()[:16]
 
 
 _OUR_DIRS = ("images", "masks", "instances", "all", "card")
@@ -282,12 +338,13 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="slice", desc="lsms synth")
+    phs = load_paraphrasings(cfg)
     records: list[dict[str, Any]] = []
     lesion_counts: list[int] = []
     for i in range(cfg.patients):
         pl = patient_and_levels(cfg, i)
         for j in range(cfg.slices_per_patient):
-            s = render_slice(cfg, i, j, ph, patient=pl)
+            s = render_slice(cfg, i, j, ph, patient=pl, paraphrasings=phs)
             records.extend(write_slice(out, s, splits[i], cfg.spacing_mm))
             lesion_counts.append(len(s.facts))
             if bar is not None:
@@ -308,6 +365,7 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
         "spacing_mm": cfg.spacing_mm, "convention": "radiological: image left = patient's right, top = anterior",
         "counts": {
             "patients": cfg.patients, "slices": total, "expressions": len(records),
+            "negative_expressions": sum("negative" in r for r in records),
             "slices_by_lesion_count": {str(k): int(c) for k, c in enumerate(counts)},
             "multi_lesion_share": float((np.asarray(lesion_counts) >= 2).mean()) if lesion_counts else 0.0,
             "splits": {sp: {"patients": splits.count(sp),
@@ -317,3 +375,47 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
     (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_card(out, cfg, records, summary)
     return summary
+
+
+def facts_of(attributes: dict[str, Any], index: int) -> LesionFacts:
+    """The :class:`LesionFacts` an expression was written from, back from a record's ``attributes``."""
+    a = attributes
+    return LesionFacts(index=index, kind=a["type"], segment=a["segment"], lobe=a["lobe"], diameter_mm=a["diameter_mm"],
+                       area_px=a.get("area_px", 0), centroid=tuple(a.get("centroid", (float("nan"),) * 2)),
+                       shape=a["shape"], boundary=a["boundary"], density=a["density"], enhancement=a["enhancement"],
+                       dist_gallbladder_mm=float("inf"), dist_ivc_mm=float("inf"))
+
+
+def rephrase_dataset(folder: str | Path, phrasing: str | Path, seed: int = 0) -> Path:
+    """Writes ``folder/manifest-<phrasing name>.jsonl``: every record of the dataset's manifest with its
+    expressions (full, half, quarter; negatives too) rewritten in the wording of ``phrasing`` from the same
+    facts and the same stated slots and relation, and without ``variants``. Images, masks and the lesions
+    described are unchanged, so a model can be evaluated on the same split in wording it never saw:
+    ``lsms evaluate RUN folder/manifest-<name>.jsonl --split test``.
+    """
+    import zlib
+
+    folder = Path(folder)
+    src = folder / "manifest.jsonl"
+    if not src.is_file():
+        raise FileNotFoundError(f"{folder}: no manifest.jsonl; rephrase a folder written by 'lsms synth'")
+    ph = load_phrasing(phrasing)
+    out = folder / f"manifest-{Path(str(phrasing)).stem}.jsonl"
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(src, encoding="utf-8") as fin, open(tmp, "w", encoding="utf-8") as fout:
+        for n, line in enumerate(fin, start=1):
+            r = json.loads(line)
+            a = r.get("attributes")
+            if not isinstance(a, dict) or "slots" not in a:
+                raise ValueError(f"{src}, line {n}: no RefLiver-Synth attributes (with 'slots') to rephrase from")
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(zlib.crc32(r["id"].encode()),)))
+            facts = facts_of(a, int(r.get("target_instance") or 0))
+            relation = (a.get("relations") or [None])[0]
+            texts = {level: render_expression(ph, facts, slots, relation, rng) for level, slots in a["slots"].items()}
+            r["text"] = texts["full"]
+            if "texts" in r:
+                r["texts"] = texts
+            r.pop("variants", None)
+            fout.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return out

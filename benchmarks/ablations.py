@@ -1,0 +1,181 @@
+"""The demo's spread over seeds and the paper's ablations (Table III), each a full ``lsms demo`` run.
+
+    python benchmarks/ablations.py --jobs 2     # the demo with seeds 0, 1, 2, then every other row with 0 and 1
+    python benchmarks/ablations.py --rows full --demo-seeds 3 4            # more seeds of the demo
+    python benchmarks/ablations.py --report                                # tables from the runs there are
+
+Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
+calibration and test-split evaluation in both wordings) with one model switch (docs/model.md, "Ablations"),
+in CACHE/<row>/seed<k>/ (a demo report folder). A finished run (its ``metrics.json``) is reused. With
+``--jobs 2`` two runs share the machine, one thread each: the demo calibrates its step time under that
+load. Each run also writes ``bench.json``: its CPU seconds and the machine's load average.
+
+The report, docs/results/demo-ablations.{md,json}: the demo's targets over seeds (mean, min, max) and the
+ablation table (mean over seeds) beside the paper's Table III.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, command_line, machine, write_atomic, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = ROOT / "runs" / "ablations"
+
+# row -> (model overrides on the demo recipe, what the paper's Table III reports: (Dice, mIoU) on RefHL-Seg
+# val, or None)
+ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
+    "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
+    "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
+    "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
+    "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
+    "kernel-7": ({"conv_kernels": [7]}, (73.28, 64.81), "single ConvUnit, d = 7"),
+    "kernel-11": ({"conv_kernels": [11]}, (74.03, 65.27), "single ConvUnit, d = 11"),
+    "kernel-21": ({"conv_kernels": [21]}, (73.36, 65.22), "single ConvUnit, d = 21"),
+}
+COLUMNS = [  # (key in metrics.json, label)
+    ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
+    ("test.none.Dice", "Dice, no text"),
+    ("test_heldout_wording.full.Dice", "Dice, held-out wording"),
+    ("test_heldout_wording.full.referring_accuracy_multi", "ref. acc. multi, held-out wording"),
+    ("test.full.existence_AUROC", "existence AUROC"), ("test.full.negative_mask_rate", "negatives with a mask"),
+    ("test.full.Dice_positive_at_threshold", "Dice at the existence threshold"),
+    ("train_summary.step", "steps"),
+]
+
+
+def run_one(row: str, seed: int, out: Path) -> None:
+    """One demo run with the row's model switch (in this process)."""
+    import dataclasses
+    import logging
+
+    from lsms.demo import DemoConfig, run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides, _, _ = ROWS[row]
+    cfg = DemoConfig(out=str(out))
+    model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in overrides.items()})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model))
+    load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
+    run_demo(cfg)
+    write_json(out / "bench.json", {"row": row, "seed": seed, "cpu_s": time.process_time() - cpu,
+                                    "wall_s": time.perf_counter() - wall, "load_start": load,
+                                    "load_end": os.getloadavg(), "threads": os.environ.get("OMP_NUM_THREADS")})
+
+
+def launch(row: str, seed: int, cache: Path, threads: int) -> None:
+    out = cache / row / f"seed{seed}"
+    if (out / "metrics.json").is_file() and (out / "bench.json").is_file():
+        print(f"{row} seed {seed}: cached", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    print(f"{row} seed {seed}: running in {out}", flush=True)
+    with open(out / "run.log", "w") as log:
+        rc = subprocess.run([sys.executable, __file__, "--one", row, str(seed), "--cache", str(cache)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"{row} seed {seed}: {'done' if rc == 0 else f'FAILED (rc {rc}, see {out / 'run.log'})'}", flush=True)
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def report(cache: Path) -> None:
+    runs: dict[str, list[dict]] = {}
+    for row in ROWS:
+        for seed_dir in sorted((cache / row).glob("seed*")):
+            if (seed_dir / "metrics.json").is_file():
+                m = json.loads((seed_dir / "metrics.json").read_text())
+                bench = json.loads((seed_dir / "bench.json").read_text()) if (seed_dir / "bench.json").is_file() else {}
+                runs.setdefault(row, []).append({"seed": int(seed_dir.name[4:]), "metrics": m, "bench": bench})
+    table = {row: {key: _stats([_get(r["metrics"], key) for r in rs]) for key, _ in COLUMNS} for row, rs in runs.items()}
+    data = {"command": command_line(), "machine": machine(), "rows": {r: ROWS[r][2] for r in runs}, "stats": table,
+            "runs": {row: [{"seed": r["seed"], **{k: _get(r["metrics"], k) for k, _ in COLUMNS}, **r["bench"]}
+                           for r in rs] for row, rs in runs.items()}}
+    write_json(RESULTS / "demo-ablations.json", data)
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["# The demo over seeds, and the paper's ablations with the demo's recipe", "",
+             f"Made by `{command_line()}` from the runs in `{cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}`.",
+             "Each run is `lsms demo` (15-minute budget, test split, 10 held-out patients) with one model switch; "
+             "two runs shared the 2-core machine at a time (one thread each), so every run is a demo on a loaded "
+             "machine. Dice / ref. acc. are over the expressions of lesions; existence over lesions and negative "
+             "sentences; 'held-out wording' is the same test split reworded with `phrasings-heldout.yaml`.", ""]
+    if "full" in runs:
+        lines += ["## The demo (`make demo`) over seeds", "", "| seed | " + " | ".join(lab for _, lab in COLUMNS) +
+                  " | CPU min | load (1 min) |", "|---" * (len(COLUMNS) + 3) + "|"]
+        for r in sorted(runs["full"], key=lambda r: r["seed"]):
+            b = r["bench"]
+            lines.append(f"| {r['seed']} | " + " | ".join(fmt(_get(r["metrics"], k)) for k, _ in COLUMNS) +
+                         f" | {b.get('cpu_s', 0) / 60:.1f} | {b.get('load_start', [0])[0]:.1f}-{b.get('load_end', [0])[0]:.1f} |")
+        st = table["full"]
+        lines.append("| **mean** | " + " | ".join(fmt((st[k] or {}).get("mean")) for k, _ in COLUMNS) + " | | |")
+        lines.append("| min-max | " + " | ".join(
+            "–" if not st[k] else f"{st[k]['min']:.3f}-{st[k]['max']:.3f}" for k, _ in COLUMNS) + " | | |")
+        lines.append("")
+    lines += ["## Ablations (mean over seeds; the paper's Table III on RefHL-Seg val beside)", "",
+              "| row | what | seeds | Dice | ref. acc. multi | Dice, no text | Dice, held-out wording | "
+              "paper Dice / mIoU | paper: Dice vs full |", "|---|---|---|---|---|---|---|---|---|"]
+    paper_full = ROWS["full"][1][0]
+    for row, rs in runs.items():
+        st, paper = table[row], ROWS[row][1]
+        m = lambda k: fmt((st[k] or {}).get("mean"))  # noqa: E731
+        lines.append(f"| {row} | {ROWS[row][2]} | {len(rs)} | {m('test.full.Dice')} | "
+                     f"{m('test.full.referring_accuracy_multi')} | {m('test.none.Dice')} | "
+                     f"{m('test_heldout_wording.full.Dice')} | "
+                     + (f"{paper[0]:.2f} / {paper[1]:.2f} | {paper[0] - paper_full:+.2f}" if paper else "– | –") + " |")
+    lines.append("")
+    write_atomic(RESULTS / "demo-ablations.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the ablation rows (default 0 1)")
+    p.add_argument("--demo-seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds of the row 'full', the demo itself (default 0 1 2); they run first")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each gets 2 // jobs threads, at least 1)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--report", action="store_true", help="only write the report from the runs there are")
+    p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        row, seed = args.one[0], int(args.one[1])
+        run_one(row, seed, args.cache / row / f"seed{seed}")
+        return 0
+    if not args.report:
+        threads = max(1, (os.cpu_count() or 2) // args.jobs)
+        order = [("full", seed) for seed in args.demo_seeds if "full" in args.rows]
+        order += [(row, seed) for seed in args.seeds for row in args.rows if row != "full"]  # first seeds first
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda rs: launch(rs[0], rs[1], args.cache, threads), order))
+    report(args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
