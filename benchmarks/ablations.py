@@ -86,7 +86,8 @@ def launch(row: str, seed: int, cache: Path, threads: int) -> None:
     with open(out / "run.log", "w") as log:
         rc = subprocess.run([sys.executable, __file__, "--one", row, str(seed), "--cache", str(cache)],
                             env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f"{row} seed {seed}: {'done' if rc == 0 else f'FAILED (rc {rc}, see {out / 'run.log'})'}", flush=True)
+    status = "done" if rc == 0 else f"FAILED (rc {rc}, see {out / 'run.log'})"
+    print(f"{row} seed {seed}: {status}", flush=True)
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -104,6 +105,10 @@ def _stats(values: list[float]) -> dict[str, float] | None:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
 def report(cache: Path) -> None:
     runs: dict[str, list[dict]] = {}
     for row in ROWS:
@@ -117,7 +122,6 @@ def report(cache: Path) -> None:
             "runs": {row: [{"seed": r["seed"], **{k: _get(r["metrics"], k) for k, _ in COLUMNS}, **r["bench"]}
                            for r in rs] for row, rs in runs.items()}}
     write_json(RESULTS / "demo-ablations.json", data)
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# The demo over seeds, and the paper's ablations with the demo's recipe", "",
              f"Made by `{command_line()}` from the runs in `{cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}`.",
              "Each run is `lsms demo` (15-minute budget, test split, 10 held-out patients) with one model switch; "
@@ -142,7 +146,10 @@ def report(cache: Path) -> None:
     paper_full = ROWS["full"][1][0]
     for row, rs in runs.items():
         st, paper = table[row], ROWS[row][1]
-        m = lambda k: fmt((st[k] or {}).get("mean"))  # noqa: E731
+
+        def m(key: str, st: dict = st) -> str:
+            return fmt((st[key] or {}).get("mean"))
+
         lines.append(f"| {row} | {ROWS[row][2]} | {len(rs)} | {m('test.full.Dice')} | "
                      f"{m('test.full.referring_accuracy_multi')} | {m('test.none.Dice')} | "
                      f"{m('test_heldout_wording.full.Dice')} | "

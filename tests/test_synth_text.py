@@ -19,7 +19,6 @@ from lsms.synth import SynthConfig, generate_dataset, render_slice
 from lsms.synth.anatomy import SEGMENTS
 from lsms.synth.expressions import FAR_MM, HELDOUT_PHRASING, TRAINING_PHRASINGS
 from lsms.synth.generate import rephrase_dataset
-
 from test_synth import ARABIC, SEG_RE
 
 SMALL = dict(patients=6, slices_per_patient=4, image_size=128, val_share=0.17, test_share=0.17, seed=11)
