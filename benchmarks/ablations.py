@@ -42,6 +42,7 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "kernel-7": ({"conv_kernels": [7]}, (73.28, 64.81), "single ConvUnit, d = 7"),
     "kernel-11": ({"conv_kernels": [11]}, (74.03, 65.27), "single ConvUnit, d = 11"),
     "kernel-21": ({"conv_kernels": [21]}, (73.36, 65.22), "single ConvUnit, d = 21"),
+    "group-norm": ({"block_norm": "group"}, None, "GroupNorm (per sample) instead of BatchNorm in the blocks"),
 }
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
@@ -165,7 +166,9 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the ablation rows (default 0 1)")
     p.add_argument("--demo-seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds of the row 'full', the demo itself (default 0 1 2); they run first")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (each gets 2 // jobs threads, at least 1)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: the CPU count // jobs, at least 1)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--report", action="store_true", help="only write the report from the runs there are")
     p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
@@ -175,7 +178,7 @@ def main() -> int:
         run_one(row, seed, args.cache / row / f"seed{seed}")
         return 0
     if not args.report:
-        threads = max(1, (os.cpu_count() or 2) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
         order = [("full", seed) for seed in args.demo_seeds if "full" in args.rows]
         order += [(row, seed) for seed in args.seeds for row in args.rows if row != "full"]  # first seeds first
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -308,3 +308,23 @@ def test_state_dict_keys_snapshot():
 if __name__ == "__main__":
     model = build_model("tiny", **tiny_model_kwargs())
     SNAPSHOT.write_text("\n".join(k for k in model.state_dict() if not k.startswith("text_encoder.")) + "\n")
+
+
+def test_group_block_norm_keeps_an_out_of_range_sample_finite():
+    """With BatchNorm's running statistics (eval), SVLA's gate (Conv1x1(...) * V) squares the scale of a sample
+    outside the training range at every block; GroupNorm normalises each sample and cannot diverge."""
+    torch.manual_seed(0)
+    image = torch.randn(2, 1, 64, 64)
+    image[1] *= 1e4  # far outside anything BatchNorm's running statistics have seen
+    out = {}
+    for norm in ("batch", "group"):
+        model = build_model("tiny", **tiny_model_kwargs(in_channels=1, block_norm=norm)).eval()
+        tok = model.tokenize(["a cyst in segment VI", "a cyst in segment VI"])
+        with torch.no_grad():
+            out[norm] = model(image, tok["input_ids"], tok["attention_mask"])
+    assert not torch.isfinite(out["batch"][1]).all()  # the failure block_norm="group" avoids
+    assert torch.isfinite(out["group"]).all() and torch.isfinite(out["batch"][0]).all()
+    group = build_model("tiny", **tiny_model_kwargs(in_channels=1, block_norm="group"))
+    assert not any("blocks" in k and "running_mean" in k for k in group.state_dict())
+    with pytest.raises(ValueError, match="block_norm must be"):
+        LSMSConfig(block_norm="layer")

@@ -91,6 +91,10 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         model.train(was_training)
     records = gather_records(records, env)
     summary = summarize(records, empty_policy=empty_policy)
+    summary["n_nonfinite_logits"] = bad = sum(not r["finite"] for r in records)
+    if bad and env.is_main:
+        log.warning("%d of %d samples gave non-finite logits (inf/NaN; their masks are empty): the model diverges "
+                    "on them at evaluation (docs/model.md, block_norm)", bad, len(records))
     if any(r["target_area"] == 0 for r in records) and any(r["target_area"] > 0 for r in records):
         threshold = choose_existence_threshold(records) if existence_threshold == "choose" else existence_threshold
         summary.update(existence_summary(records, threshold))
@@ -98,15 +102,17 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
 
 
 def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-sample metric records of a collated batch, in batch order, with each sample's ``existence`` score.
+    """Per-sample metric records of a collated batch, in batch order, with each sample's ``existence`` score
+    and whether its logits are all ``finite``.
 
     The dataset marks a record without an instance map by instances = -1 and without a referred lesion by
     target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
     target taken as the referred one.
     """
     records = _scores(logits, batch)
-    for r, score in zip(records, existence_score(logits).tolist(), strict=True):
-        r["existence"] = score
+    finite = torch.isfinite(logits.flatten(1)).all(1).tolist()
+    for r, score, ok in zip(records, existence_score(logits).tolist(), finite, strict=True):
+        r["existence"], r["finite"] = score, ok
     return records
 
 

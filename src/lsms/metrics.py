@@ -356,9 +356,10 @@ def existence_score(logits: Tensor) -> Tensor:
 
     A calibration-free choice (no extra head): training with negative expressions (empty targets) teaches the
     model to keep every pixel below 0.5 when nothing matches, and the score orders how sure the most
-    confident pixel is. docs/model.md has the measurements.
+    confident pixel is. docs/model.md has the measurements. A sample whose logits are NaN (a diverged model)
+    scores 0, as its mask is empty.
     """
-    return torch.sigmoid(logits.detach().float().flatten(1).amax(1))
+    return torch.nan_to_num(torch.sigmoid(logits.detach().float().flatten(1).amax(1)), nan=0.0)
 
 
 def _split_by_target(records: Iterable[SampleRecord]) -> tuple[list[SampleRecord], list[SampleRecord]]:

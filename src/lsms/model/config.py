@@ -69,6 +69,11 @@ class LSMSConfig(DictRoundTrip):
     drop_path: float = 0.0  # stochastic depth, linearly increasing over blocks
     conv_kernels: tuple[int, ...] = (7, 11, 21)  # ConvUnit sizes d_j; Table III(a)/(b)
     pixel_map: bool = True  # PM: Att_L = w_f(Att_L') * V_2; Table III(b)
+    # [decision: "batch" as the spec says; "group" a deviation] Norm of the encoder blocks' post-norms: "group"
+    # is GroupNorm with one group (per sample over C, H, W). With BatchNorm's running statistics at evaluation,
+    # SVLA's gate (F_att = Conv1x1(...) * V) lets a sample whose activations leave the training range grow
+    # quadratically block after block, up to inf/NaN (docs/model.md); per-sample statistics cannot
+    block_norm: Literal["batch", "group"] = "batch"
     # [deviation, off by default] (x, y) of every pixel in the whole image, projected (1x1 conv) and added to
     # each stage's input, so that words naming image regions ("upper-left region") can be matched to pixels
     coord_embed: bool = False
@@ -121,6 +126,8 @@ class LSMSConfig(DictRoundTrip):
             )
         if self.nmf_rank < 1 or self.nmf_steps_train < 1 or self.nmf_steps_eval < 1:
             raise ValueError("nmf_rank, nmf_steps_train and nmf_steps_eval must be >= 1")
+        if self.block_norm not in ("batch", "group"):
+            raise ValueError(f"block_norm must be 'batch' (BatchNorm) or 'group' (GroupNorm, one group), got {self.block_norm!r}")
         if self.output_stride not in (2, 4):
             raise ValueError(f"output_stride must be 4 (the paper's FSD) or 2 (refined at 1/2), got {self.output_stride}")
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.head_dropout < 1.0:

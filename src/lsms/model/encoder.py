@@ -162,15 +162,21 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     return x * keep / (1.0 - p)
 
 
+def block_norm(kind: str, channels: int) -> nn.Module:
+    """The Norm of Eq. 2-3: BatchNorm (``batch``) or GroupNorm with one group (``group``, per sample)."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(1, channels)
+
+
 class EncoderBlock(nn.Module):
-    """F' = Norm(SVLA(V, L) + V); F = Norm(FFN(F') + F') (Eq. 2-3, post-norm as printed; Norm = BatchNorm)."""
+    """F' = Norm(SVLA(V, L) + V); F = Norm(FFN(F') + F') (Eq. 2-3, post-norm as printed; Norm = BatchNorm, or
+    GroupNorm with ``block_norm="group"``)."""
 
     def __init__(self, channels: int, text_channels: int | None, cfg: LSMSConfig, mlp_ratio: int, drop: float):
         super().__init__()
         self.svla = SVLA(channels, text_channels, cfg.conv_kernels, cfg.pixel_map, cfg.language_gate_init)
-        self.norm1 = nn.BatchNorm2d(channels)
+        self.norm1 = block_norm(cfg.block_norm, channels)
         self.ffn = FFN(channels, mlp_ratio)
-        self.norm2 = nn.BatchNorm2d(channels)
+        self.norm2 = block_norm(cfg.block_norm, channels)
         self.drop = drop
 
     def forward(self, v: Tensor, text: Tensor | None, text_mask: Tensor | None) -> Tensor:
