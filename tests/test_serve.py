@@ -72,6 +72,7 @@ def test_two_sentences_give_two_masks_equal_to_predictor_and_lsms_predict(viewer
     areas = [r["area_px"] for r in out["results"]]
     direct = [predictor.predict(e.image, t) for t in e.texts[:2]]
     assert areas == [int(p.mask.sum()) for p in direct]
+    assert [(r["existence"], r["found"]) for r in out["results"]] == [(round(p.existence, 4), p.found) for p in direct]
     assert (direct[0].mask != direct[1].mask).any()  # the sentence moves the mask
     assert len(out["results"][0]["features"]) == 4
     np.save(tmp_path / f"{e.id}.npy", e.image.array)
@@ -98,6 +99,12 @@ def test_threshold_and_window_changes_need_no_new_forward_pass(viewer, predictor
     assert settings["threshold"] == 0.7 and settings["sentences"][0]["area_px"] == b
     assert settings["model"]["checkpoint_sha256"] and settings["preprocessing"]["window"] == "liver"
     assert "--threshold 0.7" in settings["same_with_lsms_predict"][0]
+    # under the model's existence threshold the lesion is "not found": no mask, whatever the threshold
+    monkeypatch.setattr(predictor, "existence_threshold", 0.999999)
+    fresh = viewer.new_session()["sid"]  # a new session: no cached prediction
+    viewer.open_example(fresh, e.id)
+    hidden = viewer.predict(fresh, 0, [e.texts[0]], 0.3)["results"][0]
+    assert hidden["found"] is False and hidden["area_px"] == 0 and hidden["existence"] < 0.999999
 
 
 def test_sessions_are_isolated_and_closing_deletes_uploads(viewer):

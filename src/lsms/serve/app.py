@@ -344,6 +344,7 @@ class Viewer:
                 pred = self._prediction(s, k, image, text, features)
                 mask = self._remember(s, k, text, threshold, pred)
                 r = {"text": text, "area_px": int(mask.sum()), "max_probability": round(float(pred.probability.max()), 4),
+                     "existence": round(pred.existence, 4), "found": pred.found,
                      "overlay": data_url(overlay(mask, COLOURS[i % len(COLOURS)])),
                      "probability": data_url(colormap(pred.probability, "viridis"))}
                 if features and pred.features is not None:
@@ -389,7 +390,8 @@ class Viewer:
         return pred
 
     def _remember(self, s: Session, k: int, text: str, threshold: float, pred: Prediction) -> np.ndarray:
-        mask = threshold_mask(pred.probability, threshold)
+        # below the model's existence threshold the lesion is "not found": no mask, whatever the threshold
+        mask = threshold_mask(pred.probability, threshold) & pred.found
         s.masks.setdefault((text, threshold), {})[k] = (np.packbits(mask, axis=-1), mask.shape[1])
         return mask
 

@@ -187,6 +187,11 @@ function showResults(out, req) {
     stats.innerHTML = "";
     const area = document.createElement("span"); area.className = "area"; area.textContent = String(r.area_px);
     stats.append("area ", area, ` px, max probability ${r.max_probability.toFixed(3)}`);
+    if (r.found === false) {  // under the model's existence threshold: the described lesion is not here
+      const nf = document.createElement("strong"); nf.className = "not-found";
+      nf.textContent = ` — not found (existence ${r.existence.toFixed(3)})`;
+      stats.append(nf);
+    }
     const links = document.createElement("div");
     links.className = "links";
     const stem = (state.image.name.replace(/\.(nii\.gz|nii|png|jpe?g|tiff?|npy|npz|dcm|zip)$/i, "") +
