@@ -42,7 +42,7 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "kernel-7": ({"conv_kernels": [7]}, (73.28, 64.81), "single ConvUnit, d = 7"),
     "kernel-11": ({"conv_kernels": [11]}, (74.03, 65.27), "single ConvUnit, d = 11"),
     "kernel-21": ({"conv_kernels": [21]}, (73.36, 65.22), "single ConvUnit, d = 21"),
-    "group-norm": ({"block_norm": "group"}, None, "GroupNorm (per sample) instead of BatchNorm in the blocks"),
+    "batch-norm": ({"block_norm": "batch"}, None, "BatchNorm in the blocks (as printed) instead of the recipe's GroupNorm"),
 }
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
