@@ -249,8 +249,9 @@ def test_existence_summary_hand_case():
 def test_choose_existence_threshold_hand_case():
     from lsms.metrics import choose_existence_threshold
 
-    # costs (negatives drawn + positives missed): 0.5 -> 1, 0.6 -> 1, 0.7 -> 2/3, 0.8 -> 1, 0.9 -> 2/3: the smaller
+    # positives' Dice lost by withholding: 0 up to 0.7 (p1, p2 kept), 0.2 at 0.8 and 0.9 (p2 withheld)
     assert choose_existence_threshold(HAND) == 0.7
+    assert choose_existence_threshold(HAND, max_dice_loss=0.25) == 0.9  # the highest within the allowance
     assert choose_existence_threshold(HAND[:3]) is None
     separable = [_rec("p", 0.95, 4, 4, 1.0), _rec("n", 0.6, 1, 0, 0.0)]
     assert choose_existence_threshold(separable) == 0.95
@@ -261,4 +262,10 @@ def test_existence_score_is_the_highest_probability():
 
     logits = torch.full((2, 1, 4, 4), -5.0)
     logits[0, 0, 1, 2] = 2.0
-    assert torch.allclose(existence_score(logits), torch.sigmoid(torch.tensor([2.0, -5.0])))
+    assert torch.allclose(existence_score(logits), torch.sigmoid(torch.tensor([2.0, -5.0], dtype=torch.float64)))
+    high = torch.full((2, 1, 2, 2), 20.0)
+    high[1] = 25.0
+    a, b = existence_score(high).tolist()
+    assert a < b < 1.0  # no tie at 1.0 for saturated logits
+    nan = torch.full((1, 1, 2, 2), float("nan"))
+    assert existence_score(nan).tolist() == [0.0]
