@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lsms.config import merge_into
-from lsms.demo import DemoConfig, choose_steps, run_demo
+from lsms.demo import DemoConfig, run_demo
 
 from toy_data import tiny_model
 
@@ -34,8 +36,16 @@ def test_demo_writes_report(tmp_path):
     assert summary["test_heldout_wording"]["full"]["n_scored"] == summary["test"]["full"]["n_scored"]
 
 
-def test_choose_steps_fills_the_budget_mid_epoch():
-    # 1 s per step, 100 steps per epoch, 80 val samples (3.3 s per validation), 10 minutes
-    assert choose_steps(1.0, 100, 80, 10.0, max_epochs=12) == (6, 576)
-    assert choose_steps(0.5, 100, 80, 10.0, max_epochs=12) == (12, 1156)  # 1200 fit; validations take the rest
-    assert choose_steps(0.1, 100, 80, 10.0, max_epochs=3) == (3, 300)  # capped by max_epochs
+def test_time_schedule_decays_with_the_time_limit():
+    from lsms.config import OptimConfig, RunConfig
+    from lsms.optim import lr_at
+
+    assert lr_at(10, 1000, 1.0, warmup_steps=5) == pytest.approx((1 - 5 / 995) ** 0.9)
+    assert lr_at(10, 1000, 1.0, warmup_steps=5, time_fraction=0.5) == pytest.approx(0.5 ** 0.9)  # time leads
+    assert lr_at(10, 1000, 1.0, warmup_steps=5, time_fraction=1.0) == 0.0
+    assert lr_at(2, 1000, 1.0, warmup_steps=5, time_fraction=0.9) == pytest.approx(3 / 5)  # warm-up by steps
+    with pytest.raises(ValueError, match="set time_limit_minutes"):
+        RunConfig(optim=OptimConfig(schedule="time"))
+    with pytest.raises(ValueError, match="optim.schedule must be"):
+        OptimConfig(schedule="epochs")
+    assert DemoConfig().train.optim.schedule == "steps"  # the demo switches to "time" once it knows the budget

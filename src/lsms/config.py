@@ -51,6 +51,10 @@ class OptimConfig(DictRoundTrip):
     # stop after this many optimiser steps, mid-epoch if need be; the schedule ends there (None: epochs x
     # steps per epoch). What a time budget sets: the demo measures its step time and gives the steps that fit
     max_steps: int | None = None
+    # "steps": warm-up, then poly decay over the steps; "time": the decay also follows the run's time limit
+    # (time_limit_minutes): the learning rate is the lower of the two, so the schedule ends when the time does
+    # however fast the steps run (a shared machine) -- what a fixed time budget needs (the demo)
+    schedule: str = "steps"
     batch_size: int = 8  # per process
     lr: float = 1e-3
     text_lr: float | None = None  # text-encoder lr; None: lr * text_lr_scale
@@ -68,6 +72,8 @@ class OptimConfig(DictRoundTrip):
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("steps", "time"):
+            raise ValueError(f"optim.schedule must be 'steps' or 'time', got {self.schedule!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"optim.max_steps must be >= 1 (or null: epochs x steps per epoch), got {self.max_steps}")
         for name in ("lr", "text_lr_scale", "poly_power"):
@@ -112,6 +118,9 @@ class RunConfig(DictRoundTrip):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_finite(self)
+        if self.optim.schedule == "time" and not self.time_limit_minutes:
+            raise ValueError("optim.schedule 'time' decays the learning rate over the time limit: set time_limit_minutes "
+                             "(--time-limit)")
         if self.best_metric not in SCORE_NAMES:
             raise ValueError(f"best_metric {self.best_metric!r} is not a validation score; choose one of {list(SCORE_NAMES)}")
 

@@ -43,7 +43,6 @@ from lsms.train import model_for, train
 
 log = logging.getLogger(__name__)
 
-LOAD_MARGIN = 1.15  # steps are planned this much slower than calibrated (the load of a shared machine varies)
 TARGETS = {"dice_full": 0.88, "referring_accuracy_multi_full": 0.95, "heldout_drop": 0.03, "existence_AUROC": 0.95,
            "negative_mask_rate": 0.05, "positive_dice_loss": 0.01}
 
@@ -145,8 +144,8 @@ def measure_step_seconds(train_cfg: RunConfig, steps: int = 3) -> tuple[float, i
     Runs the real model, loss and optimiser step (:func:`lsms.optim.train_step`) on real batches (a throwaway
     copy) with all cores and with one thread (on a machine shared with other jobs, OpenMP threads that
     spin-wait for a descheduled partner can make all-core steps many times slower than one thread), and keeps
-    the faster. The demo uses the time to choose how many epochs fit in the budget, so that the learning-rate
-    schedule decays fully instead of being cut off by the time limit.
+    the faster. The demo takes the thread count from it; its learning-rate schedule follows the time limit
+    (``optim.schedule: time``), so a machine that slows down after the measurement still ends the schedule.
     """
     seed_everything(train_cfg.seed)
     prep, train_set, val_set = build_datasets(train_cfg.data, train_cfg.seed)
@@ -174,17 +173,6 @@ def measure_step_seconds(train_cfg: RunConfig, steps: int = 3) -> tuple[float, i
         best = min(best, (seconds, threads))
     torch.set_num_threads(default_threads)
     return best[0], best[1], len(train_set) // bs, len(val_set) if val_set is not None else 0
-
-
-def choose_steps(seconds_per_step: float, steps_per_epoch: int, val_samples: int, minutes: float,
-                 max_epochs: int) -> tuple[int, int]:
-    """(epochs, optimiser steps) that fit in ``minutes``: the schedule ends with the time, mid-epoch if need
-    be (validation, once per epoch and at the end, costs about a third of a training step per batch)."""
-    val_s = val_samples / 8 * seconds_per_step / 3
-    fit = int((60 * minutes) // max(seconds_per_step, 1e-9))
-    epochs = max(1, min(max_epochs, -(-fit // max(steps_per_epoch, 1))))
-    steps = max(1, min(epochs * steps_per_epoch, int((60 * minutes - (epochs + 1) * val_s) // max(seconds_per_step, 1e-9))))
-    return epochs, steps
 
 
 def pick_showcase(records: list[dict[str, Any]], samples: list) -> tuple[Any, Any] | None:
@@ -489,14 +477,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     left = training_minutes_left()
     train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
-    if cfg.epochs is None:  # as many epochs as fit, measured on this machine
+    if cfg.epochs is None:  # the learning-rate schedule follows the time left, however fast the steps are
         seconds, threads, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
         left = training_minutes_left()
-        # a shared machine slows down after the calibration: plan for steps LOAD_MARGIN slower
-        epochs, steps = choose_steps(LOAD_MARGIN * seconds, steps_per_epoch, n_val, left, cfg.max_epochs)
-        log.info("measured %.2f s per training step (%d thread(s)): %d steps (%d epochs of %d) fit in %.1f min",
-                 seconds, threads, steps, epochs, steps_per_epoch, left)
-        optim = dataclasses.replace(train_cfg.optim, epochs=epochs, max_steps=steps)
+        log.info("measured %.2f s per training step (%d thread(s)): about %d steps (%d per epoch) fit in %.1f min; "
+                 "the schedule decays over the time", seconds, threads, int(60 * left / seconds), steps_per_epoch, left)
+        optim = dataclasses.replace(train_cfg.optim, epochs=cfg.max_epochs, schedule="time")
         train_cfg = dataclasses.replace(train_cfg, optim=optim, time_limit_minutes=max(left, 0.5), threads=threads)
         timings["calibration"] = time.perf_counter() - t
         t = time.perf_counter()

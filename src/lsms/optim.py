@@ -16,15 +16,16 @@ from lsms.config import OptimConfig
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, power: float = 0.9,
-          min_lr: float = 0.0) -> float:
+          min_lr: float = 0.0, time_fraction: float = 0.0) -> float:
     """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then poly decay (power 0.9).
 
-    ``lr = min_lr + (base_lr - min_lr) * (1 - t) ** power`` with ``t`` the fraction of post-warm-up steps done.
+    ``lr = min_lr + (base_lr - min_lr) * (1 - t) ** power`` with ``t`` the fraction of post-warm-up steps done,
+    or ``time_fraction`` (the share of the time limit used; ``optim.schedule: time``) when that is larger.
     """
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / decay_steps)
+    t = min(1.0, max((step - warmup_steps) / decay_steps, time_fraction))
     return min_lr + (base_lr - min_lr) * (1.0 - t) ** power
 
 

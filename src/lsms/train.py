@@ -147,6 +147,12 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
     started, time_up, last_metrics = time.perf_counter(), False, {}
 
+    def time_fraction() -> float:
+        """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
+        if o.schedule != "time":
+            return 0.0
+        return D.all_reduce_mean(min(1.0, (time.perf_counter() - started) / (60 * cfg.time_limit_minutes)), env)
+
     while epoch < o.epochs and step < total_steps and not time_up:
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         train_set.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, index): resumable
@@ -159,7 +165,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         bar = logs.bar(total=len(loader), desc=f"epoch {epoch + 1}/{o.epochs}")
         t_last, seen_last, n_batches = time.perf_counter(), 0, 0
         for batch in loader:
-            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr)
+            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
             values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype)
             step, batch_in_epoch, n_batches = step + 1, batch_in_epoch + 1, n_batches + 1
             if not all(math.isfinite(v) for v in values.values()):
@@ -205,7 +211,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         improved = score is not None and score > best["value"]
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
-        last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr)
+        last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
         logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started, improved)
         save("last", metrics)
         if improved:
