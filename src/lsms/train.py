@@ -372,6 +372,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", dest="optim.max_steps", type=int, default=S,
                    help="stop after this many optimiser steps, mid-epoch if need be; the learning-rate schedule "
                         "ends there (default: epochs x steps per epoch)")
+    g.add_argument("--schedule", dest="optim.schedule", choices=("steps", "time"), default=S,
+                   help="'time': the learning rate also decays over --time-limit, so the schedule ends with the time "
+                        "however fast the steps run (default: steps)")
     g.add_argument("--batch-size", dest="optim.batch_size", type=int, default=S, help=f"per process (default {o.batch_size})")
     g.add_argument("--lr", dest="optim.lr", type=float, default=S, help=f"peak learning rate (default {o.lr}; paper {PAPER_LR})")
     g.add_argument("--text-lr", dest="optim.text_lr", type=float, default=S,
