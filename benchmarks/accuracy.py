@@ -49,7 +49,8 @@ SHARED_DATA = Path(os.environ.get("LSMS_SHARED_DATA", "/work/shared/data"))
 # Lesions of 20-60 mm (7-22 px at 128 px over 350 mm) instead of the default 8-60 mm: with a few minutes of
 # CPU training, lesions of 3-5 px are not learnt at all by any model, which would make every row read ~0.
 SYNTH_ARGS = ["--patients", "60", "--slices-per-patient", "8", "--seed", "0", "--image-size", "128",
-              "--test-share", "0.2", "--val-share", "0.1", "--diameter-mm", "20", "60"]
+              "--test-share", "0.2", "--val-share", "0.1", "--diameter-mm", "20", "60",
+              "--negative-share", "0", "--variants", "0"]  # the set these tables were made with (no negatives)
 
 # Training settings shared by every row (the demo's recipe for CPU training from scratch, with a shorter
 # warm-up because a row makes only ~100-400 steps): AdamW lr 1e-3 with 20 warm-up steps, batch 8, no augmentation, text encoder frozen (MiniLM sentence features for LSMS and the
