@@ -448,7 +448,10 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info:
         f"--image-size {size} --fov-mm {cfg.fov_mm:g} --diameter-mm {cfg.diameter_mm[0]:g} "
         f"{cfg.diameter_mm[1]:g} --multi-lesion-share {cfg.multi_lesion_share:g} --seed {train_cfg.seed}",
         "lsms train data --out run --config train.yaml",
-        "lsms evaluate run data --split test --text-level full   # also half, quarter, none",
+        "lsms evaluate run data --split test --text-level full --empty-policy skip   # also half, quarter, none",
+        *([f"lsms synth data --rephrase {cfg.heldout_phrasing}   # the test expressions in the held-out wording",
+           f"lsms evaluate run data/manifest-{Path(cfg.heldout_phrasing).stem}.jsonl --split test --empty-policy skip"]
+          if cfg.heldout_phrasing else []),
         "```",
         "",
     ]
