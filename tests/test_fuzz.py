@@ -118,8 +118,14 @@ def test_limits_are_settings(crafted, monkeypatch) -> None:
 
 def _run_capped(args: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str, str, int]:
     """``lsms ARGS`` in a child limited to ADDRESS_SPACE bytes -> (exit status, stdout, stderr, peak RSS bytes)."""
+    # The child's own high-water mark. On Linux that is VmHWM, which belongs to the address space exec made:
+    # ru_maxrss carries over the forking parent's (pytest's, ~1 GiB late in the suite). macOS counts bytes.
     code = ("import atexit, resource, sys\n"
-            "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+            "def peak_kb():\n"
+            "    if sys.platform.startswith('linux'):\n"
+            "        return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == 'darwin' else 1)\n"
+            "atexit.register(lambda: print('PEAK_RSS_KB', peak_kb(), file=sys.stderr))\n"
             "from lsms.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
 
