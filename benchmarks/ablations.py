@@ -177,7 +177,8 @@ def report(cache: Path, rescore: bool = True) -> None:
         lines.append("")
     lines += ["## Ablations (mean over seeds; the paper's Table III on RefHL-Seg val beside)", "",
               "| row | what | seeds | Dice | ref. acc. multi | Dice, no text | Dice, held-out wording | "
-              "Dice vs full, same seeds | paper Dice / mIoU | paper: Dice vs full |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "Dice vs full, same seeds | paper Dice / mIoU | paper: Dice vs full | steps / CPU min per seed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     paper_full = ROWS["full"][1][0]
     for row, rs in runs.items():
         st, paper = table[row], ROWS[row][1]
@@ -188,7 +189,10 @@ def report(cache: Path, rescore: bool = True) -> None:
         lines.append(f"| {row} | {ROWS[row][2]} | {len(rs)} | {m('test.full.Dice')} | "
                      f"{m('test.full.referring_accuracy_multi')} | {m('test.none.Dice')} | "
                      f"{m('test_heldout_wording.full.Dice')} | {versus_full(runs, row)} | "
-                     + (f"{paper[0]:.2f} / {paper[1]:.2f} | {paper[0] - paper_full:+.2f}" if paper else "– | –") + " |")
+                     + (f"{paper[0]:.2f} / {paper[1]:.2f} | {paper[0] - paper_full:+.2f}" if paper else "– | –")
+                     + " | " + ", ".join(f"{fmt(_get(r['metrics'], 'train_summary.step'))} / "
+                                         f"{r['bench'].get('cpu_s', 0) / 60:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
+                     + " |")
     lines.append("")
     write_atomic(RESULTS / "demo-ablations.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
