@@ -142,7 +142,7 @@ def versus_full(runs: dict[str, list[dict]], row: str, key: str = "test.full.Dic
     return f"{100 * statistics.fmean(d for _, d in pairs):+.1f} (seed {seeds})"
 
 
-def report(cache: Path, rescore: bool = True) -> None:
+def report(cache: Path, rescore: bool = True, name: str = "demo-ablations") -> None:
     runs: dict[str, list[dict]] = {}
     for row in ROWS:
         for seed_dir in sorted((cache / row).glob("seed*")):
@@ -156,8 +156,9 @@ def report(cache: Path, rescore: bool = True) -> None:
     data = {"command": command_line(), "machine": machine(), "rows": {r: ROWS[r][2] for r in runs}, "stats": table,
             "runs": {row: [{"seed": r["seed"], **{k: _get(r["metrics"], k) for k, _ in COLUMNS}, **r["bench"]}
                            for r in rs] for row, rs in runs.items()}}
-    write_json(RESULTS / "demo-ablations.json", data)
-    lines = ["# The demo over seeds, and the paper's ablations with the demo's recipe", "",
+    write_json(RESULTS / f"{name}.json", data)
+    ablated = [row for row in runs if row != "full"]
+    lines = ["# The demo over seeds" + (", and the paper's ablations with the demo's recipe" if ablated else ""), "",
              f"Made by `{command_line()}` from the runs in `{cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}`.",
              "Each run is `lsms demo` (15-minute budget, test split, 10 held-out patients) with one model switch; "
              "two runs shared the 2-core machine at a time (one thread each), so every run is a demo on a loaded "
@@ -175,7 +176,15 @@ def report(cache: Path, rescore: bool = True) -> None:
         lines.append("| min-max | " + " | ".join(
             "–" if not st[k] else f"{st[k]['min']:.3f}-{st[k]['max']:.3f}" for k, _ in COLUMNS) + " | | |")
         lines.append("")
-    lines += ["## Ablations (mean over seeds; the paper's Table III on RefHL-Seg val beside)", "",
+    if ablated:
+        lines += ablation_lines(runs, table)
+    write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def ablation_lines(runs: dict[str, list[dict]], table: dict[str, dict]) -> list[str]:
+    """The ablation table: each row's mean over seeds beside the paper's Table III."""
+    lines = ["## Ablations (mean over seeds; the paper's Table III on RefHL-Seg val beside)", "",
               "| row | what | seeds | Dice | ref. acc. multi | Dice, no text | Dice, held-out wording | "
               "Dice vs full, same seeds | paper Dice / mIoU | paper: Dice vs full | steps / CPU min per seed |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -193,9 +202,7 @@ def report(cache: Path, rescore: bool = True) -> None:
                      + " | " + ", ".join(f"{fmt(_get(r['metrics'], 'train_summary.step'))} / "
                                          f"{r['bench'].get('cpu_s', 0) / 60:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
                      + " |")
-    lines.append("")
-    write_atomic(RESULTS / "demo-ablations.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines + [""]
 
 
 def main() -> int:
@@ -209,6 +216,7 @@ def main() -> int:
                    help="threads per run (default: the CPU count // jobs, at least 1)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--report", action="store_true", help="only write the report from the runs there are")
+    p.add_argument("--out", default="demo-ablations", help="report name in docs/results (default demo-ablations)")
     p.add_argument("--no-rescore", action="store_true",
                    help="report each run's existence metrics as it wrote them (default: re-score them with today's "
                         "rule, cached in RUN/existence.json)")
@@ -224,7 +232,7 @@ def main() -> int:
         order += [(row, seed) for seed in args.seeds for row in args.rows if row != "full"]  # first seeds first
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda rs: launch(rs[0], rs[1], args.cache, threads), order))
-    report(args.cache, rescore=not args.no_rescore)
+    report(args.cache, rescore=not args.no_rescore, name=args.out)
     return 0
 
 

@@ -162,7 +162,9 @@ class ExportedBackend(Backend):
 
         self.path, self.metadata = path, metadata
         model = metadata.model
-        tokenizer = Tokenizer(model["text"]["encoder"], metadata.max_tokens) if metadata.max_tokens else None
+        tokenizer = (Tokenizer(model["text"]["encoder"], metadata.max_tokens,
+                               normalize_segments=model["text"].get("normalize_segments", False))
+                     if metadata.max_tokens else None)
         super().__init__(model, Preprocessing.from_dict(dict(metadata.preprocessing)), tokenizer,
                          metadata.threshold, metadata.source, metadata.epoch)
         self.existence_threshold = metadata.existence_threshold

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -64,15 +65,66 @@ def _hub_snapshot(hub_id: str) -> str:
     return hub_id
 
 
+# --------------------------------------------------------------------------- Couinaud segment spellings
+
+_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
+_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+_ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8}
+_NUMBER = r"(?P<n>VIII|VII|VI|IV|V|III|II|I|[1-8]|one|two|three|four|five|six|seven|eight)"
+_PART = r"(?:-?(?P<part>[ABab])(?![A-Za-z]))?"  # IVa, 4A, IV-B: the two halves of segment 4
+_SEGMENT_PATTERNS = [
+    # "segment VII", "seg. 7", "seg VII", "Couinaud 7", "Couinaud segment seven", "segment IV-A"
+    re.compile(rf"\b(?:(?P<couinaud>Couinaud)\s+)?(?:segment|seg\.?)\s+{_NUMBER}{_PART}(?![\w-])", re.IGNORECASE),
+    re.compile(rf"\b(?P<couinaud>Couinaud)\s+{_NUMBER}{_PART}(?![\w-])", re.IGNORECASE),
+    # "S7", "SVII", "S IVa": capital S only, so that words are never read as segments
+    re.compile(rf"\bS\s?(?P<n>VIII|VII|VI|IV|V|III|II|I|[1-8]){_PART}(?![\w-])"),
+    # "the 7th segment", "the seventh hepatic segment"
+    re.compile(r"\b(?P<n>[1-8](?:st|nd|rd|th)|first|second|third|fourth|fifth|sixth|seventh|eighth)\s+"
+               r"(?:(?:hepatic|liver|Couinaud)\s+)?segment\b", re.IGNORECASE),
+]
+
+
+def _segment_number(token: str) -> int:
+    word = token.lower()
+    for table in (_WORDS, _ORDINALS):
+        if word in table:
+            return table[word]
+    return int(word[0]) if word[0].isdigit() else _ROMAN[token.upper()]
+
+
+def normalize_segments(text: str) -> str:
+    """Write every Couinaud segment of a liver description the same way: ``segment 7`` (``segment 4a``).
+
+    Radiologists spell a segment in many ways (S7, SVII, seg. 7, segment seven, Couinaud VII, the 7th segment);
+    a text encoder sees unrelated tokens in them. This rewrites the ones above and keeps every other word
+    (``Couinaud segment VII`` -> ``Couinaud segment 7``). It is for liver text only: on other images "S1" may
+    be a vertebra, so it is a setting of the text model (``TextConfig.normalize_segments``), off by default.
+    """
+    def rewrite(match: re.Match) -> str:
+        number = _segment_number(match.group("n"))
+        groups = match.groupdict()
+        part = (groups.get("part") or "").lower()
+        if part and number != 4:  # only segment 4 has halves: leave "S7a" as written
+            return match.group(0)
+        prefix = "Couinaud " if groups.get("couinaud") else ""
+        return f"{prefix}segment {number}{part}"
+
+    for pattern in _SEGMENT_PATTERNS:
+        text = pattern.sub(rewrite, text)
+    return text
+
+
 class Tokenizer:
     """Tokenises referring expressions to a fixed maximum length and counts truncation.
 
     Args:
         name_or_path: text-encoder setting (see :func:`resolve_text_encoder`).
         max_tokens: maximum tokens per expression, special tokens included.
+        normalize_segments: rewrite segment spellings first (:func:`normalize_segments`; liver text).
     """
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_ENCODER, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 normalize_segments: bool = False):
         from transformers import AutoTokenizer  # deferred on purpose: transformers takes seconds to import
 
         if max_tokens < 3:
@@ -83,12 +135,17 @@ class Tokenizer:
         limit = int(getattr(self.hf, "model_max_length", 0) or 0)
         if 0 < limit < max_tokens:
             raise ValueError(f"max_tokens={max_tokens} exceeds what the text encoder {name_or_path!r} accepts ({limit})")
+        self.normalize_segments = normalize_segments
         self.truncated = 0  # expressions cut to max_tokens since creation
         self.seen = 0
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` before truncation, special tokens included."""
-        return len(self.hf(text, add_special_tokens=True)["input_ids"])
+        return len(self.hf(self.normalized([text])[0], add_special_tokens=True)["input_ids"])
+
+    def normalized(self, texts: list[str]) -> list[str]:
+        """The sentences as the encoder reads them (segment spellings rewritten when the setting is on)."""
+        return [normalize_segments(t) for t in texts] if self.normalize_segments else list(texts)
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise a batch.
@@ -99,9 +156,10 @@ class Tokenizer:
         """
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of strings")
-        full = self.hf(list(texts), add_special_tokens=True)["input_ids"]
+        texts = self.normalized(texts)
+        full = self.hf(texts, add_special_tokens=True)["input_ids"]
         truncated = torch.tensor([len(ids) > self.max_tokens for ids in full], dtype=torch.bool)
-        enc = self.hf(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        enc = self.hf(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
         n = int(truncated.sum())
         self.seen += len(texts)
         if n:

@@ -40,7 +40,7 @@ def build_model(name: str = "tiny", **overrides: Any) -> nn.Module:
 
 def text_parts(text: TextConfig) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
     """(encoder, tokenizer, HuggingFace config as a dict) for the text settings of a model."""
-    tokenizer = Tokenizer(text.encoder, text.max_tokens)
+    tokenizer = Tokenizer(text.encoder, text.max_tokens, normalize_segments=text.normalize_segments)
     if text.pretrained:
         text_encoder = load_text_encoder(text.encoder, freeze=text.freeze)
     else:

@@ -44,6 +44,7 @@ class TextConfig(DictRoundTrip):
     pretrained: bool = True  # load the weights from `encoder`; False: random init from hf_config
     freeze: bool = False
     max_tokens: int = DEFAULT_MAX_TOKENS
+    normalize_segments: bool = False  # liver text: write every Couinaud segment spelling as "segment N"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 3:
