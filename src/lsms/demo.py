@@ -432,7 +432,8 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info:
         f"{cfg.fov_mm:g} mm, lesions {cfg.diameter_mm[0]:g}-{cfg.diameter_mm[1]:g} mm, seed {train_cfg.seed}: "
         f"{json.dumps(counts)}",
         f"- Model: `{model.preset}`, text encoder `{model.text.encoder}` "
-        f"({'frozen' if model.text.freeze else 'fine-tuned'}), max {model.text.max_tokens} tokens",
+        f"({'frozen' if model.text.freeze else 'fine-tuned'}), max {model.text.max_tokens} tokens"
+        + (", segment spellings normalised (`text.normalize_segments`)" if model.text.normalize_segments else ""),
         f"- Training: {train_summary.get('epoch')} epochs / {train_summary.get('step')} steps of batch "
         f"{o.batch_size}, AdamW lr {o.lr:g} (wd {o.weight_decay}, none on norms/biases), "
         f"{o.warmup_steps} warm-up steps, poly 0.9, gradient clipping {o.grad_clip}; best "
