@@ -158,12 +158,13 @@ class ExportedBackend(Backend):
 
     def __init__(self, path: Path, metadata: Any):
         from lsms.data import Preprocessing
+        from lsms.model.config import TextConfig
         from lsms.text import Tokenizer
 
         self.path, self.metadata = path, metadata
         model = metadata.model
-        tokenizer = (Tokenizer(model["text"]["encoder"], metadata.max_tokens,
-                               normalize_segments=model["text"].get("normalize_segments", False))
+        text = TextConfig.from_dict(dict(model["text"]), where="exported model config text")
+        tokenizer = (Tokenizer(text.encoder, metadata.max_tokens, normalize_segments=text.normalize_segments)
                      if metadata.max_tokens else None)
         super().__init__(model, Preprocessing.from_dict(dict(metadata.preprocessing)), tokenizer,
                          metadata.threshold, metadata.source, metadata.epoch)

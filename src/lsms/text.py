@@ -70,17 +70,18 @@ def _hub_snapshot(hub_id: str) -> str:
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8}
-_NUMBER = r"(?P<n>VIII|VII|VI|IV|V|III|II|I|[1-8]|one|two|three|four|five|six|seven|eight)"
+_ROMAN_RE = "|".join(sorted(_ROMAN, key=len, reverse=True))  # longest first: VIII before VII before V
+_NUMBER = rf"(?P<n>{_ROMAN_RE}|[1-8]|{'|'.join(_WORDS)})"
 _PART = r"(?:-?(?P<part>[ABab])(?![A-Za-z]))?"  # IVa, 4A, IV-B: the two halves of segment 4
 _SEGMENT_PATTERNS = [
     # "segment VII", "seg. 7", "seg VII", "Couinaud 7", "Couinaud segment seven", "segment IV-A"
     re.compile(rf"\b(?:(?P<couinaud>Couinaud)\s+)?(?:segment|seg\.?)\s+{_NUMBER}{_PART}(?![\w-])", re.IGNORECASE),
     re.compile(rf"\b(?P<couinaud>Couinaud)\s+{_NUMBER}{_PART}(?![\w-])", re.IGNORECASE),
     # "S7", "SVII", "S IVa": capital S only, so that words are never read as segments
-    re.compile(rf"\bS\s?(?P<n>VIII|VII|VI|IV|V|III|II|I|[1-8]){_PART}(?![\w-])"),
+    re.compile(rf"\bS\s?(?P<n>{_ROMAN_RE}|[1-8]){_PART}(?![\w-])"),
     # "the 7th segment", "the seventh hepatic segment"
-    re.compile(r"\b(?P<n>[1-8](?:st|nd|rd|th)|first|second|third|fourth|fifth|sixth|seventh|eighth)\s+"
-               r"(?:(?:hepatic|liver|Couinaud)\s+)?segment\b", re.IGNORECASE),
+    re.compile(rf"\b(?P<n>[1-8](?:st|nd|rd|th)|{'|'.join(_ORDINALS)})\s+(?:(?:hepatic|liver|Couinaud)\s+)?segment\b",
+               re.IGNORECASE),
 ]
 
 
