@@ -61,6 +61,9 @@ class _CountingTokenizer:
     def hf(self, texts: list[str], add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
         return {"input_ids": [[0] * (len(t.split()) + 2) for t in texts]}
 
+    def normalized(self, texts: list[str]) -> list[str]:
+        return list(texts)
+
 
 def test_every_problem_is_found_and_named(tmp_path: Path) -> None:
     report = check_dataset(make_bad(tmp_path / "d"), tokenizer=_CountingTokenizer(), workers=1)
@@ -71,6 +74,9 @@ def test_every_problem_is_found_and_named(tmp_path: Path) -> None:
     }
     assert expected_errors <= found
     assert {("empty-mask", "empty"), ("non-binary-mask", "grey"), ("long-text", "grey")} <= found
+    lengths = report.token_lengths
+    assert lengths["over"] >= 1 and lengths["max"] > 32 >= lengths["median"] and lengths["texts"] >= lengths["over"]
+    assert f"max_tokens 32 cuts {lengths['over']}: raise --max-tokens to {lengths['max']}" in report.format_text()
     msg = {p.code: p.message for p in report.problems}
     assert "msk/m.png: mask size (8, 8) differs from image size (6, 8) (small.png)" in msg["size-mismatch"]
     assert "nan.npy: 64 NaN/inf pixel value(s)" in msg["nan-inf"]

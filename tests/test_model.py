@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lsms import build_model
-from lsms.model import PRESETS, LSMSConfig
+from lsms.model import PRESETS, LSMSConfig, model_config
 from lsms.model.decoder import NMF2D
 from lsms.model.encoder import LanguageGuidedBranch
 
@@ -55,7 +57,6 @@ def test_shape_table(preset):
     assert out.logits.shape == (2, 1, SIZE, SIZE)
     for f, width, stride in zip(out.stages, cfg.widths, (4, 8, 16, 32)):
         assert f.shape == (2, width, SIZE // stride, SIZE // stride)
-    assert [p.shape for p in out.aligned] == [(2, cfg.widths[s - 1], SIZE // 4, SIZE // 4) for s in (2, 3, 4)]
     assert out.decoder.shape == (2, cfg.head_channels, SIZE // 4, SIZE // 4)
     assert out.text_embedding.shape == (2, cfg.head_channels)
     assert torch.isfinite(out.logits).all()
@@ -328,3 +329,71 @@ def test_group_block_norm_keeps_an_out_of_range_sample_finite():
     assert not any("blocks" in k and "running_mean" in k for k in group.state_dict())
     with pytest.raises(ValueError, match="block_norm must be"):
         LSMSConfig(block_norm="layer")
+
+
+def test_truncation_is_logged_once_and_counted(caplog):
+    model = build_model("tiny", **tiny_model_kwargs(text={"max_tokens": 8}))
+    long = "a very long sentence about the lesion in segment six of the liver"
+    with caplog.at_level("WARNING", logger="lsms.text"):
+        for _ in range(3):
+            model.tokenize([long, long, "cyst"])
+    assert model.tokenizer.truncated == 6
+    assert len([r for r in caplog.records if "truncated to 8 tokens" in r.message]) == 1
+
+
+def test_decoder_equals_the_printed_order():
+    """The decoder squeezes each P_i at its own resolution and aligns the result; Eq. 11-12 align, concatenate
+    and squeeze. Both are linear up to the GroupNorm, so they agree up to rounding."""
+    torch.manual_seed(0)
+    for kwargs in (dict(), dict(decoder_stages=(1, 2, 3, 4), stage_mlp=True)):
+        model = build_model("tiny", **tiny_model_kwargs(use_text=False, **kwargs)).eval()
+        dec = model.decoder
+        features = [torch.randn(2, c, SIZE // s, SIZE // s) for c, s in zip(model.config.widths, (4, 8, 16, 32))]
+        size = features[0].shape[-2:]
+        aligned = [F.interpolate(features[s - 1], size=size, mode="bilinear", align_corners=False) if s > 1
+                   else features[0] for s in dec.stages]
+        if dec.stage_mlp is not None:
+            aligned = [mlp(p) for mlp, p in zip(dec.stage_mlp, aligned)]
+        with torch.no_grad():
+            printed = dec._head(dec.squeeze(torch.cat(aligned, dim=1)))
+            fast = dec(features)
+        for a, b in zip(fast, printed):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_layers_match_their_reference():
+    from lsms.model.layers import GroupNorm, Pointwise
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1)
+    pw = Pointwise(24, 40)
+    pw.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 24, 9, 7)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.testing.assert_close(pw(x.contiguous(memory_format=fmt)), conv(x), atol=1e-5, rtol=1e-5)
+    assert pw(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    # a map whose mean is 40x its spread: PyTorch's channels-last kernel is off by ~4e-3, ours by ~1e-5
+    y = (torch.randn(2, 64, 28, 28) * 0.5 + 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for groups in (1, 32, 64):
+        norm = GroupNorm(groups, 64)
+        reference = nn.GroupNorm(groups, 64).double()
+        want = reference(y.detach().double())
+        got = norm(y)
+        assert float((got.detach().double() - want).abs().max()) < 1e-4
+        grad_want = torch.autograd.grad((reference(y.double()) * want).sum(), y)[0]
+        grad_got = torch.autograd.grad((norm(y) * want.float()).sum(), y)[0]
+        torch.testing.assert_close(grad_got.double(), grad_want.double(), atol=1e-3, rtol=1e-3)
+
+
+def test_group_norm_blocks_are_the_default_and_the_paper_recipe_keeps_batch_norm():
+    from importlib.resources import files
+
+    import yaml
+
+    for name in PRESETS:
+        assert model_config(name).block_norm == "group"
+    recipes = files("lsms") / "recipes"
+    for recipe in recipes.iterdir():
+        if recipe.name.endswith(".yaml"):
+            model = yaml.safe_load(recipe.read_text()).get("model") or {}
+            assert model.get("block_norm", "group") == ("batch" if recipe.name == "paper.yaml" else "group"), recipe.name

@@ -61,7 +61,7 @@ def _mscan_state_dict(model) -> dict[str, torch.Tensor]:
             sd[p + "mlp.fc1.weight"] = torch.randn_like(block.ffn.fc1.weight)
             sd[p + "mlp.dwconv.dwconv.weight"] = torch.randn_like(block.ffn.dwconv.weight)
             sd[p + "mlp.fc2.weight"] = torch.randn_like(block.ffn.fc2.weight)
-        sd[f"norm{i}.weight"] = torch.randn(stage.blocks[0].norm1.num_features)
+        sd[f"norm{i}.weight"] = torch.randn(stage.blocks[0].norm1.weight.shape[0])
     return {"state_dict": {"backbone." + k: v for k, v in sd.items()} | {"decode_head.conv_seg.weight": torch.randn(2, 2)}}
 
 

@@ -148,3 +148,68 @@ def test_cli_errors_are_helpful(toy, tmp_path, capsys):
     assert "unknown model settings ['widthz']" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing"), str(toy)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_amp_auto_measures_before_choosing_bf16(monkeypatch):
+    from lsms import optim
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(optim, "native_bf16", lambda: (False, "the CPU has no avx512_bf16, amx_bf16 or bf16 flag"))
+    probed = []
+    dtype, why = optim.choose_amp("auto", cpu, probe=lambda d: probed.append(d) or 1.0)
+    assert dtype is None and why.startswith("fp32: the CPU has no") and probed == []  # emulated bf16: not tried
+    monkeypatch.setattr(optim, "native_bf16", lambda: (True, "CPU flag avx512_bf16"))
+    dtype, why = optim.choose_amp("auto", cpu, probe=lambda d: 2.0 if d is None else 1.0)
+    assert dtype == torch.bfloat16 and "2.00x" in why
+    dtype, why = optim.choose_amp("auto", cpu, probe=lambda d: 1.0 if d is None else 0.95)  # 1.05x: not worth it
+    assert dtype is None and why.startswith("fp32: CPU flag avx512_bf16")
+    assert optim.choose_amp("bf16", cpu)[0] == torch.bfloat16 and optim.choose_amp("off", cpu)[0] is None
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        optim.choose_amp("fp16", cpu)
+    assert optim.inference_dtype("bf16", cpu) == torch.bfloat16 and optim.inference_dtype("fp32", cpu) is None
+    monkeypatch.setattr(optim, "native_bf16", lambda: (False, "none"))
+    assert optim.inference_dtype("bf16", cpu) is None  # a CPU without native bf16 runs a bf16-trained model in fp32
+
+
+def test_amp_choice_is_saved_and_bf16_masks_match_fp32(toy, tmp_path, monkeypatch):
+    """A bf16 run trains, records its choice in the checkpoint, and its model gives the same masks in bf16 as
+    in fp32 on >= 99 % of pixels (the parity bound of evaluate, predict and serve)."""
+    from lsms import optim
+    from lsms.backends import load_backend
+    from lsms.data import SegmentationDataset, load_samples
+
+    summary = train(tiny_run_config(toy, tmp_path / "bf16", amp="bf16"))
+    amp = load_checkpoint(tmp_path / "bf16" / "last.pt")["amp"]
+    assert summary["amp"] == amp and amp["setting"] == "bf16" and amp["dtype"] == "bf16"
+    monkeypatch.setattr(optim, "native_bf16", lambda: (False, "mocked: the CPU has no bf16 flag"))
+    train(tiny_run_config(toy, tmp_path / "auto", amp="auto"))
+    amp = load_checkpoint(tmp_path / "auto" / "last.pt")["amp"]
+    assert amp["dtype"] == "fp32" and "mocked" in amp["reason"]
+    monkeypatch.setattr(optim, "native_bf16", lambda: (True, "mocked"))
+    backend = load_backend(tmp_path / "bf16", device="cpu")
+    assert backend.dtype == torch.bfloat16
+    samples = SegmentationDataset(load_samples(toy, "val"), backend.preprocessing)
+    image = torch.stack([samples[i]["image"] for i in range(len(samples))])
+    tok = backend.tokenize([samples[i]["text"] for i in range(len(samples))])
+    bf16 = backend(image, tok["input_ids"], tok["attention_mask"])
+    backend.dtype = None
+    fp32 = backend(image, tok["input_ids"], tok["attention_mask"])
+    assert torch.isfinite(bf16).all() and ((bf16 > 0) == (fp32 > 0)).float().mean() >= 0.99
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_inf_nan_logits_at_validation_are_reported_loudly(toy, tmp_path, monkeypatch, caplog):
+    import lsms.train as training
+
+    real = training.evaluate_model
+
+    def diverging(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["summary"]["n_nonfinite_logits"] = 2
+        return result
+
+    monkeypatch.setattr(training, "evaluate_model", diverging)
+    with caplog.at_level("WARNING", logger="lsms.train"):
+        summary = train(tiny_run_config(toy, tmp_path / "run"))
+    assert summary["nonfinite_logits_by_epoch"] == {1: 2, 2: 2}
+    assert any("inf/NaN logits in 2 of the evaluated epochs" in r.message for r in caplog.records)

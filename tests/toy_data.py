@@ -80,13 +80,14 @@ def tiny_model() -> dict:
 
 def tiny_train_settings(dataset: Path, out: Path, /, **overrides) -> dict:
     """The settings tree (plain data) of a seconds-long CPU run; ``overrides`` deep-merge into it
-    (``optim={"epochs": 1}``, ``save_every=2``)."""
+    (``optim={"epochs": 1}``, ``save_every=2``). fp32 (``amp: off``): ``auto`` would time the step to choose,
+    and a choice that depends on the machine's load cannot give the same numbers twice."""
     from lsms.config import merge_into
 
     tree = dict(
         out=str(out), model=tiny_model(), data={"path": str(dataset), "image_size": 64},
         optim={"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2},
-        device="cpu", progress=False, log_every=1, seed=0,
+        device="cpu", amp="off", progress=False, log_every=1, seed=0,
     )
     return merge_into(tree, overrides)
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lsms.optim import autocast, inference_dtype
+
 BACKENDS = ("torch", "onnxruntime", "torchscript")
 TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
 
@@ -63,8 +65,7 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """The PyTorch model in eval mode, made fast where it is cheap: inference mode, the decoder's logits-only
-    path (:meth:`~lsms.model.decoder.FullScaleDecoder.forward_logits`), a cache of text features for repeated
+    """The PyTorch model in eval mode, made fast where it is cheap: inference mode, a cache of text features for repeated
     sentences (one image with many sentences, or many images with one sentence, encode each sentence once) and,
     with ``optimize``, Conv+BatchNorm folded (:func:`fuse_conv_bn`) and channels-last memory layout.
 
@@ -76,14 +77,17 @@ class TorchBackend(Backend):
         optimize: fold Conv+BatchNorm and switch to channels-last (changes the module tree: only for a model
             that is not trained or saved afterwards).
         text_cache: how many sentences' text features to keep (0: none).
+        dtype: autocast dtype (None: fp32); :func:`load_backend` takes the training's choice
+            (:func:`lsms.optim.inference_dtype`).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, preprocessing: Any, device: torch.device | str = "cpu",
                  threshold: float = 0.5, source: str = "", epoch: int | None = None, optimize: bool = False,
-                 text_cache: int = TEXT_CACHE_SIZE):
+                 text_cache: int = TEXT_CACHE_SIZE, dtype: torch.dtype | None = None):
         self.device = torch.device(device)
+        self.dtype = dtype
         self.model = model.to(self.device).eval()
         self.channels_last = optimize
         if optimize:
@@ -95,12 +99,14 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
-        return self.model(image, input_ids, attention_mask, text=text).float().cpu()
+        with autocast(self.device, self.dtype):
+            return self.model(image, input_ids, attention_mask, text=text).float().cpu()
 
     @torch.inference_mode()
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
         image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
-        return self.model.forward_features(image, input_ids, attention_mask, text=text)
+        with autocast(self.device, self.dtype):
+            return self.model.forward_features(image, input_ids, attention_mask, text=text)
 
     def _inputs(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> tuple:
         """On the device, with the text features from the cache: the model's (image, ids, mask, text)."""
@@ -110,7 +116,8 @@ class TorchBackend(Backend):
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if not self.text_cache_size:
             return image, input_ids, attention_mask, None
-        return image, input_ids, attention_mask, self.encode_text(input_ids, attention_mask)
+        with autocast(self.device, self.dtype):
+            return image, input_ids, attention_mask, self.encode_text(input_ids, attention_mask)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         """The model's ``encode_text`` per sentence, from the cache where the same (ids, mask) row was seen."""
@@ -320,8 +327,9 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
 
         dev = pick_device(device)
         net, preprocessing, checkpoint = load_trained(path, dev, prefer=prefer)
+        trained = (checkpoint.get("amp") or {}).get("dtype", "fp32")
         loaded = TorchBackend(net, preprocessing, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
-                              optimize=True)
+                              optimize=True, dtype=inference_dtype(trained, dev))
         loaded.existence_threshold = existence_threshold_of(checkpoint)
     if threshold is not None:
         loaded.threshold = threshold

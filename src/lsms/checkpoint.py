@@ -7,6 +7,7 @@ Layout (nanoGPT style, the config travels inside)::
         "model": state_dict,                      # tensors only
         "optimizer": optimizer.state_dict(),      # or None (exported / best-only checkpoints keep it too)
         "scaler": grad_scaler.state_dict(),       # or None (no fp16 loss scaling)
+        "amp": {"setting": "auto", "dtype": "bf16", "reason": str},  # mixed precision chosen (optional: fp32)
         "epoch": int,                              # epochs finished
         "step": int,                               # optimiser steps done; the LR schedule is a pure function of it
         "batch_in_epoch": int,                     # batches of the current epoch already used (mid-epoch saves)
@@ -137,6 +138,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if checkpoint.get("format_version", 1) == 1:
         checkpoint = upgrade_v1(checkpoint)
     _check_sections(checkpoint, path)
+    model = checkpoint["config"]["run"].get("model")
+    if isinstance(model, dict) and model.get("arch", "lsms") == "lsms":
+        model.setdefault("block_norm", "batch")  # saved before the setting existed: BatchNorm, the default then
     return checkpoint
 
 
@@ -232,7 +236,7 @@ def seed_everything(seed: int) -> None:
 
 def make_checkpoint(model: torch.nn.Module, run: RunConfig, preprocessing: Preprocessing, *,
                     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
-                    epoch: int = 0, step: int = 0, batch_in_epoch: int = 0, rng: list[dict[str, Any]] | None = None,
+                    amp: dict[str, str] | None = None, epoch: int = 0, step: int = 0, batch_in_epoch: int = 0, rng: list[dict[str, Any]] | None = None,
                     metrics: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint dict of the layout above (weights on the CPU; ``optimizer`` None for inference-only files)."""
     return {
@@ -240,6 +244,7 @@ def make_checkpoint(model: torch.nn.Module, run: RunConfig, preprocessing: Prepr
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "amp": amp or {"setting": run.amp, "dtype": "fp32", "reason": "not recorded"},
         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng if rng is not None else [],
         "config": {"run": run.to_dict(), "preprocessing": preprocessing.to_dict()},
         "metrics": metrics or {}, "best": best or {},

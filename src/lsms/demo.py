@@ -51,10 +51,9 @@ def demo_recipe() -> RunConfig:
     """The demo's training recipe, tuned for 2 CPU cores (docs/training.md has the measurements)."""
     return RunConfig(
         # P1 (stride 4) in the decoder: the paper's (2, 3, 4) starts at stride 8; expressions are 40-60 tokens
-        # logits at 1/2 resolution (output_stride 2) and GroupNorm in the encoder blocks (block_norm "group": no
-        # sample diverges at evaluation): +3 and +5 points of test Dice at the same steps (docs/training.md);
+        # logits at 1/2 resolution (output_stride 2): +3 points of test Dice at the same steps (docs/training.md);
         # segment spellings (S7, SVII, the 7th segment) read as "segment 7" (docs/model.md, text normalisation)
-        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2, block_norm="group",
+        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2,
                            text={"freeze": True, "max_tokens": 64, "normalize_segments": True}),
         # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped; batches hold the same slice
         # with the same slice with different sentences; half of the sentences are paraphrases (other wording,

@@ -7,6 +7,10 @@ both call it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,18 +62,101 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                              **({"fused": True} if fused else {}))
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` (None: full precision)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+
+
+def native_bf16() -> tuple[bool, str]:
+    """(whether this CPU multiplies bf16 in hardware, the evidence): x86 ``avx512_bf16`` or ``amx_bf16``, or
+    Arm ``bf16`` (``/proc/cpuinfo`` flags on Linux). Without it bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return False, "no /proc/cpuinfo to read the CPU's bf16 capability from"
+    if found := [f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags]:
+        return True, f"CPU flag {found[0]}"
+    return False, "the CPU has no avx512_bf16, amx_bf16 or bf16 flag"
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``amp`` setting on ``device`` (None: full precision)."""
+    """The autocast dtype an explicit ``amp`` setting means on ``device`` (None: full precision); ``auto`` on a
+    GPU is bf16 where supported, else fp16. ``auto`` on a CPU needs a measurement: :func:`choose_amp`."""
     if amp == "off":
         return None
     if amp == "auto":
         if device.type != "cuda":
-            return None  # CPU autocast is slower than fp32 for these convolutions
+            raise ValueError("amp 'auto' on a CPU is chosen by measuring the step: use choose_amp")
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    dtype = AMP_DTYPES[amp]
     if device.type == "cpu" and dtype == torch.float16:
         raise ValueError("amp fp16 needs a GPU; use --amp bf16 or --amp off on CPU")
     return dtype
+
+
+AUTO_BF16_MIN_GAIN = 1.1  # bf16 must make the step at least this much faster to be chosen on a CPU
+
+
+def choose_amp(amp: str, device: torch.device, probe: Callable[[torch.dtype | None], float] | None = None,
+               agree: Callable[[float], float] = float) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, why) for the ``amp`` setting on ``device``.
+
+    ``auto`` on a CPU: fp32 unless the CPU has native bf16 (:func:`native_bf16`) **and** ``probe`` (CPU seconds
+    of a few training steps in a dtype) shows bf16 at least :data:`AUTO_BF16_MIN_GAIN` times faster. ``agree``
+    makes every process of a distributed run take the same decision (e.g. the mean of their speed-ups).
+    """
+    if amp != "auto" or device.type != "cpu":
+        dtype = amp_dtype(amp, device)
+        return dtype, f"--amp {amp}" + (f" on {device.type}" if amp == "auto" else "")
+    native, evidence = native_bf16()
+    if not native:
+        return None, f"fp32: {evidence} (bf16 would be emulated)"
+    if probe is None:
+        return None, f"fp32: {evidence}, but no step was measured"
+    fp32, bf16 = probe(None), probe(torch.bfloat16)
+    gain = agree(fp32 / max(bf16, 1e-9))
+    verdict = "bf16" if gain >= AUTO_BF16_MIN_GAIN else "fp32"
+    why = (f"{verdict}: {evidence}; measured step {fp32:.3f} CPU-s in fp32, {bf16:.3f} in bf16 ({gain:.2f}x; "
+           f"bf16 needs >= {AUTO_BF16_MIN_GAIN}x)")
+    return (torch.bfloat16 if verdict == "bf16" else None), why
+
+
+def inference_dtype(trained: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for running a model trained in ``trained`` (``bf16``, ``fp16`` or ``fp32``) on
+    ``device``: the training's choice where the device computes it natively, else fp32. Masks in bf16 agree with
+    fp32 on >= 99 % of pixels (tests/test_train.py states the bound)."""
+    if trained == "bf16" and (device.type == "cuda" or (device.type == "cpu" and native_bf16()[0])):
+        return torch.bfloat16
+    if trained == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def probe_step_seconds(step_module: nn.Module, batch: dict[str, Any], steps: int = 2
+                       ) -> Callable[[torch.dtype | None], float]:
+    """A probe for :func:`choose_amp`: median CPU seconds of forward + backward of ``batch`` (after one warm-up)
+    on a throwaway copy of ``step_module``, so the weights, buffers, gradients and random state of the run are
+    untouched."""
+    def probe(dtype: torch.dtype | None) -> float:
+        module = copy.deepcopy(step_module).train()
+        rng = torch.get_rng_state()
+        times = []
+        for _ in range(steps + 1):
+            start = time.process_time()
+            with autocast(batch["image"].device, dtype):
+                losses = module(batch["image"], batch["mask"], batch.get("input_ids"), batch.get("attention_mask"),
+                                batch.get("coords"))
+            losses["loss"].backward()
+            times.append(time.process_time() - start)
+        torch.set_rng_state(rng)
+        return statistics.median(times[1:])
+
+    return probe
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -131,4 +218,6 @@ def train_step(step_module: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-__all__ = ["TrainingStep", "amp_dtype", "autocast", "build_optimizer", "lr_at", "param_groups", "train_step"]
+__all__ = ["AUTO_BF16_MIN_GAIN", "TrainingStep", "amp_dtype", "autocast", "choose_amp", "dtype_name", "inference_dtype",
+           "native_bf16",
+           "probe_step_seconds", "build_optimizer", "lr_at", "param_groups", "train_step"]

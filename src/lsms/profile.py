@@ -149,7 +149,7 @@ def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEX
         config.text = dataclasses.replace(config.text, encoder=text_encoder)
     model = build(config).eval().to(dev)
     inputs = profile_inputs(model, image_size, batch, dev)
-    with torch.inference_mode():  # the architecture's count: forward_features forms every P_i (Eq. 11)
+    with torch.inference_mode():  # what runs: the decoder squeezes each P_i at its own resolution (FullScaleDecoder)
         flops = count_flops(model.forward_features, *inputs) / batch
         text_flops = count_flops(model.text_encoder, *inputs[1:]) / batch if model.text_encoder else 0
     latency, peak = measure(model, inputs, repeats, dev)
@@ -251,7 +251,7 @@ def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = B
     inputs = {b: profile_inputs(model, image_size, b, torch.device("cpu")) for b in (1, THROUGHPUT_BATCH)}
     with torch.inference_mode():
         arch_flops = count_flops(model.forward_features, *inputs[1])
-        run_flops = count_flops(model, *inputs[1])  # the logits-only path the backends run
+        run_flops = count_flops(model, *inputs[1])  # what the backends run (logits only)
     prep = default_preprocessing(None, image_size, in_channels=in_channels)
     runs = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:

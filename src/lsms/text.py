@@ -139,6 +139,7 @@ class Tokenizer:
         self.normalize_segments = normalize_segments
         self.truncated = 0  # expressions cut to max_tokens since creation
         self.seen = 0
+        self._warned = False
 
     def count_tokens(self, text: str) -> int:
         """Number of tokens of ``text`` before truncation, special tokens included."""
@@ -165,10 +166,11 @@ class Tokenizer:
         self.seen += len(texts)
         if n:
             self.truncated += n
-            log.warning(
-                "%d of %d expressions truncated to %d tokens (%d of %d so far); raise max_tokens to keep them whole",
-                n, len(texts), self.max_tokens, self.truncated, self.seen,
-            )
+            if not self._warned:  # once: a dataset of long sentences would otherwise log every batch
+                self._warned = True
+                log.warning("%d of %d expressions truncated to %d tokens; raise max_tokens to keep them whole "
+                            "(counted from here on, not logged again: 'lsms check DATA' reports the sentences' "
+                            "token lengths)", n, len(texts), self.max_tokens)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "truncated": truncated}
 
 

@@ -51,7 +51,7 @@ from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.losses import LSMSLoss
 from lsms.model import MODELS, build
-from lsms.optim import TrainingStep, amp_dtype, build_optimizer, lr_at, train_step
+from lsms.optim import AMP_DTYPES, TrainingStep, build_optimizer, choose_amp, dtype_name, lr_at, probe_step_seconds, train_step
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
 from lsms.text import resolve_text_encoder
@@ -104,7 +104,9 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     criterion = LSMSLoss(cfg.loss)
     step_module: nn.Module = TrainingStep(model, criterion)
     optimizer = build_optimizer(model, cfg.optim, device)
-    dtype = amp_dtype(cfg.amp, device)
+    collate = Collator(model.tokenizer)
+    dtype, amp_reason = mixed_precision(cfg, checkpoint, step_module, train_set, collate, device, env)
+    amp = {"setting": cfg.amp, "dtype": dtype_name(dtype), "reason": amp_reason}
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- where we are
@@ -130,22 +132,23 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         log.info("training %s (%s parameters) on %s x %d, %d train / %d val samples, %d steps/epoch, %d epochs",
                  cfg.model.preset, f"{sum(p.numel() for p in model.parameters()):,}", device, env.world_size,
                  len(train_set), len(val_set or []), steps_per_epoch, o.epochs)
+        log.info("mixed precision %s (--amp %s): %s", amp["dtype"], cfg.amp, amp_reason)
 
     def save(kind: str, metrics: dict[str, Any] | None = None) -> None:
         D.broadcast_buffers(model, env)
         rng = D.gather_objects(rng_state(), env)  # collective: every rank calls save
         if env.is_main:
             save_checkpoint(make_checkpoint(
-                model, cfg, preprocessing, optimizer=optimizer if kind == "last" else None, scaler=scaler,
+                model, cfg, preprocessing, optimizer=optimizer if kind == "last" else None, scaler=scaler, amp=amp,
                 epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, rng=rng, metrics=metrics, best=best,
             ), out / f"{kind}.pt")
         D.barrier(env)
 
     sampler = train_sampler(train_set, cfg.data, o.batch_size, env, cfg.seed)
-    collate = Collator(model.tokenizer)
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
     started, time_up, last_metrics = time.perf_counter(), False, {}
+    nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
 
     def time_fraction() -> float:
         """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
@@ -164,7 +167,11 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         sums: dict[str, float] = {}
         bar = logs.bar(total=len(loader), desc=f"epoch {epoch + 1}/{o.epochs}")
         t_last, seen_last, n_batches = time.perf_counter(), 0, 0
+        waited, truncated, sentences, t_asked = 0.0, 0, 0, time.perf_counter()
         for batch in loader:
+            waited += time.perf_counter() - t_asked  # the step waiting for data
+            if "truncated" in batch:
+                truncated, sentences = truncated + int(batch["truncated"].sum()), sentences + len(batch["truncated"])
             lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
             values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype)
             step, batch_in_epoch, n_batches = step + 1, batch_in_epoch + 1, n_batches + 1
@@ -193,8 +200,14 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
                 break
             if step >= total_steps:  # optim.max_steps reached mid-epoch
                 break
+            t_asked = time.perf_counter()
         if bar is not None:
             bar.close()
+        sums["data_wait_s"] = waited  # averaged per step below: the data loader's share of the step
+        if truncated and env.is_main:
+            log.warning("epoch %d: %d of %d training expressions were truncated to %d tokens (raise max_tokens; "
+                        "'lsms check DATA --max-tokens N' lists the token lengths)", epoch + 1, truncated, sentences,
+                        model.tokenizer.max_tokens)
         if batch_in_epoch >= steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         train_means = {k: D.all_reduce_mean(v / max(n_batches, 1), env) for k, v in sums.items()}
@@ -207,6 +220,8 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
             # with negative expressions in val, the existence threshold is chosen here and saved with the model
             metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype, progress=logs.progress,
                                                     existence_threshold="choose")["summary"]
+        if metrics.get("n_nonfinite_logits"):
+            nonfinite[epoch] = metrics["n_nonfinite_logits"]
         score = metrics.get(cfg.best_metric)
         improved = score is not None and score > best["value"]
         if improved:
@@ -217,7 +232,12 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             save("best", metrics)
     logs.close()
-    summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics,
+    if nonfinite and env.is_main:
+        log.warning("validation gave inf/NaN logits in %d of the evaluated epochs (samples per epoch: %s): the model "
+                    "diverges on them (docs/model.md, block_norm; BatchNorm blocks are the usual cause)",
+                    len(nonfinite), ", ".join(f"epoch {e}: {n}" for e, n in nonfinite.items()))
+    summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
+               "nonfinite_logits_by_epoch": nonfinite,
                "time_s": time.perf_counter() - started, "out": str(out), "stopped_early": time_up}
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -225,6 +245,21 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
 
 
 # --------------------------------------------------------------------------- the loop's helpers
+
+
+def mixed_precision(cfg: RunConfig, checkpoint: dict[str, Any] | None, step_module: nn.Module, train_set: Any,
+                    collate: Collator, device: torch.device, env: D.DistEnv) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype, why) of a run: a resumed ``auto`` run keeps its checkpoint's choice; a new one measures
+    its first batch in fp32 and bf16 on a throwaway copy of the model (:func:`lsms.optim.choose_amp`)."""
+    saved = (checkpoint or {}).get("amp")
+    if cfg.amp == "auto" and saved and saved.get("setting") == "auto":
+        return AMP_DTYPES.get(saved["dtype"]), f"kept from the checkpoint ({saved['reason']})"
+    probe = None
+    if cfg.amp == "auto" and device.type == "cpu":
+        n = min(cfg.optim.batch_size, len(train_set))
+        probe = probe_step_seconds(step_module, to_device(collate([train_set[i] for i in range(n)]), device))
+    return choose_amp(cfg.amp, device, probe, agree=lambda gain: D.all_reduce_mean(gain, env))
+
 
 
 def resumed(cfg: RunConfig, resume: str | Path | None, env: D.DistEnv, given: dict[str, Any] | None = None

@@ -40,6 +40,8 @@ class CheckReport:
         problems: every finding, errors first.
         has_text: whether any sample has a non-empty expression.
         max_tokens: the tokenizer limit texts were measured against (None when text was not checked).
+        token_lengths: the sentences' token counts (special tokens included) against ``max_tokens``: ``texts``,
+            ``median``, ``p95``, ``max`` and ``over`` (how many are longer); None when text was not checked.
         seconds: wall time of the check.
     """
 
@@ -49,6 +51,7 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     has_text: bool = False
     max_tokens: int | None = None
+    token_lengths: dict[str, int] | None = None
     seconds: float = 0.0
 
     @property
@@ -69,7 +72,7 @@ class CheckReport:
             "path": self.path, "layout": self.layout, "ok": self.ok, "counts": self.counts,
             "total": sum(self.counts.values()), "errors": len(self.errors), "warnings": len(self.warnings),
             "by_code": dict(sorted(by_code.items())), "has_text": self.has_text, "max_tokens": self.max_tokens,
-            "seconds": round(self.seconds, 2), "problems": [p.to_dict() for p in self.problems],
+            "token_lengths": self.token_lengths, "seconds": round(self.seconds, 2), "problems": [p.to_dict() for p in self.problems],
         }
 
     def format_text(self, limit: int = 30) -> str:
@@ -77,6 +80,10 @@ class CheckReport:
         lines = [f"{self.path} ({self.layout} layout)"]
         lines.append("  " + ", ".join(f"{sp}: {n}" for sp, n in self.counts.items()) + f"  (total {sum(self.counts.values())})")
         lines.append(f"  text: {'yes' if self.has_text else 'none (classical segmentation)'}")
+        if (t := self.token_lengths) is not None:
+            lines.append(f"  tokens per sentence: median {t['median']}, 95th percentile {t['p95']}, max {t['max']} "
+                         f"({t['texts']} sentences); max_tokens {self.max_tokens} cuts {t['over']}"
+                         + (f": raise --max-tokens to {t['max']} to keep every one whole" if t["over"] else ""))
         groups: dict[str, list[Problem]] = defaultdict(list)
         for p in self.problems:
             groups[f"{p.severity} [{p.code}]"].append(p)
@@ -167,21 +174,27 @@ def _check_record_safely(r: Record) -> tuple[list[Problem], str | None]:
         return [Problem("error", "unreadable", message, str(r.image_path), r.id, r.split)], None
 
 
-def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[Problem], bool]:
+def _text_problems(records: list[Record], tokenizer: Any | None
+                   ) -> tuple[list[Problem], bool, dict[str, int] | None]:
     texts_of = [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
                 for r in records for lvl in WRITTEN_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
     has_text = any(t.strip() for _, _, t in texts_of)
     problems: list[Problem] = []
     if not has_text:
-        return problems, False
+        return problems, False, None
     for r, lvl, t in texts_of:
         if not t.strip():
             field_name = "text" if lvl == "full" else f"texts.{lvl}"
             problems.append(Problem("error", "empty-text", f"{r.root}: sample {r.id!r} has an empty {field_name} "
                                     "while the dataset has text", str(r.root), r.id, r.split))
+    stats = None
     if tokenizer is not None:
         unique = sorted({t for _, _, t in texts_of if t.strip()})
-        lengths = dict(zip(unique, (len(ids) for ids in tokenizer.hf(unique, add_special_tokens=True)["input_ids"]), strict=True))
+        counted = tokenizer.hf(tokenizer.normalized(unique), add_special_tokens=True)["input_ids"]
+        lengths = dict(zip(unique, (len(ids) for ids in counted), strict=True))
+        every = np.array([lengths[t] for _, _, t in texts_of if t.strip()])
+        stats = {"texts": int(every.size), "median": int(np.median(every)), "p95": int(np.percentile(every, 95)),
+                 "max": int(every.max()), "over": int((every > tokenizer.max_tokens).sum())}
         for r, lvl, t in texts_of:
             n = lengths.get(t, 0)
             if n > tokenizer.max_tokens:
@@ -189,7 +202,7 @@ def _text_problems(records: list[Record], tokenizer: Any | None) -> tuple[list[P
                     "warning", "long-text", f"sample {r.id!r}: the {lvl} text has {n} tokens, the tokenizer keeps "
                     f"{tokenizer.max_tokens}; it would be truncated (raise max_tokens or shorten it)", None, r.id, r.split,
                 ))
-    return problems, True
+    return problems, True, stats
 
 
 def check_dataset(
@@ -240,11 +253,11 @@ def check_dataset(
                                     f"{splits} ({where}); move it to one split", str(group[0].image_path), group[0].id))
 
     already = {(p.code, p.id) for p in problems if p.code == "empty-text"}
-    text_found, has_text = _text_problems(records, tokenizer)
+    text_found, has_text, token_lengths = _text_problems(records, tokenizer)
     problems.extend(p for p in text_found if (p.code, p.id) not in already)
     problems.sort(key=lambda p: p.severity != "error")  # stable: errors first, original order kept
     return CheckReport(
         path=str(path), layout=layout, counts=counts, problems=problems, has_text=has_text,
         max_tokens=None if tokenizer is None or not has_text else int(tokenizer.max_tokens),
-        seconds=time.perf_counter() - start,
+        token_lengths=token_lengths, seconds=time.perf_counter() - start,
     )

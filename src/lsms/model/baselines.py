@@ -65,7 +65,7 @@ class TextUNet(nn.Module):
 
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                          coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> LSMSOutput:
-        """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput` (no aligned features).
+        """image (B, C_in, H, W) with H, W multiples of 16 -> :class:`LSMSOutput`.
 
         ``coords`` as in :meth:`LSMS.forward_features` (read only with ``coord_embed``); ``text`` is
         :meth:`encode_text` of the same ids and mask, computed earlier (a cache of repeated sentences).
@@ -89,13 +89,12 @@ class TextUNet(nn.Module):
             if input_ids is None or attention_mask is None:
                 raise ValueError("this U-Net uses text: pass input_ids and attention_mask (see model.tokenize)")
             sentence, text_embedding = text if text is not None else self.encode_text(input_ids, attention_mask)
-        x, decoder_stages = x4, []
+        x = x4
         for i, (up, skip) in enumerate(zip((u.upcat_4, u.upcat_3, u.upcat_2, u.upcat_1), (x3, x2, x1, x0))):
             x = up(x, skip)
             if sentence is not None:
                 x = self.film[i](x, sentence)
-            decoder_stages.append(x)
-        return LSMSOutput(u.final_conv(x), [x0, x1, x2, x3, x4], decoder_stages, x, text_embedding)
+        return LSMSOutput(u.final_conv(x), [x0, x1, x2, x3, x4], x, text_embedding)
 
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:

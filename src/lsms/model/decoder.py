@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig
+from lsms.model.layers import GroupNorm, Pointwise, from_pixel_rows, per_pixel_rows, pointwise
 
 
 class NMF2D(nn.Module):
@@ -47,34 +48,37 @@ class NMF2D(nn.Module):
             return F.normalize(torch.rand(batch, channels, self.rank, device=like.device, dtype=like.dtype), dim=1)
         return self.eval_bases.to(like.dtype).expand(batch, -1, -1)
 
-    def _update_coef(self, x: Tensor, bases: Tensor, coef: Tensor) -> Tensor:
-        numerator = torch.bmm(x.transpose(1, 2), bases)  # (B, N, C) @ (B, C, R) -> (B, N, R)
+    def _update_coef(self, xt: Tensor, bases: Tensor, coef: Tensor) -> Tensor:
+        numerator = torch.bmm(xt, bases)  # (B, N, C) @ (B, C, R) -> (B, N, R)
         denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))  # (B, N, R) @ (B, R, R) -> (B, N, R)
         return coef * numerator / (denominator + self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, C, H, W), non-negative -> low-rank reconstruction (B, C, H, W)."""
-        B, C, H, W = x.shape
+        """(B, C, H, W), non-negative -> low-rank reconstruction (B, C, H, W).
+
+        Computed on the transposed matrices (X^T is (N, C): the pixels as rows, a view of a channels-last map).
+        """
+        H, W = x.shape[-2:]
         dtype = x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float().view(B, C, H * W)  # (B, C, N)
-            bases = self._bases(B, C, x)  # (B, C, R)
+            xt = per_pixel_rows(x.float())  # X^T (B, N, C)
+            bases = self._bases(xt.shape[0], xt.shape[2], xt)  # (B, C, R)
             with torch.no_grad():
-                coef = torch.softmax(self.inv_t * torch.bmm(x.transpose(1, 2), bases), dim=-1)  # (B, N, R)
+                coef = torch.softmax(self.inv_t * torch.bmm(xt, bases), dim=-1)  # (B, N, R)
                 for _ in range(self.steps_train if self.training else self.steps_eval):
-                    coef = self._update_coef(x, bases, coef)
-                    numerator = torch.bmm(x, coef)  # (B, C, N) @ (B, N, R) -> (B, C, R)
+                    coef = self._update_coef(xt, bases, coef)
+                    numerator = torch.bmm(xt.transpose(1, 2), coef)  # (B, C, N) @ (B, N, R) -> (B, C, R)
                     denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))  # (B, C, R) @ (B, R, R)
                     bases = bases * numerator / (denominator + self.eps)
-            coef = self._update_coef(x, bases, coef)  # the one step with gradient
-            out = torch.bmm(bases, coef.transpose(1, 2))  # (B, C, R) @ (B, R, N) -> (B, C, N)
-        return out.view(B, C, H, W).to(dtype)
+            coef = self._update_coef(xt, bases, coef)  # the one step with gradient
+            out = torch.bmm(coef, bases.transpose(1, 2))  # (B, N, R) @ (B, R, C) -> (B, N, C) = (D Cf^T)^T
+        return from_pixel_rows(out, H, W).to(dtype)
 
 
 def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """1x1 conv + GroupNorm(32) + ReLU."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True)
+        Pointwise(in_channels, out_channels, bias=False), GroupNorm(32, out_channels), nn.ReLU(inplace=True)
     )
 
 
@@ -83,14 +87,16 @@ class Hamburger(nn.Module):
 
     def __init__(self, channels: int, nmf: NMF2D):
         super().__init__()
-        self.ham_in = nn.Conv2d(channels, channels, 1)
+        self.ham_in = Pointwise(channels, channels)
         self.nmf = nmf
-        self.ham_out = nn.Conv2d(channels, channels, 1, bias=False)
-        self.norm = nn.GroupNorm(32, channels)
+        self.ham_out = Pointwise(channels, channels, bias=False)
+        self.norm = GroupNorm(32, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
-        enjoy = self.nmf(F.relu(self.ham_in(x), inplace=True))
+        # not in place: ham_in's output is a view (channels-last GEMM), and an in-place op on a view makes autograd
+        # copy its gradient to contiguous (NCHW) memory
+        enjoy = self.nmf(F.relu(self.ham_in(x)))
         return F.relu(x + self.norm(self.ham_out(enjoy)), inplace=True)
 
 
@@ -107,7 +113,7 @@ class FullScaleDecoder(nn.Module):
         self.stages = (4,) if cfg.decoder == "last" else cfg.decoder_stages
         self.align = cfg.decoder == "fsd"  # position alignment to F1's size
         chans = [in_channels[s - 1] for s in self.stages]
-        self.stage_mlp = nn.ModuleList(nn.Conv2d(c, cfg.head_channels, 1) for c in chans) if cfg.stage_mlp else None
+        self.stage_mlp = nn.ModuleList(Pointwise(c, cfg.head_channels) for c in chans) if cfg.stage_mlp else None
         concat = cfg.head_channels * len(chans) if cfg.stage_mlp else sum(chans)
         self.squeeze = conv_gn_relu(concat, cfg.ham_channels)
         self.hamburger = (
@@ -117,38 +123,25 @@ class FullScaleDecoder(nn.Module):
         )
         self.project = conv_gn_relu(cfg.ham_channels, cfg.head_channels)
         self.dropout = nn.Dropout2d(cfg.head_dropout)
-        self.seg = nn.Conv2d(cfg.head_channels, 1, 1)
+        self.seg = Pointwise(cfg.head_channels, 1)
         self.channels = cfg.head_channels
 
-    def forward(self, features: list[Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
-        """[F1..F4] -> (logits at the decoding resolution (B, 1, h, w), aligned [P_i], decoder features (B, C_head, h, w))."""
-        size = features[0].shape[-2:]
-        aligned = [
-            F.interpolate(features[s - 1], size=size, mode="bilinear", align_corners=False)
-            if self.align and s > 1 else features[s - 1]
-            for s in self.stages
-        ]  # each (B, C_i, H/4, W/4) under FSD
-        x = [mlp(p) for mlp, p in zip(self.stage_mlp, aligned)] if self.stage_mlp is not None else aligned
-        x = self.squeeze(torch.cat(x, dim=1))  # (B, C_ham, h, w)
-        logits, decoded = self._head(x)
-        return logits, aligned, decoded
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """[F1..F4] -> (logits at the decoding resolution (B, 1, h, w), decoder features (B, C_head, h, w)).
 
-    def forward_logits(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """[F1..F4] -> (logits (B, 1, h, w), decoder features (B, C_head, h, w)) as :meth:`forward` gives them,
-        without forming the aligned P_i.
-
-        [decision] The stage MLP and the squeeze conv are 1x1 convolutions (linear over channels) and bilinear
-        position alignment is linear over positions with weights summing to 1, so they commute:
-        conv(Concat[Up(P_i)]) = sum_i Up(conv_i(P_i)), conv_i being the squeeze weight's columns for stage i.
-        Each conv then runs at its stage's own resolution (LSMS tiny at 224: 0.87 instead of 1.23 GMACs per
-        image in the decoder), and only C_ham channels are resized. Equal to :meth:`forward` up to rounding.
+        [decision] Eq. 11-12 resize each P_i to F1's size, concatenate and squeeze them with a 1x1 conv. The
+        stage MLP and the squeeze conv are linear over channels and bilinear position alignment is linear over
+        positions with weights summing to 1, so they commute: conv(Concat[Up(P_i)]) = sum_i Up(conv_i(P_i)),
+        conv_i being the squeeze weight's columns for stage i. Each conv runs at its stage's own resolution and
+        only C_ham channels are resized (LSMS tiny at 224: 0.87 instead of 1.23 GMACs per image in the decoder);
+        the result equals the printed order up to rounding (tests/test_model.py holds the two side by side).
         """
         size = features[0].shape[-2:]
         weight = self.squeeze[0].weight  # (C_ham, sum of the stage channels, 1, 1)
         x, start = 0, 0
         for i, s in enumerate(self.stages):
             p = features[s - 1] if self.stage_mlp is None else self.stage_mlp[i](features[s - 1])
-            part = F.conv2d(p, weight[:, start:start + p.shape[1]])  # (B, C_ham, h_i, w_i)
+            part = pointwise(p, weight[:, start:start + p.shape[1]])  # (B, C_ham, h_i, w_i)
             start += p.shape[1]
             if self.align and s > 1:
                 part = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
@@ -175,11 +168,11 @@ class Refine(nn.Module):
     def __init__(self, in_channels: int, head_channels: int, channels: int = 32):
         super().__init__()
         self.image = nn.Sequential(nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
-                                   nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
+                                   GroupNorm(32, channels), nn.ReLU(inplace=True))
         self.reduce = conv_gn_relu(head_channels, channels)
         self.fuse = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1, bias=False),
-                                  nn.GroupNorm(32, channels), nn.ReLU(inplace=True))
-        self.out = nn.Conv2d(channels, 1, 1)
+                                  GroupNorm(32, channels), nn.ReLU(inplace=True))
+        self.out = Pointwise(channels, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

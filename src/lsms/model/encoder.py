@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig
+from lsms.model.layers import GroupNorm, Pointwise, from_pixel_rows, per_pixel_rows
 
 
 def coordinate_grid(batch: int, height: int, width: int, device: torch.device | None = None,
@@ -70,10 +71,14 @@ class ConvUnit(nn.Module):
 
 
 class ConvNorm(nn.Sequential):
-    """1x1 conv + InstanceNorm: the w_v1, w_v2 and w_f projections of Eq. 6-9."""
+    """1x1 conv + InstanceNorm: the w_v1, w_v2 and w_f projections of Eq. 6-9.
+
+    The InstanceNorm is ``GroupNorm(C, C)`` (one group per channel: the statistics, parameters and state-dict
+    keys of ``InstanceNorm2d(C, affine=True)``), which keeps channels-last maps without a copy.
+    """
 
     def __init__(self, channels: int):
-        super().__init__(nn.Conv2d(channels, channels, 1), nn.InstanceNorm2d(channels, affine=True))
+        super().__init__(Pointwise(channels, channels), GroupNorm(channels, channels))
 
 
 class LanguageGuidedBranch(nn.Module):
@@ -100,16 +105,16 @@ class LanguageGuidedBranch(nn.Module):
 
     def forward(self, v_pre: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """v_pre (B, C, H, W), text (B, T, C_l), text_mask (B, T) 1 = real token -> Att_L (B, C, H, W)."""
-        B, C, H, W = v_pre.shape
-        v1 = self.w_v1(v_pre).flatten(2)  # (B, C, HW)
+        H, W = v_pre.shape[-2:]
+        v1 = per_pixel_rows(self.w_v1(v_pre))  # (B, HW, C)
         lt = text.transpose(1, 2)  # (B, C_l, T)
         l1 = self.w_l1(lt)  # (B, C, T)
         l2 = self.w_l2(lt)  # (B, C, T)
-        alpha = torch.bmm(v1.transpose(1, 2), l1) * self.scale  # (B, HW, C) @ (B, C, T) -> (B, HW, T)
+        alpha = torch.bmm(v1, l1) * self.scale  # (B, HW, C) @ (B, C, T) -> (B, HW, T)
         alpha = alpha.masked_fill(~text_mask.bool()[:, None, :], float("-inf"))
         attn = alpha.softmax(dim=-1)  # over tokens
-        att = torch.bmm(l2, attn.transpose(1, 2))  # (B, C, T) @ (B, T, HW) -> (B, C, HW)
-        att = self.w_f(att.view(B, C, H, W))
+        att = torch.bmm(attn, l2.transpose(1, 2))  # (B, HW, T) @ (B, T, C) -> (B, HW, C)
+        att = self.w_f(from_pixel_rows(att, H, W))
         return att * self.w_v2(v_pre) if self.w_v2 is not None else att
 
 
@@ -125,7 +130,7 @@ class SVLA(nn.Module):
         self.conv5x5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)  # [decision] depthwise
         self.conv_units = nn.ModuleList(ConvUnit(channels, k) for k in kernels)
         self.language = LanguageGuidedBranch(channels, text_channels, pixel_map, gate_init) if text_channels else None
-        self.mix = nn.Conv2d(channels, channels, 1)
+        self.mix = Pointwise(channels, channels)
 
     def forward(self, v: Tensor, text: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
         """v (B, C, H, W), text (B, T, C_l) or None -> (B, C, H, W)."""
@@ -144,10 +149,10 @@ class FFN(nn.Module):
     def __init__(self, channels: int, ratio: int):
         super().__init__()
         hidden = channels * ratio
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc1 = Pointwise(channels, hidden)
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.fc2 = Pointwise(hidden, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
@@ -164,7 +169,7 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
 
 def block_norm(kind: str, channels: int) -> nn.Module:
     """The Norm of Eq. 2-3: BatchNorm (``batch``) or GroupNorm with one group (``group``, per sample)."""
-    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(1, channels)
+    return nn.BatchNorm2d(channels) if kind == "batch" else GroupNorm(1, channels)
 
 
 class EncoderBlock(nn.Module):
@@ -192,7 +197,7 @@ class EncoderStage(nn.Module):
     down-sampling (zero-initialised: the stage starts as without it).
     """
 
-    def __init__(self, down: nn.Module, blocks: list[EncoderBlock], position: nn.Conv2d | None = None):
+    def __init__(self, down: nn.Module, blocks: list[EncoderBlock], position: Pointwise | None = None):
         super().__init__()
         self.down = down
         self.blocks = nn.ModuleList(blocks)
@@ -226,7 +231,7 @@ class LanguageGuidedEncoder(nn.Module):
         for i, (width, depth, ratio) in enumerate(zip(cfg.widths, cfg.depths, cfg.mlp_ratios)):
             down = Stem(prev, width) if i == 0 else Downsample(prev, width)
             blocks = [EncoderBlock(width, text_channels, cfg, ratio, rates[start + j]) for j in range(depth)]
-            position = nn.Conv2d(2, width, 1) if cfg.coord_embed else None
+            position = Pointwise(2, width) if cfg.coord_embed else None
             if position is not None:
                 nn.init.zeros_(position.weight)
                 nn.init.zeros_(position.bias)
@@ -240,7 +245,8 @@ class LanguageGuidedEncoder(nn.Module):
         whole-image grid) -> [F_i (B, C_i, H/s_i, W/s_i) for s_i in 4, 8, 16, 32]."""
         if coords is None and self.stages[0].position is not None:
             coords = coordinate_grid(image.shape[0], *image.shape[-2:], device=image.device, dtype=image.dtype)
-        features, x = [], image
+        # channels-last from here on: every convolution's fast CPU path, no per-layer copies (lsms.model.layers)
+        features, x = [], image.contiguous(memory_format=torch.channels_last)
         for stage in self.stages:
             x = stage(x, text, text_mask, coords)
             features.append(x)

@@ -20,7 +20,6 @@ class LSMSOutput:
 
     logits: Tensor  # (B, 1, H, W) at the input size
     stages: list[Tensor]  # F1..F4, (B, C_i, H/s_i, W/s_i)
-    aligned: list[Tensor]  # the P_i fed to the decoder, position-aligned to F1's size under FSD
     decoder: Tensor  # (B, C_head, H/4, W/4): final multi-modal features before Seg
     text_embedding: Tensor | None  # (B, C_head): proj(mean over real tokens of L), for L_con; None without text
 
@@ -93,23 +92,16 @@ class LSMS(nn.Module):
         ``text`` is :meth:`encode_text` of the same ids and mask, computed earlier (a cache of repeated sentences).
         """
         stages, text_embedding = self._encode(image, input_ids, attention_mask, coords, text)
-        logits, aligned, decoded = self.decoder(stages)
+        logits, decoded = self.decoder(stages)
         if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
             logits = self.refine(image, decoded, logits)
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return LSMSOutput(logits, stages, aligned, decoded, text_embedding)
+        return LSMSOutput(logits, stages, decoded, text_embedding)
 
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W).
-
-        The logits of :meth:`forward_features` (up to rounding) by the decoder's cheaper logits-only path.
-        """
-        stages, _ = self._encode(image, input_ids, attention_mask, coords, text)
-        logits, decoded = self.decoder.forward_logits(stages)
-        if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
-            logits = self.refine(image, decoded, logits)
-        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        """image (B, C_in, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W) (of :meth:`forward_features`)."""
+        return self.forward_features(image, input_ids, attention_mask, coords, text).logits
 
     def _encode(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None,
                 coords: Tensor | None, text: tuple[Tensor, Tensor] | None) -> tuple[list[Tensor], Tensor | None]:

@@ -1,0 +1,253 @@
+"""Training throughput side by side in one run: CPU seconds per optimiser step (forward + backward + AdamW) of
+LSMS tiny and small (with and without text), the U-Net and the FiLM U-Net, in fp32 and bf16 autocast, with 1 and
+2 threads, at 224 and 480 px; the same rows for the code of a pinned earlier commit (``--before``), so that
+every speed-up is a ratio measured on one machine in one run; the machine's fp32 and bf16 matmul peaks and each
+row's achieved GFLOP per CPU second as a share of them; and a per-operator profile (top 15) of the LSMS tiny step
+before and after.
+
+    python benchmarks/throughput.py                       # the full table (about 30 min on 2 cores)
+    python benchmarks/throughput.py --models tiny unet --sizes 224 --threads 1 --before 0fbbc10
+
+Each row runs in its own process (clean thread settings and memory; ``--before`` rows import the package from a
+``git archive`` of that commit). Batch 8, random images and masks, one 30-token sentence per image for the text
+models; one warm-up step, then the median of ``--steps`` steps. FLOPs per step = 3 x the forward's matmul and
+convolution FLOPs counted by ``torch.utils.flop_counter`` (backward = 2 x forward, the usual convention).
+Writes docs/results/throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCE = ("the larger low-density nodule in segment six of the right lobe, twenty-seven millimetres, with an "
+            "irregular margin and a thin rim of enhancement")
+LSMS_MODELS = ("tiny", "small")
+BATCH = 8
+
+
+# --------------------------------------------------------------------------- one row, in its own process
+
+
+def _step_parts(spec: dict[str, Any]):
+    """(training-step module, optimizer, batch, forward) for a row; imports whichever lsms is on the path."""
+    import torch
+
+    from lsms.config import LossConfig, OptimConfig
+    from lsms.losses import LSMSLoss
+    from lsms.model import build_model
+    from lsms.optim import TrainingStep, build_optimizer
+
+    torch.manual_seed(0)
+    kwargs = {"use_text": spec["text"]} if spec["model"] in LSMS_MODELS else {}
+    model = build_model(spec["model"], in_channels=3, **kwargs).train()
+    step = TrainingStep(model, LSMSLoss(LossConfig(contrastive_weight=0.1 if spec["text"] else 0.0)))
+    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    size = spec["size"]
+    batch = {"image": torch.randn(BATCH, 3, size, size),
+             "mask": (torch.rand(BATCH, 1, size // 16, size // 16) > 0.8).float().repeat_interleave(16, 2)
+             .repeat_interleave(16, 3)}
+    if spec["text"]:
+        batch.update({k: v for k, v in model.tokenize([SENTENCE] * BATCH).items() if k != "truncated"})
+    return step, optimizer, batch
+
+
+def run_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """CPU and wall seconds per step, forward FLOPs, peak matmul rates for this thread count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lsms.optim import train_step
+
+    torch.set_num_threads(spec["threads"])
+    step, optimizer, batch = _step_parts(spec)
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        step.model.forward_features(batch["image"], batch.get("input_ids"), batch.get("attention_mask"))
+    cpu, wall = [], []
+    for _ in range(spec["steps"] + 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        train_step(step, optimizer, scaler, batch, 1e-4, 0.0, dtype)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    result = {"cpu_s": statistics.median(cpu[1:]), "wall_s": statistics.median(wall[1:]),
+              "gflop_step": 3 * counter.get_total_flops() / 1e9}
+    if spec.get("profile"):
+        result["ops"] = operator_profile(step, optimizer, scaler, batch, dtype)
+    return result
+
+
+def operator_profile(step, optimizer, scaler, batch, dtype, steps: int = 2) -> list[dict[str, Any]]:
+    """Top 15 operators by self CPU time per step (torch.profiler) of ``steps`` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lsms.optim import train_step
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            train_step(step, optimizer, scaler, batch, 1e-4, 0.0, dtype)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000 / steps, "share": e.self_cpu_time_total / total,
+             "calls": e.count // steps} for e in events[:15]]
+
+
+def matmul_peaks(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP per CPU second of the fastest of ``repeats`` n^3 matmuls, fp32 and bf16, with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = min(_cpu_time(lambda: a @ b) for _ in range(repeats))
+        peaks[name] = 2 * n**3 / best / 1e9
+    return peaks
+
+
+def _cpu_time(fn) -> float:
+    start = time.process_time()
+    fn()
+    return max(time.process_time() - start, 1e-9)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def checkout(commit: str, into: Path) -> Path:
+    """The package source of ``commit`` (``git archive``), for the ``before`` rows; returns its ``src``."""
+    archive = into / "src.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit, "src"], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def in_process(spec: dict[str, Any], source: Path | None) -> dict[str, Any]:
+    """Run one row in a fresh Python process, with ``source`` (an older package) first on the path."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1")
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"row {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rows_wanted(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for model in args.models:
+        texts = {"tiny": (False, True), "small": (False, True), "unet": (False,), "film-unet": (True,)}[model]
+        for text in texts:
+            for size in args.sizes:
+                for threads in args.threads:
+                    for precision in args.precisions:
+                        rows.append({"model": model, "text": text, "size": size, "threads": threads,
+                                     "precision": precision, "steps": args.steps})
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, before = result["machine"], result["before"]
+    peaks = result["peaks"]
+    lines = [
+        "# Training throughput: CPU seconds per optimiser step, side by side in one run",
+        "",
+        f"Machine: {m['cpu']} ({m['cores']} cores; bf16: {m['bf16']}), torch {m['torch']}. Load average (1 min) "
+        f"at the start: {result['loadavg_start']:.1f}, at the end: {result['loadavg_end']:.1f}. "
+        f"Command: `{result['command']}`. Date: {result['date']}. Took {result['minutes']:.1f} min.",
+        "",
+        "Matmul peaks measured in this run (2048^3, fastest of 5, GFLOP per CPU second): "
+        + "; ".join(f"{t} thread(s): fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f}" for t, p in peaks.items()) + ".",
+        "",
+        f"One step = forward + backward + AdamW on a batch of {BATCH} (random images and masks; text models: one "
+        "30-token sentence per image, text encoder trained). CPU s: median CPU seconds of this process per step "
+        "(with 2 threads, the CPU time of both). GFLOP: 3 x the forward's counted FLOPs. % peak: achieved GFLOP "
+        "per CPU second over the peak of the same precision and thread count. "
+        + (f"'before': the same row with the package of commit {before} (the step before this work); "
+           "'x': its CPU seconds over today's." if before else ""),
+        "",
+        "| model | text | px | threads | precision | CPU s / step | wall s / step | GFLOP / step | % peak |"
+        + (" before CPU s | x |" if before else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if before else ""),
+    ]
+    for r in result["rows"]:
+        share = 100 * r["gflop_step"] / r["cpu_s"] / peaks[str(r["threads"])][r["precision"]]
+        line = (f"| {r['model']} | {'yes' if r['text'] else 'no'} | {r['size']} | {r['threads']} | {r['precision']} | "
+                f"{r['cpu_s']:.2f} | {r['wall_s']:.2f} | {r['gflop_step']:.0f} | {share:.0f} |")
+        if before:
+            old = r.get("before")
+            line += f" {old['cpu_s']:.2f} | {old['cpu_s'] / r['cpu_s']:.2f} |" if old else " | |"
+        lines.append(line)
+    for name, ops in result["operators"].items():
+        lines += ["", f"## Operators of the LSMS tiny step, {name} (b{BATCH}, 224 px, 1 thread, no text)", "",
+                  "| operator | self ms / step | share | calls / step |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_ms']:.0f} | {100 * o['share']:.1f} % | {o['calls']} |" for o in ops]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "small", "unet", "film-unet"],
+                        choices=["tiny", "small", "unet", "film-unet"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 480])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up)")
+    parser.add_argument("--before", metavar="COMMIT", help="also time every row with the package of this commit")
+    parser.add_argument("--out", default="throughput", help="results name under docs/results (default throughput)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print its JSON
+    args = parser.parse_args()
+    if args.row:
+        print(json.dumps(run_row(json.loads(args.row))))
+        return
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import RESULTS, command_line, machine, write_atomic, write_json
+
+    from lsms.optim import native_bf16
+
+    started, load0 = time.perf_counter(), os.getloadavg()[0]
+    native, evidence = native_bf16()
+    result: dict[str, Any] = {
+        "machine": {**machine(), "bf16": ("native, " if native else "emulated, ") + evidence},
+        "command": command_line(), "date": time.strftime("%Y-%m-%d"), "before": args.before,
+        "loadavg_start": load0, "peaks": {str(t): matmul_peaks(t) for t in args.threads}, "rows": [], "operators": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        source = checkout(args.before, Path(tmp)) if args.before else None
+        for spec in rows_wanted(args):
+            row = {**spec, **in_process(spec, None)}
+            if source is not None:
+                row["before"] = in_process(spec, source)
+            result["rows"].append(row)
+            print(f"{spec['model']:9s} text={spec['text']!s:5s} {spec['size']} px {spec['threads']} thr "
+                  f"{spec['precision']}: {row['cpu_s']:.2f} CPU-s/step"
+                  + (f" (before {row['before']['cpu_s']:.2f})" if source is not None else ""), flush=True)
+        probe = {"model": "tiny", "text": False, "size": 224, "threads": 1, "steps": 1, "profile": True}
+        if source is not None:
+            result["operators"][f"before ({args.before}), fp32"] = in_process({**probe, "precision": "fp32"}, source)["ops"]
+        for precision in args.precisions:
+            result["operators"][f"now, {precision}"] = in_process({**probe, "precision": precision}, None)["ops"]
+    result["loadavg_end"] = os.getloadavg()[0]
+    result["minutes"] = (time.perf_counter() - started) / 60
+    write_json(RESULTS / f"{args.out}.json", result)
+    write_atomic(RESULTS / f"{args.out}.md", markdown(result))
+    print(f"wrote {RESULTS / args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

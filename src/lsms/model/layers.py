@@ -1,0 +1,64 @@
+"""Layers for channels-last maps: the 1x1 convolution as one matrix product, and a GroupNorm that stays exact.
+
+PyTorch runs a 1x1 convolution with a batch under 16 on one CPU thread through its fallback
+``_slow_conv2d`` (a third of the LSMS training step, docs/results/throughput.md). Over channels-last
+pixels the same layer is one GEMM, ``(B*H*W, C_in) @ (C_in, C_out)``, forward and backward, in fp32 and in
+bf16 (oneDNN/MKL). The network keeps its activations channels-last end to end (the encoder converts the
+image once), so no layer copies them between memory formats.
+
+PyTorch's channels-last GroupNorm kernel on the CPU computes each group's variance in one pass
+(E[x^2] - E[x]^2): on a map whose mean is 40 times its spread it is off by 4e-3 where the contiguous kernel is
+off by 2e-6. :class:`GroupNorm` subtracts each group's mean first, which GroupNorm ignores, so it gives the
+same outputs and gradients, exact again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a (C_out, C_in, 1, 1) weight: (B, C_in, H, W) -> (B, C_out, H, W), the
+    result in channels-last memory (no copy when ``x`` is channels-last)."""
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
+class Pointwise(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` computed by :func:`pointwise` (same parameters and state-dict
+    keys as the convolution, so checkpoints and imported weights are unchanged)."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H, W)."""
+        return pointwise(x, self.weight, self.bias)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state-dict keys) made exact on channels-last maps: each group's mean
+    is subtracted first (without gradient: GroupNorm's output does not change under a per-group constant, so
+    neither do its gradients), so the one-pass variance of PyTorch's channels-last kernel loses nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        B, C = x.shape[:2]
+        with torch.no_grad():
+            mean = x.mean((2, 3)).view(B, self.num_groups, C // self.num_groups).mean(-1, keepdim=True)
+            mean = mean.expand(B, self.num_groups, C // self.num_groups).reshape(B, C, 1, 1)
+        return F.group_norm(x - mean, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def per_pixel_rows(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C): the pixels as rows (a view when ``x`` is channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def from_pixel_rows(rows: Tensor, height: int, width: int) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W) in channels-last memory (a view of contiguous rows)."""
+    return rows.view(rows.shape[0], height, width, rows.shape[2]).permute(0, 3, 1, 2)
+
+
+__all__ = ["GroupNorm", "Pointwise", "from_pixel_rows", "per_pixel_rows", "pointwise"]
