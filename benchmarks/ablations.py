@@ -2,6 +2,7 @@
 
     python benchmarks/ablations.py --jobs 2     # the demo with seeds 0, 1, 2, then every other row with 0 and 1
     python benchmarks/ablations.py --rows full --demo-seeds 3 4            # more seeds of the demo
+    python benchmarks/ablations.py --rows fp32 --demo-seeds 0 1 2          # fp32 at the full runs' steps
     python benchmarks/ablations.py --report                                # tables from the runs there are
 
 Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
@@ -43,6 +44,7 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "kernel-11": ({"conv_kernels": [11]}, (74.03, 65.27), "single ConvUnit, d = 11"),
     "kernel-21": ({"conv_kernels": [21]}, (73.36, 65.22), "single ConvUnit, d = 21"),
     "batch-norm": ({"block_norm": "batch"}, None, "BatchNorm in the blocks (as printed) instead of the recipe's GroupNorm"),
+    "fp32": ({}, None, "fp32 (--amp off) for the steps the same seed's full run made (run that first)"),
 }
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
@@ -69,6 +71,12 @@ def run_one(row: str, seed: int, out: Path) -> None:
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model))
+    if row == "fp32":  # the full run's step count in fp32: a step schedule over those steps, no time limit
+        full = json.loads((out.parents[1] / "full" / f"seed{seed}" / "metrics.json").read_text())
+        steps = full["train_summary"]["step"]
+        optim = dataclasses.replace(cfg.train.optim, max_steps=steps)
+        cfg = dataclasses.replace(cfg, epochs=1000, budget_minutes=10 * cfg.budget_minutes,
+                                  train=dataclasses.replace(cfg.train, amp="off", optim=optim))
     load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
     run_demo(cfg)
     write_json(out / "bench.json", {"row": row, "seed": seed, "cpu_s": time.process_time() - cpu,

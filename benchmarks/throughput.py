@@ -9,9 +9,10 @@ before and after.
     python benchmarks/throughput.py --models tiny unet --sizes 224 --threads 1 --before 0fbbc10
 
 Each row runs in its own process (clean thread settings and memory; ``--before`` rows import the package from a
-``git archive`` of that commit). Batch 8, random images and masks, one 30-token sentence per image for the text
-models; one warm-up step, then the median of ``--steps`` steps. FLOPs per step = 3 x the forward's matmul and
-convolution FLOPs counted by ``torch.utils.flop_counter`` (backward = 2 x forward, the usual convention).
+``git archive`` of that commit; both are timed by this checkout's :func:`lsms.profile.time_training_step`). Batch
+8, random images and masks, one full-length sentence (32 tokens) per image for the text models; one warm-up step,
+then the median of ``--steps`` steps. FLOPs per step = 3 x the forward's matmul and convolution FLOPs counted by
+``torch.utils.flop_counter`` (backward = 2 x forward, the usual convention).
 Writes docs/results/throughput.{json,md}.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -30,77 +30,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCE = ("the larger low-density nodule in segment six of the right lobe, twenty-seven millimetres, with an "
-            "irregular margin and a thin rim of enhancement")
-LSMS_MODELS = ("tiny", "small")
 BATCH = 8
 
 
 # --------------------------------------------------------------------------- one row, in its own process
 
 
-def _step_parts(spec: dict[str, Any]):
-    """(training-step module, optimizer, batch, forward) for a row; imports whichever lsms is on the path."""
-    import torch
-
-    from lsms.config import LossConfig, OptimConfig
-    from lsms.losses import LSMSLoss
-    from lsms.model import build_model
-    from lsms.optim import TrainingStep, build_optimizer
-
-    torch.manual_seed(0)
-    kwargs = {"use_text": spec["text"]} if spec["model"] in LSMS_MODELS else {}
-    model = build_model(spec["model"], in_channels=3, **kwargs).train()
-    step = TrainingStep(model, LSMSLoss(LossConfig(contrastive_weight=0.1 if spec["text"] else 0.0)))
-    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
-    size = spec["size"]
-    batch = {"image": torch.randn(BATCH, 3, size, size),
-             "mask": (torch.rand(BATCH, 1, size // 16, size // 16) > 0.8).float().repeat_interleave(16, 2)
-             .repeat_interleave(16, 3)}
-    if spec["text"]:
-        batch.update({k: v for k, v in model.tokenize([SENTENCE] * BATCH).items() if k != "truncated"})
-    return step, optimizer, batch
-
-
 def run_row(spec: dict[str, Any]) -> dict[str, Any]:
-    """CPU and wall seconds per step, forward FLOPs, peak matmul rates for this thread count."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """One row: :func:`lsms.profile.time_training_step` of this checkout, run against whichever lsms package is
+    first on the path (today's, or the ``--before`` commit's: it only uses what both have)."""
+    import importlib.util
 
-    from lsms.optim import train_step
+    import torch
 
     torch.set_num_threads(spec["threads"])
-    step, optimizer, batch = _step_parts(spec)
-    dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        step.model.forward_features(batch["image"], batch.get("input_ids"), batch.get("attention_mask"))
-    cpu, wall = [], []
-    for _ in range(spec["steps"] + 1):
-        c0, t0 = time.process_time(), time.perf_counter()
-        train_step(step, optimizer, scaler, batch, 1e-4, 0.0, dtype)
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - t0)
-    result = {"cpu_s": statistics.median(cpu[1:]), "wall_s": statistics.median(wall[1:]),
-              "gflop_step": 3 * counter.get_total_flops() / 1e9}
-    if spec.get("profile"):
-        result["ops"] = operator_profile(step, optimizer, scaler, batch, dtype)
-    return result
-
-
-def operator_profile(step, optimizer, scaler, batch, dtype, steps: int = 2) -> list[dict[str, Any]]:
-    """Top 15 operators by self CPU time per step (torch.profiler) of ``steps`` training steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from lsms.optim import train_step
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            train_step(step, optimizer, scaler, batch, 1e-4, 0.0, dtype)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events)
-    return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000 / steps, "share": e.self_cpu_time_total / total,
-             "calls": e.count // steps} for e in events[:15]]
+    loader = importlib.util.spec_from_file_location("profile_now", ROOT / "src" / "lsms" / "profile.py")
+    profile_now = sys.modules["profile_now"] = importlib.util.module_from_spec(loader)  # dataclasses need it there
+    loader.loader.exec_module(profile_now)
+    return profile_now.time_training_step(spec["model"], spec["size"], spec["text"], BATCH, spec["precision"],
+                                          spec["steps"], operators=15 if spec.get("profile") else 0)
 
 
 def matmul_peaks(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -112,15 +60,13 @@ def matmul_peaks(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, flo
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-        best = min(_cpu_time(lambda: a @ b) for _ in range(repeats))
-        peaks[name] = 2 * n**3 / best / 1e9
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            a @ b
+            times.append(max(time.process_time() - start, 1e-9))
+        peaks[name] = 2 * n**3 / min(times) / 1e9
     return peaks
-
-
-def _cpu_time(fn) -> float:
-    start = time.process_time()
-    fn()
-    return max(time.process_time() - start, 1e-9)
 
 
 # --------------------------------------------------------------------------- the driver
@@ -174,7 +120,7 @@ def markdown(result: dict[str, Any]) -> str:
         + "; ".join(f"{t} thread(s): fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f}" for t, p in peaks.items()) + ".",
         "",
         f"One step = forward + backward + AdamW on a batch of {BATCH} (random images and masks; text models: one "
-        "30-token sentence per image, text encoder trained). CPU s: median CPU seconds of this process per step "
+        "32-token sentence per image, text encoder trained). CPU s: median CPU seconds of this process per step "
         "(with 2 threads, the CPU time of both). GFLOP: 3 x the forward's counted FLOPs. % peak: achieved GFLOP "
         "per CPU second over the peak of the same precision and thread count. "
         + (f"'before': the same row with the package of commit {before} (the step before this work); "
@@ -216,9 +162,9 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from common import RESULTS, command_line, machine, write_atomic, write_json
-
     from lsms.optim import native_bf16
+
+    from common import RESULTS, command_line, machine, write_atomic, write_json
 
     started, load0 = time.perf_counter(), os.getloadavg()[0]
     native, evidence = native_bf16()

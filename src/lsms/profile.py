@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -129,6 +130,71 @@ def measure(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int, device: 
             sync()
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times), peak
+
+
+def time_training_step(preset: str, image_size: int, text: bool = False, batch: int = 8, precision: str = "fp32",
+                       steps: int = 3, in_channels: int = 3, operators: int = 0) -> dict[str, Any]:
+    """CPU and wall seconds of one optimiser step (forward + backward + AdamW, the trainer's
+    :func:`lsms.optim.train_step`) of ``preset`` on random images and masks, with one full-length sentence per
+    image when ``text`` (the packaged encoder, trained): the median of ``steps`` steps after one warm-up.
+
+    Returns ``cpu_s``, ``wall_s``, ``gflop_step`` (3 x the forward's counted FLOPs: backward = 2 x forward, the
+    usual convention) and, with ``operators`` > 0, the top operators by self CPU time per step (torch.profiler).
+    Uses only what every lsms release has (build, losses, optimiser, train_step), so that
+    ``benchmarks/throughput.py`` can time an older checkout with it.
+    """
+    from lsms.config import LossConfig, OptimConfig
+    from lsms.losses import LSMSLoss
+    from lsms.optim import TrainingStep, build_optimizer, train_step
+
+    torch.manual_seed(0)
+    config = model_config(preset, in_channels=in_channels)
+    if config.arch == "lsms":
+        config.use_text = text
+    model = build(config).train()
+    step = TrainingStep(model, LSMSLoss(LossConfig(contrastive_weight=0.1 if model.tokenizer else 0.0)))
+    optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    inputs = profile_inputs(model, image_size, batch, torch.device("cpu"))
+    lesions = (torch.rand(batch, 1, image_size // 16, image_size // 16) > 0.8).float()
+    data = {"image": inputs[0], "mask": F.interpolate(lesions, size=(image_size, image_size)),
+            **({"input_ids": inputs[1], "attention_mask": inputs[2]} if len(inputs) == 3 else {})}
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    with torch.no_grad():
+        flops = count_flops(model.forward_features, *inputs)
+    cpu, wall = [], []
+    for _ in range(steps + 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        train_step(step, optimizer, scaler, data, 1e-4, 0.0, dtype)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    result: dict[str, Any] = {"cpu_s": statistics.median(cpu[1:]), "wall_s": statistics.median(wall[1:]),
+                              "gflop_step": 3 * flops / 1e9, "text": model.tokenizer is not None}
+    if operators:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                train_step(step, optimizer, scaler, data, 1e-4, 0.0, dtype)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        result["ops"] = [{"op": e.key, "self_ms": e.self_cpu_time_total / 2000, "share": e.self_cpu_time_total / total,
+                          "calls": e.count // 2} for e in events[:operators]]
+    return result
+
+
+def training_step_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per configuration of :func:`time_training_step`, then each one's top operators."""
+    lines = ["| preset | size | text | batch | precision | CPU s / step | wall s / step | GFLOP / step |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['preset']} | {r['image_size']} | {'yes' if r['text'] else 'no'} | {r['batch']} | {r['precision']} | "
+              f"{r['cpu_s']:.2f} | {r['wall_s']:.2f} | {r['gflop_step']:.0f} |" for r in rows]
+    for r in rows:
+        lines += ["", f"{r['preset']} {r['image_size']} px, {r['precision']}: top operators by self CPU time", "",
+                  "| operator | self ms / step | share | calls / step |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['self_ms']:.0f} | {100 * o['share']:.1f} % | {o['calls']} |" for o in r["ops"]]
+    return "\n".join(lines)
 
 
 def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEXT_ENCODER, batch: int = 1,
@@ -362,6 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print JSON (one object for one configuration, else a list)")
+    parser.add_argument("--train-step", action="store_true",
+                        help="time the training step instead: forward + backward + AdamW on a batch of --batch "
+                             "(give 8 for the trainer's default), CPU seconds per step in each --precision, and the "
+                             "top operators by CPU time; text models train their text encoder")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="with --train-step: autocast dtypes to time")
     parser.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, metavar="BACKEND",
                         help=f"time these inference backends side by side instead ({', '.join(BACKEND_CHOICES)}): "
                              "latency b1, images/s b8, %% of the matmul peak measured in the same run, peak memory")
@@ -374,6 +446,14 @@ def run(args: argparse.Namespace) -> int:
         check_image_size(size, what="--image-size")
     if args.batch < 1 or args.repeats < 1:
         raise ValueError("--batch and --repeats must be >= 1")
+    if args.train_step:
+        rows = [{"preset": preset, "image_size": size, "text": text != "none", "batch": args.batch,
+                 "precision": precision, **time_training_step(preset, size, text != "none", args.batch, precision,
+                                                              args.repeats, args.in_channels, operators=15)}
+                for preset in args.preset for size in args.image_size for text in args.text_encoder
+                for precision in args.precision]
+        print(json.dumps(rows, indent=2) if args.json else training_step_table(rows))
+        return 0
     if args.backends:
         peak = matmul_peak()
         print(f"measured fp32 matmul peak: {peak['wall']:.1f} GFLOP/s ({peak['cpu']:.1f} per CPU second) with "

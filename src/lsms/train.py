@@ -51,7 +51,16 @@ from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.losses import LSMSLoss
 from lsms.model import MODELS, build
-from lsms.optim import AMP_DTYPES, TrainingStep, build_optimizer, choose_amp, dtype_name, lr_at, probe_step_seconds, train_step
+from lsms.optim import (
+    AMP_DTYPES,
+    TrainingStep,
+    build_optimizer,
+    choose_amp,
+    dtype_name,
+    lr_at,
+    probe_step_seconds,
+    train_step,
+)
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
 from lsms.text import resolve_text_encoder
