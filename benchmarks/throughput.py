@@ -5,8 +5,11 @@ every speed-up is a ratio measured on one machine in one run; the machine's fp32
 row's achieved GFLOP per CPU second as a share of them; and a per-operator profile (top 15) of the LSMS tiny step
 before and after.
 
-    python benchmarks/throughput.py                       # the full table (about 30 min on 2 cores)
-    python benchmarks/throughput.py --models tiny unet --sizes 224 --threads 1 --before 0fbbc10
+    python benchmarks/throughput.py --before 0fbbc10      # the full grid; 1-thread rows also before
+    # the committed table, in three parts (--append adds rows measured later on the same machine):
+    python benchmarks/throughput.py --sizes 224 --threads 1 --steps 4 --before 0fbbc10
+    python benchmarks/throughput.py --sizes 480 --models tiny unet --threads 1 --steps 3 --before 0fbbc10 --append
+    python benchmarks/throughput.py --sizes 224 --models tiny unet --threads 2 --steps 4 --before 0fbbc10 --append
 
 Each row runs in its own process (clean thread settings and memory; ``--before`` rows import the package from a
 ``git archive`` of that commit; both are timed by this checkout's :func:`lsms.profile.time_training_step`). Batch
@@ -95,10 +98,10 @@ def in_process(spec: dict[str, Any], source: Path | None) -> dict[str, Any]:
 
 def rows_wanted(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for model in args.models:
-        texts = {"tiny": (False, True), "small": (False, True), "unet": (False,), "film-unet": (True,)}[model]
-        for text in texts:
-            for size in args.sizes:
+    for size in args.sizes:  # the small size first: an interrupted run has it for every model
+        for model in args.models:
+            texts = {"tiny": (False, True), "small": (False, True), "unet": (False,), "film-unet": (True,)}[model]
+            for text in texts:
                 for threads in args.threads:
                     for precision in args.precisions:
                         rows.append({"model": model, "text": text, "size": size, "threads": threads,
@@ -114,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores; bf16: {m['bf16']}), torch {m['torch']}. Load average (1 min) "
         f"at the start: {result['loadavg_start']:.1f}, at the end: {result['loadavg_end']:.1f}. "
-        f"Command: `{result['command']}`. Date: {result['date']}. Took {result['minutes']:.1f} min.",
+        "Commands: " + "; ".join(f"`{c}`" for c in result["commands"]) + f". Date: {result['date']}. "
+        f"Took {result['minutes']:.1f} min.",
         "",
         "Matmul peaks measured in this run (2048^3, fastest of 5, GFLOP per CPU second): "
         + "; ".join(f"{t} thread(s): fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f}" for t, p in peaks.items()) + ".",
@@ -153,8 +157,13 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up)")
-    parser.add_argument("--before", metavar="COMMIT", help="also time every row with the package of this commit")
+    parser.add_argument("--before", metavar="COMMIT", help="also time the rows with the package of this commit")
+    parser.add_argument("--before-threads", nargs="+", type=int, default=[1],
+                        help="thread counts whose rows get a --before measurement (default 1)")
     parser.add_argument("--out", default="throughput", help="results name under docs/results (default throughput)")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rows to the results file of --out (same machine, measured later) instead of "
+                             "starting a new one")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print its JSON
     args = parser.parse_args()
     if args.row:
@@ -164,35 +173,49 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from lsms.optim import native_bf16
 
-    from common import RESULTS, command_line, machine, write_atomic, write_json
+    from common import RESULTS, command_line, machine
 
     started, load0 = time.perf_counter(), os.getloadavg()[0]
     native, evidence = native_bf16()
     result: dict[str, Any] = {
         "machine": {**machine(), "bf16": ("native, " if native else "emulated, ") + evidence},
-        "command": command_line(), "date": time.strftime("%Y-%m-%d"), "before": args.before,
-        "loadavg_start": load0, "peaks": {str(t): matmul_peaks(t) for t in args.threads}, "rows": [], "operators": {},
+        "commands": [command_line()], "date": time.strftime("%Y-%m-%d"), "before": args.before,
+        "loadavg_start": load0, "peaks": {}, "rows": [], "operators": {},
     }
+    if args.append:
+        earlier = json.loads((RESULTS / f"{args.out}.json").read_text())
+        if earlier["machine"]["cpu"] != result["machine"]["cpu"] or earlier["before"] != args.before:
+            raise SystemExit(f"{args.out}.json was measured on {earlier['machine']['cpu']} against "
+                             f"{earlier['before']}: append only rows of the same machine and --before")
+        result = {**earlier, "commands": earlier["commands"] + result["commands"], "minutes_done": earlier["minutes"]}
+    result["peaks"].update({str(t): matmul_peaks(t) for t in args.threads})
     with tempfile.TemporaryDirectory() as tmp:
         source = checkout(args.before, Path(tmp)) if args.before else None
+        probe = {"model": "tiny", "text": False, "size": 224, "threads": 1, "steps": 1, "profile": True}
+        if source is not None and not args.append:
+            result["operators"][f"before ({args.before}), fp32"] = in_process({**probe, "precision": "fp32"}, source)["ops"]
+        for precision in args.precisions if not args.append else ():
+            result["operators"][f"now, {precision}"] = in_process({**probe, "precision": precision}, None)["ops"]
         for spec in rows_wanted(args):
             row = {**spec, **in_process(spec, None)}
-            if source is not None:
+            if source is not None and spec["threads"] in args.before_threads:
                 row["before"] = in_process(spec, source)
             result["rows"].append(row)
+            save(result, args.out, started)  # after every row: an interrupted run keeps what it measured
             print(f"{spec['model']:9s} text={spec['text']!s:5s} {spec['size']} px {spec['threads']} thr "
                   f"{spec['precision']}: {row['cpu_s']:.2f} CPU-s/step"
-                  + (f" (before {row['before']['cpu_s']:.2f})" if source is not None else ""), flush=True)
-        probe = {"model": "tiny", "text": False, "size": 224, "threads": 1, "steps": 1, "profile": True}
-        if source is not None:
-            result["operators"][f"before ({args.before}), fp32"] = in_process({**probe, "precision": "fp32"}, source)["ops"]
-        for precision in args.precisions:
-            result["operators"][f"now, {precision}"] = in_process({**probe, "precision": precision}, None)["ops"]
-    result["loadavg_end"] = os.getloadavg()[0]
-    result["minutes"] = (time.perf_counter() - started) / 60
-    write_json(RESULTS / f"{args.out}.json", result)
-    write_atomic(RESULTS / f"{args.out}.md", markdown(result))
+                  + (f" (before {row['before']['cpu_s']:.2f})" if "before" in row else ""), flush=True)
+    save(result, args.out, started)
     print(f"wrote {RESULTS / args.out}.md")
+
+
+def save(result: dict[str, Any], name: str, started: float) -> None:
+    from common import RESULTS, write_atomic, write_json
+
+    result["loadavg_end"] = os.getloadavg()[0]
+    result["minutes"] = result.get("minutes_done", 0.0) + (time.perf_counter() - started) / 60
+    write_json(RESULTS / f"{name}.json", result)
+    write_atomic(RESULTS / f"{name}.md", markdown(result))
 
 
 if __name__ == "__main__":

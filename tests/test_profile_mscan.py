@@ -109,3 +109,25 @@ def test_profile_backends_side_by_side(capsys):
         assert r["matmul_peak_gflops"] > 0 and r["peak_share_pct"] > 0 and r["cpu_s"] > 0
         assert r["images_per_cpu_s_b8"] > 0 and r["peak_share_cpu_pct"] > 0
     assert rows[0]["gmacs"] == rows[1]["gmacs"]
+
+
+def test_profile_train_step(capsys):
+    assert main(["profile", "--train-step", "--preset", "unet", "--image-size", "64", "--batch", "2",
+                 "--repeats", "1", "--precision", "fp32", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["preset"], row["text"], row["precision"], row["batch"]) == ("unet", False, "fp32", 2)
+    assert row["cpu_s"] > 0 and len(row["ops"]) == 15 and sum(o["share"] for o in row["ops"]) <= 1.0
+    assert row["ops"][0]["self_ms"] >= row["ops"][-1]["self_ms"]
+    # 3 x the forward: BasicUNet at 64 px, batch 2, halved widths
+    assert row["gflop_step"] == pytest.approx(3 * 2 * _unet_forward_flops(64) / 1e9, rel=1e-6)
+
+
+def _unet_forward_flops(size: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lsms.model import build_model
+
+    model = build_model("unet", in_channels=3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops()

@@ -136,7 +136,7 @@ def time_training_step(preset: str, image_size: int, text: bool = False, batch: 
                        steps: int = 3, in_channels: int = 3, operators: int = 0) -> dict[str, Any]:
     """CPU and wall seconds of one optimiser step (forward + backward + AdamW, the trainer's
     :func:`lsms.optim.train_step`) of ``preset`` on random images and masks, with one full-length sentence per
-    image when ``text`` (the packaged encoder, trained): the median of ``steps`` steps after one warm-up.
+    image when ``text`` (the packaged encoder, trained): the median of ``steps`` steps after two warm-up steps.
 
     Returns ``cpu_s``, ``wall_s``, ``gflop_step`` (3 x the forward's counted FLOPs: backward = 2 x forward, the
     usual convention) and, with ``operators`` > 0, the top operators by self CPU time per step (torch.profiler).
@@ -163,12 +163,12 @@ def time_training_step(preset: str, image_size: int, text: bool = False, batch: 
     with torch.no_grad():
         flops = count_flops(model.forward_features, *inputs)
     cpu, wall = [], []
-    for _ in range(steps + 1):
+    for _ in range(steps + 2):  # the first two steps are slower (allocator and oneDNN warm-up): not counted
         c0, t0 = time.process_time(), time.perf_counter()
         train_step(step, optimizer, scaler, data, 1e-4, 0.0, dtype)
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - t0)
-    result: dict[str, Any] = {"cpu_s": statistics.median(cpu[1:]), "wall_s": statistics.median(wall[1:]),
+    result: dict[str, Any] = {"cpu_s": statistics.median(cpu[2:]), "wall_s": statistics.median(wall[2:]),
                               "gflop_step": 3 * flops / 1e9, "text": model.tokenizer is not None}
     if operators:
         from torch.profiler import ProfilerActivity
