@@ -98,14 +98,14 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):  # the text features of _inputs too
+            image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
             return self.model(image, input_ids, attention_mask, text=text).float().cpu()
 
     @torch.inference_mode()
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
-        image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
         with autocast(self.device, self.dtype):
+            image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
             return self.model.forward_features(image, input_ids, attention_mask, text=text)
 
     def _inputs(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> tuple:
@@ -116,8 +116,7 @@ class TorchBackend(Backend):
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if not self.text_cache_size:
             return image, input_ids, attention_mask, None
-        with autocast(self.device, self.dtype):
-            return image, input_ids, attention_mask, self.encode_text(input_ids, attention_mask)
+        return image, input_ids, attention_mask, self.encode_text(input_ids, attention_mask)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
         """The model's ``encode_text`` per sentence, from the cache where the same (ids, mask) row was seen."""

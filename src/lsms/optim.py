@@ -66,8 +66,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
-    """``bf16``, ``fp16`` or ``fp32`` (None: full precision)."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    """``bf16``, ``fp16`` or ``fp32`` (None: full precision): the name :data:`AMP_DTYPES` gives the dtype."""
+    return next((name for name, d in AMP_DTYPES.items() if d == dtype), "fp32")
 
 
 def native_bf16() -> tuple[bool, str]:

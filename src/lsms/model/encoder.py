@@ -74,7 +74,7 @@ class ConvNorm(nn.Sequential):
     """1x1 conv + InstanceNorm: the w_v1, w_v2 and w_f projections of Eq. 6-9.
 
     The InstanceNorm is ``GroupNorm(C, C)`` (one group per channel: the statistics, parameters and state-dict
-    keys of ``InstanceNorm2d(C, affine=True)``), which keeps channels-last maps without a copy.
+    keys of ``InstanceNorm2d(C, affine=True)``), normalised by the contiguous kernel (:class:`layers.GroupNorm`).
     """
 
     def __init__(self, channels: int):

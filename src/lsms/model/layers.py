@@ -47,7 +47,8 @@ class GroupNorm(nn.GroupNorm):
         B, C = x.shape[:2]
         if self.num_groups == C and x.is_contiguous(memory_format=torch.channels_last):
             # one group per channel (an InstanceNorm) is 3-4x slower in bf16 with the channels-last kernel than
-            # with the contiguous one plus two copies (docs/results/throughput.md); that kernel is exact as well
+            # with the contiguous one plus two copies (docs/model.md, "The training step on CPUs"); that kernel is
+            # exact as well
             y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
