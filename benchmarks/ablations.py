@@ -3,6 +3,7 @@
     python benchmarks/ablations.py --jobs 2     # the demo with seeds 0, 1, 2, then every other row with 0 and 1
     python benchmarks/ablations.py --rows full --demo-seeds 3 4            # more seeds of the demo
     python benchmarks/ablations.py --rows fp32 --demo-seeds 0 1 2          # fp32 at the full runs' steps
+    python benchmarks/ablations.py --rows no-existence-head --seeds 0 1 2  # the demo without the existence head
     python benchmarks/ablations.py --report                                # tables from the runs there are
 
 Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
@@ -33,10 +34,14 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "ablations"
 
-# row -> (model overrides on the demo recipe, what the paper's Table III reports: (Dice, mIoU) on RefHL-Seg
-# val, or None)
+# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings), what the
+# paper's Table III reports: (Dice, mIoU) on RefHL-Seg val, or None)
 ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
+    "no-existence-head": ({"existence_head": False}, None,
+                          "w/o the existence head (the existence score is the highest mask probability)"),
+    "negatives-0.5": ({"demo": {"negative_share": 0.5}}, None,
+                      "half of the training slices with a negative sentence (the recipe: 0.2)"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -44,8 +49,11 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "kernel-11": ({"conv_kernels": [11]}, (74.03, 65.27), "single ConvUnit, d = 11"),
     "kernel-21": ({"conv_kernels": [21]}, (73.36, 65.22), "single ConvUnit, d = 21"),
     "batch-norm": ({"block_norm": "batch"}, None, "BatchNorm in the blocks (as printed) instead of the recipe's GroupNorm"),
-    "fp32": ({}, None, "fp32 (--amp off) for the steps the same seed's full run made (run that first)"),
+    "fp32": ({}, None, "fp32 (--amp off), without the existence head, for the steps the same seed's "
+                       "no-existence-head run made (run that first)"),
 }
+# the row a row is compared with at the same seeds (default "full")
+REFERENCE = {"fp32": "no-existence-head"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -53,6 +61,8 @@ COLUMNS = [  # (key in metrics.json, label)
     ("test_heldout_wording.full.referring_accuracy_multi", "ref. acc. multi, held-out wording"),
     ("test.full.existence_AUROC", "existence AUROC"), ("test.full.negative_mask_rate", "negatives with a mask"),
     ("test.full.Dice_positive_at_threshold", "Dice at the existence threshold"),
+    ("test.full.existence_AUROC_max_prob", "AUROC of the highest probability (same run)"),
+    ("test.full.negative_mask_rate_max_prob", "negatives with a mask, highest probability (same run)"),
     ("train_summary.step", "steps"),
 ]
 
@@ -66,14 +76,17 @@ def run_one(row: str, seed: int, out: Path) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides, _, _ = ROWS[row]
+    overrides = dict(overrides)
     # the reserve these runs were made with (the demo's default is now 1.5: they ended at 15.2-15.4 minutes)
-    cfg = DemoConfig(out=str(out), eval_reserve_minutes=1.0)
+    cfg = DemoConfig(out=str(out), eval_reserve_minutes=1.0, **overrides.pop("demo", {}))
+    if row == "fp32":
+        overrides["existence_head"] = False
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model))
-    if row == "fp32":  # the full run's step count in fp32: a step schedule over those steps, no time limit
-        full = json.loads((out.parents[1] / "full" / f"seed{seed}" / "metrics.json").read_text())
-        steps = full["train_summary"]["step"]
+    if row == "fp32":  # the reference run's step count in fp32: a step schedule over those steps, no time limit
+        ref = json.loads((out.parents[1] / REFERENCE[row] / f"seed{seed}" / "metrics.json").read_text())
+        steps = ref["train_summary"]["step"]
         optim = dataclasses.replace(cfg.train.optim, max_steps=steps)
         cfg = dataclasses.replace(cfg, epochs=1000, budget_minutes=10 * cfg.budget_minutes,
                                   train=dataclasses.replace(cfg.train, amp="off", optim=optim))
@@ -101,20 +114,30 @@ def launch(row: str, seed: int, cache: Path, threads: int) -> None:
 
 
 def rescore_existence(run_dir: Path) -> dict[str, Any]:
-    """The existence metrics of a finished run with today's code: the threshold chosen on its val split
-    (:func:`lsms.metrics.choose_existence_threshold`), the metrics on its test split at full text. Cached in
-    ``existence.json``; the report prefers it to the run's own, so that runs made before a change of the
-    existence rule are scored alike."""
+    """The existence metrics of a finished run with today's code and data: the run's dataset generated again
+    with today's generator where it is older (the same images and lesion sentences, today's negatives: one of
+    each kind on every val and test slice), the thresholds chosen on its val split, the metrics on its test
+    split at full text (:func:`lsms.evaluate.existence_metrics`). Cached in ``existence.json`` (with the test
+    split's negative count); the report prefers it to the run's own, so that runs made before a change of the
+    existence rule or of the negatives are scored alike."""
+    from lsms.synth import SynthConfig, generate_dataset
+
+    data = run_dir / "data"
+    settings = json.loads((data / "dataset.json").read_text())["settings"]
+    if "eval_negatives" not in settings:  # made before the negatives of each kind: generate it again
+        generate_dataset(SynthConfig.from_dict(settings), data, overwrite=True, progress=False)
     path = run_dir / "existence.json"
-    if path.is_file():
+    negatives = sum(1 for line in (data / "manifest.jsonl").read_text().splitlines()
+                    if '"negative"' in line and '"split": "test"' in line)
+    if path.is_file() and json.loads(path.read_text()).get("n_negative") == negatives:
         return json.loads(path.read_text())
-    from lsms.evaluate import evaluate_levels
-    from lsms.metrics import choose_existence_threshold, existence_summary
+    from lsms.evaluate import evaluate_levels, existence_metrics
 
     kw = {"levels": ("full",), "device": "cpu", "batch_size": 16, "empty_policy": "skip"}
-    val = evaluate_levels(run_dir / "run", run_dir / "data", "val", **kw)["full"]["records"]
-    test = evaluate_levels(run_dir / "run", run_dir / "data", "test", **kw)["full"]["records"]
-    out = existence_summary(test, choose_existence_threshold(val))
+    val = evaluate_levels(run_dir / "run", data, "val", **kw)["full"]["records"]
+    test = evaluate_levels(run_dir / "run", data, "test", **kw)["full"]["records"]
+    chosen = existence_metrics(val, "choose", "choose")
+    out = existence_metrics(test, chosen["existence_threshold"], chosen.get("existence_threshold_max_prob"))
     write_json(path, out)
     return out
 
@@ -141,13 +164,16 @@ def fmt(v: Any) -> str:
 
 
 def versus_full(runs: dict[str, list[dict]], row: str, key: str = "test.full.Dice") -> str:
-    """Mean Dice difference to the full model over the seeds both have (points), e.g. '-3.1 (seed 0)'."""
-    full = {r["seed"]: _get(r["metrics"], key) for r in runs.get("full", [])}
+    """Mean Dice difference to the row's reference (the full model unless :data:`REFERENCE` names another) over
+    the seeds both have (points), e.g. '-3.1 (seed 0)' or '+0.2 (seed 0, 1; vs no-existence-head)'."""
+    reference = REFERENCE.get(row, "full")
+    full = {r["seed"]: _get(r["metrics"], key) for r in runs.get(reference, [])}
     pairs = [(r["seed"], _get(r["metrics"], key) - full[r["seed"]]) for r in runs[row] if r["seed"] in full]
     if row == "full" or not pairs:
         return "–"
     seeds = ", ".join(str(s) for s, _ in pairs)
-    return f"{100 * statistics.fmean(d for _, d in pairs):+.1f} (seed {seeds})"
+    against = f"; vs {reference}" if reference != "full" else ""
+    return f"{100 * statistics.fmean(d for _, d in pairs):+.1f} (seed {seeds}{against})"
 
 
 def report(cache: Path, rescore: bool = True, name: str = "demo-ablations") -> None:

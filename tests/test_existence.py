@@ -82,3 +82,89 @@ def test_existence_score_matches_mask_rule():
     logits = torch.tensor([[[[-1.0, 0.5]]], [[[-2.0, -0.1]]]])
     score = existence_score(logits)
     assert bool(score[0] > 0.5) and bool(score[1] < 0.5)  # > 0.5 exactly when the mask is not empty
+
+
+# --------------------------------------------------------------------------- the learned existence head
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    data = add_negatives(make_toy_dataset(tmp_path_factory.mktemp("toy_neg_head"), n_images=6, n_val=3))
+    out = tmp_path_factory.mktemp("run") / "head"
+    train(tiny_run_config(data, out, optim={"epochs": 1}, model={"existence_head": True, "existence_channels": 8}))
+    return data, out
+
+
+def test_the_head_gives_one_logit_per_sentence_and_is_trained_by_its_loss():
+    from lsms.losses import LSMSLoss
+    from lsms.model import build, model_config_from_dict
+
+    from toy_data import tiny_model
+
+    torch.manual_seed(0)
+    model = build(model_config_from_dict({**tiny_model(), "in_channels": 1, "existence_head": True}))
+    tokens = model.tokenize(["a round lesion", "a square lesion"])
+    out = model.forward_features(torch.randn(2, 1, 64, 64), tokens["input_ids"], tokens["attention_mask"])
+    assert out.existence.shape == (2,)
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, 0, 10:20, 10:20] = 1  # the first sentence's lesion is there, the second's is not
+    losses = LSMSLoss()(out.logits, target, existence=out.existence)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.existence, torch.tensor([1.0, 0.0]))
+    assert float(losses["existence"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses["loss"]) == pytest.approx(float(losses["focal"] + losses["dice"] + losses["existence"]), rel=1e-5)
+    losses["existence"].backward()
+    assert model.existence.mlp[0].weight.grad.abs().sum() > 0
+    assert model.decoder.seg.weight.grad is None or model.decoder.seg.weight.grad.abs().sum() == 0  # mask detached
+    # without the head: the paper's loss, the existence term 0
+    assert float(LSMSLoss()(out.logits, target)["existence"]) == 0
+    with pytest.raises(ValueError, match="existence_head needs a sentence"):
+        model_config_from_dict({**tiny_model(), "use_text": False, "existence_head": True})
+
+
+def test_training_with_the_head_saves_both_thresholds_and_evaluation_uses_the_head(head_run):
+    data, out = head_run
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["run"]["model"]["existence_head"] is True
+    t, t_max = existence_threshold_of(ckpt), existence_threshold_of(ckpt, "existence_threshold_max_prob")
+    assert t is not None and 0.0 <= t < 1.0 and t_max is not None and 0.5 <= t_max < 1.0
+    result = evaluate_checkpoint(out, data, "val", device="cpu", batch_size=4, prefer="last")
+    s = result["summary"]
+    assert s["existence_threshold"] == t and s["existence_threshold_max_prob"] == t_max
+    assert 0.0 <= s["existence_AUROC"] <= 1.0 and 0.0 <= s["existence_AUROC_max_prob"] <= 1.0
+    # the record's score is the head's probability, not the highest mask probability
+    from lsms.backends import load_backend
+    from lsms.data import load_samples, read_image
+
+    backend = load_backend(out, device="cpu", prefer="last")
+    sample = next(r for r in load_samples(data, "val") if r.extra.get("negative"))
+    predictor = Predictor(backend)
+    pred = predictor.predict(read_image(sample.image_path), sample.text)
+    record = next(r for r in result["records"] if r["id"] == sample.id)
+    assert pred.existence == pytest.approx(record["existence"], abs=1e-5)
+    x, ids, attn = predictor._inputs(read_image(sample.image_path), sample.text)[1]
+    logits, head = backend.answer(x, ids, attn)
+    assert pred.existence == pytest.approx(float(torch.sigmoid(head[0])), abs=1e-6)
+    assert record["existence_max_prob"] == pytest.approx(float(existence_score(logits)[0]), abs=1e-5)
+    assert predictor.predict(read_image(sample.image_path), sample.text, features=True).existence == pytest.approx(
+        pred.existence, abs=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_file_carries_the_head(head_run, tmp_path, fmt):
+    from lsms.backends import load_backend
+    from lsms.export import export_model
+
+    data, out = head_run
+    path, metadata, diff = export_model(out, tmp_path / f"m.{fmt}", fmt, prefer="last", batch=2)
+    assert metadata.outputs == ("logits", "existence") and diff < 1e-3
+    exported, torch_backend = load_backend(path), load_backend(out, device="cpu", prefer="last")
+    assert exported.existence_threshold == torch_backend.existence_threshold
+    channels = exported.preprocessing.in_channels
+    image = torch.randn(3, channels, 64, 64, generator=torch.Generator().manual_seed(1))  # a fixed batch of 2, padded
+    tokens = exported.tokenize(["the round lesion", "a square lesion", "the lesion"])
+    logits, head = exported.answer(image, tokens["input_ids"], tokens["attention_mask"])
+    ref_logits, ref_head = torch_backend.answer(image, tokens["input_ids"], tokens["attention_mask"])
+    assert head.shape == (3,) and torch.allclose(head, ref_head, atol=1e-3)
+    assert torch.allclose(logits, ref_logits, atol=1e-3)
+    result = evaluate_checkpoint(path, data, "val", batch_size=2)
+    assert result["summary"]["existence_threshold"] == exported.existence_threshold

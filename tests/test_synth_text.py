@@ -58,36 +58,57 @@ def test_negatives_describe_a_lesion_that_is_absent(data: Path) -> None:
     by_slice: dict[str, list[dict]] = {}
     for r in records:
         by_slice.setdefault(r["slice_id"], []).append(r)
-    kinds_seen = set()
+    kinds_seen = {"train": set(), "eval": set()}
     for sid, group in by_slice.items():
         negatives = [r for r in group if "negative" in r]
-        assert len(negatives) <= 1
-        if not negatives:
-            continue
-        neg = negatives[0]
-        kinds_seen.add(neg["negative"])
-        assert neg["target_instance"] == 0 and not np.asarray(Image.open(data / neg["mask"])).any()
+        split = group[0]["split"]
+        if split == "train":  # the share's one negative
+            assert len(negatives) <= 1 and all(r["id"] == f"{sid}_n" for r in negatives)
+        else:  # val and test: one of each kind the slice allows
+            assert [r["id"] for r in negatives] == [f"{sid}_n_{r['negative']}" for r in negatives]
+            assert len({r["negative"] for r in negatives}) == len(negatives)
         i, j = (int(x) for x in re.match(r"p(\d+)_s(\d+)", sid).groups())
-        s = render_slice(cfg, i, j, paraphrasings=[])
-        assert np.array_equal(np.asarray(Image.open(data / neg["instances"])), s.instances)
-        kinds = {r["target_instance"]: r["attributes"]["type"] for r in group if "negative" not in r}
-        assert sorted(kinds) == list(range(1, int(s.instances.max()) + 1))
-        lesions = _facts_from_masks(s, kinds, neg["spacing"][0])
-        a = neg["attributes"]
-        stated = a["slots"]["full"]
-        if neg["negative"] == "type":
-            assert all(f["type"] != a["type"] for f in lesions), (sid, neg["text"])
-        elif neg["negative"] == "location":
-            assert "location" in stated
-            assert all(f["type"] != a["type"] or f["segment"] != a["segment"] for f in lesions), (sid, neg["text"])
-        else:
-            (relation,) = a["relations"]
-            assert "location" not in stated and relation["kind"] in ("near_gallbladder", "near_ivc")
-            assert all(f[relation["kind"]] >= FAR_MM - 1e-6 for f in lesions if f["type"] == a["type"]), neg["text"]
-        # the sentence is the one the stated facts give: a segment named is the stated one
-        said = {ARABIC.get(x, x) for x in SEG_RE.findall(neg["text"])}
-        assert said == ({a["segment"]} if "location" in stated else set()), neg["text"]
-    assert kinds_seen == {"type", "location", "relation"}
+        s = render_slice(cfg, i, j, paraphrasings=[]) if negatives else None
+        for neg in negatives:
+            kinds_seen["train" if split == "train" else "eval"].add(neg["negative"])
+            _check_absent(data, neg, group, s)
+    assert kinds_seen["train"] == kinds_seen["eval"] == {"type", "location", "relation"}
+
+
+def _check_absent(data: Path, neg: dict, group: list[dict], s) -> None:
+    """The negative's mask is empty and no lesion of the slice (re-measured from its instance map) fits it."""
+    sid = neg["slice_id"]
+    assert neg["target_instance"] == 0 and not np.asarray(Image.open(data / neg["mask"])).any()
+    assert np.array_equal(np.asarray(Image.open(data / neg["instances"])), s.instances)
+    kinds = {r["target_instance"]: r["attributes"]["type"] for r in group if "negative" not in r}
+    assert sorted(kinds) == list(range(1, int(s.instances.max()) + 1))
+    lesions = _facts_from_masks(s, kinds, neg["spacing"][0])
+    a = neg["attributes"]
+    stated = a["slots"]["full"]
+    if neg["negative"] == "type":
+        assert all(f["type"] != a["type"] for f in lesions), (sid, neg["text"])
+    elif neg["negative"] == "location":
+        assert "location" in stated
+        assert all(f["type"] != a["type"] or f["segment"] != a["segment"] for f in lesions), (sid, neg["text"])
+    else:
+        (relation,) = a["relations"]
+        assert "location" not in stated and relation["kind"] in ("near_gallbladder", "near_ivc")
+        assert all(f[relation["kind"]] >= FAR_MM - 1e-6 for f in lesions if f["type"] == a["type"]), neg["text"]
+    # the sentence is the one the stated facts give: a segment named is the stated one
+    said = {ARABIC.get(x, x) for x in SEG_RE.findall(neg["text"])}
+    assert said == ({a["segment"]} if "location" in stated else set()), neg["text"]
+
+
+def test_evaluation_negatives_are_deterministic_and_leave_the_positives_unchanged(tmp_path: Path, data: Path) -> None:
+    again, share_only = tmp_path / "again", tmp_path / "share"
+    generate_dataset(SynthConfig(negative_share=1.0, **SMALL), again, progress=False)
+    assert (again / "manifest.jsonl").read_bytes() == (data / "manifest.jsonl").read_bytes()
+    generate_dataset(SynthConfig(negative_share=1.0, eval_negatives=False, **SMALL), share_only, progress=False)
+    full, share = _manifest(data), _manifest(share_only)
+    positives = [r for r in full if "negative" not in r]
+    assert positives == [r for r in share if "negative" not in r]
+    evaluation = [r for r in full if "negative" in r and r["split"] != "train"]
+    assert len(evaluation) > sum("negative" in r and r["split"] != "train" for r in share)
 
 
 def test_negatives_and_paraphrases_change_no_image_and_no_template_expression(tmp_path: Path, data: Path) -> None:
@@ -98,6 +119,9 @@ def test_negatives_and_paraphrases_change_no_image_and_no_template_expression(tm
             assert f.read_bytes() == (data / sub / f.name).read_bytes(), f
     full = {r["id"]: r for r in _manifest(data)}
     for r in _manifest(plain):
+        if "negative" in r:  # val and test keep their negatives of each kind, without paraphrases
+            assert r["text"] == full[r["id"]]["text"] and "variants" not in r
+            continue
         other = full[r["id"]]
         assert other["texts"] == r["texts"] and other["attributes"] == r["attributes"]
         assert "variants" not in r and len(other["variants"]) == 4

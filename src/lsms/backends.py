@@ -6,6 +6,7 @@ masks and the same metrics.
     backend = load_backend("lsms-tiny.onnx")                   # an exported file: ONNX Runtime
     tokens = backend.tokenize(["the larger cyst in segment VI"])
     logits = backend(image, tokens["input_ids"], tokens["attention_mask"])  # (B, 1, H, W), CPU float32
+    logits, existence = backend.answer(image, tokens["input_ids"], tokens["attention_mask"])  # + (B,) or None
 
 An exported file carries what prediction needs (preprocessing, tokenizer settings, threshold; see
 :class:`lsms.export.ExportMetadata`), so it runs without the training config. Only the PyTorch backend
@@ -32,8 +33,10 @@ TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
 class Backend:
     """A trained model with what prediction needs: ``preprocessing``, ``tokenizer`` (None without text),
     ``threshold`` (probability above which a pixel is lesion), ``existence_threshold`` (the existence score
-    below which the described lesion is "not found"; None: never), ``source`` (the checkpoint it came from) and
-    ``epoch``. Calling it maps image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W) on the CPU.
+    below which the described lesion is "not found"; None: never), ``max_prob_threshold`` (with an existence
+    head: the threshold of the highest-probability score, for comparison), ``source`` (the checkpoint it came
+    from) and ``epoch``. Calling it maps image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W)
+    on the CPU; :meth:`answer` adds the existence head's logits (B,) (None for a model without the head).
     """
 
     name = ""
@@ -43,6 +46,7 @@ class Backend:
         self.config, self.preprocessing, self.tokenizer = config, preprocessing, tokenizer
         self.threshold, self.source, self.epoch = threshold, source, epoch
         self.existence_threshold: float | None = None
+        self.max_prob_threshold: float | None = None
 
     @property
     def uses_text(self) -> bool:
@@ -55,6 +59,11 @@ class Backend:
 
     def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """image (B, C, H, W), input_ids/attention_mask (B, T) -> logits (B, 1, H, W), float32 on the CPU."""
+        return self.answer(image, input_ids, attention_mask)[0]
+
+    def answer(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+        """As calling it, plus the existence head's logits (B,) float32 on the CPU (None without the head)."""
         raise NotImplementedError
 
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
@@ -97,10 +106,13 @@ class TorchBackend(Backend):
         self._text_cache: OrderedDict[bytes, tuple[Tensor, ...]] = OrderedDict()
 
     @torch.inference_mode()
-    def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def answer(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
         with autocast(self.device, self.dtype):  # the text features of _inputs too
             image, input_ids, attention_mask, text = self._inputs(image, input_ids, attention_mask)
-            return self.model(image, input_ids, attention_mask, text=text).float().cpu()
+            out = self.model.forward_features(image, input_ids, attention_mask, text=text)
+        existence = out.existence.float().cpu() if out.existence is not None else None
+        return out.logits.float().cpu(), existence
 
     @torch.inference_mode()
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
@@ -194,23 +206,26 @@ class ExportedBackend(Backend):
         if not bool(attention_mask[:, 0].all()):
             raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
 
-    def __call__(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
+    def answer(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
         self._check(image, input_ids, attention_mask)
         inputs = [image.float()] + ([input_ids.long(), attention_mask.long()] if self.uses_text else [])
         fixed = self.metadata.batch
         if fixed is None or image.shape[0] == fixed:
-            return self._run(inputs)
-        # a fixed-batch export: run in chunks of its batch, the last one padded by repeating its final sample
-        out = []
-        for start in range(0, image.shape[0], fixed):
-            chunk = [x[start:start + fixed] for x in inputs]
-            n = chunk[0].shape[0]
-            if n < fixed:
-                chunk = [torch.cat([x, x[-1:].expand(fixed - n, *x.shape[1:])]) for x in chunk]
-            out.append(self._run(chunk)[:n])
-        return torch.cat(out)
+            outputs = self._run(inputs)
+        else:  # a fixed-batch export: run in chunks of its batch, the last one padded by repeating its final sample
+            chunks = []
+            for start in range(0, image.shape[0], fixed):
+                chunk = [x[start:start + fixed] for x in inputs]
+                n = chunk[0].shape[0]
+                if n < fixed:
+                    chunk = [torch.cat([x, x[-1:].expand(fixed - n, *x.shape[1:])]) for x in chunk]
+                chunks.append([y[:n] for y in self._run(chunk)])
+            outputs = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
-    def _run(self, inputs: list[Tensor]) -> Tensor:
+    def _run(self, inputs: list[Tensor]) -> list[Tensor]:
+        """The graph's outputs (``metadata.outputs``: logits, and existence logits with the head), float32."""
         raise NotImplementedError
 
 
@@ -248,9 +263,9 @@ class OnnxRuntimeBackend(ExportedBackend):
         super().__init__(path, metadata)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def _run(self, inputs: list[Tensor]) -> Tensor:
+    def _run(self, inputs: list[Tensor]) -> list[Tensor]:
         feed = {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, inputs, strict=True)}
-        return torch.from_numpy(np.asarray(self.session.run(None, feed)[0], dtype=np.float32))
+        return [torch.from_numpy(np.asarray(y, dtype=np.float32)) for y in self.session.run(None, feed)]
 
 
 class TorchScriptBackend(ExportedBackend):
@@ -270,8 +285,9 @@ class TorchScriptBackend(ExportedBackend):
         super().__init__(path, ExportMetadata.from_json(extra[ExportMetadata.FILE] or None, path))
 
     @torch.inference_mode()
-    def _run(self, inputs: list[Tensor]) -> Tensor:
-        return self.module(*(x.to(self.device) for x in inputs)).float().cpu()
+    def _run(self, inputs: list[Tensor]) -> list[Tensor]:
+        outputs = self.module(*(x.to(self.device) for x in inputs))
+        return [y.float().cpu() for y in (outputs if isinstance(outputs, (tuple, list)) else [outputs])]
 
 
 def file_backend(path: Path) -> str:
@@ -330,6 +346,7 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
         loaded = TorchBackend(net, preprocessing, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
                               optimize=True, dtype=inference_dtype(trained, dev))
         loaded.existence_threshold = existence_threshold_of(checkpoint)
+        loaded.max_prob_threshold = existence_threshold_of(checkpoint, "existence_threshold_max_prob")
     if threshold is not None:
         loaded.threshold = threshold
     return loaded

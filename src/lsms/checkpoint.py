@@ -293,11 +293,12 @@ def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
         )
 
 
-def existence_threshold_of(checkpoint: dict[str, Any]) -> float | None:
+def existence_threshold_of(checkpoint: dict[str, Any], key: str = "existence_threshold") -> float | None:
     """The existence threshold chosen on the validation split when this checkpoint was saved (None if the
-    split had no negative expressions to choose it with)."""
-    value = (checkpoint.get("metrics") or {}).get("existence_threshold")
-    return float(value) if isinstance(value, (int, float)) else None
+    split had no negative expressions to choose it with). ``key`` ``existence_threshold_max_prob``: that of the
+    highest-probability score, for a model with an existence head."""
+    value = (checkpoint.get("metrics") or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):

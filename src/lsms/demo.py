@@ -52,8 +52,9 @@ def demo_recipe() -> RunConfig:
     return RunConfig(
         # P1 (stride 4) in the decoder: the paper's (2, 3, 4) starts at stride 8; expressions are 40-60 tokens
         # logits at 1/2 resolution (output_stride 2): +3 points of test Dice at the same steps (docs/training.md);
-        # segment spellings (S7, SVII, the 7th segment) read as "segment 7" (docs/model.md, text normalisation)
-        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2,
+        # segment spellings (S7, SVII, the 7th segment) read as "segment 7" (docs/model.md, text normalisation);
+        # the existence head answers "not present" for sentences that match no lesion (docs/model.md)
+        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2, existence_head=True,
                            text={"freeze": True, "max_tokens": 64, "normalize_segments": True}),
         # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped; batches hold the same slice
         # with the same slice with different sentences; half of the sentences are paraphrases (other wording,
@@ -211,8 +212,9 @@ def plot_curves(run: Path, path: Path) -> Path | None:
     steps = [x for x in lines if x.get("kind") == "step"]
     epochs = [x for x in lines if x.get("kind") == "epoch"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for key in ("loss", "focal", "dice", "contrastive"):
-        axes[0].plot([x["step"] for x in steps], [x[key] for x in steps], label=key, lw=1)
+    for key in ("loss", "focal", "dice", "contrastive", "existence"):
+        if key != "existence" or any(x.get(key) for x in steps):  # existence: a model with the head
+            axes[0].plot([x["step"] for x in steps], [x[key] for x in steps], label=key, lw=1)
     axes[0].set_yscale("log")
     axes[0].set_title("training losses")
     axes[0].set_xlabel("step")
@@ -335,12 +337,25 @@ def target_checks(both: dict[str, dict]) -> list[tuple[str, bool]]:
 
 
 def existence_table(summary: dict[str, Any]) -> str:
-    keys = [("existence_AUROC", "AUROC"), ("existence_threshold", "threshold (chosen on val)"),
-            ("negative_mask_rate", "negatives with a mask"), ("positive_miss_rate", "positives without one"),
-            ("Dice_positive", "Dice (positives)"), ("Dice_positive_at_threshold", "Dice (positives) at the threshold"),
-            ("n_positive", "positives"), ("n_negative", "negatives")]
-    return "\n".join(["| " + " | ".join(k[1] for k in keys) + " |", "|---" * len(keys) + "|",
-                      "| " + " | ".join(_fmt(summary.get(k)) for k, _ in keys) + " |"])
+    """One row per existence score: the model's (the existence head's, if it has one) and, beside a head, the
+    highest mask probability."""
+    keys = [("existence_threshold", "threshold (chosen on val)"), ("negative_mask_rate", "negatives with a mask"),
+            ("positive_miss_rate", "positives without one"), ("Dice_positive", "Dice (positives)"),
+            ("Dice_positive_at_threshold", "Dice (positives) at the threshold")]
+    head = "existence_AUROC_max_prob" in summary
+    scores = [("", "existence head" if head else "highest mask probability")]
+    if head:
+        scores.append(("_max_prob", "highest mask probability"))
+    rows = []
+    for suffix, name in scores:
+        auroc = _fmt(summary.get(f"existence_AUROC{suffix}"))
+        low, high = summary.get(f"existence_AUROC_low{suffix}"), summary.get(f"existence_AUROC_high{suffix}")
+        if low is not None and high is not None:
+            auroc += f" ({_fmt(low)}-{_fmt(high)})"
+        rows.append(f"| {name} | {auroc} | " + " | ".join(_fmt(summary.get(k + suffix)) for k, _ in keys) + " |")
+    return "\n".join([
+        "| score | AUROC (95 % CI) | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 2) + "|", *rows,
+        "", f"{summary.get('n_positive')} positive and {summary.get('n_negative')} negative sentences."])
 
 
 def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info: dict, train_summary: dict,
@@ -384,8 +399,9 @@ def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info:
             "### Sentences that match nothing (negatives)",
             "",
             "Test sentences describing a lesion that is not on the slice (another type, another segment, or a "
-            "relation no lesion satisfies; empty target). The existence score is the highest mask probability; "
-            "below the threshold chosen on the validation split the mask is withheld (\"not found\").",
+            "relation no lesion satisfies; empty target). The existence score is the existence head's probability "
+            "(with the highest mask probability beside it for comparison); below the threshold chosen on the "
+            "validation split the mask is withheld (\"not found\").",
             "",
             existence_table(full),
             "",

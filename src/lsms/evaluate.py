@@ -37,7 +37,9 @@ from lsms.data import TEXT_LEVELS, SegmentationDataset, load_samples
 from lsms.data.loaders import make_loader
 from lsms.distributed import DistEnv, gather_records, pick_device
 from lsms.metrics import (
+    MIN_EXISTENCE_THRESHOLD,
     choose_existence_threshold,
+    existence_probability,
     existence_score,
     existence_summary,
     sample_scores,
@@ -52,7 +54,8 @@ log = logging.getLogger(__name__)
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, env: DistEnv,
                    amp: torch.dtype | None = None, progress: bool = False,
                    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
-                   empty_policy: str = "one", existence_threshold: float | str | None = None) -> dict[str, Any]:
+                   empty_policy: str = "one", existence_threshold: float | str | None = None,
+                   max_prob_threshold: float | None = None) -> dict[str, Any]:
     """Per-sample records over the whole split (gathered from all ranks) and their summary.
 
     Args:
@@ -64,7 +67,9 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         existence_threshold: when the split has both positives and negatives (expressions with an empty target),
             the summary adds the existence metrics (:func:`lsms.metrics.existence_summary`) at this threshold;
             ``"choose"`` picks it on this split (:func:`lsms.metrics.choose_existence_threshold`, as validation
-            during training does); None: 0.5 (any predicted pixel counts as found).
+            during training does); None: any predicted pixel counts as found.
+        max_prob_threshold: with an existence head, the summary also reports the highest-probability score
+            (``..._max_prob`` keys) at this threshold (``"choose"`` with ``existence_threshold="choose"``).
 
     Returns:
         ``{"records": [...], "summary": {...}}``, identical on every rank.
@@ -81,10 +86,10 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         ids = batch.get("input_ids")
         mask = batch.get("attention_mask")
         with autocast(device, amp):
-            logits = model(image, ids.to(device) if ids is not None else None,
-                           mask.to(device) if mask is not None else None)
+            logits, existence = answer(model, image, ids.to(device) if ids is not None else None,
+                                       mask.to(device) if mask is not None else None)
         logits = logits.float().cpu()
-        records.extend(batch_scores(logits, batch))
+        records.extend(batch_scores(logits, batch, existence.float().cpu() if existence is not None else None))
         if on_batch is not None:
             on_batch(batch, logits)
     if isinstance(model, nn.Module):
@@ -96,14 +101,44 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, e
         log.warning("%d of %d samples gave non-finite logits (inf/NaN; their masks are empty): the model diverges "
                     "on them at evaluation (docs/model.md, block_norm)", bad, len(records))
     if any(r["target_area"] == 0 for r in records) and any(r["target_area"] > 0 for r in records):
-        threshold = choose_existence_threshold(records) if existence_threshold == "choose" else existence_threshold
-        summary.update(existence_summary(records, threshold))
+        summary.update(existence_metrics(records, existence_threshold, max_prob_threshold))
     return {"records": records, "summary": summary}
 
 
-def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, Any]]:
+def answer(model: Any, image: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits (B, 1, H, W), existence logits (B,) or None without an existence head) of a network or a
+    :class:`~lsms.backends.Backend`."""
+    if isinstance(model, nn.Module):
+        out = model.forward_features(image, input_ids, attention_mask)
+        return out.logits, out.existence
+    return model.answer(image, input_ids, attention_mask)
+
+
+def existence_metrics(records: list[dict[str, Any]], threshold: float | str | None,
+                      max_prob_threshold: float | str | None = None) -> dict[str, Any]:
+    """:func:`lsms.metrics.existence_summary` of the model's score at ``threshold`` (``"choose"``: chosen on
+    these records); with an existence head also of the highest-probability score, its keys ending ``_max_prob``."""
+    head = any("existence_max_prob" in r for r in records)
+    floor = 0.0 if head else MIN_EXISTENCE_THRESHOLD
+    if threshold == "choose":
+        threshold = choose_existence_threshold(records, floor=floor)
+    summary = existence_summary(records, threshold, floor=floor)
+    if head:
+        key = "existence_max_prob"
+        if max_prob_threshold == "choose":
+            max_prob_threshold = choose_existence_threshold(records, key=key)
+        other = existence_summary(records, max_prob_threshold, key=key)
+        summary.update({f"{k}_max_prob": v for k, v in other.items() if k not in ("n_positive", "n_negative")})
+    return summary
+
+
+def batch_scores(logits: torch.Tensor, batch: dict[str, Any], existence: torch.Tensor | None = None
+                 ) -> list[dict[str, Any]]:
     """Per-sample metric records of a collated batch, in batch order, with each sample's ``existence`` score
-    and whether its logits are all ``finite``.
+    (:func:`lsms.metrics.existence_probability` of the mask logits and the existence head's logits
+    ``existence``; with the head also ``existence_max_prob``, the highest mask probability) and whether its
+    logits are all ``finite``.
 
     The dataset marks a record without an instance map by instances = -1 and without a referred lesion by
     target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
@@ -111,8 +146,11 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any]) -> list[dict[str, 
     """
     records = _scores(logits, batch)
     finite = torch.isfinite(logits.flatten(1)).all(1).tolist()
-    for r, score, ok in zip(records, existence_score(logits).tolist(), finite, strict=True):
+    for r, score, ok in zip(records, existence_probability(logits, existence).tolist(), finite, strict=True):
         r["existence"], r["finite"] = score, ok
+    if existence is not None:
+        for r, score in zip(records, existence_score(logits).tolist(), strict=True):
+            r["existence_max_prob"] = score
     return records
 
 
@@ -168,7 +206,8 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
         dataset = SegmentationDataset(records, model.preprocessing, augment=False, text_level=level)
         loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=model.tokenizer)
         result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
-                                empty_policy=empty_policy, existence_threshold=model.existence_threshold)
+                                empty_policy=empty_policy, existence_threshold=model.existence_threshold,
+                                max_prob_threshold=model.max_prob_threshold)
         results[level] = {**result, "checkpoint": str(getattr(model, "path", model.source)), "epoch": model.epoch}
     return results
 

@@ -10,8 +10,8 @@ The file carries what prediction needs as :class:`ExportMetadata` (JSON; ONNX: t
 ``lsms``; TorchScript: the archive's extra file ``lsms.json``): the preprocessing (intensity window or
 scaling, image size, channels), the tokenizer (name and maximum tokens), the probability threshold, the
 model config and where it came from. Graph inputs: ``image`` float32 (B, C, H, W) at the exported size and,
-for a text model, ``input_ids`` / ``attention_mask`` int64 (B, T) with T <= max tokens; output ``logits``
-(B, 1, H, W). The batch is fixed (``--batch``, default 1; the backends split larger batches) unless
+for a text model, ``input_ids`` / ``attention_mask`` int64 (B, T) with T <= max tokens; outputs ``logits``
+(B, 1, H, W) and, for a model with an existence head, ``existence`` (B,) (its logits). The batch is fixed (``--batch``, default 1; the backends split larger batches) unless
 ``--dynamic-batch``.
 
 ``--quantize int8`` (ONNX only) quantises convolutions and matrix products statically (int8 weights per
@@ -63,6 +63,7 @@ class ExportMetadata(DictRoundTrip):
             validation split during training; None: never).
         quantize: None (fp32) or ``int8``.
         inputs: graph input names in order.
+        outputs: graph output names in order (``logits``, then ``existence`` for a model with an existence head).
         source / epoch: the checkpoint it was exported from and its epoch.
     """
 
@@ -70,7 +71,7 @@ class ExportMetadata(DictRoundTrip):
     KEY: ClassVar[str] = "lsms"  # ONNX metadata_props key
     FILE: ClassVar[str] = "lsms.json"  # TorchScript extra file
     FORMAT: ClassVar[str] = "lsms-export"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: ``outputs`` (an existence head's output)
 
     export_format: str
     model: dict[str, Any]
@@ -82,6 +83,7 @@ class ExportMetadata(DictRoundTrip):
     existence_threshold: float | None = None
     quantize: str | None = None
     inputs: tuple[str, ...] = ("image", "input_ids", "attention_mask")
+    outputs: tuple[str, ...] = ("logits",)
     source: str = ""
     epoch: int | None = None
     lsms_version: str = ""
@@ -194,12 +196,14 @@ def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export
     elif max_tokens:
         raise ValueError("--max-tokens applies to text models only; this model was trained without text")
     inputs = example_inputs(model, size, batch or 2, max_tokens if use_text else None)
+    graph = Graph(model)
     with torch.inference_mode():
-        reference = model(*inputs)  # also checks the size (multiples of 32) with the model's own message
+        reference = graph(*inputs)  # also checks the size (multiples of 32) with the model's own message
     metadata = ExportMetadata(
         export_format=export_format, model=model.config.to_dict(), preprocessing=preprocessing.to_dict(),
         image_size=size, max_tokens=max_tokens if use_text else None, batch=batch, quantize=quantize,
         inputs=("image", "input_ids", "attention_mask") if use_text else ("image",),
+        outputs=("logits", "existence") if graph.existence else ("logits",),
         source=source, epoch=epoch, lsms_version=__version__, existence_threshold=existence_threshold,
     )
     out = Path(out)
@@ -209,17 +213,31 @@ def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export
     tmp = Path(tmp_name)
     try:
         if export_format == "onnx":
-            _export_onnx(model, inputs, metadata, tmp)
+            _export_onnx(graph, inputs, metadata, tmp)
             if quantize:
                 quantize_int8(tmp, calibration)
         else:
-            _export_torchscript(model, inputs, metadata, tmp)
+            _export_torchscript(graph, inputs, metadata, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    exported = load_backend(out)
-    diff = float((exported(*inputs) - reference).abs().max())
+    got = [y for y in load_backend(out).answer(*inputs) if y is not None]
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, reference if graph.existence else [reference], strict=True))
     return out, metadata, diff
+
+
+class Graph(nn.Module):
+    """What an exported file computes: the network's logits, and its existence logits when it has the head."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.existence = getattr(model, "existence", None) is not None
+
+    def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
+        out = self.model.forward_features(image, input_ids, attention_mask)
+        return (out.logits, out.existence) if self.existence else out.logits
 
 
 def calibration_feeds(data: Path, preprocessing: Any, tokenizer: Any | None, batch: int,
@@ -259,7 +277,7 @@ def _export_onnx(model: nn.Module, inputs: tuple[Tensor, ...], metadata: ExportM
         tokens = torch.export.Dim("tokens", min=2, max=metadata.max_tokens)
         shapes[1][1] = shapes[2][1] = tokens
     with _quiet_exporter():
-        program = torch.onnx.export(model, inputs, dynamo=True, input_names=names, output_names=["logits"],
+        program = torch.onnx.export(model, inputs, dynamo=True, input_names=names, output_names=list(metadata.outputs),
                                     dynamic_shapes=tuple(shapes), external_data=False, verbose=False)
         program.save(str(path), external_data=False)
     proto = onnx.load(str(path))

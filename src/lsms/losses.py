@@ -9,6 +9,9 @@
 - :func:`vision_language_contrastive_loss`: pixel-to-text InfoNCE on the decoder features, tau 0.1. **[decision]**
   the printed Eq. 14 has no log; the InfoNCE (log) form is used.
 - :class:`LSMSLoss` combines them with the weight alpha = 0.125 (``LossConfig.contrastive_weight``).
+- **[addition]** with a model that has an existence head (``existence_head``), a binary cross-entropy of its
+  logit against "the target is not empty", weight ``LossConfig.existence_weight``; a model without the head
+  trains with the paper's loss.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class LossConfig(DictRoundTrip):
         tau: temperature of the contrastive loss (paper: 0.1).
         max_positive: at most this many positive (in-target) pixels are sampled per image.
         max_negative: at most this many negative (background) pixels are sampled per image.
+        existence_weight: weight of the existence loss (**[addition]**; only for a model with an existence
+            head, see :class:`LSMSLoss`).
     """
 
     settings_name: ClassVar[str] = "loss settings"
@@ -60,6 +65,7 @@ class LossConfig(DictRoundTrip):
     tau: float = 0.1
     max_positive: int = 256
     max_negative: int = 512
+    existence_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focal_alpha <= 1.0:
@@ -79,6 +85,8 @@ class LossConfig(DictRoundTrip):
             raise ValueError(f"max_positive must be >= 1, got {self.max_positive}")
         if self.max_negative < 1:
             raise ValueError(f"max_negative must be >= 1, got {self.max_negative}")
+        if self.existence_weight < 0:
+            raise ValueError(f"existence_weight must be >= 0, got {self.existence_weight}")
 
 
 def _check_kernel(kernel: int) -> None:
@@ -248,7 +256,8 @@ def vision_language_contrastive_loss(
 
 
 class LSMSLoss(nn.Module):
-    """Total LSMS loss ``L = alpha * L_con + Focal + Dice_W`` (paper Eq. 15; spec 2.6).
+    """Total LSMS loss ``L = alpha * L_con + Focal + Dice_W`` (paper Eq. 15; spec 2.6), plus
+    ``existence_weight * BCE(existence logit, target not empty)`` for a model with an existence head.
 
     Args:
         config: loss settings; defaults to the paper's (see :class:`LossConfig`).
@@ -265,8 +274,9 @@ class LSMSLoss(nn.Module):
         features: Tensor | None = None,
         text_embedding: Tensor | None = None,
         generator: torch.Generator | None = None,
+        existence: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """(B,1,H,W) logits and target [+ (B,C,h,w) features, (B,C) text] -> dict of scalar losses.
+        """(B,1,H,W) logits and target [+ (B,C,h,w) features, (B,C) text, (B,) existence] -> dict of scalar losses.
 
         Args:
             logits: Seg head output at input resolution, (B, 1, H, W).
@@ -275,10 +285,11 @@ class LSMSLoss(nn.Module):
                 None) skips the term, as for the no-text model.
             text_embedding: projected text vector, (B, C).
             generator: CPU random generator for the contrastive pixel sampling.
+            existence: the existence head's logits (B,); None: no existence term (a model without the head).
 
         Returns:
-            ``{"loss", "focal", "dice", "contrastive"}``; ``loss = focal + dice + contrastive_weight * contrastive``
-            and ``contrastive`` is 0 when skipped.
+            ``{"loss", "focal", "dice", "contrastive", "existence"}``; ``loss = focal + dice + contrastive_weight
+            * contrastive + existence_weight * existence``; a term that is skipped is 0.
         """
         cfg = self.config
         self._check_inputs(logits, target, features, text_embedding)
@@ -302,8 +313,15 @@ class LSMSLoss(nn.Module):
                 max_negative=cfg.max_negative,
                 generator=generator,
             )
-        loss = focal + dice + cfg.contrastive_weight * contrastive
-        return {"loss": loss, "focal": focal, "dice": dice, "contrastive": contrastive}
+        if existence is None:
+            present = logits.new_zeros((), dtype=torch.float32)
+        else:
+            if existence.shape != logits.shape[:1]:
+                raise ValueError(f"existence must have shape ({logits.shape[0]},) (B,), got {tuple(existence.shape)}")
+            found = (target.flatten(1) > 0).any(1).float()  # (B,) 1: the described lesion is in the image
+            present = F.binary_cross_entropy_with_logits(existence.float(), found)
+        loss = focal + dice + cfg.contrastive_weight * contrastive + cfg.existence_weight * present
+        return {"loss": loss, "focal": focal, "dice": dice, "contrastive": contrastive, "existence": present}
 
     @staticmethod
     def _check_inputs(

@@ -22,9 +22,11 @@ With a non-empty target both definitions are MONAI's ``compute_dice`` / ``comput
 records need the raw counts (intersection, union, areas) and ``import monai`` costs seconds.
 
 Existence (does the sentence match a lesion of the image at all?): each record may carry ``existence``, the
-model's score that the described lesion is present (LSMS: the highest mask probability, see docs/model.md).
+model's score that the described lesion is present (:func:`existence_probability`: the existence head's
+probability, or without the head the highest mask probability; docs/model.md, "Not present").
 :func:`existence_summary` reports, over images with a non-empty target (positives) and with an empty one
-(negatives: the sentence describes a lesion that is not there), the ROC AUC of the score, the share of
+(negatives: the sentence describes a lesion that is not there), the ROC AUC of the score with a 95 % bootstrap
+interval, the share of
 negatives on which a mask is drawn at a threshold, the share of positives without one, and the Dice of the
 positives when masks below the threshold are withheld; :func:`choose_existence_threshold` picks the threshold
 on a validation split (the highest that costs the positives at most half a point of Dice).
@@ -53,6 +55,7 @@ __all__ = [
     "SampleRecord",
     "binarize",
     "choose_existence_threshold",
+    "existence_probability",
     "existence_score",
     "existence_summary",
     "sample_scores",
@@ -366,69 +369,104 @@ def existence_score(logits: Tensor) -> Tensor:
     return torch.nan_to_num(torch.sigmoid(logits.detach().double().flatten(1).amax(1)), nan=0.0)
 
 
-def _split_by_target(records: Iterable[SampleRecord]) -> tuple[list[SampleRecord], list[SampleRecord]]:
+def existence_probability(logits: Tensor, existence: Tensor | None = None) -> Tensor:
+    """The model's existence score of each sample, (B,): the existence head's probability when the model has
+    the head (``existence``: its logits (B,)), else :func:`existence_score` of the mask ``logits``."""
+    if existence is None:
+        return existence_score(logits)
+    return torch.nan_to_num(torch.sigmoid(existence.detach().double()), nan=0.0)
+
+
+def _split_by_target(records: Iterable[SampleRecord], key: str = "existence"
+                     ) -> tuple[list[SampleRecord], list[SampleRecord]]:
     seen: set[str | int] = set()
     pos, neg = [], []
     for r in records:
-        if r["id"] in seen or "existence" not in r:
+        if r["id"] in seen or key not in r:
             continue
         seen.add(r["id"])
         (pos if r["target_area"] > 0 else neg).append(r)
     return pos, neg
 
 
-def _drawn(r: SampleRecord, threshold: float) -> bool:
+def _drawn(r: SampleRecord, threshold: float, key: str = "existence") -> bool:
     """Whether a mask is shown for this record: something predicted, and the score reaches the threshold."""
-    return r["pred_area"] > 0 and r["existence"] >= threshold
+    return r["pred_area"] > 0 and r[key] >= threshold
 
 
-def existence_summary(records: Iterable[SampleRecord], threshold: float | None = None) -> dict[str, float | int | None]:
-    """Existence metrics over records with an ``existence`` score (ids de-duplicated; see the module docstring).
+def auroc_interval(positive: Sequence[float], negative: Sequence[float], level: float = 0.95,
+                   resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC: positives and negatives resampled separately (seeded, so
+    the same scores give the same interval)."""
+    import numpy as np
+    from scipy.stats import bootstrap, mannwhitneyu  # deferred on purpose: SciPy is only needed here
+
+    def auc(p: np.ndarray, n: np.ndarray, axis: int = -1) -> np.ndarray:
+        return mannwhitneyu(p, n, axis=axis).statistic / (p.shape[axis] * n.shape[axis])
+
+    result = bootstrap((np.asarray(positive, float), np.asarray(negative, float)), auc, paired=False,
+                       vectorized=True, n_resamples=resamples, confidence_level=level, method="percentile",
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def existence_summary(records: Iterable[SampleRecord], threshold: float | None = None, key: str = "existence",
+                      floor: float = MIN_EXISTENCE_THRESHOLD) -> dict[str, float | int | None]:
+    """Existence metrics over records with an existence score (ids de-duplicated; see the module docstring).
 
     Args:
-        records: :func:`sample_scores` records with ``existence`` set.
-        threshold: masks are withheld ("not found") below it; None: :data:`MIN_EXISTENCE_THRESHOLD` (any
-            predicted pixel counts as found).
+        records: :func:`sample_scores` records with the score ``key`` set.
+        threshold: masks are withheld ("not found") below it; None: ``floor`` (for the highest-probability
+            score, :data:`MIN_EXISTENCE_THRESHOLD`: any predicted pixel counts as found).
+        key: the record field holding the score (``existence``, or ``existence_max_prob`` for the
+            highest-probability score of a model with an existence head).
 
     Returns:
-        ``existence_AUROC`` (None unless there are both positives and negatives), ``negative_mask_rate``
-        (negatives with a mask drawn), ``positive_miss_rate`` (positives without one), ``Dice_positive``
-        and ``Dice_positive_at_threshold`` (mean Dice over positives, without and with the withholding),
-        ``existence_threshold``, ``n_positive``, ``n_negative``.
+        ``existence_AUROC`` (None unless there are both positives and negatives) and its 95 % bootstrap interval
+        ``existence_AUROC_low`` / ``existence_AUROC_high``, ``negative_mask_rate`` (negatives with a mask drawn),
+        ``positive_miss_rate`` (positives without one), ``Dice_positive`` and ``Dice_positive_at_threshold``
+        (mean Dice over positives, without and with the withholding), ``existence_threshold``, ``n_positive``,
+        ``n_negative``.
     """
-    t = MIN_EXISTENCE_THRESHOLD if threshold is None else float(threshold)
-    pos, neg = _split_by_target(records)
-    auroc = None
+    t = floor if threshold is None else float(threshold)
+    pos, neg = _split_by_target(records, key)
+    auroc = low = high = None
     if pos and neg:
         from scipy.stats import mannwhitneyu  # deferred on purpose: SciPy is only needed here
 
-        u = mannwhitneyu([r["existence"] for r in pos], [r["existence"] for r in neg]).statistic
+        u = mannwhitneyu([r[key] for r in pos], [r[key] for r in neg]).statistic
         auroc = float(u) / (len(pos) * len(neg))  # P(score of a positive > score of a negative), ties count 1/2
+        if len(pos) > 1 and len(neg) > 1:
+            low, high = auroc_interval([r[key] for r in pos], [r[key] for r in neg])
     dice = [r["dice"] or 0.0 for r in pos]
     return {
         "existence_AUROC": auroc,
-        "negative_mask_rate": _mean([float(_drawn(r, t)) for r in neg]),
-        "positive_miss_rate": _mean([float(not _drawn(r, t)) for r in pos]),
+        "existence_AUROC_low": low,
+        "existence_AUROC_high": high,
+        "negative_mask_rate": _mean([float(_drawn(r, t, key)) for r in neg]),
+        "positive_miss_rate": _mean([float(not _drawn(r, t, key)) for r in pos]),
         "Dice_positive": _mean(dice),
-        "Dice_positive_at_threshold": _mean([d if _drawn(r, t) else 0.0 for d, r in zip(dice, pos, strict=True)]),
+        "Dice_positive_at_threshold": _mean([d if _drawn(r, t, key) else 0.0 for d, r in zip(dice, pos, strict=True)]),
         "existence_threshold": t,
         "n_positive": len(pos),
         "n_negative": len(neg),
     }
 
 
-def choose_existence_threshold(records: Iterable[SampleRecord], max_dice_loss: float = MAX_DICE_LOSS) -> float | None:
-    """The highest threshold (>= 0.5) at which the positives lose at most ``max_dice_loss`` of mean Dice to
-    the withholding: it hides as many negatives' masks as that allows (the share of negatives with a mask only
-    falls as the threshold rises). None without both positives and negatives to choose from."""
-    pos, neg = _split_by_target(records)
+def choose_existence_threshold(records: Iterable[SampleRecord], max_dice_loss: float = MAX_DICE_LOSS,
+                               key: str = "existence", floor: float = MIN_EXISTENCE_THRESHOLD) -> float | None:
+    """The highest threshold (>= ``floor``) at which the positives lose at most ``max_dice_loss`` of mean Dice
+    to the withholding: it hides as many negatives' masks as that allows (the share of negatives with a mask
+    only falls as the threshold rises). None without both positives and negatives to choose from. ``key`` and
+    ``floor`` as in :func:`existence_summary` (an existence head's probability: floor 0)."""
+    pos, neg = _split_by_target(records, key)
     if not pos or not neg:
         return None
     dice = [r["dice"] or 0.0 for r in pos]
     full = math.fsum(dice) / len(pos)
-    best = MIN_EXISTENCE_THRESHOLD
-    for t in sorted({r["existence"] for r in pos + neg if r["existence"] > MIN_EXISTENCE_THRESHOLD}):
-        kept = math.fsum(d for d, r in zip(dice, pos, strict=True) if _drawn(r, t)) / len(pos)
+    best = floor
+    for t in sorted({r[key] for r in pos + neg if r[key] > floor}):
+        kept = math.fsum(d for d, r in zip(dice, pos, strict=True) if _drawn(r, t, key)) / len(pos)
         if full - kept <= max_dice_loss + 1e-12:
             best = t
     return float(best)

@@ -191,6 +191,7 @@ class TrainingStep(nn.Module):
                 out.logits.float(), mask,
                 features=out.decoder.float() if use_contrastive else None,
                 text_embedding=out.text_embedding.float() if use_contrastive else None,
+                existence=out.existence.float() if out.existence is not None else None,
             )
 
 

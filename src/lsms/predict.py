@@ -16,8 +16,9 @@ Pre- and post-processing live here, not in the network (SAM's ``Predictor``): th
 :class:`~lsms.data.Preprocessing` maps the raw image to the model input exactly as in training; the logits are
 resized back to the input size (bilinear) and thresholded at probability 0.5.
 
-"Not found": every prediction has an existence score (the highest mask probability, on the model's grid;
-:func:`lsms.metrics.existence_score`). Below the model's existence threshold (chosen on the validation split
+"Not found": every prediction has an existence score (:func:`lsms.metrics.existence_probability`: the
+probability of the model's existence head, or for a model without one the highest mask probability on the
+model's grid). Below the model's existence threshold (chosen on the validation split
 during training, when it held negative expressions; ``--existence-threshold`` overrides it) the mask is
 withheld (empty), ``predictions.csv`` says ``found`` False and the overlay's caption says "not found".
 """
@@ -43,7 +44,7 @@ from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.intensity import input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
 from lsms.data.readers import is_dicom, volume_depth
-from lsms.metrics import existence_score
+from lsms.metrics import existence_probability
 from lsms.runs import writable_folder
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class Prediction:
         probability: float32 (H, W) in [0, 1].
         text: the sentence used ("" for a model without text).
         features: with ``features=True``, four float32 (H, W) heat maps in [0, 1], stages 1..4 (F1..F4).
-        existence: the score that the described lesion is in the image (highest mask probability).
+        existence: the score that the described lesion is in the image (the existence head's probability, or
+            the highest mask probability).
         found: False when ``existence`` is under the existence threshold: then ``mask`` is empty.
     """
 
@@ -131,11 +133,11 @@ class Predictor:
         maps = None
         if features:
             out = self.backend.forward_features(*inputs)
-            logits = out.logits.float().cpu()
+            logits, head = out.logits.float().cpu(), out.existence
             maps = [heat_map(f, (H, W)) for f in out.stages]
         else:
-            logits = self.backend(*inputs)
-        existence = float(existence_score(logits)[0])
+            logits, head = self.backend.answer(*inputs)
+        existence = float(existence_probability(logits, head.float().cpu() if head is not None else None)[0])
         found = self.existence_threshold is None or existence >= self.existence_threshold
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
         prob = torch.sigmoid(logits)[0, 0].numpy()

@@ -228,7 +228,8 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
             D.broadcast_buffers(model, env)
             # with negative expressions in val, the existence threshold is chosen here and saved with the model
             metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype, progress=logs.progress,
-                                                    existence_threshold="choose")["summary"]
+                                                    existence_threshold="choose",
+                                                    max_prob_threshold="choose")["summary"]
         if metrics.get("n_nonfinite_logits"):
             nonfinite[epoch] = metrics["n_nonfinite_logits"]
         score = metrics.get(cfg.best_metric)

@@ -8,7 +8,7 @@ from torch import nn
 
 from lsms.model.baselines import TextUNet
 from lsms.model.config import LSMSConfig, ModelConfig, TextConfig, UNetConfig, model_config
-from lsms.model.decoder import FullScaleDecoder
+from lsms.model.decoder import ExistenceHead, FullScaleDecoder
 from lsms.model.encoder import LanguageGuidedEncoder
 from lsms.model.lsms import LSMS
 from lsms.text import TextEncoder, Tokenizer, load_text_encoder
@@ -26,7 +26,8 @@ def build(config: ModelConfig) -> nn.Module:
         raise TypeError(f"build takes an LSMSConfig or a UNetConfig, got {type(config).__name__}")
     encoder = LanguageGuidedEncoder(config, text_encoder.hidden_size if text_encoder is not None else None)
     decoder = FullScaleDecoder(config, encoder.channels)
-    return LSMS(config, encoder, decoder, text_encoder, tokenizer)
+    existence = ExistenceHead(decoder.channels, config.existence_channels) if config.existence_head else None
+    return LSMS(config, encoder, decoder, text_encoder, tokenizer, existence)
 
 
 def build_model(name: str = "tiny", **overrides: Any) -> nn.Module:

@@ -100,6 +100,11 @@ class LSMSConfig(DictRoundTrip):
     # [deviation, 4 = the paper's FSD] 2: a residual refinement at 1/2 resolution from the stem's first
     # convolution (small lesions); starts as the plain FSD output (its last conv is zero-initialised)
     output_stride: int = 4
+    # [addition, off by default] a learned "is the described lesion in the image?" logit (ExistenceHead) on the
+    # decoder features pooled under the predicted mask and the sentence; trained with LossConfig.existence_weight
+    # on datasets with negative sentences (docs/model.md, "Not present")
+    existence_head: bool = False
+    existence_channels: int = 128  # hidden width of its MLP
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "mlp_ratios", "conv_kernels", "decoder_stages"):
@@ -134,6 +139,11 @@ class LSMSConfig(DictRoundTrip):
             raise ValueError(f"output_stride must be 4 (the paper's FSD) or 2 (refined at 1/2), got {self.output_stride}")
         if not 0.0 <= self.drop_path < 1.0 or not 0.0 <= self.head_dropout < 1.0:
             raise ValueError("drop_path and head_dropout must lie in [0, 1)")
+        if self.existence_head and not self.use_text:
+            raise ValueError("existence_head needs a sentence to judge (use_text=True); a model without text "
+                             "cannot say whether a described lesion is present")
+        if self.existence_channels < 1:
+            raise ValueError(f"existence_channels must be >= 1, got {self.existence_channels}")
 
 
 @dataclass

@@ -183,3 +183,30 @@ class Refine(nn.Module):
         up = F.interpolate(self.reduce(decoded), size=size, mode="bilinear", align_corners=False)
         residual = self.out(self.fuse(torch.cat([skip, up], dim=1)))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False) + residual
+
+
+class ExistenceHead(nn.Module):
+    """[addition, ``existence_head``] Whether the described lesion is in the image: one logit per (image, sentence).
+
+    Reads what the network already computes: the decoder features pooled under the predicted mask (soft, the
+    mask probability as weights) and over the whole image, their product with the sentence embedding (does the
+    region under the mask match the words?) and the highest mask logit. The mask enters as a constant
+    (detached), so the existence loss shapes the features, not the mask. A small MLP gives the logit.
+
+    Args:
+        channels: C_head, channels of the decoder features and of the sentence embedding.
+        hidden: width of the MLP's hidden layer.
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3 * channels + 1, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
+        """decoded (B, C, h, w), mask logits (B, 1, h, w), text embedding (B, C) -> existence logits (B,)."""
+        weight = torch.sigmoid(logits.detach()).to(decoded.dtype)  # (B, 1, h, w)
+        inside = (decoded * weight).sum((2, 3)) / (weight.sum((2, 3)) + 1.0)  # (B, C); +1: an empty mask -> ~0
+        pooled = decoded.mean((2, 3))  # (B, C)
+        peak = logits.detach().flatten(1).amax(1, keepdim=True).to(decoded.dtype)  # (B, 1)
+        features = torch.cat([inside, pooled, inside * text_embedding.to(decoded.dtype), peak], dim=1)
+        return self.mlp(features).squeeze(1)

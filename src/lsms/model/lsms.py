@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig, check_image_size
-from lsms.model.decoder import FullScaleDecoder, Refine
+from lsms.model.decoder import ExistenceHead, FullScaleDecoder, Refine
 from lsms.model.encoder import LanguageGuidedEncoder
 from lsms.text import TextEncoder, Tokenizer
 
@@ -22,6 +22,7 @@ class LSMSOutput:
     stages: list[Tensor]  # F1..F4, (B, C_i, H/s_i, W/s_i)
     decoder: Tensor  # (B, C_head, H/4, W/4): final multi-modal features before Seg
     text_embedding: Tensor | None  # (B, C_head): proj(mean over real tokens of L), for L_con; None without text
+    existence: Tensor | None = None  # (B,): logit that the described lesion is in the image; None without the head
 
 
 class LSMS(nn.Module):
@@ -35,10 +36,12 @@ class LSMS(nn.Module):
         decoder: the Full-Scale Decoder with the 1-logit Seg head.
         text_encoder: BERT-family encoder, or None for the no-text model.
         tokenizer: tokenizer matching ``text_encoder`` (None without text).
+        existence: the existence head (``config.existence_head``), or None.
     """
 
     def __init__(self, config: LSMSConfig, encoder: LanguageGuidedEncoder, decoder: FullScaleDecoder,
-                 text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None):
+                 text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None,
+                 existence: ExistenceHead | None = None):
         super().__init__()
         if config.use_text and (text_encoder is None or tokenizer is None):
             raise ValueError("a text model (use_text=True) needs a text_encoder and a tokenizer")
@@ -50,6 +53,9 @@ class LSMS(nn.Module):
         self.refine = Refine(config.in_channels, decoder.channels) if config.output_stride == 2 else None
         # proj of L_avg for the contrastive loss (Eq. 14)
         self.text_proj = nn.Linear(text_encoder.hidden_size, decoder.channels) if self.text_encoder else None
+        if config.existence_head and (existence is None or self.text_encoder is None):
+            raise ValueError("config.existence_head needs an ExistenceHead and a text model")
+        self.existence = existence
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """Tokenise referring expressions: ``input_ids``, ``attention_mask`` (B, T) and ``truncated`` (B,)."""
@@ -93,10 +99,11 @@ class LSMS(nn.Module):
         """
         stages, text_embedding = self._encode(image, input_ids, attention_mask, coords, text)
         logits, decoded = self.decoder(stages)
+        existence = self.existence(decoded, logits, text_embedding) if self.existence is not None else None
         if self.refine is not None:  # output_stride 2: logits at 1/2 resolution
             logits = self.refine(image, decoded, logits)
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return LSMSOutput(logits, stages, decoded, text_embedding)
+        return LSMSOutput(logits, stages, decoded, text_embedding, existence)
 
     def forward(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 coords: Tensor | None = None, text: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -38,7 +38,10 @@ class SynthConfig(DictRoundTrip):
         phrasing: path of a phrasing file (YAML/JSON); ``None`` uses the one shipped with the package.
         negative_share: share of slices that also get a *negative* expression: a sentence describing a lesion
             that is not on the slice (another type, another segment, or a relation no lesion satisfies), with an
-            empty target mask (docs/refliver-synth.md, "Negatives").
+            empty target mask (docs/refliver-synth.md, "Negatives"). Applies to the training split, and to
+            every split with ``eval_negatives`` off.
+        eval_negatives: val and test slices get one negative of each kind the slice allows (type, location,
+            relation) instead of ``negative_share``'s, so that "not present" is measured on enough sentences.
         variants: paraphrases written per expression (the record's ``variants``) for train-time text
             augmentation: each in a random phrasing file of ``paraphrasings``, with some details dropped (only
             while the expression stays unique) and the rest reordered. 0: none.
@@ -62,6 +65,7 @@ class SynthConfig(DictRoundTrip):
     test_share: float = 0.1
     phrasing: str | None = None
     negative_share: float = 0.2
+    eval_negatives: bool = True
     variants: int = 4
     paraphrasings: tuple[str, ...] | None = None
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,13 @@ from lsms.synth.expressions import (
 )
 from lsms.synth.geometry import Grid
 from lsms.synth.lesions import Lesion, draw_lesion, place_lesions, render_lesion, sample_diameter
-from lsms.synth.negatives import Negative, draw_negative
+from lsms.synth.negatives import NEGATIVE_KINDS, Negative, draw_negative
 
 FORMAT_VERSION = 1
 METASTATIC_PATTERN_P = 0.15  # multi-lesion slices made of metastases only ("often several")
 PARTIAL_VOLUME_MM = 0.6  # Gaussian sigma of the slice-profile / partial-volume blur
 Z_RANGE = (0.06, 0.94)  # levels between the liver dome (0) and the liver tip (1) that are sampled
+EVAL_NEGATIVE_TRIES = 3  # draws of each kind of negative for a val/test slice before that kind is left out
 DETAIL_DROP_P = 0.3  # a variant leaves out each detail (size, shape, ...) with this chance, if still unique
 
 
@@ -69,9 +71,17 @@ class SliceSample:
     stated_relations: list[list[dict[str, Any]]]  # the relation each full expression states (0 or 1)
     all_text: str
     variants: list[list[str]]  # paraphrases of each lesion's full expression (train-time text augmentation)
-    negative: Negative | None = None  # a described lesion that is not on the slice
-    negative_text: str = ""
-    negative_variants: list[str] | None = None
+    negatives: list[NegativeExpression] = field(default_factory=list)  # described lesions not on the slice
+
+
+@dataclass
+class NegativeExpression:
+    """A sentence about a lesion that is not on the slice, its paraphrases, and its record id's suffix."""
+
+    negative: Negative
+    text: str
+    variants: list[str]
+    suffix: str  # "_n" (a training share's one negative) or "_n_<kind>" (one of each kind, val and test)
 
 
 def patient_rng(cfg: SynthConfig, i: int) -> np.random.Generator:
@@ -79,8 +89,8 @@ def patient_rng(cfg: SynthConfig, i: int) -> np.random.Generator:
 
 
 def slice_rng(cfg: SynthConfig, i: int, j: int, stream: int | None = None) -> np.random.Generator:
-    """The slice's generator; ``stream`` 1 (variants) and 2 (negatives) are separate streams, so that adding
-    paraphrases or negatives changes no image, mask or template expression."""
+    """The slice's generator; ``stream`` 1 (variants), 2 (the negative share) and 3, 4, 5 (a negative of each
+    kind) are separate streams, so that adding paraphrases or negatives changes no image, mask or template expression."""
     key = (i, j + 1) if stream is None else (i, j + 1, stream)
     return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=key))
 
@@ -175,10 +185,12 @@ def lesion_diameter_mm(area_px: int, spacing: float) -> float:
 
 def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | None = None,
                  patient: tuple[Patient, np.ndarray] | None = None,
-                 paraphrasings: list[dict[str, Any]] | None = None) -> SliceSample:
+                 paraphrasings: list[dict[str, Any]] | None = None, every_kind: bool = False) -> SliceSample:
     """Renders slice ``j`` of patient ``i`` (deterministic in ``cfg.seed``, independent of other slices).
 
     ``phrasing`` / ``paraphrasings``: the loaded phrasing files (loaded from ``cfg`` when None).
+    ``every_kind``: one negative of each kind the slice allows (val and test with ``cfg.eval_negatives``)
+    instead of one with probability ``cfg.negative_share``.
     """
     ph = phrasing if phrasing is not None else load_phrasing(cfg.phrasing)
     phs = paraphrasings if paraphrasings is not None else load_paraphrasings(cfg)
@@ -223,14 +235,25 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
     variants = [write_variants(phs, f, sl["full"], (st or [None])[0], cfg.variants, vrng,
                                lambda kept, a=a: not confusable(facts, a, kept))
                 for a, (f, sl, st) in enumerate(zip(facts, slots, stated, strict=True))]
-    nrng = slice_rng(cfg, i, j, stream=2)
-    negative, negative_text, negative_variants = None, "", None
-    if facts and nrng.random() < cfg.negative_share:
-        negative = draw_negative(facts, anat.segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"], nrng)
-        if negative is not None:
-            negative_text = render_expression(ph, negative.facts, negative.slots, negative.relation, nrng)
-            negative_variants = write_variants(phs, negative.facts, negative.slots, negative.relation, cfg.variants,
-                                               nrng, lambda kept: True)
+
+    def express(neg: Negative | None, nrng: np.random.Generator, suffix: str) -> list[NegativeExpression]:
+        if neg is None:
+            return []
+        text = render_expression(ph, neg.facts, neg.slots, neg.relation, nrng)
+        return [NegativeExpression(neg, text, write_variants(phs, neg.facts, neg.slots, neg.relation, cfg.variants,
+                                                            nrng, lambda kept: True), suffix)]
+
+    negatives = []
+    draw = partial(draw_negative, facts, anat.segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"])
+    if every_kind:
+        for k, kind in enumerate(NEGATIVE_KINDS if facts else ()):
+            erng = slice_rng(cfg, i, j, stream=3 + k)
+            neg = next((n for n in (draw(erng, kind) for _ in range(EVAL_NEGATIVE_TRIES)) if n is not None), None)
+            negatives += express(neg, erng, f"_n_{kind}")
+    else:
+        nrng = slice_rng(cfg, i, j, stream=2)
+        if facts and nrng.random() < cfg.negative_share:
+            negatives += express(draw(nrng), nrng, "_n")
 
     # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
     img = anat.hu.copy()
@@ -249,8 +272,7 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         instances[les.window][les.local_mask] = k
     return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
                        anatomy=anat, facts=facts, lesions=lesions, texts=texts, unique=unique, slots=slots,
-                       stated_relations=stated, all_text=all_text, variants=variants, negative=negative,
-                       negative_text=negative_text, negative_variants=negative_variants)
+                       stated_relations=stated, all_text=all_text, variants=variants, negatives=negatives)
 
 
 def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
@@ -273,7 +295,7 @@ def _save_png(path: Path, arr: np.ndarray) -> None:
 
 def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[dict[str, Any]]:
     """Writes the slice's files and returns its manifest records (one per lesion expression, then the
-    negative expression if the slice has one)."""
+    slice's negative expressions)."""
     np.save(out / "images" / f"{s.slice_id}.npy", s.image, allow_pickle=False)
     _save_png(out / "instances" / f"{s.slice_id}.png", s.instances)
     _save_png(out / "all" / f"{s.slice_id}.png", np.where(s.instances > 0, 255, 0).astype(np.uint8))
@@ -291,17 +313,17 @@ def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[d
             "attributes": _attributes(f, slots, stated, spacing), "unique": unique, **common,
             **({"variants": variants} if variants else {}),
         })
-    if s.negative is not None:
-        rid = f"{s.slice_id}_n"
+    for e in s.negatives:
+        rid = f"{s.slice_id}{e.suffix}"
         _save_png(out / "masks" / f"{rid}.png", np.zeros_like(s.instances))
-        attributes = _attributes(s.negative.facts, {"full": s.negative.slots}, [s.negative.relation] if
-                                 s.negative.relation else [], spacing)
+        attributes = _attributes(e.negative.facts, {"full": e.negative.slots}, [e.negative.relation] if
+                                 e.negative.relation else [], spacing)
         for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
             del attributes[key]  # the lesion does not exist: nothing measured
         records.append({
-            "id": rid, "mask": f"masks/{rid}.png", "text": s.negative_text, "target_instance": 0,
-            "negative": s.negative.kind, "attributes": attributes, **common,
-            **({"variants": s.negative_variants} if s.negative_variants else {}),
+            "id": rid, "mask": f"masks/{rid}.png", "text": e.text, "target_instance": 0,
+            "negative": e.negative.kind, "attributes": attributes, **common,
+            **({"variants": e.variants} if e.variants else {}),
         })
     return records
 
@@ -344,7 +366,8 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
     for i in range(cfg.patients):
         pl = patient_and_levels(cfg, i)
         for j in range(cfg.slices_per_patient):
-            s = render_slice(cfg, i, j, ph, patient=pl, paraphrasings=phs)
+            s = render_slice(cfg, i, j, ph, patient=pl, paraphrasings=phs,
+                             every_kind=cfg.eval_negatives and splits[i] != "train")
             records.extend(write_slice(out, s, splits[i], cfg.spacing_mm))
             lesion_counts.append(len(s.facts))
             if bar is not None:

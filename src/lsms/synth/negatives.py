@@ -69,14 +69,19 @@ def _described(base: LesionFacts, kind: str, segment: str, looks: Any | None = N
 
 
 def draw_negative(facts: list[LesionFacts], segments: np.ndarray, lesion_types: tuple[str, ...],
-                  liver_hu: float, vessel_hu: float, rng: np.random.Generator) -> Negative | None:
+                  liver_hu: float, vessel_hu: float, rng: np.random.Generator, kind: str | None = None
+                  ) -> Negative | None:
     """One absent-lesion description for a slice with ``facts``; None when the drawn kind is impossible here.
 
-    ``segments`` is the slice's Couinaud code map (anatomy.segments), ``liver_hu``/``vessel_hu`` the patient's.
+    ``segments`` is the slice's Couinaud code map (anatomy.segments), ``liver_hu``/``vessel_hu`` the patient's;
+    ``kind``: one of :data:`NEGATIVE_KINDS` (None: drawn with :data:`NEGATIVE_WEIGHTS`).
     """
     if not facts:
         return None
-    kind = NEGATIVE_KINDS[int(rng.choice(len(NEGATIVE_KINDS), p=NEGATIVE_WEIGHTS))]
+    if kind is None:
+        kind = NEGATIVE_KINDS[int(rng.choice(len(NEGATIVE_KINDS), p=NEGATIVE_WEIGHTS))]
+    elif kind not in NEGATIVE_KINDS:
+        raise ValueError(f"negative kind must be one of {NEGATIVE_KINDS}, got {kind!r}")
     base = facts[int(rng.integers(len(facts)))]
     if kind == "type":
         absent = [t for t in lesion_types if t not in {f.kind for f in facts}]
