@@ -308,11 +308,11 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
         scored = sorted((float(r["dice"]), r["id"]) for r in csv.DictReader(f) if r["dice"] not in ("", "None"))
     picks = [("best", d, i) for d, i in scored[::-1][:n]] + [("worst", d, i) for d, i in scored[:n]]
-    model, preprocessing, _ = load_trained(run, "cpu", prefer="last")
+    model, spec, _ = load_trained(run, "cpu", prefer="last")
     records = {r.id: r for r in load_samples(data_path(ROWS[result["row"]]), split="val")}
     fig, axes = plt.subplots(2, n, figsize=(4 * n, 10.5))
     for ax, (kind, dice, rid) in zip(axes.flat, picks):
-        item = SegmentationDataset([records[rid]], preprocessing)[0]
+        item = SegmentationDataset([records[rid]], spec.preprocessing)[0]
         with torch.no_grad():
             tok = model.tokenize([item["text"], ""])
             logits = model(item["image"][None].expand(2, -1, -1, -1), tok["input_ids"], tok["attention_mask"])

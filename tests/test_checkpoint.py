@@ -21,13 +21,14 @@ from lsms.evaluate import evaluate_model
 from toy_data import make_toy_dataset
 
 V1 = Path(__file__).parent / "fixtures" / "v1"
+V2 = Path(__file__).parent / "fixtures" / "v2"
 
 
 def _ckpt(value: float) -> dict:
     return {
         "format": C.FORMAT, "format_version": C.FORMAT_VERSION, "model": {"w": torch.full((3, 3), value)},
         "optimizer": None, "epoch": 1, "step": 7, "batch_in_epoch": 0, "rng": [C.rng_state()],
-        "config": {"run": {"model": {"preset": "tiny", "widths": [1, 2]}, "optim": {"lr": 1e-3}}, "preprocessing": {}},
+        "spec": {"model": {"preset": "tiny", "widths": [1, 2]}, "preprocessing": {}}, "run": {"optim": {"lr": 1e-3}},
     }
 
 
@@ -35,7 +36,7 @@ def test_save_and_load_round_trip(tmp_path):
     path = C.save_checkpoint(_ckpt(1.0), tmp_path / "run" / "last.pt")
     loaded = C.load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], torch.ones(3, 3))
-    assert loaded["config"]["run"]["model"]["widths"] == [1, 2]
+    assert loaded["spec"]["model"]["widths"] == [1, 2]
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary files left behind
 
 
@@ -69,7 +70,7 @@ class _Payload:
 def test_malicious_checkpoint_does_not_execute(tmp_path):
     marker = tmp_path / "pwned"
     evil = _ckpt(1.0)
-    evil["config"]["run"]["payload"] = _Payload(marker)
+    evil["run"]["payload"] = _Payload(marker)
     path = tmp_path / "evil.pt"
     torch.save(evil, path)  # a real torch zip archive whose data.pkl calls os.system when unpickled
     with zipfile.ZipFile(path) as z:
@@ -120,8 +121,8 @@ def test_rng_state_round_trip_through_file(tmp_path):
 
 def test_format_1_checkpoint_loads_to_the_same_network():
     """A checkpoint written before the settings tree (tests/fixtures/v1/README.md) gives the same logits."""
-    model, prep, ckpt = C.load_trained(V1 / "best.pt")
-    assert ckpt["format_version"] == C.FORMAT_VERSION == 2
+    model, spec, ckpt = C.load_trained(V1 / "best.pt")
+    assert ckpt["format_version"] == C.FORMAT_VERSION == 3
     expected = torch.load(V1 / "expected.pt", weights_only=True)
     with torch.no_grad():
         logits = model.forward_features(expected["image"], expected["input_ids"], expected["attention_mask"]).logits
@@ -139,12 +140,35 @@ def test_format_1_checkpoint_loads_to_the_same_network():
 def test_format_1_checkpoint_evaluates_to_its_saved_metrics(tmp_path):
     """The validation metrics the v1 run saved are what the same split gives now."""
     data = make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)  # the fixture's dataset (seeded)
-    model, prep, ckpt = C.load_trained(V1)
+    model, spec, ckpt = C.load_trained(V1)
     env = DistEnv(device=torch.device("cpu"))
-    loader = make_loader(SegmentationDataset(load_samples(data, "val"), prep), 4, env, tokenizer=model.tokenizer)
+    loader = make_loader(SegmentationDataset(load_samples(data, "val"), spec.preprocessing), 4, env,
+                         tokenizer=model.tokenizer)
     summary = evaluate_model(model, loader, env.device, env)["summary"]
     assert summary.pop("n_nonfinite_logits") == 0  # counted since the fixture was made
     assert summary == ckpt["metrics"]
+
+
+def test_format_2_checkpoint_loads_to_the_same_network_and_spec(tmp_path):
+    """A checkpoint written before the model spec (tests/fixtures/v2/README.md) gives the same logits; its
+    settings come back whole, the input settings stored once, in the spec."""
+    model, spec, ckpt = C.load_trained(V2 / "best.pt")
+    assert ckpt["format_version"] == 3 and "config" not in ckpt
+    expected = torch.load(V2 / "expected.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model.forward_features(expected["image"], expected["input_ids"], expected["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    assert spec.image_size == (64, 64) and spec.in_channels == 3 and spec.max_tokens == 16
+    assert spec.model.block_norm == "group" and spec.existence_threshold is None
+    assert not {"image_size", "in_channels", "window"} & set(ckpt["run"]["data"]) and "model" not in ckpt["run"]
+    run = C.run_config(ckpt)
+    assert (run.data.image_size, run.data.in_channels, run.model.widths) == (64, 3, (8, 16, 16, 32))
+    data = make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)  # the fixture's dataset (seeded)
+    env = DistEnv(device=torch.device("cpu"))
+    loader = make_loader(SegmentationDataset(load_samples(data, "val"), spec.preprocessing), 4, env,
+                         tokenizer=model.tokenizer)
+    summary = evaluate_model(model, loader, env.device, env)["summary"]
+    assert {k: summary[k] for k in ("Dice", "mIoU", "n_images")} == {k: ckpt["metrics"][k] for k in ("Dice", "mIoU", "n_images")}
 
 
 def test_upgrade_names_every_format_1_setting():
@@ -156,8 +180,8 @@ def test_upgrade_names_every_format_1_setting():
                   "max_tokens": 20},
         "train": flat, "preprocessing": {"image_size": [96, 96]},
         "loss": {"tau": 0.2, "contrastive_weight": 0.125}}}
-    new = C.upgrade_v1(old)
+    new = C.upgrade_v2(C.upgrade_v1(old))
     run = C.run_config(new)
     assert run.model.preset == "film-unet" and run.model.features == (8,) * 6 and run.model.text.max_tokens == 20
     assert (run.data.path, run.data.image_size, run.optim.lr, run.loss.tau) == ("d", 96, 0.1, 0.2)
-    assert new["config"]["preprocessing"] == {"image_size": [96, 96]} and old["format_version"] == 1
+    assert new["spec"]["preprocessing"] == {"image_size": [96, 96]} and old["format_version"] == 1

@@ -24,7 +24,8 @@ def test_demo_writes_report(tmp_path):
     text = (report / "README.md").read_text()
     assert "| full |" in text and "| none |" in text and "### Targets" in text
     assert set(summary["test"]) == {"full", "half", "quarter", "none"}
-    assert summary["test"]["full"]["n_images"] == summary["test"]["none"]["n_images"] > 0
+    full, none = summary["test"]["full"], summary["test"]["none"]  # negative sentences: at full text only
+    assert full["n_images"] == none["n_images"] + full.get("n_negative", 0) and none["n_images"] > 0
     for name in ("metrics.json", "training_curves.png", "run/best.pt", "data/manifest.jsonl", "train.yaml"):
         assert (report / name).is_file(), name
     if "overlay" in text:  # needs a multi-lesion test slice, which 10 patients usually give

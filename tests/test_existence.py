@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lsms.checkpoint import existence_threshold_of, load_checkpoint
+from lsms.checkpoint import load_checkpoint, spec_of
 from lsms.cli import main
 from lsms.evaluate import evaluate_checkpoint
 from lsms.metrics import existence_score
@@ -31,17 +31,17 @@ def run(tmp_path_factory):
 def test_training_saves_the_threshold_chosen_on_val(run):
     data, out = run
     ckpt = load_checkpoint(out / "last.pt")
-    t = existence_threshold_of(ckpt)
-    assert t is not None and 0.5 <= t < 1.0
+    t = spec_of(ckpt).existence_threshold
+    assert t is not None and 0.5 <= t < 1.0 and t == ckpt["metrics"]["existence_threshold"]
     assert ckpt["metrics"]["n_negative"] == 3 and ckpt["metrics"]["n_positive"] == 6
-    assert existence_threshold_of({"metrics": {}}) is None
+    assert spec_of(ckpt).with_thresholds({}).existence_threshold is None
 
 
 def test_evaluation_reports_existence_at_the_saved_threshold(run):
     data, out = run
     result = evaluate_checkpoint(out, data, "val", device="cpu", batch_size=4, prefer="last")
     s = result["summary"]
-    assert s["existence_threshold"] == existence_threshold_of(load_checkpoint(out / "last.pt"))
+    assert s["existence_threshold"] == spec_of(load_checkpoint(out / "last.pt")).existence_threshold
     assert s["n_negative"] == 3 and 0.0 <= s["existence_AUROC"] <= 1.0
     records = {r["id"]: r for r in result["records"]}
     assert all(0.0 <= r["existence"] <= 1.0 for r in records.values())
@@ -96,7 +96,7 @@ def head_run(tmp_path_factory):
 
 
 def test_the_head_gives_one_logit_per_sentence_and_is_trained_by_its_loss():
-    from lsms.losses import LSMSLoss
+    from lsms.losses import LSMSLoss, balanced_bce
     from lsms.model import build, model_config_from_dict
 
     from toy_data import tiny_model
@@ -109,7 +109,10 @@ def test_the_head_gives_one_logit_per_sentence_and_is_trained_by_its_loss():
     target = torch.zeros(2, 1, 64, 64)
     target[0, 0, 10:20, 10:20] = 1  # the first sentence's lesion is there, the second's is not
     losses = LSMSLoss()(out.logits, target, existence=out.existence)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.existence, torch.tensor([1.0, 0.0]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out.existence, torch.tensor([1.0, 0.0]), reduction="none")
+    expected = bce.mean()  # one of each class: the balanced loss is the plain mean
+    assert float(balanced_bce(torch.tensor([2.0, 1.0, -1.0]), torch.tensor([True, True, False]))) == pytest.approx(
+        0.5 * (float(torch.nn.functional.softplus(torch.tensor([-2.0, -1.0])).mean()) + float(torch.nn.functional.softplus(torch.tensor(-1.0)))))
     assert float(losses["existence"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(losses["loss"]) == pytest.approx(float(losses["focal"] + losses["dice"] + losses["existence"]), rel=1e-5)
     losses["existence"].backward()
@@ -124,8 +127,8 @@ def test_the_head_gives_one_logit_per_sentence_and_is_trained_by_its_loss():
 def test_training_with_the_head_saves_both_thresholds_and_evaluation_uses_the_head(head_run):
     data, out = head_run
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["config"]["run"]["model"]["existence_head"] is True
-    t, t_max = existence_threshold_of(ckpt), existence_threshold_of(ckpt, "existence_threshold_max_prob")
+    assert ckpt["spec"]["model"]["existence_head"] is True
+    t, t_max = spec_of(ckpt).existence_threshold, spec_of(ckpt).max_prob_threshold
     assert t is not None and 0.0 <= t < 1.0 and t_max is not None and 0.5 <= t_max < 1.0
     result = evaluate_checkpoint(out, data, "val", device="cpu", batch_size=4, prefer="last")
     s = result["summary"]

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lsms.backends import TorchBackend, fuse_conv_bn, load_backend
+from lsms.backends import TorchBackend, load_backend
 from lsms.cli import main
 from lsms.evaluate import evaluate_checkpoint
-from lsms.export import ExportMetadata, export_model
+from lsms.export import export_model
+from lsms.export_metadata import ExportMetadata
 from lsms.model import build_model
 from lsms.model.decoder import NMF2D
 from lsms.model.encoder import LanguageGuidedBranch
+from lsms.model.fuse import fuse_conv_bn
 
 from conftest import TINY_TEXT
 from toy_data import make_toy_dataset, make_untrained_checkpoint
@@ -127,8 +129,8 @@ def test_every_model_exports_to_onnx_with_parity(key, tmp_path):
     ckpt = make_untrained_checkpoint(tmp_path / "m.pt", model=model, ct=False)
     out, metadata, diff = export_model(ckpt, tmp_path / "m.onnx")  # fixed batch 1 at the training size
     # rounding only: this random network's own fp32 logits are ~3e-4 from a float64 run (gates open)
-    assert diff <= 5e-4 and metadata.image_size == (SIZE, SIZE) and metadata.batch == 1
-    assert (metadata.max_tokens is not None) == use_text
+    assert diff <= 5e-4 and metadata.spec.image_size == (SIZE, SIZE) and metadata.batch == 1
+    assert (metadata.spec.max_tokens is not None) == use_text
     onnx_backend, torch_backend = load_backend(out), load_backend(ckpt, device="cpu")
     assert onnx_backend.name == "onnxruntime" and torch_backend.name == "torch"
     inputs = _inputs(torch_backend, batch=3)  # 3 images through a batch-1 graph: run in chunks
@@ -146,7 +148,7 @@ def test_torchscript_export_with_dynamic_batch(tiny_ckpt, tmp_path):
 
 def test_onnx_dynamic_batch_other_size_and_token_count(tiny_ckpt, tmp_path):
     out, metadata, _ = export_model(tiny_ckpt, tmp_path / "m.onnx", image_size=96, max_tokens=12, batch=None)
-    assert metadata.image_size == (96, 96) and metadata.preprocessing["image_size"] == [96, 96]
+    assert metadata.spec.image_size == (96, 96) and metadata.spec.max_tokens == 12
     backend, reference = load_backend(out), load_backend(tiny_ckpt, device="cpu")
     assert backend.tokenizer.max_tokens == 12
     image = torch.randn(5, 1, 96, 96)
@@ -165,7 +167,7 @@ def test_predict_and_evaluate_give_the_same_results_with_every_backend(tiny_ckpt
     onnx_file = tmp_path / "m.onnx"
     assert main(["export", str(tiny_ckpt), "--out", str(onnx_file), "--dynamic-batch"]) == 0
     metadata = json.loads(load_backend(onnx_file).session.get_modelmeta().custom_metadata_map["lsms"])
-    assert metadata["preprocessing"]["image_size"] == [SIZE, SIZE] and metadata["threshold"] == 0.5
+    assert metadata["spec"]["preprocessing"]["image_size"] == [SIZE, SIZE] and metadata["spec"]["threshold"] == 0.5
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70), dtype=np.uint8)).save(tmp_path / "x.png")
     masks = {}
     for model, backend in ((tiny_ckpt, "torch"), (onnx_file, "onnxruntime")):
@@ -201,11 +203,11 @@ def test_int8_quantisation_runs_and_is_smaller(tiny_ckpt, toy, tmp_path):
 def test_torch_backend_text_cache_and_conv_bn_folding(tiny_ckpt):
     from lsms.checkpoint import load_trained
 
-    model, prep, _ = load_trained(tiny_ckpt, "cpu")
+    model, spec, _ = load_trained(tiny_ckpt, "cpu")
     inputs = _inputs(load_backend(tiny_ckpt, device="cpu"), batch=4)  # two sentences, each twice
     with torch.inference_mode():
         plain = model(*inputs)
-    backend = TorchBackend(model, prep, "cpu", optimize=True)
+    backend = TorchBackend(model, spec, "cpu", optimize=True)
     first = backend(*inputs)
     assert len(backend._text_cache) == 2  # one entry per distinct sentence
     # folding Conv+BatchNorm rounds differently; each is within 3e-4 of a float64 run of this random network with
@@ -237,6 +239,15 @@ def test_export_and_backend_errors(tiny_ckpt, toy, tmp_path, capsys):
     (tmp_path / "junk.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="not a readable ONNX file"):
         load_backend(tmp_path / "junk.onnx")
-    assert ExportMetadata.from_json(ExportMetadata(
-        export_format="onnx", model={}, preprocessing={}, image_size=(32, 32), max_tokens=None, batch=1,
-    ).to_json(), "f").image_size == (32, 32)
+    from lsms.data import default_preprocessing
+    from lsms.model import model_config
+    from lsms.spec import ModelSpec
+
+    spec = ModelSpec(model_config("tiny", in_channels=1), default_preprocessing("CT", 64, in_channels=1))
+    metadata = ExportMetadata(export_format="onnx", spec=spec, batch=1)
+    assert ExportMetadata.from_json(metadata.to_json(), "f") == metadata
+    # a file of format 2 (the input settings as separate fields) reads to the same spec
+    old = {k: v for k, v in metadata.to_dict().items() if k != "spec"}
+    old.update(format_version=2, model=spec.model.to_dict(), preprocessing=spec.preprocessing.to_dict(),
+               image_size=[64, 64], max_tokens=spec.max_tokens, threshold=0.5, existence_threshold=None)
+    assert ExportMetadata.from_json(json.dumps(old), "f") == metadata

@@ -257,10 +257,10 @@ def test_checkpoints_are_checked_before_use(tmp_path) -> None:
     (tmp_path / "crc.pt").write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match=r"crc\.pt.*damaged: the CRC of .* does not match"):
         load_checkpoint(tmp_path / "crc.pt")
-    no_prep = _resaved(good, tmp_path / "noprep.pt", lambda c: c["config"].pop("preprocessing"))
-    with pytest.raises(ValueError, match=r"noprep\.pt.*'config' -> 'preprocessing' is missing"):
+    no_prep = _resaved(good, tmp_path / "noprep.pt", lambda c: c["spec"].pop("preprocessing"))
+    with pytest.raises(ValueError, match=r"noprep\.pt.*'spec' -> 'preprocessing' is missing"):
         load_checkpoint(no_prep)
-    bad_cfg = _resaved(good, tmp_path / "cfg.pt", lambda c: c["config"]["run"]["model"].update(ham_channels=0))
+    bad_cfg = _resaved(good, tmp_path / "cfg.pt", lambda c: c["spec"]["model"].update(ham_channels=0))
     with pytest.raises(ValueError, match="ham_channels and head_channels must be positive multiples of 32"):
         model_from_checkpoint(load_checkpoint(bad_cfg))
     rng = np.random.default_rng(0)
@@ -271,7 +271,7 @@ def test_checkpoints_are_checked_before_use(tmp_path) -> None:
         try:
             model_from_checkpoint(load_checkpoint(path))
         except (ValueError, FileNotFoundError) as err:
-            if "m-" + tag not in str(err) and "do not fit" not in str(err) and "config" not in str(err):
+            if "m-" + tag not in str(err) and "do not fit" not in str(err) and "spec" not in str(err):
                 misbehaving.append(f"{tag}: unnamed: {err}")
         except Exception as err:
             misbehaving.append(f"{tag}: {type(err).__name__}: {err}")
@@ -282,13 +282,13 @@ def test_a_checkpoint_declaring_huge_sizes_or_a_hub_encoder_fails_fast_and_small
     from toy_data import make_untrained_checkpoint
 
     good = make_untrained_checkpoint(tmp_path / "good.pt", in_channels=1)
-    _resaved(good, tmp_path / "huge.pt", lambda c: c["config"]["run"]["model"].update(
+    _resaved(good, tmp_path / "huge.pt", lambda c: c["spec"]["model"].update(
         widths=[4096, 8192, 16384, 32768], ham_channels=8192, head_channels=8192))
     Image.fromarray(np.zeros((20, 24), np.uint8)).save(tmp_path / "x.png")
     rc, _, err, peak = _run_capped(["predict", "huge.pt", "x.png", "--text", "", "--out", "out"], tmp_path)
     assert rc == 2 and "Traceback" not in err and "do not fit the model its config describes" in err, err
     assert 0 < peak < PEAK_RSS, f"peak RSS {peak / 2**20:.0f} MiB"
-    _resaved(good, tmp_path / "hub.pt", lambda c: c["config"]["run"]["model"]["text"].update(encoder="nobody/no-such-encoder"))
+    _resaved(good, tmp_path / "hub.pt", lambda c: c["spec"]["model"]["text"].update(encoder="nobody/no-such-encoder"))
     started = time.monotonic()
     rc, _, err, _ = _run_capped(["predict", "hub.pt", "x.png", "--text", "a lesion", "--out", "out"], tmp_path)
     assert rc == 2 and "not in the local HuggingFace cache and HF_HUB_OFFLINE is set" in err, err

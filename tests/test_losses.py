@@ -230,7 +230,7 @@ def test_lsms_loss_combines_terms():
     features = torch.randn(2, 6, 4, 4, generator=g, requires_grad=True)
     text = torch.randn(2, 6, generator=g, requires_grad=True)
     out = LSMSLoss()(logits, target, features, text)
-    assert set(out) == {"loss", "focal", "dice", "contrastive"}
+    assert set(out) == {"loss", "focal", "dice", "contrastive", "existence"} and out["existence"].item() == 0.0
     expected = out["focal"] + out["dice"] + 0.125 * out["contrastive"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert out["contrastive"].item() > 0
@@ -292,10 +292,10 @@ def test_losses_run_in_float32_outside_autocast():
     seen: dict[str, object] = {}
 
     class Spy(LSMSLoss):
-        def forward(self, logits, mask, features=None, text_embedding=None):
+        def forward(self, logits, mask, features=None, text_embedding=None, existence=None):
             seen["autocast"] = torch.is_autocast_enabled("cpu")
             seen["similarity"] = torch.einsum("bc,bc->b", features.mean((2, 3)), text_embedding).dtype
-            return super().forward(logits, mask, features=features, text_embedding=text_embedding)
+            return super().forward(logits, mask, features=features, text_embedding=text_embedding, existence=existence)
 
     model = build_model("tiny", **tiny_model_kwargs())
     tok = model.tokenize(["a cyst", "a nodule"])

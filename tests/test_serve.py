@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -100,7 +101,7 @@ def test_threshold_and_window_changes_need_no_new_forward_pass(viewer, predictor
     assert settings["model"]["checkpoint_sha256"] and settings["preprocessing"]["window"] == "liver"
     assert "--threshold 0.7" in settings["same_with_lsms_predict"][0]
     # under the model's existence threshold the lesion is "not found": no mask, whatever the threshold
-    monkeypatch.setattr(predictor, "existence_threshold", 0.999999)
+    monkeypatch.setattr(predictor, "spec", dataclasses.replace(predictor.spec, existence_threshold=0.999999))
     fresh = viewer.new_session()["sid"]  # a new session: no cached prediction
     viewer.open_example(fresh, e.id)
     hidden = viewer.predict(fresh, 0, [e.texts[0]], 0.3)["results"][0]
@@ -144,7 +145,8 @@ def test_bundled_ct_slices_only_for_ct_models(predictor, tmp_path):
     import dataclasses
 
     other = copy.copy(predictor)
-    other.preprocessing = dataclasses.replace(predictor.preprocessing, intensity="percentile")
+    other.spec = dataclasses.replace(predictor.spec, preprocessing=dataclasses.replace(predictor.preprocessing,
+                                                                                          intensity="percentile"))
     v = Viewer(other, root=tmp_path)
     assert v.new_session()["examples"] == []
     assert len(Viewer(predictor, root=tmp_path).new_session()["examples"]) == 8

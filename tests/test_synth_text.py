@@ -64,9 +64,9 @@ def test_negatives_describe_a_lesion_that_is_absent(data: Path) -> None:
         split = group[0]["split"]
         if split == "train":  # the share's one negative
             assert len(negatives) <= 1 and all(r["id"] == f"{sid}_n" for r in negatives)
-        else:  # val and test: one of each kind the slice allows
+        else:  # test: one of each kind the slice allows; val: one
             assert [r["id"] for r in negatives] == [f"{sid}_n_{r['negative']}" for r in negatives]
-            assert len({r["negative"] for r in negatives}) == len(negatives)
+            assert len({r["negative"] for r in negatives}) == len(negatives) and (split == "test" or len(negatives) == 1)
         i, j = (int(x) for x in re.match(r"p(\d+)_s(\d+)", sid).groups())
         s = render_slice(cfg, i, j, paraphrasings=[]) if negatives else None
         for neg in negatives:
@@ -107,8 +107,14 @@ def test_evaluation_negatives_are_deterministic_and_leave_the_positives_unchange
     full, share = _manifest(data), _manifest(share_only)
     positives = [r for r in full if "negative" not in r]
     assert positives == [r for r in share if "negative" not in r]
-    evaluation = [r for r in full if "negative" in r and r["split"] != "train"]
+    evaluation = {r["id"]: r for r in full if "negative" in r and r["split"] != "train"}
     assert len(evaluation) > sum("negative" in r and r["split"] != "train" for r in share)
+    # a val slice's one negative is the sentence a test slice would get for that kind (one stream per kind)
+    cfg = SynthConfig(negative_share=1.0, **SMALL)
+    r = next(r for r in evaluation.values() if r["split"] == "val")
+    i, j = (int(x) for x in re.match(r"p(\d+)_s(\d+)", r["slice_id"]).groups())
+    each = {e.negative.kind: e.text for e in render_slice(cfg, i, j, paraphrasings=[], negatives="each-kind").negatives}
+    assert each[r["negative"]] == r["text"]
 
 
 def test_negatives_and_paraphrases_change_no_image_and_no_template_expression(tmp_path: Path, data: Path) -> None:

@@ -69,8 +69,8 @@ def test_the_tokenizer_reads_the_normalised_sentence_only_when_asked() -> None:
 
 
 def test_a_checkpoint_and_its_export_keep_the_setting(tmp_path) -> None:
-    config = model_config_from_dict({**tiny_model(), "in_channels": 1})
-    config.text.normalize_segments = True
+    settings = tiny_model()
+    config = model_config_from_dict({**settings, "in_channels": 1, "text": {**settings["text"], "normalize_segments": True}})
     ckpt = make_untrained_checkpoint(tmp_path / "m.pt", model=build(config))
     exported, _, _ = export_model(ckpt, tmp_path / "m.ts", "torchscript", batch=None)
     for backend in (load_backend(ckpt, device="cpu"), load_backend(exported)):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lsms.checkpoint import load_checkpoint
+from lsms.checkpoint import load_checkpoint, run_config
 from lsms.cli import main
 from lsms.evaluate import evaluate_checkpoint
 from lsms.train import train
@@ -76,14 +76,18 @@ def test_run_folder_contents(toy, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"train_loss", "train_contrastive", "lr", "val_Dice", "val_mIoU", "val_referring_accuracy"} <= set(rows[0])
     ckpt = load_checkpoint(run / "last.pt")
-    assert set(ckpt["config"]) == {"run", "preprocessing"} and ckpt["format_version"] == 2
-    assert set(ckpt["config"]["run"]) >= {"model", "data", "optim", "loss"}
-    assert ckpt["config"]["run"]["model"]["text"]["hf_config"]["hidden_size"] == 32
-    assert ckpt["config"]["preprocessing"]["image_size"] == [64, 64]
+    assert "config" not in ckpt and ckpt["format_version"] == 3
+    assert set(ckpt["run"]) >= {"data", "optim", "loss"} and "model" not in ckpt["run"]
+    assert not {"image_size", "in_channels", "window"} & set(ckpt["run"]["data"])  # in the spec, once
+    assert ckpt["spec"]["model"]["text"]["hf_config"]["hidden_size"] == 32
+    assert ckpt["spec"]["preprocessing"]["image_size"] == [64, 64]
+    assert run_config(ckpt).data.image_size == 64 and run_config(ckpt).model.in_channels == 3
     assert ckpt["optimizer"] is not None and len(ckpt["rng"]) == 1
     assert load_checkpoint(run / "best.pt")["optimizer"] is None  # best.pt is for inference
     assert summary["best"]["metric"] == "Dice" and 0.0 <= summary["best"]["value"] <= 1.0
-    assert json.loads((run / "config.json").read_text())["run"]["optim"]["epochs"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["optim"]["epochs"] == 2 and config["spec"] == ckpt["spec"] | {"existence_threshold": None,
+                                                                                      "max_prob_threshold": None}
 
 
 def test_evaluate_is_deterministic_and_matches_training(toy, tmp_path):
@@ -126,9 +130,9 @@ def test_cli_train_evaluate_with_settings_file(toy, tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(flat))
     assert main(["train", str(toy), "--out", str(run), "--config", str(tmp_path / "s.yaml"), "--no-progress",
                  "--batch-size", "6", "--model", "text.freeze=true"]) == 0
-    cfg = load_checkpoint(run / "last.pt")["config"]["run"]
-    assert cfg["optim"]["batch_size"] == 6 and cfg["data"]["image_size"] == 64 and cfg["optim"]["epochs"] == 1  # flag beats file
-    assert cfg["model"]["widths"] == [16, 32, 32, 64] and cfg["model"]["text"]["freeze"] is True
+    cfg = run_config(load_checkpoint(run / "last.pt"))
+    assert cfg.optim.batch_size == 6 and cfg.data.image_size == 64 and cfg.optim.epochs == 1  # flag beats file
+    assert cfg.model.widths == (16, 32, 32, 64) and cfg.model.text.freeze is True
     out = tmp_path / "eval"
     assert main(["evaluate", str(run), str(toy), "--split", "val", "--text-level", "none", "--out", str(out),
                  "--json", str(tmp_path / "s.json"), "--save-predictions", "--device", "cpu"]) == 0

@@ -108,12 +108,13 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
     from lsms.config import RunConfig
     from lsms.data import default_preprocessing
     from lsms.model import build, model_config_from_dict
+    from lsms.spec import ModelSpec
 
     torch.manual_seed(0)
     if model is None:
         model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, "use_text": use_text}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
-    return save_checkpoint(make_checkpoint(model, RunConfig(model=model.config), prep), path)
+    return save_checkpoint(make_checkpoint(model, ModelSpec(model.config, prep), RunConfig(model=model.config)), path)
 
 
 def make_text_sensitive_checkpoint(path: str | Path) -> Path:

@@ -8,8 +8,9 @@ masks and the same metrics.
     logits = backend(image, tokens["input_ids"], tokens["attention_mask"])  # (B, 1, H, W), CPU float32
     logits, existence = backend.answer(image, tokens["input_ids"], tokens["attention_mask"])  # + (B,) or None
 
-An exported file carries what prediction needs (preprocessing, tokenizer settings, threshold; see
-:class:`lsms.export.ExportMetadata`), so it runs without the training config. Only the PyTorch backend
+Every backend holds the model's :class:`~lsms.spec.ModelSpec` (``backend.spec``: model config, preprocessing,
+tokenizer settings, thresholds), read from the checkpoint or from the exported file's metadata
+(:class:`lsms.export_metadata.ExportMetadata`), so an exported file runs without the training config. Only the PyTorch backend
 returns the encoder's stage features (``forward_features``), which the feature heat maps need.
 """
 
@@ -24,29 +25,49 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lsms.data.intensity import Preprocessing
+from lsms.model.fuse import fuse_conv_bn
 from lsms.optim import autocast, inference_dtype
+from lsms.spec import ModelSpec, check_threshold
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
 TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
 
 
 class Backend:
-    """A trained model with what prediction needs: ``preprocessing``, ``tokenizer`` (None without text),
-    ``threshold`` (probability above which a pixel is lesion), ``existence_threshold`` (the existence score
-    below which the described lesion is "not found"; None: never), ``max_prob_threshold`` (with an existence
-    head: the threshold of the highest-probability score, for comparison), ``source`` (the checkpoint it came
-    from) and ``epoch``. Calling it maps image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W)
-    on the CPU; :meth:`answer` adds the existence head's logits (B,) (None for a model without the head).
+    """A trained model with what prediction needs: its ``spec`` (:class:`~lsms.spec.ModelSpec`; ``config``,
+    ``preprocessing``, ``threshold`` (probability above which a pixel is lesion), ``existence_threshold`` (the
+    existence score below which the described lesion is "not found"; None: never) and ``max_prob_threshold``
+    (with an existence head: the threshold of the highest-probability score, for comparison) read from it),
+    ``tokenizer`` (None without text), ``source`` (the checkpoint it came from) and ``epoch``. Calling it maps
+    image (B, C, H, W) float32 and ids/mask (B, T) to logits (B, 1, H, W) on the CPU; :meth:`answer` adds the
+    existence head's logits (B,) (None for a model without the head).
     """
 
     name = ""
 
-    def __init__(self, config: Any, preprocessing: Any, tokenizer: Any | None, threshold: float, source: str,
-                 epoch: int | None):
-        self.config, self.preprocessing, self.tokenizer = config, preprocessing, tokenizer
-        self.threshold, self.source, self.epoch = threshold, source, epoch
-        self.existence_threshold: float | None = None
-        self.max_prob_threshold: float | None = None
+    def __init__(self, spec: ModelSpec, tokenizer: Any | None, source: str, epoch: int | None):
+        self.spec, self.tokenizer, self.source, self.epoch = spec, tokenizer, source, epoch
+
+    @property
+    def config(self) -> Any:
+        return self.spec.model
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold
+
+    @property
+    def existence_threshold(self) -> float | None:
+        return self.spec.existence_threshold
+
+    @property
+    def max_prob_threshold(self) -> float | None:
+        return self.spec.max_prob_threshold
 
     @property
     def uses_text(self) -> bool:
@@ -80,9 +101,8 @@ class TorchBackend(Backend):
 
     Args:
         model: an LSMS model or baseline.
-        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with.
+        spec: its :class:`~lsms.spec.ModelSpec` (the preprocessing it was trained with, the thresholds).
         device: where to run it.
-        threshold: probability above which a pixel is lesion.
         optimize: fold Conv+BatchNorm and switch to channels-last (changes the module tree: only for a model
             that is not trained or saved afterwards).
         text_cache: how many sentences' text features to keep (0: none).
@@ -92,16 +112,16 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, preprocessing: Any, device: torch.device | str = "cpu",
-                 threshold: float = 0.5, source: str = "", epoch: int | None = None, optimize: bool = False,
-                 text_cache: int = TEXT_CACHE_SIZE, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, spec: ModelSpec, device: torch.device | str = "cpu", source: str = "",
+                 epoch: int | None = None, optimize: bool = False, text_cache: int = TEXT_CACHE_SIZE,
+                 dtype: torch.dtype | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device).eval()
         self.channels_last = optimize
         if optimize:
             fuse_conv_bn(self.model).to(memory_format=torch.channels_last)
-        super().__init__(model.config, preprocessing, getattr(model, "tokenizer", None), threshold, source, epoch)
+        super().__init__(spec, getattr(model, "tokenizer", None), source, epoch)
         self.text_cache_size = text_cache
         self._text_cache: OrderedDict[bytes, tuple[Tensor, ...]] = OrderedDict()
 
@@ -147,49 +167,19 @@ class TorchBackend(Backend):
         return tuple(torch.cat(parts) for parts in zip(*rows, strict=True))
 
 
-def fuse_conv_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm that directly follows a Conv2d inside an ``nn.Sequential`` (the stem) or in a
-    :class:`~lsms.model.encoder.Downsample` into the conv; in place, eval only.
-
-    The encoder blocks' BatchNorms follow a residual sum (post-norm), so they stay.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from lsms.model.encoder import Downsample
-
-    if model.training:
-        raise ValueError("fuse_conv_bn folds eval-mode statistics: call model.eval() first")
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
-                    module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
-                    module[i + 1] = nn.Identity()
-        if isinstance(module, Downsample) and isinstance(module.norm, nn.BatchNorm2d):
-            module.conv = fuse_conv_bn_eval(module.conv, module.norm)
-            module.norm = nn.Identity()
-    return model
-
-
 class ExportedBackend(Backend):
     """Common part of the exported-file backends: the file's metadata, input checks, fixed-batch chunking."""
 
     def __init__(self, path: Path, metadata: Any):
-        from lsms.data import Preprocessing
-        from lsms.model.config import TextConfig
-        from lsms.text import Tokenizer
+        from lsms.model.build import tokenizer_for
 
         self.path, self.metadata = path, metadata
-        model = metadata.model
-        text = TextConfig.from_dict(dict(model["text"]), where="exported model config text")
-        tokenizer = (Tokenizer(text.encoder, metadata.max_tokens, normalize_segments=text.normalize_segments)
-                     if metadata.max_tokens else None)
-        super().__init__(model, Preprocessing.from_dict(dict(metadata.preprocessing)), tokenizer,
-                         metadata.threshold, metadata.source, metadata.epoch)
-        self.existence_threshold = metadata.existence_threshold
+        spec = metadata.spec
+        super().__init__(spec, tokenizer_for(spec.model.text) if spec.model.use_text else None, metadata.source,
+                         metadata.epoch)
 
     def _check(self, image: Tensor, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
-        C, (H, W) = self.preprocessing.in_channels, self.metadata.image_size
+        C, (H, W) = self.spec.in_channels, self.spec.image_size
         if image.ndim != 4 or tuple(image.shape[1:]) != (C, H, W):
             raise ValueError(f"{self.path}: the exported model takes images (B, {C}, {H}, {W}), got "
                              f"{tuple(image.shape)}; export again with --image-size for another size")
@@ -200,8 +190,8 @@ class ExportedBackend(Backend):
         if input_ids.shape != attention_mask.shape or input_ids.ndim != 2 or input_ids.shape[0] != image.shape[0]:
             raise ValueError(f"input_ids and attention_mask must both be (B, T) with B = {image.shape[0]} images, "
                              f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-        if input_ids.shape[1] > self.metadata.max_tokens:
-            raise ValueError(f"{self.path}: at most {self.metadata.max_tokens} tokens per sentence (the export's "
+        if input_ids.shape[1] > self.spec.max_tokens:
+            raise ValueError(f"{self.path}: at most {self.spec.max_tokens} tokens per sentence (the export's "
                              f"--max-tokens), got {input_ids.shape[1]}")
         if not bool(attention_mask[:, 0].all()):
             raise ValueError("every expression needs at least one real token (attention_mask[:, 0] must be 1)")
@@ -245,7 +235,7 @@ class OnnxRuntimeBackend(ExportedBackend):
             raise RuntimeError("the onnxruntime backend needs ONNX Runtime: pip install 'lsms[export]'") from None
         import onnx
 
-        from lsms.export import ExportMetadata
+        from lsms.export_metadata import ExportMetadata
 
         try:  # the metadata first: a file lsms did not write is named as such, whatever ONNX Runtime makes of it
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -274,7 +264,7 @@ class TorchScriptBackend(ExportedBackend):
     name = "torchscript"
 
     def __init__(self, path: Path, device: torch.device | str = "cpu"):
-        from lsms.export import ExportMetadata
+        from lsms.export_metadata import ExportMetadata
 
         self.device = torch.device(device)
         extra = {ExportMetadata.FILE: ""}
@@ -331,24 +321,22 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
         what = {"torch": "a checkpoint (or run folder)", "onnxruntime": "an ONNX file",
                 "torchscript": "a TorchScript file"}[kind]
         raise ValueError(f"{path} is {what}: use --backend {kind}, or export it with 'lsms export' for {backend}")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if threshold is not None:
+        check_threshold(threshold)
     if backend == "onnxruntime":
         loaded: Backend = OnnxRuntimeBackend(path, threads)
     elif backend == "torchscript":
         loaded = TorchScriptBackend(path, pick_device(device))
     else:
-        from lsms.checkpoint import existence_threshold_of, load_trained
+        from lsms.checkpoint import load_trained
 
         dev = pick_device(device)
-        net, preprocessing, checkpoint = load_trained(path, dev, prefer=prefer)
+        net, spec, checkpoint = load_trained(path, dev, prefer=prefer)
         trained = (checkpoint.get("amp") or {}).get("dtype", "fp32")
-        loaded = TorchBackend(net, preprocessing, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
+        loaded = TorchBackend(net, spec, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
                               optimize=True, dtype=inference_dtype(trained, dev))
-        loaded.existence_threshold = existence_threshold_of(checkpoint)
-        loaded.max_prob_threshold = existence_threshold_of(checkpoint, "existence_threshold_max_prob")
     if threshold is not None:
-        loaded.threshold = threshold
+        loaded.spec = loaded.spec.with_input(threshold=threshold)
     return loaded
 
 
@@ -360,4 +348,4 @@ def add_backend_argument(p: Any) -> None:
 
 
 __all__ = ["BACKENDS", "Backend", "OnnxRuntimeBackend", "TorchBackend", "TorchScriptBackend", "add_backend_argument",
-           "fuse_conv_bn", "load_backend"]
+           "load_backend"]

@@ -3,7 +3,9 @@
 Layout (nanoGPT style, the config travels inside)::
 
     {
-        "format": "lsms-checkpoint", "format_version": 2, "lsms_version": "0.1.0",
+        "format": "lsms-checkpoint", "format_version": 3, "lsms_version": "0.1.0",
+        "spec": ModelSpec.to_dict(),              # network config + input contract: each input setting once
+        "run": {...},                             # the training settings, less what the spec holds
         "model": state_dict,                      # tensors only
         "optimizer": optimizer.state_dict(),      # or None (exported / best-only checkpoints keep it too)
         "scaler": grad_scaler.state_dict(),       # or None (no fp16 loss scaling)
@@ -12,13 +14,16 @@ Layout (nanoGPT style, the config travels inside)::
         "step": int,                               # optimiser steps done; the LR schedule is a pure function of it
         "batch_in_epoch": int,                     # batches of the current epoch already used (mid-epoch saves)
         "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
-        "config": {"run": RunConfig.to_dict(), "preprocessing": Preprocessing.to_dict()},
         "metrics": {...}, "best": {"metric": str, "value": float, "epoch": int},
     }
 
-The model config is ``config["run"]["model"]``; the network is rebuilt from it. Format 1 (lsms 0.1) held the
-flat ``config["model"]``, ``config["train"]`` and ``config["loss"]``; :func:`load_checkpoint` turns such a file
-into format 2 on reading (:func:`upgrade_v1`, the one converter), so no other code sees format 1.
+The :class:`~lsms.spec.ModelSpec` (``spec_of``) holds the model config (the network is rebuilt from it), the
+preprocessing (image size, channels, intensity) and the thresholds; ``run`` is the
+:class:`~lsms.config.RunConfig` tree without the model and without the data settings the spec holds resolved
+(:data:`SPEC_DATA_KEYS`); :func:`run_config` puts them back from the spec. Older files are converted on
+reading, each by one converter: format 1 (lsms 0.1: flat ``config["model"]``, ``config["train"]``,
+``config["loss"]``) by :func:`upgrade_v1` to format 2 (``config["run"]``, the whole tree, and
+``config["preprocessing"]``), and that by :func:`upgrade_v2` to format 3; no other code sees an older format.
 
 Why ``torch.load(weights_only=True)``: a pickle can run any code while it is read. The restricted
 unpickler only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
@@ -28,6 +33,7 @@ a checkpoint from a stranger cannot execute anything; everything saved here is k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -40,11 +46,12 @@ import torch
 
 from lsms import __version__
 from lsms.config import RunConfig, upgrade_flat_model, upgrade_flat_settings
-from lsms.data.intensity import Preprocessing
-from lsms.model import build, model_config_from_dict
+from lsms.model import build
+from lsms.spec import ModelSpec
 
 FORMAT = "lsms-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SPEC_DATA_KEYS = ("image_size", "in_channels", "window")  # data settings a checkpoint keeps resolved, in its spec
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # the order a run folder is searched in
 
 
@@ -137,10 +144,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if checkpoint.get("format_version", 1) == 1:
         checkpoint = upgrade_v1(checkpoint)
+    if checkpoint["format_version"] == 2:
+        checkpoint = upgrade_v2(checkpoint)
     _check_sections(checkpoint, path)
-    model = checkpoint["config"]["run"].get("model")
-    if isinstance(model, dict) and model.get("arch", "lsms") == "lsms":
-        model.setdefault("block_norm", "batch")  # saved before the setting existed: BatchNorm, the default then
     return checkpoint
 
 
@@ -156,8 +162,28 @@ def upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
         run["model"] = upgrade_flat_model(dict(config["model"]))
     if config.get("loss") is not None:
         run["loss"] = dict(config["loss"])
-    return {**checkpoint, "format_version": FORMAT_VERSION,
+    return {**checkpoint, "format_version": 2,
             "config": {"run": run, "preprocessing": config.get("preprocessing")}}  # None when absent: an error
+
+
+def upgrade_v2(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 checkpoint (``config["run"]``: the whole settings tree; ``config["preprocessing"]``) -> format
+    3: the spec (model config, preprocessing, the existence thresholds its ``metrics`` chose) and the settings
+    without what the spec holds. Tensors, optimiser and RNG states are unchanged."""
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    run = dict(config.get("run")) if isinstance(config.get("run"), dict) else None
+    model = run.pop("model", None) if run is not None else None
+    if isinstance(model, dict) and model.get("arch", "lsms") == "lsms":
+        model = {"block_norm": "batch", **model}  # saved before the setting existed: BatchNorm, the default then
+    if run is not None and isinstance(run.get("data"), dict):
+        run["data"] = {k: v for k, v in run["data"].items() if k not in SPEC_DATA_KEYS}
+    metrics = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}
+    thresholds = {name: float(metrics[key]) for name, key in (("existence_threshold", "existence_threshold"),
+                                                               ("max_prob_threshold", "existence_threshold_max_prob"))
+                  if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)}
+    spec = {"model": model, "preprocessing": config.get("preprocessing"), **thresholds}  # None parts: an error
+    rest = {k: v for k, v in checkpoint.items() if k != "config"}
+    return {**rest, "format_version": FORMAT_VERSION, "spec": spec, "run": run}
 
 
 def _verify_archive(path: Path) -> None:
@@ -180,10 +206,10 @@ def _check_sections(checkpoint: dict[str, Any], path: Path) -> None:
         isinstance(v, torch.Tensor) for v in checkpoint["model"].values()
     ):
         raise ValueError(f"checkpoint {str(path)!r}: 'model' (the weights, a dict of tensors) is missing or malformed")
-    config = checkpoint.get("config")
-    run = config.get("run") if isinstance(config, dict) else None
-    for where, section in (("'config' -> 'run'", run), ("'config' -> 'run' -> 'model'", (run or {}).get("model")),
-                           ("'config' -> 'preprocessing'", (config or {}).get("preprocessing"))):
+    spec = checkpoint.get("spec")
+    for where, section in (("'run'", checkpoint.get("run")), ("'spec'", spec),
+                           ("'spec' -> 'model'", (spec or {}).get("model") if isinstance(spec, dict) else None),
+                           ("'spec' -> 'preprocessing'", spec.get("preprocessing") if isinstance(spec, dict) else None)):
         if not isinstance(section, dict):
             raise ValueError(f"checkpoint {str(path)!r}: {where} is missing; it was not written by lsms train")
 
@@ -234,26 +260,51 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- assembling a checkpoint
 
 
-def make_checkpoint(model: torch.nn.Module, run: RunConfig, preprocessing: Preprocessing, *,
+def make_checkpoint(model: torch.nn.Module, spec: ModelSpec, run: RunConfig, *,
                     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
-                    amp: dict[str, str] | None = None, epoch: int = 0, step: int = 0, batch_in_epoch: int = 0, rng: list[dict[str, Any]] | None = None,
-                    metrics: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint dict of the layout above (weights on the CPU; ``optimizer`` None for inference-only files)."""
+                    amp: dict[str, str] | None = None, epoch: int = 0, step: int = 0, batch_in_epoch: int = 0,
+                    rng: list[dict[str, Any]] | None = None, metrics: dict[str, Any] | None = None,
+                    best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict of the layout above (weights on the CPU; ``optimizer`` None for inference-only files).
+    ``spec`` is stored with the existence thresholds of ``metrics`` (the validation it was saved after)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lsms_version": __version__,
+        "spec": spec.with_thresholds(metrics or {}).to_dict(), "run": stored_run(run),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "amp": amp or {"setting": run.amp, "dtype": "fp32", "reason": "not recorded"},
         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng if rng is not None else [],
-        "config": {"run": run.to_dict(), "preprocessing": preprocessing.to_dict()},
         "metrics": metrics or {}, "best": best or {},
     }
 
 
+def stored_run(run: RunConfig) -> dict[str, Any]:
+    """The settings tree as a checkpoint (and ``RUN/config.json``) holds it: without the model and the data
+    settings of :data:`SPEC_DATA_KEYS`, which the spec holds."""
+    tree = run.to_dict()
+    del tree["model"]
+    tree["data"] = {k: v for k, v in tree["data"].items() if k not in SPEC_DATA_KEYS}
+    return tree
+
+
+def spec_of(checkpoint: dict[str, Any]) -> ModelSpec:
+    """The :class:`~lsms.spec.ModelSpec` a checkpoint holds."""
+    return ModelSpec.from_dict(dict(checkpoint["spec"]), "checkpoint spec")
+
+
 def run_config(checkpoint: dict[str, Any]) -> RunConfig:
-    """The settings a checkpoint was trained with."""
-    return RunConfig.from_dict(dict(checkpoint["config"]["run"]), where="checkpoint config")
+    """The settings a checkpoint was trained with: its ``run`` with the model and the resolved data settings
+    (image size, channels, CT window) put back from its spec."""
+    spec = spec_of(checkpoint)
+    tree = dict(checkpoint["run"])
+    prep = spec.preprocessing
+    window = None
+    if prep.intensity == "window":
+        window = prep.window or "{:g},{:g}".format(*prep.window_width_level)
+    tree["data"] = {**tree.get("data", {}), "image_size": prep.image_size[0], "in_channels": prep.in_channels,
+                    "window": window}
+    return RunConfig.from_dict({**tree, "model": spec.model.to_dict()}, where="checkpoint settings")
 
 
 # --------------------------------------------------------------------------- model from a checkpoint
@@ -261,11 +312,8 @@ def run_config(checkpoint: dict[str, Any]) -> RunConfig:
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model (LSMS or a baseline) a checkpoint describes and load its weights (eval mode)."""
-    model_dict = (checkpoint.get("config") or {}).get("run", {}).get("model")
-    if model_dict is None:
-        raise ValueError("checkpoint has no model config ('config' -> 'run' -> 'model'); it was not written by lsms train")
-    cfg = model_config_from_dict(dict(model_dict))
-    cfg.text.pretrained = False  # the text weights come from the state dict below
+    cfg = spec_of(checkpoint).model
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pretrained=False))  # weights: the state dict
     _check_weights_fit(cfg, checkpoint["model"])
     model = build(cfg)
     model.load_state_dict(checkpoint["model"])
@@ -293,19 +341,11 @@ def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
         )
 
 
-def existence_threshold_of(checkpoint: dict[str, Any], key: str = "existence_threshold") -> float | None:
-    """The existence threshold chosen on the validation split when this checkpoint was saved (None if the
-    split had no negative expressions to choose it with). ``key`` ``existence_threshold_max_prob``: that of the
-    highest-probability score, for a model with an existence head."""
-    value = (checkpoint.get("metrics") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):
-    """(model in eval mode, preprocessing, checkpoint dict) from a run folder or checkpoint file."""
+    """(model in eval mode, its :class:`~lsms.spec.ModelSpec`, checkpoint dict) from a run folder or checkpoint."""
     path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)
     checkpoint = load_checkpoint(path, map_location="cpu")
     model = model_from_checkpoint(checkpoint, device)
-    preprocessing = Preprocessing.from_dict(dict(checkpoint["config"]["preprocessing"]))
+    spec = spec_of(checkpoint)
     checkpoint["path"] = str(path)
-    return model, preprocessing, checkpoint
+    return model, spec, checkpoint

@@ -124,12 +124,14 @@ def evaluate_demo(run: Path, data: Path, heldout: str | None, device: str, progr
     """Test-split results: {"template": {level: result}, "heldout": {level: result}}.
 
     Dice, referring accuracy etc. are over the positive expressions (negatives are left out of those means:
-    empty policy "skip"); the existence metrics (at full text) cover both.
+    empty policy "skip"); the existence metrics (the template wording at full text, where the negatives are
+    evaluated) cover both.
     """
     kw = {"batch_size": 16, "device": device, "progress": progress, "empty_policy": "skip"}
-    out = {"template": evaluate_levels(run, data, "test", **kw)}
+    out = {"template": evaluate_levels(run, data, "test", negatives_at=("full",), **kw)}
     if heldout:
-        out["heldout"] = evaluate_levels(run, heldout, "test", levels=("full", "half", "quarter"), **kw)
+        out["heldout"] = evaluate_levels(run, heldout, "test", levels=("full", "half", "quarter"), negatives_at=(),
+                                         **kw)
     return out
 
 
@@ -152,7 +154,7 @@ def measure_step_seconds(train_cfg: RunConfig, steps: int = 3) -> tuple[float, i
     """
     seed_everything(train_cfg.seed)
     prep, train_set, val_set = build_datasets(train_cfg.data, train_cfg.seed)
-    model = model_for(train_cfg, prep)
+    model, _ = model_for(train_cfg.model, prep)
     step = TrainingStep(model, LSMSLoss(train_cfg.loss)).train()
     opt = build_optimizer(model, train_cfg.optim, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)

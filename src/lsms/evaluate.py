@@ -189,12 +189,13 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
                     num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
                     on_batch: Callable | None = None, prefer: str = "best",
                     empty_policy: str = "one", allow_outside_root: bool = False,
-                    backend: str | None = None) -> dict[str, dict[str, Any]]:
+                    backend: str | None = None, negatives_at: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
     """A trained or exported model on ``data``/``split`` at each text level, loaded once: {level: result}.
 
     Each result is :func:`evaluate_model`'s plus ``checkpoint`` (its path) and ``epoch``. Level "none" gives
     the text model an empty sentence (the same weights, nothing to refer to). ``backend``: as in
-    :func:`lsms.backends.load_backend` (default: the one the file is for).
+    :func:`lsms.backends.load_backend` (default: the one the file is for). ``negatives_at``: the levels at which
+    negative expressions (``target_instance`` 0) are evaluated too (None: every level; the others skip them).
     """
     if unknown := [level for level in levels if level not in TEXT_LEVELS]:
         raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
@@ -203,7 +204,9 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
     records = load_samples(data, split=split, allow_outside_root=allow_outside_root)
     results = {}
     for level in levels:
-        dataset = SegmentationDataset(records, model.preprocessing, augment=False, text_level=level)
+        chosen = records if negatives_at is None or level in negatives_at else \
+            [r for r in records if r.target_instance != 0]
+        dataset = SegmentationDataset(chosen, model.preprocessing, augment=False, text_level=level)
         loader = make_loader(dataset, batch_size, env, num_workers, tokenizer=model.tokenizer)
         result = evaluate_model(model, loader, env.device, env, progress=progress, on_batch=on_batch,
                                 empty_policy=empty_policy, existence_threshold=model.existence_threshold,

@@ -28,100 +28,35 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lsms.settings import DictRoundTrip
+from lsms.export_metadata import ExportMetadata
+from lsms.spec import ModelSpec
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = ("int8",)
 EXAMPLE_SENTENCE = "a hypodense lesion in segment VI of the right lobe"
 
 
-@dataclass
-class ExportMetadata(DictRoundTrip):
-    """What an exported file carries besides the network: everything prediction needs.
-
-    Attributes:
-        export_format: ``onnx`` or ``torchscript``.
-        model: the model config as a dict (``use_text``, ``text_encoder``, ...).
-        preprocessing: the :class:`~lsms.data.Preprocessing` as a dict, ``image_size`` set to the export's.
-        image_size: (H, W) the graph takes.
-        max_tokens: the tokenizer's maximum tokens per sentence; None for a model without text.
-        batch: the fixed batch size, or None (any batch).
-        threshold: probability above which a pixel is lesion.
-        existence_threshold: the existence score below which prediction says "not found" (chosen on the
-            validation split during training; None: never).
-        quantize: None (fp32) or ``int8``.
-        inputs: graph input names in order.
-        outputs: graph output names in order (``logits``, then ``existence`` for a model with an existence head).
-        source / epoch: the checkpoint it was exported from and its epoch.
-    """
-
-    settings_name: ClassVar[str] = "export metadata fields"
-    KEY: ClassVar[str] = "lsms"  # ONNX metadata_props key
-    FILE: ClassVar[str] = "lsms.json"  # TorchScript extra file
-    FORMAT: ClassVar[str] = "lsms-export"
-    VERSION: ClassVar[int] = 2  # 2: ``outputs`` (an existence head's output)
-
-    export_format: str
-    model: dict[str, Any]
-    preprocessing: dict[str, Any]
-    image_size: tuple[int, int]
-    max_tokens: int | None
-    batch: int | None
-    threshold: float = 0.5
-    existence_threshold: float | None = None
-    quantize: str | None = None
-    inputs: tuple[str, ...] = ("image", "input_ids", "attention_mask")
-    outputs: tuple[str, ...] = ("logits",)
-    source: str = ""
-    epoch: int | None = None
-    lsms_version: str = ""
-    format: str = FORMAT
-    format_version: int = VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None, path: str | os.PathLike) -> ExportMetadata:
-        """Parse the metadata of the exported file ``path``; errors name the file and what to do."""
-        if not text:
-            raise ValueError(f"{path}: no lsms metadata in this file: it was not written by 'lsms export' "
-                             "(export the checkpoint with 'lsms export RUN --out FILE')")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: damaged lsms metadata ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
-            raise ValueError(f"{path}: the metadata is not lsms export metadata (no 'format': {cls.FORMAT!r})")
-        if data.get("format_version", 0) > cls.VERSION:
-            raise ValueError(f"{path}: exported by a newer lsms (format {data['format_version']}, this lsms reads "
-                             f"up to {cls.VERSION}); upgrade lsms")
-        return cls.from_dict(data)
-
-
 # --------------------------------------------------------------------------- exporting
 
 
-def example_inputs(model: nn.Module, image_size: tuple[int, int], batch: int, max_tokens: int | None) -> tuple[Tensor, ...]:
-    """Inputs to trace with: random images and a sentence padded to ``max_tokens``."""
+def example_inputs(model: nn.Module, spec: ModelSpec, batch: int) -> tuple[Tensor, ...]:
+    """Inputs to trace with: random images at the spec's size and a sentence padded to its ``max_tokens``."""
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(batch, model.config.in_channels, *image_size, generator=generator)
-    if not model.config.use_text:
+    image = torch.randn(batch, spec.in_channels, *spec.image_size, generator=generator)
+    if not spec.model.use_text:
         return (image,)
     enc = model.tokenizer.hf([EXAMPLE_SENTENCE] * batch, padding="max_length", truncation=True,
-                             max_length=max_tokens, return_tensors="pt")
+                             max_length=spec.max_tokens, return_tensors="pt")
     return image, enc["input_ids"], enc["attention_mask"]
 
 
@@ -135,7 +70,7 @@ def export_model(model_path: str | Path, out: str | Path, export_format: str = "
         model_path: run folder or checkpoint.
         out: the file to write (atomically).
         export_format: ``onnx`` or ``torchscript``.
-        image_size: square input size (multiple of 32); default the checkpoint's preprocessing size.
+        image_size: square input size (multiple of 32); default the checkpoint's.
         max_tokens: maximum tokens per sentence; default the model's.
         batch: fixed batch size, or None for any batch.
         quantize: None or ``int8`` (ONNX only; needs ``calibration``).
@@ -145,33 +80,39 @@ def export_model(model_path: str | Path, out: str | Path, export_format: str = "
     Returns:
         (path written, its metadata, largest |logit difference| to the PyTorch model on an example).
     """
-    from lsms.checkpoint import existence_threshold_of, load_trained
+    from lsms.checkpoint import load_trained
 
     if quantize and calibration is None:
         raise ValueError("--quantize int8 needs --calibration DATA: a few training images set the activation ranges")
-    model, preprocessing, checkpoint = load_trained(model_path, "cpu", prefer=prefer)
-    feeds = None
-    if quantize:
-        size = (image_size, image_size) if image_size else tuple(preprocessing.image_size)
-        feeds = calibration_feeds(Path(calibration), dataclasses.replace(preprocessing, image_size=size),
-                                  model.tokenizer if model.config.use_text else None, batch or 1, calibration_samples)
-    return export_network(model, preprocessing, out, export_format, image_size, max_tokens, batch, quantize, feeds,
-                          source=str(checkpoint["path"]), epoch=checkpoint.get("epoch"),
-                          existence_threshold=existence_threshold_of(checkpoint))
+    model, spec, checkpoint = load_trained(model_path, "cpu", prefer=prefer)
+    spec = exported_spec(model, spec, image_size, max_tokens)
+    feeds = calibration_feeds(Path(calibration), spec, batch or 1, calibration_samples) if quantize else None
+    return export_network(model, spec, out, export_format, batch, quantize, feeds,
+                          source=str(checkpoint["path"]), epoch=checkpoint.get("epoch"))
 
 
-def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export_format: str = "onnx",
-                   image_size: int | None = None, max_tokens: int | None = None, batch: int | None = 1,
-                   quantize: str | None = None, calibration: list[dict[str, Any]] | None = None,
-                   source: str = "", epoch: int | None = None, existence_threshold: float | None = None
+def exported_spec(model: nn.Module, spec: ModelSpec, image_size: int | None, max_tokens: int | None) -> ModelSpec:
+    """The spec of an export at another square ``image_size`` or ``max_tokens`` (None: the checkpoint's)."""
+    if max_tokens is not None and spec.model.use_text:
+        limit = int(model.text_encoder.backbone.config.max_position_embeddings)
+        if not 3 <= max_tokens <= limit:
+            raise ValueError(f"--max-tokens must lie in 3..{limit} (the text encoder's positions), got {max_tokens}")
+    return spec.with_input(image_size=image_size, max_tokens=max_tokens)
+
+
+def export_network(model: nn.Module, spec: ModelSpec, out: str | Path, export_format: str = "onnx",
+                   batch: int | None = 1, quantize: str | None = None,
+                   calibration: list[dict[str, Any]] | None = None, source: str = "", epoch: int | None = None
                    ) -> tuple[Path, ExportMetadata, float]:
-    """Export an in-memory model (eval mode; its BatchNorms are folded in place) with its preprocessing.
+    """Export an in-memory model (eval mode; its BatchNorms are folded in place) for the input ``spec`` (see
+    :func:`exported_spec`; the file stores it as it is).
 
     ``calibration``: int8 calibration inputs, a list of {graph input name: array} (see :func:`calibration_feeds`).
     Other arguments and the result as in :func:`export_model`.
     """
     from lsms import __version__
-    from lsms.backends import fuse_conv_bn, load_backend
+    from lsms.backends import load_backend
+    from lsms.model.fuse import fuse_conv_bn
 
     if export_format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {export_format!r}")
@@ -184,27 +125,15 @@ def export_network(model: nn.Module, preprocessing: Any, out: str | Path, export
     if batch is not None and batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     fuse_conv_bn(model.eval())
-    size = (image_size, image_size) if image_size else tuple(preprocessing.image_size)
-    preprocessing = dataclasses.replace(preprocessing, image_size=size)
-    use_text = bool(model.config.use_text)
-    if use_text:
-        limit = int(model.text_encoder.backbone.config.max_position_embeddings)
-        max_tokens = max_tokens or model.config.text.max_tokens
-        if not 3 <= max_tokens <= limit:
-            raise ValueError(f"--max-tokens must lie in 3..{limit} (the text encoder's positions), got {max_tokens}")
-        model.tokenizer.max_tokens = max_tokens
-    elif max_tokens:
-        raise ValueError("--max-tokens applies to text models only; this model was trained without text")
-    inputs = example_inputs(model, size, batch or 2, max_tokens if use_text else None)
+    inputs = example_inputs(model, spec, batch or 2)
     graph = Graph(model)
     with torch.inference_mode():
-        reference = graph(*inputs)  # also checks the size (multiples of 32) with the model's own message
+        reference = graph(*inputs)
     metadata = ExportMetadata(
-        export_format=export_format, model=model.config.to_dict(), preprocessing=preprocessing.to_dict(),
-        image_size=size, max_tokens=max_tokens if use_text else None, batch=batch, quantize=quantize,
-        inputs=("image", "input_ids", "attention_mask") if use_text else ("image",),
+        export_format=export_format, spec=spec, batch=batch, quantize=quantize,
+        inputs=("image", "input_ids", "attention_mask") if spec.model.use_text else ("image",),
         outputs=("logits", "existence") if graph.existence else ("logits",),
-        source=source, epoch=epoch, lsms_version=__version__, existence_threshold=existence_threshold,
+        source=source, epoch=epoch, lsms_version=__version__,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,17 +169,19 @@ class Graph(nn.Module):
         return (out.logits, out.existence) if self.existence else out.logits
 
 
-def calibration_feeds(data: Path, preprocessing: Any, tokenizer: Any | None, batch: int,
-                      samples: int) -> list[dict[str, Any]]:
-    """Up to ``samples`` training images (and sentences) of ``data`` as graph inputs, ``batch`` per feed."""
+def calibration_feeds(data: Path, spec: ModelSpec, batch: int, samples: int) -> list[dict[str, Any]]:
+    """Up to ``samples`` training images (and sentences) of ``data`` as inputs of the graph ``spec`` describes,
+    ``batch`` per feed."""
     from lsms.data import Collator, SegmentationDataset, load_samples
+    from lsms.model.build import tokenizer_for
 
     if samples < 1:
         raise ValueError(f"--calibration-samples must be >= 1, got {samples}")
     records = load_samples(data, split="train")[:samples]
     if len(records) < batch:
         raise ValueError(f"{data}: {len(records)} training samples are fewer than one batch of {batch} to calibrate with")
-    dataset = SegmentationDataset(records, preprocessing, augment=False)
+    dataset = SegmentationDataset(records, spec.preprocessing, augment=False)
+    tokenizer = tokenizer_for(spec.model.text) if spec.model.use_text else None
     collate = Collator(tokenizer)
     feeds = []
     for start in range(0, len(dataset) - batch + 1, batch):
@@ -274,7 +205,7 @@ def _export_onnx(model: nn.Module, inputs: tuple[Tensor, ...], metadata: ExportM
         batch_dim = torch.export.Dim("batch", min=1, max=1024)
         shapes = [{0: batch_dim} for _ in names]
     if len(names) == 3:  # sentences of any length up to max_tokens
-        tokens = torch.export.Dim("tokens", min=2, max=metadata.max_tokens)
+        tokens = torch.export.Dim("tokens", min=2, max=metadata.spec.max_tokens)
         shapes[1][1] = shapes[2][1] = tokens
     with _quiet_exporter():
         program = torch.onnx.export(model, inputs, dynamo=True, input_names=names, output_names=list(metadata.outputs),
@@ -375,9 +306,10 @@ def run(args: argparse.Namespace) -> int:
     )
     size_mb = path.stat().st_size / 2**20
     batch = "any batch" if metadata.batch is None else f"batch {metadata.batch}"
+    (h, w), tokens = metadata.spec.image_size, metadata.spec.max_tokens
     print(f"wrote {path} ({size_mb:.1f} MB, {metadata.export_format}"
-          f"{', ' + metadata.quantize if metadata.quantize else ''}; {metadata.image_size[0]}x{metadata.image_size[1]}, "
-          f"{batch}{f', up to {metadata.max_tokens} tokens' if metadata.max_tokens else ''})")
+          f"{', ' + metadata.quantize if metadata.quantize else ''}; {h}x{w}, {batch}"
+          f"{f', up to {tokens} tokens' if tokens else ''})")
     print(f"largest |logit difference| to the PyTorch model on an example: {diff:.2e}")
     print(f"use it: lsms predict {path} IMAGES --text \"...\" --out DIR   |   lsms evaluate {path} DATA --split test")
     return 0

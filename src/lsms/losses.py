@@ -9,9 +9,9 @@
 - :func:`vision_language_contrastive_loss`: pixel-to-text InfoNCE on the decoder features, tau 0.1. **[decision]**
   the printed Eq. 14 has no log; the InfoNCE (log) form is used.
 - :class:`LSMSLoss` combines them with the weight alpha = 0.125 (``LossConfig.contrastive_weight``).
-- **[addition]** with a model that has an existence head (``existence_head``), a binary cross-entropy of its
-  logit against "the target is not empty", weight ``LossConfig.existence_weight``; a model without the head
-  trains with the paper's loss.
+- **[addition]** with a model that has an existence head (``existence_head``), a class-balanced binary
+  cross-entropy (:func:`balanced_bce`) of its logit against "the target is not empty", weight
+  ``LossConfig.existence_weight``; a model without the head trains with the paper's loss.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lsms.settings import DictRoundTrip
 __all__ = [
     "LSMSLoss",
     "LossConfig",
+    "balanced_bce",
     "boundary_band",
     "boundary_weighted_dice_loss",
     "sigmoid_focal_loss",
@@ -255,6 +256,15 @@ def vision_language_contrastive_loss(
     return per_image[has_pos].mean()
 
 
+def balanced_bce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Binary cross-entropy of ``logits`` (B,) against bool ``labels`` (B,) with each class present in the batch
+    weighing half (**[decision]**: negative sentences are a tenth of a batch; unweighted, the existence head
+    would learn mostly "present"); a batch of one class is its plain mean."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    means = [bce[m].mean() for m in (labels, ~labels) if bool(m.any())]
+    return sum(means) / len(means)
+
+
 class LSMSLoss(nn.Module):
     """Total LSMS loss ``L = alpha * L_con + Focal + Dice_W`` (paper Eq. 15; spec 2.6), plus
     ``existence_weight * BCE(existence logit, target not empty)`` for a model with an existence head.
@@ -318,8 +328,7 @@ class LSMSLoss(nn.Module):
         else:
             if existence.shape != logits.shape[:1]:
                 raise ValueError(f"existence must have shape ({logits.shape[0]},) (B,), got {tuple(existence.shape)}")
-            found = (target.flatten(1) > 0).any(1).float()  # (B,) 1: the described lesion is in the image
-            present = F.binary_cross_entropy_with_logits(existence.float(), found)
+            present = balanced_bce(existence, (target.flatten(1) > 0).any(1))
         loss = focal + dice + cfg.contrastive_weight * contrastive + cfg.existence_weight * present
         return {"loss": loss, "focal": focal, "dice": dice, "contrastive": contrastive, "existence": present}
 

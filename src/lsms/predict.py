@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import os
 import textwrap
@@ -41,11 +42,12 @@ from PIL import Image
 
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
-from lsms.data.intensity import input_mismatch, scale_intensity
+from lsms.data.intensity import Preprocessing, input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
 from lsms.data.readers import is_dicom, volume_depth
 from lsms.metrics import existence_probability
 from lsms.runs import writable_folder
+from lsms.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +88,34 @@ class Predictor:
 
     Args:
         model: an LSMS model (put in eval mode here) or a :class:`~lsms.backends.Backend`.
-        preprocessing: the :class:`~lsms.data.Preprocessing` it was trained with (a backend brings its own).
+        spec: the model's :class:`~lsms.spec.ModelSpec` (preprocessing, thresholds; a backend brings its own).
         device: where to run a model.
-        threshold: probability above which a pixel is lesion (default: the backend's, 0.5).
+        threshold: probability above which a pixel is lesion (default: the spec's, 0.5).
         existence_threshold: existence score below which the mask is withheld ("not found"); default the
-            backend's (chosen on the validation split during training; None there: never withheld); 0: never.
+            spec's (chosen on the validation split during training; None there: never withheld); 0: never.
     """
 
-    def __init__(self, model, preprocessing=None, device: torch.device | str = "cpu", threshold: float | None = None,
-                 existence_threshold: float | None = None):
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-        if existence_threshold is not None and not 0.0 <= existence_threshold < 1.0:
-            raise ValueError(f"existence threshold must lie in [0, 1) (0: never 'not found'), got {existence_threshold}")
+    def __init__(self, model, spec: ModelSpec | None = None, device: torch.device | str = "cpu",
+                 threshold: float | None = None, existence_threshold: float | None = None):
         if not isinstance(model, Backend):
-            if preprocessing is None:
-                raise ValueError("a model needs its preprocessing (from the checkpoint's config)")
-            model = TorchBackend(model, preprocessing, device)
+            if spec is None:
+                raise ValueError("a network needs its spec (lsms.checkpoint.spec_of(checkpoint)) to predict")
+            model = TorchBackend(model, spec, device)
+        overrides = {"threshold": threshold, "existence_threshold": existence_threshold}
         self.backend = model
-        self.preprocessing = preprocessing or model.preprocessing
-        self.threshold = threshold if threshold is not None else model.threshold
-        self.existence_threshold = existence_threshold if existence_threshold is not None else model.existence_threshold
+        self.spec = dataclasses.replace(model.spec, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold
+
+    @property
+    def existence_threshold(self) -> float | None:
+        return self.spec.existence_threshold
 
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,

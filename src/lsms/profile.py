@@ -150,7 +150,7 @@ def time_training_step(preset: str, image_size: int, text: bool = False, batch: 
     torch.manual_seed(0)
     config = model_config(preset, in_channels=in_channels)
     if config.arch == "lsms":
-        config.use_text = text
+        config = dataclasses.replace(config, use_text=text)
     model = build(config).train()
     step = TrainingStep(model, LSMSLoss(LossConfig(contrastive_weight=0.1 if model.tokenizer else 0.0)))
     optimizer = build_optimizer(model, OptimConfig(), torch.device("cpu"))
@@ -208,11 +208,12 @@ def profile(preset: str, image_size: int, text_encoder: str | None = DEFAULT_TEX
     if preset == "unet":
         text_encoder = None
     elif text_encoder is None:
-        config.use_text = False
+        config = dataclasses.replace(config, use_text=False)
     if text_encoder == BERT_BASE_RANDOM:
-        config.text = dataclasses.replace(config.text, hf_config=dict(BERT_BASE_CONFIG), pretrained=False)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, hf_config=dict(BERT_BASE_CONFIG),
+                                                                      pretrained=False))
     elif text_encoder is not None:
-        config.text = dataclasses.replace(config.text, encoder=text_encoder)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, encoder=text_encoder))
     model = build(config).eval().to(dev)
     inputs = profile_inputs(model, image_size, batch, dev)
     with torch.inference_mode():  # what runs: the decoder squeezes each P_i at its own resolution (FullScaleDecoder)
@@ -301,6 +302,7 @@ def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = B
     from pathlib import Path
 
     from lsms.data import default_preprocessing
+    from lsms.spec import ModelSpec
 
     unknown = sorted(set(backends) - set(BACKEND_CHOICES))
     if unknown:
@@ -309,23 +311,23 @@ def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = B
     if preset == "unet":
         text_encoder = None
     elif text_encoder is None:
-        config.use_text = False
+        config = dataclasses.replace(config, use_text=False)
     else:
-        config.text = dataclasses.replace(config.text, encoder=text_encoder)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, encoder=text_encoder))
     model = build(config).eval()
     peak = peak or matmul_peak()
     inputs = {b: profile_inputs(model, image_size, b, torch.device("cpu")) for b in (1, THROUGHPUT_BATCH)}
     with torch.inference_mode():
         arch_flops = count_flops(model.forward_features, *inputs[1])
         run_flops = count_flops(model, *inputs[1])  # what the backends run (logits only)
-    prep = default_preprocessing(None, image_size, in_channels=in_channels)
+    spec = ModelSpec(model.config, default_preprocessing(None, image_size, in_channels=in_channels))
     runs = {}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for name in backends:
             if name == "torch":
                 from lsms.backends import TorchBackend
 
-                eager = TorchBackend(copy.deepcopy(model), prep, optimize=True, text_cache=0)
+                eager = TorchBackend(copy.deepcopy(model), spec, optimize=True, text_cache=0)
                 runs[name] = (lambda x, eager=eager: eager(*x))  # noqa: E731
             else:
                 from lsms.backends import OnnxRuntimeBackend
@@ -333,7 +335,7 @@ def compare_backends(preset: str, image_size: int, backends: tuple[str, ...] = B
 
                 fp32 = Path(tmp) / "onnxruntime.onnx"
                 if not fp32.exists():  # one export serves both ONNX rows
-                    export_network(copy.deepcopy(model), prep, fp32, batch=None)
+                    export_network(copy.deepcopy(model), spec, fp32, batch=None)
                 path = fp32
                 if name == "onnxruntime-int8":
                     names = ("image", "input_ids", "attention_mask")

@@ -44,13 +44,15 @@ from lsms.checkpoint import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    spec_of,
+    stored_run,
 )
 from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
 from lsms.data import TEXT_LEVELS, Collator, Preprocessing
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.losses import LSMSLoss
-from lsms.model import MODELS, build
+from lsms.model import MODELS, ModelConfig, build
 from lsms.optim import (
     AMP_DTYPES,
     TrainingStep,
@@ -63,6 +65,7 @@ from lsms.optim import (
 )
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
+from lsms.spec import ModelSpec, resolve_spec
 from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -99,32 +102,25 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     hold.enter_context(run_folder(out, resume=same_run, overwrite=overwrite, enabled=env.is_main))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
 
-    # ---- data, model, loss, optimiser
-    saved = None if checkpoint is None else Preprocessing.from_dict(dict(checkpoint["config"]["preprocessing"]))
-    preprocessing, train_set, val_set = build_datasets(cfg.data, cfg.seed, saved)
-    model = model_from_checkpoint(checkpoint) if checkpoint is not None else model_for(cfg, preprocessing)
+    # ---- data, model (and its spec: resolved once, after the dataset scan), loss, optimiser
+    saved = None if checkpoint is None else spec_of(checkpoint)
+    preprocessing, train_set, val_set = build_datasets(cfg.data, cfg.seed, saved and saved.preprocessing)
+    model, spec = (model_from_checkpoint(checkpoint), saved) if saved else model_for(cfg.model, preprocessing)
     model.to(device)
-    if not cfg.model.use_text:
-        cfg.loss = dataclasses.replace(cfg.loss, contrastive_weight=0.0)
-    criterion = LSMSLoss(cfg.loss)
+    loss = cfg.loss if cfg.model.use_text else dataclasses.replace(cfg.loss, contrastive_weight=0.0)
+    criterion = LSMSLoss(loss)
     step_module: nn.Module = TrainingStep(model, criterion)
     optimizer = build_optimizer(model, cfg.optim, device)
     collate = Collator(model.tokenizer)
-    dtype, amp_reason = mixed_precision(cfg, checkpoint, step_module, train_set, collate, device, env)
-    amp = {"setting": cfg.amp, "dtype": dtype_name(dtype), "reason": amp_reason}
+    dtype, amp = mixed_precision(cfg, checkpoint, step_module, train_set, collate, device, env)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # ---- where we are
     o = cfg.optim
-    steps_per_epoch = len(train_set) // (o.batch_size * env.world_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_set)} training samples are fewer than one batch ({o.batch_size} x "
-                         f"{env.world_size} processes); lower --batch-size")
-    total_steps = min(o.epochs * steps_per_epoch, o.max_steps or o.epochs * steps_per_epoch)
+    steps_per_epoch, total_steps = step_counts(len(train_set), o, env.world_size)
     epoch, step, batch_in_epoch = 0, 0, 0
     best = {"metric": cfg.best_metric, "value": -math.inf, "epoch": -1}
     if checkpoint is not None:
@@ -136,19 +132,19 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
 
     logs = RunLog(out, env.is_main, resume=checkpoint is not None, progress=cfg.progress)
     if env.is_main:
-        config = {"run": cfg.to_dict(), "preprocessing": preprocessing.to_dict()}
+        config = {"spec": spec.to_dict(), "run": stored_run(cfg)}  # as a checkpoint holds them
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        log.info("training %s (%s parameters) on %s x %d, %d train / %d val samples, %d steps/epoch, %d epochs",
-                 cfg.model.preset, f"{sum(p.numel() for p in model.parameters()):,}", device, env.world_size,
-                 len(train_set), len(val_set or []), steps_per_epoch, o.epochs)
-        log.info("mixed precision %s (--amp %s): %s", amp["dtype"], cfg.amp, amp_reason)
+        log.info("training %s (%s parameters) on %s x %d, %d train / %d val samples, %d steps/epoch, %d epochs; "
+                 "mixed precision %s (--amp %s): %s", cfg.model.preset, f"{sum(p.numel() for p in model.parameters()):,}",
+                 device, env.world_size, len(train_set), len(val_set or []), steps_per_epoch, o.epochs, amp["dtype"],
+                 cfg.amp, amp["reason"])
 
     def save(kind: str, metrics: dict[str, Any] | None = None) -> None:
         D.broadcast_buffers(model, env)
         rng = D.gather_objects(rng_state(), env)  # collective: every rank calls save
         if env.is_main:
             save_checkpoint(make_checkpoint(
-                model, cfg, preprocessing, optimizer=optimizer if kind == "last" else None, scaler=scaler, amp=amp,
+                model, spec, cfg, optimizer=optimizer if kind == "last" else None, scaler=scaler, amp=amp,
                 epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, rng=rng, metrics=metrics, best=best,
             ), out / f"{kind}.pt")
         D.barrier(env)
@@ -166,70 +162,42 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         return D.all_reduce_mean(min(1.0, (time.perf_counter() - started) / (60 * cfg.time_limit_minutes)), env)
 
     while epoch < o.epochs and step < total_steps and not time_up:
-        sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        train_set.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, index): resumable
-        indices = list(sampler)[: steps_per_epoch * o.batch_size][batch_in_epoch * o.batch_size:]
-        loader = DataLoader(train_set, batch_size=o.batch_size, sampler=indices, collate_fn=collate,
-                            num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))  # not the global RNG
+        loader = epoch_loader(train_set, sampler, collate, cfg, epoch, batch_in_epoch, steps_per_epoch, device)
         step_module.train()
-        sums: dict[str, float] = {}
+        meter = EpochMeter(env.world_size)
         bar = logs.bar(total=len(loader), desc=f"epoch {epoch + 1}/{o.epochs}")
-        t_last, seen_last, n_batches = time.perf_counter(), 0, 0
-        waited, truncated, sentences, t_asked = 0.0, 0, 0, time.perf_counter()
         for batch in loader:
-            waited += time.perf_counter() - t_asked  # the step waiting for data
-            if "truncated" in batch:
-                truncated, sentences = truncated + int(batch["truncated"].sum()), sentences + len(batch["truncated"])
+            meter.arrived(batch)
             lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
             values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype)
-            step, batch_in_epoch, n_batches = step + 1, batch_in_epoch + 1, n_batches + 1
-            if not all(math.isfinite(v) for v in values.values()):
-                raise RuntimeError(
-                    f"non-finite loss at step {step} ({values}); lower --lr, raise --warmup-steps or use --amp off")
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen_last += batch["image"].shape[0] * env.world_size
-            images_per_s = seen_last / max(time.perf_counter() - t_last, 1e-9)
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            images_per_s = meter.add(values, batch["image"].shape[0], step)
             if bar is not None:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
                 bar.update(1)
             if step % cfg.log_every == 0:
                 logs.step(epoch, step, lr, values, images_per_s)
-                t_last, seen_last = time.perf_counter(), 0
+                meter.logged()
             if cfg.save_every and step % cfg.save_every == 0 and batch_in_epoch < steps_per_epoch:
                 save("last")
             if on_step is not None:
                 on_step(step)
-            if cfg.time_limit_minutes:
-                time_up = D.any_rank(time.perf_counter() - started > 60 * cfg.time_limit_minutes, env)
-            if time_up:
-                if env.is_main:
-                    log.warning("time limit of %.1f minutes reached at step %d; stopping", cfg.time_limit_minutes, step)
+            time_up = time_is_up(cfg.time_limit_minutes, started, step, env)
+            if time_up or step >= total_steps:  # the time limit, or optim.max_steps reached mid-epoch
                 break
-            if step >= total_steps:  # optim.max_steps reached mid-epoch
-                break
-            t_asked = time.perf_counter()
+            meter.asked()
         if bar is not None:
             bar.close()
-        sums["data_wait_s"] = waited  # averaged per step below: the data loader's share of the step
-        if truncated and env.is_main:
-            log.warning("epoch %d: %d of %d training expressions were truncated to %d tokens (raise max_tokens; "
-                        "'lsms check DATA --max-tokens N' lists the token lengths)", epoch + 1, truncated, sentences,
-                        model.tokenizer.max_tokens)
+        meter.warn_truncated(epoch, model.tokenizer, env)
         if batch_in_epoch >= steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
-        train_means = {k: D.all_reduce_mean(v / max(n_batches, 1), env) for k, v in sums.items()}
+        train_means = meter.means(env)
 
         # ---- validation: every sample exactly once over all ranks, rank 0's BatchNorm statistics
         metrics: dict[str, Any] = {}
         last = epoch >= o.epochs or step >= total_steps or time_up
         if val_loader is not None and (epoch % cfg.val_every == 0 or last):
-            D.broadcast_buffers(model, env)
-            # with negative expressions in val, the existence threshold is chosen here and saved with the model
-            metrics = last_metrics = evaluate_model(model, val_loader, device, env, amp=dtype, progress=logs.progress,
-                                                    existence_threshold="choose",
-                                                    max_prob_threshold="choose")["summary"]
+            metrics = last_metrics = validate(model, val_loader, env, dtype, logs.progress)
         if metrics.get("n_nonfinite_logits"):
             nonfinite[epoch] = metrics["n_nonfinite_logits"]
         score = metrics.get(cfg.best_metric)
@@ -242,33 +210,127 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             save("best", metrics)
     logs.close()
-    if nonfinite and env.is_main:
-        log.warning("validation gave inf/NaN logits in %d of the evaluated epochs (samples per epoch: %s): the model "
-                    "diverges on them (docs/model.md, block_norm; BatchNorm blocks are the usual cause)",
-                    len(nonfinite), ", ".join(f"epoch {e}: {n}" for e, n in nonfinite.items()))
     summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
                "nonfinite_logits_by_epoch": nonfinite,
                "time_s": time.perf_counter() - started, "out": str(out), "stopped_early": time_up}
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
+    return finish(summary, out, env)
 
 
 # --------------------------------------------------------------------------- the loop's helpers
 
 
+def step_counts(samples: int, o: Any, world_size: int) -> tuple[int, int]:
+    """(optimiser steps per epoch, steps of the whole run) for ``samples`` training samples and optim settings ``o``."""
+    per_epoch = samples // (o.batch_size * world_size)
+    if per_epoch < 1:
+        raise ValueError(f"{samples} training samples are fewer than one batch ({o.batch_size} x "
+                         f"{world_size} processes); lower --batch-size")
+    return per_epoch, min(o.epochs * per_epoch, o.max_steps or o.epochs * per_epoch)
+
+
+def epoch_loader(train_set: Any, sampler: Any, collate: Collator, cfg: RunConfig, epoch: int, batch_in_epoch: int,
+                 steps_per_epoch: int, device: torch.device) -> DataLoader:
+    """The training batches of ``epoch`` still to run (from ``batch_in_epoch`` on: a mid-epoch resume)."""
+    sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+    train_set.set_epoch(epoch)  # augmentation draws depend on (seed, epoch, index): resumable
+    batch = cfg.optim.batch_size
+    indices = list(sampler)[: steps_per_epoch * batch][batch_in_epoch * batch:]
+    return DataLoader(train_set, batch_size=batch, sampler=indices, collate_fn=collate,
+                      num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.seed + epoch))  # not the global RNG
+
+
+def time_is_up(limit_minutes: float, started: float, step: int, env: D.DistEnv) -> bool:
+    """Whether the run's time limit (0: none) has passed on any rank; says so once (rank 0)."""
+    up = bool(limit_minutes) and D.any_rank(time.perf_counter() - started > 60 * limit_minutes, env)
+    if up and env.is_main:
+        log.warning("time limit of %.1f minutes reached at step %d; stopping", limit_minutes, step)
+    return up
+
+
+def validate(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: torch.dtype | None,
+             progress: bool) -> dict[str, Any]:
+    """The validation summary (rank 0's BatchNorm statistics on every rank). With negative expressions in
+    val, the existence thresholds are chosen here and saved with the model."""
+    D.broadcast_buffers(model, env)
+    return evaluate_model(model, loader, env.device, env, amp=dtype, progress=progress, existence_threshold="choose",
+                          max_prob_threshold="choose")["summary"]
+
+
+class EpochMeter:
+    """One epoch's running account: loss sums, the time the steps waited for data, truncated sentences, and
+    images per second since the last logged step."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.sums, self.batches = world_size, {}, 0
+        self.waited, self.truncated, self.sentences = 0.0, 0, 0
+        self.t_asked = self.t_logged = time.perf_counter()
+        self.seen = 0
+
+    def arrived(self, batch: dict[str, Any]) -> None:
+        """A batch came from the loader: count the wait and its truncated sentences."""
+        self.waited += time.perf_counter() - self.t_asked
+        if "truncated" in batch:
+            self.truncated += int(batch["truncated"].sum())
+            self.sentences += len(batch["truncated"])
+
+    def add(self, values: dict[str, float], images: int, step: int) -> float:
+        """The losses of the step just made (any inf/NaN stops the run); returns images per second."""
+        if not all(math.isfinite(v) for v in values.values()):
+            raise RuntimeError(
+                f"non-finite loss at step {step} ({values}); lower --lr, raise --warmup-steps or use --amp off")
+        self.batches += 1
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.seen += images * self.world_size
+        return self.seen / max(time.perf_counter() - self.t_logged, 1e-9)
+
+    def warn_truncated(self, epoch: int, tokenizer: Any, env: D.DistEnv) -> None:
+        if self.truncated and env.is_main:
+            log.warning("epoch %d: %d of %d training expressions were truncated to %d tokens (raise max_tokens; "
+                        "'lsms check DATA --max-tokens N' lists the token lengths)", epoch + 1, self.truncated,
+                        self.sentences, tokenizer.max_tokens)
+
+    def logged(self) -> None:
+        self.t_logged, self.seen = time.perf_counter(), 0
+
+    def asked(self) -> None:
+        self.t_asked = time.perf_counter()
+
+    def means(self, env: D.DistEnv) -> dict[str, float]:
+        """Per-step means over all ranks, ``data_wait_s`` (the data loader's share of a step) included."""
+        sums = {**self.sums, "data_wait_s": self.waited}
+        return {k: D.all_reduce_mean(v / max(self.batches, 1), env) for k, v in sums.items()}
+
+
+def finish(summary: dict[str, Any], out: Path, env: D.DistEnv) -> dict[str, Any]:
+    """Warn about validation epochs with inf/NaN logits, write ``summary.json`` (rank 0), return the summary."""
+    nonfinite = summary["nonfinite_logits_by_epoch"]
+    if nonfinite and env.is_main:
+        log.warning("validation gave inf/NaN logits in %d of the evaluated epochs (samples per epoch: %s): the model "
+                    "diverges on them (docs/model.md, block_norm; BatchNorm blocks are the usual cause)",
+                    len(nonfinite), ", ".join(f"epoch {e}: {n}" for e, n in nonfinite.items()))
+    if env.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
 def mixed_precision(cfg: RunConfig, checkpoint: dict[str, Any] | None, step_module: nn.Module, train_set: Any,
-                    collate: Collator, device: torch.device, env: D.DistEnv) -> tuple[torch.dtype | None, str]:
-    """(autocast dtype, why) of a run: a resumed ``auto`` run keeps its checkpoint's choice; a new one measures
-    its first batch in fp32 and bf16 on a throwaway copy of the model (:func:`lsms.optim.choose_amp`)."""
+                    collate: Collator, device: torch.device, env: D.DistEnv
+                    ) -> tuple[torch.dtype | None, dict[str, str]]:
+    """(autocast dtype, the checkpoint's ``amp`` record: setting, dtype, why) of a run: a resumed ``auto`` run
+    keeps its checkpoint's choice; a new one measures its first batch in fp32 and bf16 on a throwaway copy of
+    the model (:func:`lsms.optim.choose_amp`)."""
     saved = (checkpoint or {}).get("amp")
     if cfg.amp == "auto" and saved and saved.get("setting") == "auto":
-        return AMP_DTYPES.get(saved["dtype"]), f"kept from the checkpoint ({saved['reason']})"
-    probe = None
-    if cfg.amp == "auto" and device.type == "cpu":
-        n = min(cfg.optim.batch_size, len(train_set))
-        probe = probe_step_seconds(step_module, to_device(collate([train_set[i] for i in range(n)]), device))
-    return choose_amp(cfg.amp, device, probe, agree=lambda gain: D.all_reduce_mean(gain, env))
+        dtype, reason = AMP_DTYPES.get(saved["dtype"]), f"kept from the checkpoint ({saved['reason']})"
+    else:
+        probe = None
+        if cfg.amp == "auto" and device.type == "cpu":
+            n = min(cfg.optim.batch_size, len(train_set))
+            probe = probe_step_seconds(step_module, to_device(collate([train_set[i] for i in range(n)]), device))
+        dtype, reason = choose_amp(cfg.amp, device, probe, agree=lambda gain: D.all_reduce_mean(gain, env))
+    return dtype, {"setting": cfg.amp, "dtype": dtype_name(dtype), "reason": reason}
 
 
 
@@ -336,11 +398,12 @@ def check_model_settings(cfg: RunConfig) -> None:
         build(dataclasses.replace(model, in_channels=cfg.data.in_channels or 1))
 
 
-def model_for(cfg: RunConfig, preprocessing: Preprocessing) -> nn.Module:
-    """Build ``cfg.model`` reading as many channels as the preprocessing gives (``cfg.model`` is updated to the
-    config it was built from, text encoder settings filled in)."""
-    cfg.model = dataclasses.replace(cfg.model, in_channels=preprocessing.in_channels)
-    return build(cfg.model)
+def model_for(model: ModelConfig, preprocessing: Preprocessing) -> tuple[nn.Module, ModelSpec]:
+    """A new network for ``model`` reading what ``preprocessing`` gives, and its spec (:func:`lsms.spec.resolve_spec`
+    with the built network's config: the text encoder's HuggingFace config filled in)."""
+    spec = resolve_spec(model, preprocessing)
+    network = build(spec.model)
+    return network, dataclasses.replace(spec, model=network.config)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def percentile_scale(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     return np.clip((a - lo) / np.float32(hi - lo), 0.0, 1.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Preprocessing(DictRoundTrip):
     """How an image becomes the model's input; saved in the checkpoint and repeated at prediction.
 
@@ -86,9 +86,8 @@ class Preprocessing(DictRoundTrip):
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
-            self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
+        size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+        object.__setattr__(self, "image_size", tuple(int(s) for s in size))  # frozen: normalised once, here
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size}")
         if self.in_channels not in (1, 3):
@@ -102,10 +101,8 @@ class Preprocessing(DictRoundTrip):
                 raise ValueError("intensity='window' needs a named window or both window_width and window_level")
             if self.window is None and self.window_width is not None and self.window_width <= 0:
                 raise ValueError(f"window_width must be positive, got {self.window_width}")
-        self.percentiles = tuple(float(p) for p in self.percentiles)  # type: ignore[assignment]
-        self.value_range = tuple(float(v) for v in self.value_range)  # type: ignore[assignment]
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
+        for name in ("percentiles", "value_range", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         for name in ("window_width", "window_level", "percentiles", "value_range", "mean", "std"):
             value = getattr(self, name)
             values = value if isinstance(value, tuple) else (() if value is None else (value,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -15,11 +16,13 @@ from lsms.text import TextEncoder, Tokenizer, load_text_encoder
 
 
 def build(config: ModelConfig) -> nn.Module:
-    """Build the network ``config`` describes; with text, ``config.text.hf_config`` is filled in from the
-    loaded encoder (so a checkpoint can rebuild it without the weights' source)."""
+    """Build the network ``config`` describes. With text, the network's ``config`` is ``config`` with
+    ``text.hf_config`` filled in from the loaded encoder (so a checkpoint can rebuild it without the weights'
+    source); ``config`` itself is frozen and stays as it was."""
     text_encoder = tokenizer = None
     if config.use_text:
-        text_encoder, tokenizer, config.text.hf_config = text_parts(config.text)
+        text_encoder, tokenizer, hf_config = text_parts(config.text)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, hf_config=hf_config))
     if isinstance(config, UNetConfig):
         return TextUNet(config, text_encoder, tokenizer)
     if not isinstance(config, LSMSConfig):
@@ -39,9 +42,14 @@ def build_model(name: str = "tiny", **overrides: Any) -> nn.Module:
     return build(model_config(name, **overrides))
 
 
+def tokenizer_for(text: TextConfig) -> Tokenizer:
+    """The tokenizer of a model's text settings (source, max_tokens, normalize_segments)."""
+    return Tokenizer(text.encoder, text.max_tokens, normalize_segments=text.normalize_segments)
+
+
 def text_parts(text: TextConfig) -> tuple[TextEncoder, Tokenizer, dict[str, Any]]:
     """(encoder, tokenizer, HuggingFace config as a dict) for the text settings of a model."""
-    tokenizer = Tokenizer(text.encoder, text.max_tokens, normalize_segments=text.normalize_segments)
+    tokenizer = tokenizer_for(text)
     if text.pretrained:
         text_encoder = load_text_encoder(text.encoder, freeze=text.freeze)
     else:
@@ -64,4 +72,4 @@ def text_parts(text: TextConfig) -> tuple[TextEncoder, Tokenizer, dict[str, Any]
     return text_encoder, tokenizer, text_encoder.backbone.config.to_diff_dict()
 
 
-__all__ = ["build", "build_model", "text_parts"]
+__all__ = ["build", "build_model", "text_parts", "tokenizer_for"]

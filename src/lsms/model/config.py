@@ -33,14 +33,14 @@ def check_image_size(height: int, width: int | None = None, what: str = "image s
                      f"2x2 pixels), got {got}; use {fix}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextConfig(DictRoundTrip):
     """The text encoder of a model (spec 2.1); the same settings for LSMS and the FiLM U-Net."""
 
     settings_name: ClassVar[str] = "text config fields"
 
     encoder: str = DEFAULT_TEXT_ENCODER  # tokenizer (and weights) source: package default, folder or hub id
-    hf_config: dict[str, Any] | None = None  # HuggingFace config of the encoder; filled in at build
+    hf_config: dict[str, Any] | None = None  # HuggingFace config of the encoder; the built model's config has it
     pretrained: bool = True  # load the weights from `encoder`; False: random init from hf_config
     freeze: bool = False
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -51,7 +51,7 @@ class TextConfig(DictRoundTrip):
             raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {self.max_tokens}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LSMSConfig(DictRoundTrip):
     """Every architectural choice of LSMS, including each ablation of the paper's Table III.
 
@@ -108,7 +108,7 @@ class LSMSConfig(DictRoundTrip):
 
     def __post_init__(self) -> None:
         for name in ("widths", "depths", "mlp_ratios", "conv_kernels", "decoder_stages"):
-            setattr(self, name, tuple(getattr(self, name)))
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # frozen: normalised once, here
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if not (len(self.widths) == len(self.depths) == len(self.mlp_ratios) == 4):
@@ -146,7 +146,7 @@ class LSMSConfig(DictRoundTrip):
             raise ValueError(f"existence_channels must be >= 1, got {self.existence_channels}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNetConfig(DictRoundTrip):
     """The baselines: a 2D BasicUNet (MONAI), and with ``use_text`` the same U-Net FiLM-conditioned on the sentence."""
 
@@ -161,7 +161,7 @@ class UNetConfig(DictRoundTrip):
     text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
-        self.features = tuple(self.features)
+        object.__setattr__(self, "features", tuple(self.features))
         if len(self.features) != 6 or min(self.features) < 1:
             raise ValueError(f"features needs 6 positive widths (BasicUNet), got {self.features}")
         if self.in_channels < 1:

@@ -190,8 +190,10 @@ class ExistenceHead(nn.Module):
 
     Reads what the network already computes: the decoder features pooled under the predicted mask (soft, the
     mask probability as weights) and over the whole image, their product with the sentence embedding (does the
-    region under the mask match the words?) and the highest mask logit. The mask enters as a constant
-    (detached), so the existence loss shapes the features, not the mask. A small MLP gives the logit.
+    region under the mask match the words?), the sentence embedding itself, the highest mask logit, and where
+    the mask lies and how large it is (centroid x, y in [-1, 1], log of its area share: a sentence naming a
+    segment or an organ is checked against the position). The mask enters as a constant (detached), so the
+    existence loss shapes the features, not the mask. A small MLP gives the logit.
 
     Args:
         channels: C_head, channels of the decoder features and of the sentence embedding.
@@ -200,13 +202,20 @@ class ExistenceHead(nn.Module):
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(3 * channels + 1, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(4 * channels + 4, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
         """decoded (B, C, h, w), mask logits (B, 1, h, w), text embedding (B, C) -> existence logits (B,)."""
-        weight = torch.sigmoid(logits.detach()).to(decoded.dtype)  # (B, 1, h, w)
-        inside = (decoded * weight).sum((2, 3)) / (weight.sum((2, 3)) + 1.0)  # (B, C); +1: an empty mask -> ~0
-        pooled = decoded.mean((2, 3))  # (B, C)
-        peak = logits.detach().flatten(1).amax(1, keepdim=True).to(decoded.dtype)  # (B, 1)
-        features = torch.cat([inside, pooled, inside * text_embedding.to(decoded.dtype), peak], dim=1)
-        return self.mlp(features).squeeze(1)
+        h, w = decoded.shape[-2:]
+        weight = torch.sigmoid(logits.detach().float())  # (B, 1, h, w)
+        mass = weight.sum((2, 3))  # (B, 1)
+        inside = (decoded.float() * weight).sum((2, 3)) / (mass + 1.0)  # (B, C); +1: an empty mask -> ~0
+        pooled = decoded.float().mean((2, 3))  # (B, C)
+        ys = torch.linspace(-1.0, 1.0, h, device=decoded.device).view(1, 1, h, 1)
+        xs = torch.linspace(-1.0, 1.0, w, device=decoded.device).view(1, 1, 1, w)
+        where = torch.cat([(weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))], 1) / (mass + 1e-6)  # (B, 2)
+        area = torch.log(mass / (h * w) + 1e-4)  # (B, 1)
+        peak = logits.detach().float().flatten(1).amax(1, keepdim=True)  # (B, 1)
+        text = text_embedding.float()
+        features = torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)

@@ -40,8 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="phrasing file (YAML/JSON) replacing the packaged one, or a packaged name such as "
                              "phrasings-heldout.yaml (the held-out wording, never used for training)")
     parser.add_argument("--negative-share", type=float, default=d.negative_share,
-                        help="share of slices that also get a sentence describing a lesion NOT on the slice, with an "
-                             "empty target (default %(default)s; 0: none)")
+                        help="share of training slices that also get a sentence describing a lesion NOT on the slice, "
+                             "with an empty target (default %(default)s; 0: none)")
+    parser.add_argument("--no-eval-negatives", dest="eval_negatives", action="store_false",
+                        help="val and test slices get negatives by --negative-share too (default: one of each kind, "
+                             "type, location and relation, on every test slice, to measure 'not present', and one "
+                             "on every val slice)")
     parser.add_argument("--variants", type=int, default=d.variants,
                         help="paraphrases written per expression for train-time text augmentation "
                              "(default %(default)s; 0: none)")
@@ -61,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         image_size=args.image_size, fov_mm=args.fov_mm, max_lesions=args.lesions_per_slice,
         multi_lesion_share=args.multi_lesion_share, lesion_types=types, diameter_mm=tuple(args.diameter_mm),
         noise_hu=tuple(args.noise), val_share=args.val_share, test_share=args.test_share, phrasing=args.phrasing,
-        negative_share=args.negative_share, variants=args.variants,
+        negative_share=args.negative_share, eval_negatives=args.eval_negatives, variants=args.variants,
         paraphrasings=tuple(args.paraphrasing) if args.paraphrasing else None,
     )
 

@@ -40,8 +40,9 @@ class SynthConfig(DictRoundTrip):
             that is not on the slice (another type, another segment, or a relation no lesion satisfies), with an
             empty target mask (docs/refliver-synth.md, "Negatives"). Applies to the training split, and to
             every split with ``eval_negatives`` off.
-        eval_negatives: val and test slices get one negative of each kind the slice allows (type, location,
-            relation) instead of ``negative_share``'s, so that "not present" is measured on enough sentences.
+        eval_negatives: instead of ``negative_share``'s, every test slice gets one negative of each kind it
+            allows (type, location, relation), so that "not present" is measured on enough sentences, and every
+            val slice one (the kinds in turn), to choose the existence threshold on.
         variants: paraphrases written per expression (the record's ``variants``) for train-time text
             augmentation: each in a random phrasing file of ``paraphrasings``, with some details dropped (only
             while the expression stays unique) and the rest reordered. 0: none.

@@ -121,6 +121,13 @@ def patient_and_levels(cfg: SynthConfig, i: int) -> tuple[Patient, np.ndarray]:
     return p, Z_RANGE[0] + (Z_RANGE[1] - Z_RANGE[0]) * u
 
 
+def negative_mode(cfg: SynthConfig, split: str) -> str:
+    """How the slices of ``split`` get negatives (:func:`render_slice`'s ``negatives``)."""
+    if not cfg.eval_negatives or split == "train":
+        return "share"
+    return "each-kind" if split == "test" else "one-kind"
+
+
 def split_of_patients(cfg: SynthConfig) -> list[str]:
     """Split of each patient (by patient, never by slice), a seeded permutation."""
     n = cfg.patients
@@ -185,12 +192,13 @@ def lesion_diameter_mm(area_px: int, spacing: float) -> float:
 
 def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | None = None,
                  patient: tuple[Patient, np.ndarray] | None = None,
-                 paraphrasings: list[dict[str, Any]] | None = None, every_kind: bool = False) -> SliceSample:
+                 paraphrasings: list[dict[str, Any]] | None = None, negatives: str = "share") -> SliceSample:
     """Renders slice ``j`` of patient ``i`` (deterministic in ``cfg.seed``, independent of other slices).
 
     ``phrasing`` / ``paraphrasings``: the loaded phrasing files (loaded from ``cfg`` when None).
-    ``every_kind``: one negative of each kind the slice allows (val and test with ``cfg.eval_negatives``)
-    instead of one with probability ``cfg.negative_share``.
+    ``negatives``: ``share`` (one with probability ``cfg.negative_share``), ``each-kind`` (one of each kind the
+    slice allows: the test split with ``cfg.eval_negatives``) or ``one-kind`` (the first kind the slice allows,
+    starting from kind ``j % 3``: the val split).
     """
     ph = phrasing if phrasing is not None else load_phrasing(cfg.phrasing)
     phs = paraphrasings if paraphrasings is not None else load_paraphrasings(cfg)
@@ -243,17 +251,22 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         return [NegativeExpression(neg, text, write_variants(phs, neg.facts, neg.slots, neg.relation, cfg.variants,
                                                             nrng, lambda kept: True), suffix)]
 
-    negatives = []
+    sentences: list[NegativeExpression] = []
     draw = partial(draw_negative, facts, anat.segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"])
-    if every_kind:
-        for k, kind in enumerate(NEGATIVE_KINDS if facts else ()):
-            erng = slice_rng(cfg, i, j, stream=3 + k)
-            neg = next((n for n in (draw(erng, kind) for _ in range(EVAL_NEGATIVE_TRIES)) if n is not None), None)
-            negatives += express(neg, erng, f"_n_{kind}")
-    else:
+    if negatives in ("each-kind", "one-kind"):
+        n = len(NEGATIVE_KINDS)
+        for k in sorted(range(n), key=lambda k: (k - j) % n if negatives == "one-kind" else k) if facts else ():
+            erng = slice_rng(cfg, i, j, stream=3 + k)  # one stream per kind: the same sentence in either mode
+            neg = next((x for x in (draw(erng, NEGATIVE_KINDS[k]) for _ in range(EVAL_NEGATIVE_TRIES)) if x), None)
+            sentences += express(neg, erng, f"_n_{NEGATIVE_KINDS[k]}")
+            if sentences and negatives == "one-kind":
+                break
+    elif negatives == "share":
         nrng = slice_rng(cfg, i, j, stream=2)
         if facts and nrng.random() < cfg.negative_share:
-            negatives += express(draw(nrng), nrng, "_n")
+            sentences += express(draw(nrng), nrng, "_n")
+    else:
+        raise ValueError(f"negatives must be 'share', 'each-kind' or 'one-kind', got {negatives!r}")
 
     # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
     img = anat.hu.copy()
@@ -272,7 +285,7 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         instances[les.window][les.local_mask] = k
     return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
                        anatomy=anat, facts=facts, lesions=lesions, texts=texts, unique=unique, slots=slots,
-                       stated_relations=stated, all_text=all_text, variants=variants, negatives=negatives)
+                       stated_relations=stated, all_text=all_text, variants=variants, negatives=sentences)
 
 
 def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
@@ -366,8 +379,7 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
     for i in range(cfg.patients):
         pl = patient_and_levels(cfg, i)
         for j in range(cfg.slices_per_patient):
-            s = render_slice(cfg, i, j, ph, patient=pl, paraphrasings=phs,
-                             every_kind=cfg.eval_negatives and splits[i] != "train")
+            s = render_slice(cfg, i, j, ph, patient=pl, paraphrasings=phs, negatives=negative_mode(cfg, splits[i]))
             records.extend(write_slice(out, s, splits[i], cfg.spacing_mm))
             lesion_counts.append(len(s.facts))
             if bar is not None:

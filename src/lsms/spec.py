@@ -1,0 +1,125 @@
+"""The model spec: a trained model's network config and its input contract, in one frozen object.
+
+    spec = resolve_spec(model_config("tiny"), preprocessing)   # after the dataset scan, once
+    spec.image_size, spec.in_channels, spec.max_tokens         # derived from the one place each is stored
+    spec = spec.with_thresholds(metrics)                       # a new spec; a spec is never changed
+
+What prediction needs besides the weights lives here and only here: the network's config (``model``, its
+text settings with ``max_tokens`` and ``normalize_segments`` included), the :class:`~lsms.data.Preprocessing`
+(image size, channels, intensity window or scaling), the probability ``threshold`` of a lesion pixel and the
+existence thresholds chosen on the validation split. Training resolves it after the dataset scan (as timm's
+``resolve_data_config`` derives the input settings from the model), checkpoints store it once (``"spec"``),
+exported files store it once (their metadata), and every backend reads it back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from lsms.data.intensity import Preprocessing
+from lsms.model.config import ModelConfig, check_image_size, model_config_from_dict
+from lsms.settings import DictRoundTrip
+
+
+def check_threshold(value: float, what: str = "threshold", low_inclusive: bool = False) -> float:
+    """The one probability-threshold check: strictly inside (0, 1), or [0, 1) with ``low_inclusive`` (an
+    existence threshold of 0 never withholds a mask)."""
+    ok = (0.0 <= value < 1.0) if low_inclusive else (0.0 < value < 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        bounds = "in [0, 1) (0: never 'not found')" if low_inclusive else "strictly between 0 and 1"
+        raise ValueError(f"{what} must lie {bounds}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ModelSpec(DictRoundTrip):
+    """A trained model's network config and input contract (module docstring).
+
+    Attributes:
+        model: the network's config (:class:`~lsms.model.LSMSConfig` or a baseline's), text settings included.
+        preprocessing: how an image becomes the network's input; its ``in_channels`` equals the model's.
+        threshold: probability above which a pixel is lesion.
+        existence_threshold: the existence score below which prediction says "not found" (chosen on the
+            validation split during training; None: never).
+        max_prob_threshold: for a model with an existence head, the threshold of the highest-probability score
+            (chosen alike; for comparison only).
+    """
+
+    settings_name: ClassVar[str] = "model spec fields"
+
+    model: ModelConfig
+    preprocessing: Preprocessing
+    threshold: float = 0.5
+    existence_threshold: float | None = None
+    max_prob_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.model.in_channels != self.preprocessing.in_channels:
+            raise ValueError(f"the model reads {self.model.in_channels} channels but its preprocessing gives "
+                             f"{self.preprocessing.in_channels}; they must agree")
+        check_image_size(*self.preprocessing.image_size, what="the spec's image size")
+        check_threshold(self.threshold)
+        for name in ("existence_threshold", "max_prob_threshold"):
+            if getattr(self, name) is not None:
+                check_threshold(getattr(self, name), name.replace("_", " "), low_inclusive=True)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.preprocessing.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Tokens per sentence the model reads (None for a model without text)."""
+        return self.model.text.max_tokens if self.model.use_text else None
+
+    def with_thresholds(self, metrics: dict[str, Any]) -> ModelSpec:
+        """This spec with the existence thresholds of a validation summary (``existence_threshold``,
+        ``existence_threshold_max_prob``; absent ones become None)."""
+        def value(key: str) -> float | None:
+            v = metrics.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        return dataclasses.replace(self, existence_threshold=value("existence_threshold"),
+                                   max_prob_threshold=value("existence_threshold_max_prob"))
+
+    def with_input(self, image_size: int | None = None, max_tokens: int | None = None,
+                   threshold: float | None = None) -> ModelSpec:
+        """This spec for another square input size, sentence length or pixel threshold (an export's
+        ``--image-size`` / ``--max-tokens``, a prediction's ``--threshold``); None keeps each."""
+        spec = self
+        if image_size is not None:
+            spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(
+                spec.preprocessing, image_size=(image_size, image_size)))
+        if max_tokens is not None:
+            if not spec.model.use_text:
+                raise ValueError("max_tokens applies to text models only; this model was trained without text")
+            spec = dataclasses.replace(spec, model=dataclasses.replace(
+                spec.model, text=dataclasses.replace(spec.model.text, max_tokens=max_tokens)))
+        if threshold is not None:
+            spec = dataclasses.replace(spec, threshold=threshold)
+        return spec
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model spec") -> ModelSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict) \
+                or not isinstance(data.get("preprocessing"), dict):
+            raise ValueError(f"{where} must be a mapping with 'model' and 'preprocessing' settings, got {data!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - fields):
+            raise ValueError(f"unknown {cls.settings_name} {unknown} in {where}; known: {sorted(fields)}")
+        return cls(**{**data, "model": model_config_from_dict(dict(data["model"])),
+                      "preprocessing": Preprocessing.from_dict(dict(data["preprocessing"]))})
+
+
+def resolve_spec(model: ModelConfig, preprocessing: Preprocessing) -> ModelSpec:
+    """The spec of a new model: ``model`` reading as many channels as ``preprocessing`` gives."""
+    return ModelSpec(dataclasses.replace(model, in_channels=preprocessing.in_channels), preprocessing)
+
+
+__all__ = ["ModelSpec", "check_threshold", "resolve_spec"]
