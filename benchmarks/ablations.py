@@ -1,14 +1,16 @@
 """The demo's spread over seeds and the paper's ablations (Table III), each a full ``lsms demo`` run.
 
+    python benchmarks/ablations.py --rows no-existence-head --seeds 0 1 2  # the demo without the head (15 min)
     python benchmarks/ablations.py --jobs 2     # the demo with seeds 0, 1, 2, then every other row with 0 and 1
     python benchmarks/ablations.py --rows full --demo-seeds 3 4            # more seeds of the demo
-    python benchmarks/ablations.py --rows fp32 --demo-seeds 0 1 2          # fp32 at the full runs' steps
-    python benchmarks/ablations.py --rows no-existence-head --seeds 0 1 2  # the demo without the existence head
+    python benchmarks/ablations.py --rows fp32 --seeds 0 1 2               # fp32 at the same steps
     python benchmarks/ablations.py --report                                # tables from the runs there are
 
 Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
 calibration and test-split evaluation in both wordings) with one model switch (docs/model.md, "Ablations"),
-in CACHE/<row>/seed<k>/ (a demo report folder). A finished run (its ``metrics.json``) is reused. With
+in CACHE/<row>/seed<k>/ (a demo report folder). The rows of :data:`SAME_STEPS` (the demo itself among them)
+run for the steps the same seed's ``no-existence-head`` run made in its 15 minutes, as a step schedule without
+a time limit: the comparison is at equal steps, whatever the machine's load. A finished run (its ``metrics.json``) is reused. With
 ``--jobs 2`` two runs share the machine, one thread each: the demo calibrates its step time under that
 load. Each run also writes ``bench.json``: its CPU seconds and the machine's load average.
 
@@ -54,6 +56,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 }
 # the row a row is compared with at the same seeds (default "full")
 REFERENCE = {"fp32": "no-existence-head"}
+# rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
+SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -84,12 +88,13 @@ def run_one(row: str, seed: int, out: Path) -> None:
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model))
-    if row == "fp32":  # the reference run's step count in fp32: a step schedule over those steps, no time limit
-        ref = json.loads((out.parents[1] / REFERENCE[row] / f"seed{seed}" / "metrics.json").read_text())
-        steps = ref["train_summary"]["step"]
-        optim = dataclasses.replace(cfg.train.optim, max_steps=steps)
+    steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
+    if row in SAME_STEPS and steps_of.is_file():  # a step schedule over those steps, no time limit
+        optim = dataclasses.replace(cfg.train.optim, max_steps=json.loads(steps_of.read_text())["train_summary"]["step"])
         cfg = dataclasses.replace(cfg, epochs=1000, budget_minutes=10 * cfg.budget_minutes,
-                                  train=dataclasses.replace(cfg.train, amp="off", optim=optim))
+                                  train=dataclasses.replace(cfg.train, optim=optim))
+    if row == "fp32":
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="off"))
     load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
     run_demo(cfg)
     write_json(out / "bench.json", {"row": row, "seed": seed, "cpu_s": time.process_time() - cpu,

@@ -350,8 +350,9 @@ def _steps_per_epoch(run: Path) -> int:
 
 
 def _params(config: dict[str, Any]) -> dict[str, Any]:
-    """The row's model settings from RUN/config.json (the settings tree; lsms 0.1 runs have a flat 'model')."""
-    m = config["run"]["model"] if "run" in config else config["model"]
+    """The row's model settings from RUN/config.json (the model spec; runs before it hold the settings tree, and
+    lsms 0.1 runs a flat 'model')."""
+    m = config["spec"]["model"] if "spec" in config else config["run"]["model"] if "run" in config else config["model"]
     if "text" in m:
         m = {**m, "freeze_text": m["text"]["freeze"], "max_tokens": m["text"]["max_tokens"]}
     return {k: m.get(k) for k in ("preset", "use_text", "decoder", "decoder_stages", "conv_kernels", "pixel_map",

@@ -30,9 +30,11 @@ def test_gpu_script_at_toy_size(tmp_path):
     assert set(rows["kvasir/real"]["dice"]) == {"full"}
     for r in rows.values():
         assert r["steps"] >= 1 and all(0.0 <= d <= 1.0 for d in r["dice"].values())
-    config = json.loads((tmp_path / "cache" / "kvasir" / "real" / "config.json").read_text())["run"]
-    assert config["model"]["output_stride"] == 2 and config["model"]["coord_embed"]  # the real recipe's switches
-    assert config["data"]["augmentation"]["patch_size"] == 64 and not config["model"]["use_text"]
-    paper = json.loads((tmp_path / "cache" / "btxrd" / "paper" / "config.json").read_text())["run"]
-    assert paper["optim"]["lr"] == 3e-5 and paper["model"]["preset"] == "base" and not paper["data"]["augment"]
+    config = json.loads((tmp_path / "cache" / "kvasir" / "real" / "config.json").read_text())
+    model = config["spec"]["model"]
+    assert model["output_stride"] == 2 and model["coord_embed"]  # the real recipe's switches
+    assert config["run"]["data"]["augmentation"]["patch_size"] == 64 and not model["use_text"]
+    paper = json.loads((tmp_path / "cache" / "btxrd" / "paper" / "config.json").read_text())
+    assert paper["run"]["optim"]["lr"] == 3e-5 and paper["spec"]["model"]["preset"] == "base"
+    assert not paper["run"]["data"]["augment"]
     assert "| btxrd/paper |" in out.with_suffix(".md").read_text()

@@ -36,7 +36,7 @@ PAPER_LR = 3e-5  # the paper's AdamW learning rate (fine-tuning from ImageNet / 
 RECIPES_DIR = Path(__file__).parent / "recipes"  # named settings files: --recipe NAME
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig(DictRoundTrip):
     """AdamW and its schedule (paper: AdamW, wd 0.01, poly power 0.9, lr 3e-5, 100 epochs, batch 16).
 
@@ -68,7 +68,7 @@ class OptimConfig(DictRoundTrip):
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        object.__setattr__(self, "betas", tuple(self.betas))  # frozen: normalised once, here
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
@@ -85,7 +85,7 @@ class OptimConfig(DictRoundTrip):
         check_finite(self, "optim.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig(DictRoundTrip):
     """Every setting of a training run. A YAML file (``--config``) may hold any part of it; flags override it."""
 
@@ -131,7 +131,8 @@ class RunConfig(DictRoundTrip):
         model = data.pop("model", None)
         config = super().from_dict(data, where)
         if model is not None:
-            config.model = model if not isinstance(model, dict) else model_config_from_dict(_fitting(model))
+            config = dataclasses.replace(
+                config, model=model if not isinstance(model, dict) else model_config_from_dict(_fitting(model)))
         return config
 
 

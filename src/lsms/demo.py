@@ -65,7 +65,7 @@ def demo_recipe() -> RunConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig(DictRoundTrip):
     """Settings of the demo: the synthetic data, the training run (``train``) and the time budget.
 

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig(DictRoundTrip):
     """Settings of :class:`LSMSLoss` (spec 2.6).
 

@@ -51,7 +51,7 @@ def swap_left_right(text: str) -> str:
     return _SIDE_RE.sub(repl, text)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Augmentation(DictRoundTrip):
     """Training augmentation (the paper trains without any; all of this is off unless asked for).
 
@@ -93,8 +93,8 @@ class Augmentation(DictRoundTrip):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.scale = tuple(float(v) for v in self.scale)  # type: ignore[assignment]
-        self.gamma = tuple(float(v) for v in self.gamma)  # type: ignore[assignment]
+        for name in ("scale", "gamma"):  # frozen: normalised once, here
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         for name in ("hflip_p", "vflip_p", "foreground_p", "spatial_p"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

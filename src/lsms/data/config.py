@@ -12,7 +12,7 @@ from lsms.model.config import check_image_size
 from lsms.settings import DictRoundTrip
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig(DictRoundTrip):
     """What the network is trained on and how samples are read."""
 

@@ -192,8 +192,10 @@ class ExistenceHead(nn.Module):
     mask probability as weights) and over the whole image, their product with the sentence embedding (does the
     region under the mask match the words?), the sentence embedding itself, the highest mask logit, and where
     the mask lies and how large it is (centroid x, y in [-1, 1], log of its area share: a sentence naming a
-    segment or an organ is checked against the position). The mask enters as a constant (detached), so the
-    existence loss shapes the features, not the mask. A small MLP gives the logit.
+    segment or an organ is checked against the position). A small MLP gives the logit. It reads its inputs as
+    constants (detached): the existence loss trains the head alone, so the network segments exactly as it would
+    without it (trained through the features, the loss cost 5 points of Dice at the demo's steps:
+    docs/model.md).
 
     Args:
         channels: C_head, channels of the decoder features and of the sentence embedding.
@@ -206,8 +208,9 @@ class ExistenceHead(nn.Module):
 
     def forward(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
         """decoded (B, C, h, w), mask logits (B, 1, h, w), text embedding (B, C) -> existence logits (B,)."""
+        decoded, logits, text_embedding = decoded.detach(), logits.detach(), text_embedding.detach()
         h, w = decoded.shape[-2:]
-        weight = torch.sigmoid(logits.detach().float())  # (B, 1, h, w)
+        weight = torch.sigmoid(logits.float())  # (B, 1, h, w)
         mass = weight.sum((2, 3))  # (B, 1)
         inside = (decoded.float() * weight).sum((2, 3)) / (mass + 1.0)  # (B, C); +1: an empty mask -> ~0
         pooled = decoded.float().mean((2, 3))  # (B, C)
@@ -215,7 +218,7 @@ class ExistenceHead(nn.Module):
         xs = torch.linspace(-1.0, 1.0, w, device=decoded.device).view(1, 1, 1, w)
         where = torch.cat([(weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))], 1) / (mass + 1e-6)  # (B, 2)
         area = torch.log(mass / (h * w) + 1e-4)  # (B, 1)
-        peak = logits.detach().float().flatten(1).amax(1, keepdim=True)  # (B, 1)
+        peak = logits.float().flatten(1).amax(1, keepdim=True)  # (B, 1)
         text = text_embedding.float()
         features = torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
         return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)
