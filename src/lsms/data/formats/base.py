@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -150,7 +151,7 @@ class Volume:
         return self._read(index)
 
 
-class ImageReader:
+class ImageReader(ABC):
     """One file format: which files it claims, how it reads an image, a slice and a volume's depth, and (where the
     format can hold one) how it writes a mask.
 
@@ -181,9 +182,10 @@ class ImageReader:
         """Whether a file whose ending no reader claims is in this format (from its first bytes)."""
         return False
 
+    @abstractmethod
     def read(self, path: Path, slice_index: int | None, limits: ReadLimits, series_uid: str | None = None) -> ImageData:
-        """The 2D image, or slice ``slice_index`` of a volume (None: the file must hold one image)."""
-        raise NotImplementedError
+        """The 2D image, or slice ``slice_index`` of a volume (None: the file must hold one image); ``series_uid``
+        picks the series of a folder that holds several (``series`` readers only)."""
 
     def depth(self, path: Path, limits: ReadLimits) -> int | None:
         """Slices of a volume (from the header only); None for a 2D image."""
