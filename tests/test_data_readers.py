@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from lsms.data import read_image, read_label_map, read_mask, write_mask_like
+from lsms.data import formats, read_image, read_label_map, read_mask, write_mask_like
+from lsms.data.formats.base import ImageData, ImageReader, ImageReadError, ReadLimits
+from lsms.data.formats.dicom import DicomReader
+from lsms.data.formats.nifti import NiftiReader
 
 
 def _ramp(h: int = 6, w: int = 8, scale: int = 1) -> np.ndarray:
@@ -239,3 +243,99 @@ def test_series_slice_with_2d_png_mask_and_volume_mask(tmp_path: Path) -> None:
     assert a["mask"].sum() == 4 and b["mask"].sum() == 1 and b["mask"][0, 0, 0] == 1
     report = check_dataset(tmp_path / "ds", workers=1)
     assert report.ok, report.format_text()
+
+
+# --------------------------------------------------------------------------- a new format is one class
+
+
+class ToyReader(ImageReader):
+    """``.toy``: a text file, ``TOY`` then one line per row of whitespace-separated integers."""
+
+    name = "toy"
+    suffixes = (".toy",)
+
+    def __init__(self) -> None:
+        self.reads: list[Path] = []
+
+    def read(self, path: Path, slice_index: int | None, limits: ReadLimits, series_uid: str | None = None) -> ImageData:
+        lines = path.read_text().splitlines()
+        if not lines or lines[0] != "TOY":
+            raise ImageReadError(f"{path}: not a toy image (the first line must be TOY)")
+        arr = np.array([[int(v) for v in line.split()] for line in lines[1:]], dtype=np.uint8)
+        limits.check(path, "max_image_pixels", arr.size, f"the image declares {arr.shape[0]} x {arr.shape[1]} pixels")
+        self.reads.append(path)
+        return ImageData(arr.astype(np.float32), path, "toy", bit_depth=8)
+
+
+def _toy(path: Path, a: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("TOY\n" + "\n".join(" ".join(str(int(v)) for v in row) for row in a) + "\n")
+    return path
+
+
+@pytest.fixture
+def toy_reader():
+    reader = formats.register(ToyReader())
+    yield reader
+    formats.unregister(reader)
+    assert not formats.is_image_name("x.toy")
+
+
+def test_a_registered_format_reads_through_check_and_predict(toy_reader: ToyReader, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from lsms.cli import main
+
+    from toy_data import make_untrained_checkpoint
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    lines = []
+    for i, split in enumerate(("train", "train", "val")):
+        image = rng.integers(0, 200, (12, 16))
+        mask = np.zeros((12, 16), np.uint8)
+        mask[3 + i : 7 + i, 4:9] = 255
+        _toy(data / "images" / f"{i}.toy", image)
+        Image.fromarray(mask).save(data / f"{i}_mask.png")
+        lines.append(json.dumps({"id": f"s{i}", "image": f"images/{i}.toy", "mask": f"{i}_mask.png",
+                                 "text": "the lesion", "split": split}))
+    (data / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["check", str(data), "--no-text-check", "--workers", "1"]) == 0
+    assert "OK: 0 error(s)" in capsys.readouterr().out
+    assert {p.name for p in toy_reader.reads} == {"0.toy", "1.toy", "2.toy"}
+
+    ckpt = make_untrained_checkpoint(tmp_path / "model.pt", in_channels=1, ct=False)
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(data / "images" / "0.toy"), "--text", "the lesion", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    mask = np.array(Image.open(out / "0_mask.png"))  # named by the stem without the registered ending
+    assert mask.shape == (12, 16) and set(np.unique(mask)) <= {0, 255}
+    assert main(["predict", str(ckpt), str(data / "images"), "--text", "the lesion", "--out", str(tmp_path / "all"),
+                 "--device", "cpu"]) == 0  # a folder: its .toy files are the images
+    assert sorted(p.name for p in (tmp_path / "all").glob("*_mask.png")) == ["0_mask.png", "1_mask.png", "2_mask.png"]
+
+
+def test_a_registered_format_joins_layouts_and_messages(toy_reader: ToyReader, tmp_path: Path) -> None:
+    from lsms.data import load_samples
+
+    _toy(tmp_path / "images" / "a.toy", np.full((4, 5), 9))
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((4, 5), 255, np.uint8)).save(tmp_path / "masks" / "a.png")
+    (r,) = load_samples(tmp_path)
+    assert r.image.endswith("a.toy") and read_mask(r.mask_path).all()
+    (tmp_path / "x.xyz").write_text("?")
+    with pytest.raises(ImageReadError, match=r"use PNG, JPEG, TIFF, NPY/NPZ, NIfTI \(\.nii/\.nii\.gz\), DICOM or toy"):
+        read_image(tmp_path / "x.xyz")
+    with pytest.raises(ValueError, match=r"the ending '\.toy' is read by ToyReader already"):
+        formats.register(ToyReader())
+
+
+def test_registry_picks_by_longest_ending_then_sniff(tmp_path: Path) -> None:
+    assert formats.image_stem("CT.Nii.Gz") == "CT" and formats.image_stem("a.b.png") == "a.b"
+    assert formats.image_stem("notes.txt") == "notes"
+    assert isinstance(formats.find_reader(tmp_path / "x.nii.gz"), NiftiReader)
+    assert isinstance(formats.find_reader(tmp_path), DicomReader)  # a folder: a DICOM series
+    (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM")
+    assert formats.is_series_file(tmp_path / "IM0001") and formats.find_reader(tmp_path / "x.gz") is None
+    names = ["a.jpg", "a.npy", "a.png", "a.tif"]
+    assert min(names, key=formats.preference) == "a.png"
+    assert min(["a.jpg", "a.tif"], key=lambda n: formats.preference(n, mask=True)) == "a.tif"

@@ -42,16 +42,15 @@ from PIL import Image
 
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
+from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
 from lsms.data.intensity import Preprocessing, input_mismatch, scale_intensity
-from lsms.data.layouts import IMAGE_SUFFIXES
-from lsms.data.readers import is_dicom, volume_depth
+from lsms.data.readers import volume_depth, write_volume_mask
 from lsms.metrics import existence_probability
 from lsms.runs import writable_folder
 from lsms.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-VOLUME_FORMATS = ("nifti", "dicom-series")
 COLOURS = ((1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1))  # one per sentence, RGB in [0, 1]
 
 
@@ -339,27 +338,26 @@ def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices:
                 image = pairs_path.parent / image if (pairs_path.parent / image).exists() else image
             grouped.setdefault((str(image), row.get("slice") or None), []).append(row["text"] or "")
         for (image, slice_spec), texts in grouped.items():
-            jobs.extend(_jobs_for(Path(image), texts, slice_spec or slices, IMAGE_SUFFIXES))
+            jobs.extend(_jobs_for(Path(image), texts, slice_spec or slices))
     if paths and text is None and not pairs:
         raise ValueError('give the sentence with --text "..." (or --text "" for a model without text), or --pairs CSV')
     for p in paths:
-        jobs.extend(_jobs_for(Path(p), [text or ""], slices, IMAGE_SUFFIXES))
+        jobs.extend(_jobs_for(Path(p), [text or ""], slices))
     if not jobs:
         raise ValueError("nothing to predict: give image files, folders, a NIfTI volume, a DICOM series or --pairs")
     return jobs
 
 
-def _jobs_for(path: Path, texts: list[str], slices: str | None, suffixes: tuple[str, ...]) -> list[Job]:
+def _jobs_for(path: Path, texts: list[str], slices: str | None) -> list[Job]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: input not found")
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        is_series = any(f.suffix.lower() in (".dcm", ".dicom") or (not f.suffix and is_dicom(f)) for f in files)
-        if not is_series:
-            images = [f for f in files if f.name.lower().endswith(suffixes)]
+        if not any(is_series_file(f) for f in files):  # a folder of images, not a DICOM series
+            images = [f for f in files if is_image_name(f.name)]
             if not images:
-                raise ValueError(f"{path}: no image files in this folder (looked for {', '.join(suffixes)})")
-            return [j for f in images for j in _jobs_for(f, texts, slices, suffixes)]
+                raise ValueError(f"{path}: no image files in this folder (looked for {', '.join(image_suffixes())})")
+            return [j for f in images for j in _jobs_for(f, texts, slices)]
     try:
         depth = volume_depth(path)
         if depth is None:
@@ -380,29 +378,8 @@ def _naming(path: Path, k: int | None, err: BaseException) -> str:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem if path.is_file() else name
-
-
-def write_volume_mask(masks: dict[int, np.ndarray], geometry, path: Path) -> Path:
-    """Write the predicted slices into a zero volume with the input's size, spacing, origin and direction."""
-    import SimpleITK as sitk  # deferred on purpose: only NIfTI / DICOM inputs need it
-
-    w, h = geometry.size[0], geometry.size[1]
-    depth = geometry.size[2] if len(geometry.size) == 3 else 1
-    vol = np.zeros((depth, h, w), np.uint8)  # (z, y, x)
-    for k, m in masks.items():
-        vol[k] = m.astype(np.uint8)
-    img = sitk.GetImageFromArray(vol if len(geometry.size) == 3 else vol[0])
-    img.SetSpacing(geometry.spacing)
-    img.SetOrigin(geometry.origin)
-    img.SetDirection(geometry.direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path), useCompression=True)
-    return path
+    """An input's name without its image ending (``ct.nii.gz`` -> ``ct``); a folder's name as it is."""
+    return image_stem(path.name) if path.is_file() else path.name
 
 
 # --------------------------------------------------------------------------- command line

@@ -15,48 +15,37 @@ import logging
 import os
 from pathlib import Path
 
+from lsms.data.formats import image_stem, is_image_name, preference
 from lsms.data.manifest import MANIFEST_NAME, SPLITS, Record, manifest_path, outside_root, parse_manifest
 from lsms.data.problems import Problem, raise_first
 
 log = logging.getLogger(__name__)
 
 LVIT_FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".npz", ".nii", ".nii.gz", ".dcm")
 _IMAGE_DIRS = ("images", "image", "imgs", "img")
 _MASK_DIRS = ("masks", "mask", "labels", "label")
 
 
-def _stem(name: str) -> str:
-    lower = name.lower()
-    for suffix in (".nii.gz",):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def _index(folder: Path) -> dict[str, list[str]]:
-    """stem -> file names in ``folder`` with an image suffix (sorted; hidden files ignored)."""
+    """stem -> file names in ``folder`` that a reader claims by their ending (sorted; hidden files ignored)."""
     out: dict[str, list[str]] = {}
     for p in sorted(folder.iterdir()):
         name = p.name
-        if name.startswith(".") or not p.is_file() or not name.lower().endswith(IMAGE_SUFFIXES):
+        if name.startswith(".") or not p.is_file() or not is_image_name(name):
             continue
-        out.setdefault(_stem(name), []).append(name)
+        out.setdefault(image_stem(name), []).append(name)
     return out
 
 
-def _pick(names: list[str], prefer: tuple[str, ...]) -> str:
-    for suffix in prefer:
-        for n in names:
-            if n.lower().endswith(suffix):
-                return n
-    return names[0]
+def _pick(names: list[str], mask: bool = False) -> str:
+    """The file of one stem to use: the first in the readers' order (for a mask, lossless formats first)."""
+    return min(names, key=lambda n: preference(n, mask))
 
 
 def _find_mask(masks: dict[str, list[str]], stem: str) -> str | None:
     for key in (stem, f"mask_{stem}", f"{stem}_mask", f"{stem}_segmentation"):
         if key in masks:
-            return _pick(masks[key], (".png", ".tif", ".tiff", ".npy", ".bmp"))
+            return _pick(masks[key], mask=True)
     return None
 
 
@@ -154,7 +143,7 @@ def scan_lvit(root: str | Path, split: str | None = None) -> tuple[list[Record],
             if not name:
                 problems.append(Problem("error", "invalid-record", f"{where}: empty 'Image' cell", str(xlsx), split=sp))
                 continue
-            stem = _stem(name)
+            stem = image_stem(name)
             candidates = [stem, stem[5:]] if stem.startswith("mask_") else [stem]
             found = next((c for c in candidates if c in images), None)
             if found is None:
@@ -163,7 +152,7 @@ def scan_lvit(root: str | Path, split: str | None = None) -> tuple[list[Record],
                     str(img_dir / name), stem, sp,
                 ))
                 continue
-            image_name = name if name in images[found] else _pick(images[found], (".png", ".jpg", ".jpeg", ".tif"))
+            image_name = name if name in images[found] else _pick(images[found])
             mask_name = _find_mask(masks, found)
             if mask_name is None:
                 problems.append(Problem(
@@ -236,7 +225,7 @@ def scan_image_folder(root: str | Path, split: str | None = None) -> tuple[list[
         images, masks = _index(img_dir), _index(mask_dir)
         matched: set[str] = set()
         for stem, names in images.items():
-            image_name = _pick(names, (".png", ".jpg", ".jpeg", ".tif"))
+            image_name = _pick(names)
             mask_name = _find_mask(masks, stem)
             if mask_name is None:
                 problems.append(Problem(
@@ -244,7 +233,7 @@ def scan_image_folder(root: str | Path, split: str | None = None) -> tuple[list[
                     str(mask_dir), stem, sp,
                 ))
                 continue
-            matched.add(_stem(mask_name))
+            matched.add(image_stem(mask_name))
             records.append(Record(
                 id=_unique_id(stem, used), image=str((img_dir / image_name).relative_to(root)),
                 mask=str((mask_dir / mask_name).relative_to(root)), text="", split=sp, root=root,

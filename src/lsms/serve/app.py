@@ -28,11 +28,12 @@ from typing import Any
 import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
-from lsms.data.readers import ReadLimits
+from lsms.data.formats import READERS, is_series_file, reader_for
+from lsms.data.readers import ReadLimits, write_volume_mask
 from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
-from lsms.serve.uploads import extract_zip, files_sha256, gunzip, hide_folder, write_upload
+from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
 
 log = logging.getLogger("lsms.serve")
 
@@ -145,6 +146,7 @@ class Viewer:
             "limits": {"megapixels": self.limits.max_image_pixels / 1e6, "upload_bytes": self.max_upload_bytes,
                        "text_chars": MAX_TEXT_CHARS, "sentences": MAX_SENTENCES, "idle_s": SESSION_IDLE_S},
             "colours": ["#" + "".join(f"{int(255 * c):02x}" for c in rgb) for rgb in COLOURS],
+            "accept": upload_accept(),
         }
 
     def session(self, sid: str | None) -> Session:
@@ -230,14 +232,12 @@ class Viewer:
             return info
 
     def _open_paths(self, paths: list[Path], folder: Path) -> Opened:
-        from lsms.data.readers import DICOM_SUFFIXES, is_dicom
-
         paths = [p for p in paths if not p.name.startswith(".")]
         if not paths:
             raise ServeError(400, "the upload holds no files (hidden files are ignored)")
         if len(paths) == 1:
             return self._open_file(paths[0], folder)
-        dicom = [p for p in paths if p.suffix.lower() in DICOM_SUFFIXES or is_dicom(p)]
+        dicom = [p for p in paths if is_series_file(p)]
         if len(dicom) != len(paths):
             others = sorted(p.name for p in paths if p not in dicom)[:3]
             raise ServeError(400, f"{len(paths)} files uploaded and not all are DICOM (e.g. {', '.join(others)}); "
@@ -257,10 +257,10 @@ class Viewer:
 
     def _open_file(self, path: Path, folder: Path) -> Opened:
         volume = self._read_volume(path, folder)
-        if volume.depth > 1 and path.name.lower().endswith(".nii.gz"):
+        if volume.depth > 1:
             # a slice of a .nii.gz is read by decompressing everything before it: decompressed once here, the
             # slider and the whole-volume run read each slice directly (the same voxels, the same geometry)
-            plain = gunzip(path, path.with_name(path.name[:-3]), MAX_GUNZIP_BYTES)
+            plain = reader_for(path).uncompressed(path, MAX_GUNZIP_BYTES)
             if plain is not None:
                 volume = self._read_volume(plain, folder)
         return Opened(path.name, volume.depth, volume.slice, files=[path], source=path.name,
@@ -413,8 +413,6 @@ class Viewer:
 
     def mask_nifti(self, sid: str, text: str, threshold: float) -> bytes:
         """NIfTI in the input's geometry holding every slice predicted so far for ``text`` at ``threshold``."""
-        from lsms.predict import write_volume_mask
-
         s = self.session(sid)
         text = self._check_texts([text])[0]
         threshold = _check_threshold(threshold)
@@ -516,6 +514,14 @@ class Viewer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def upload_accept() -> str:
+    """The upload picker's filter: every reader's endings and media types, ``.gz`` for ``.nii.gz`` (browsers match
+    the last suffix only) and ``.zip`` (a DICOM series, zipped)."""
+    suffixes = [s for r in READERS for s in r.suffixes]
+    last = ["." + s.rsplit(".", 1)[1] for s in suffixes if s.count(".") > 1]
+    return ",".join(dict.fromkeys([*suffixes, *last, ".zip", *(m for r in READERS for m in r.media_types)]))
 
 
 def _check_threshold(threshold: Any) -> float:

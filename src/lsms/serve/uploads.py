@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import re
 import shutil
 import zipfile
-import zlib
 from pathlib import Path
 
 from lsms.serve.errors import ServeError
@@ -50,23 +48,6 @@ def extract_zip(path: Path, out: Path, max_bytes: int) -> list[Path]:
     if not paths:
         raise ServeError(400, f"{path.name}: the zip holds no files")
     return paths
-
-
-def gunzip(path: Path, out: Path, max_bytes: int) -> Path | None:
-    """Decompress ``path`` to ``out``; None (and nothing left behind) when it is damaged or unpacks to more than
-    ``max_bytes``."""
-    try:
-        with gzip.open(path, "rb") as src, open(out, "wb") as dst:
-            n = 0
-            while chunk := src.read(1 << 20):
-                n += len(chunk)
-                if n > max_bytes:
-                    raise ValueError("too large")
-                dst.write(chunk)
-    except (OSError, EOFError, ValueError, zlib.error):
-        out.unlink(missing_ok=True)
-        return None
-    return out
 
 
 def hide_folder(message: str, folder: Path) -> str:

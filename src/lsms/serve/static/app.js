@@ -273,6 +273,7 @@ async function start() {
     return;
   }
   state.sid = state.info.sid;
+  $("file").accept = state.info.accept;  // the endings lsms reads
   const m = state.info.model;
   $("model-info").textContent = `model ${m.name} · ${m.uses_text ? "reads text" : "no text"} · ` +
     `input ${m.image_size.join("x")}${m.device ? " · " + m.device : ""}`;
