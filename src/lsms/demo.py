@@ -29,7 +29,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lsms.checkpoint import seed_everything
 from lsms.config import OptimConfig, RunConfig, set_path, short_metavars
 from lsms.data import Collator, DataConfig, load_samples, read_image, read_mask
 from lsms.data.loaders import build_datasets
@@ -38,6 +37,7 @@ from lsms.losses import LSMSLoss
 from lsms.model import model_config
 from lsms.optim import TrainingStep, build_optimizer, train_step
 from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
+from lsms.seeding import seed_everything
 from lsms.settings import DictRoundTrip
 from lsms.train import model_for, train
 

@@ -39,11 +39,8 @@ from lsms.checkpoint import (
     make_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
-    rng_state,
     run_config,
     save_checkpoint,
-    seed_everything,
-    set_rng_state,
 )
 from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
 from lsms.data import TEXT_LEVELS, Collator, Preprocessing
@@ -63,6 +60,7 @@ from lsms.optim import (
 )
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
+from lsms.seeding import rng_state, seed_everything, set_rng_state
 from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
