@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lsms.metrics import check_threshold
 from lsms.optim import autocast, inference_dtype
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
@@ -331,8 +332,8 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
         what = {"torch": "a checkpoint (or run folder)", "onnxruntime": "an ONNX file",
                 "torchscript": "a TorchScript file"}[kind]
         raise ValueError(f"{path} is {what}: use --backend {kind}, or export it with 'lsms export' for {backend}")
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if threshold is not None:
+        check_threshold(threshold)
     if backend == "onnxruntime":
         loaded: Backend = OnnxRuntimeBackend(path, threads)
     elif backend == "torchscript":

@@ -54,6 +54,7 @@ __all__ = [
     "PredKind",
     "SampleRecord",
     "binarize",
+    "check_threshold",
     "choose_existence_threshold",
     "existence_probability",
     "existence_score",
@@ -90,6 +91,14 @@ class SampleRecord(TypedDict):
     referred_hit: bool | None
 
 
+def check_threshold(value: float, name: str = "threshold") -> float:
+    """A probability threshold must lie strictly between 0 and 1 (0 or 1 would mark every pixel or none);
+    returns it. The one check of every threshold: :func:`binarize`, the predictor, the backends, the commands."""
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -109,8 +118,7 @@ def binarize(pred: Tensor, pred_kind: PredKind = "logits", threshold: float = 0.
         Bool tensor of the shape of ``pred``.
     """
     _check_choice("pred_kind", pred_kind, get_args(PredKind))
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    check_threshold(threshold)
     if pred_kind == "mask":
         return pred != 0
     if pred_kind == "probs":
@@ -314,8 +322,7 @@ class MetricAccumulator:
     ):
         _check_choice("empty_policy", empty_policy, get_args(EmptyPolicy))
         _check_choice("pred_kind", pred_kind, get_args(PredKind))
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        check_threshold(threshold)
         self.empty_policy: EmptyPolicy = empty_policy
         self.pred_kind: PredKind = pred_kind
         self.threshold = threshold

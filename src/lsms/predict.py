@@ -44,7 +44,7 @@ from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.intensity import input_mismatch, scale_intensity
 from lsms.data.layouts import IMAGE_SUFFIXES
 from lsms.data.readers import is_dicom, volume_depth
-from lsms.metrics import existence_probability
+from lsms.metrics import check_threshold, existence_probability
 from lsms.runs import writable_folder
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ class Predictor:
 
     def __init__(self, model, preprocessing=None, device: torch.device | str = "cpu", threshold: float | None = None,
                  existence_threshold: float | None = None):
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        if threshold is not None:
+            check_threshold(threshold)
         if existence_threshold is not None and not 0.0 <= existence_threshold < 1.0:
             raise ValueError(f"existence threshold must lie in [0, 1) (0: never 'not found'), got {existence_threshold}")
         if not isinstance(model, Backend):
@@ -169,9 +169,7 @@ class Predictor:
 
 def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
     """bool mask: probability strictly above ``threshold`` (0 < threshold < 1)."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    return probability > threshold
+    return probability > check_threshold(threshold)
 
 
 def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -420,8 +418,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 < args.threshold < 1.0:
-        raise ValueError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    check_threshold(args.threshold, "--threshold")
     if args.slices is not None:
         slice_spec(args.slices)
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)

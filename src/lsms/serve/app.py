@@ -29,6 +29,7 @@ import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.data.readers import ReadLimits
+from lsms.metrics import check_threshold
 from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
@@ -523,9 +524,10 @@ def _check_threshold(threshold: Any) -> float:
         t = float(threshold)
     except (TypeError, ValueError):
         raise ServeError(400, f"threshold must be a number between 0 and 1, got {threshold!r}") from None
-    if not 0.0 < t < 1.0:
-        raise ServeError(400, f"threshold must lie strictly between 0 and 1, got {t}")
-    return t
+    try:
+        return check_threshold(t)
+    except ValueError as err:
+        raise ServeError(400, str(err)) from None
 
 
 def _is_ct(image: ImageData) -> bool:
