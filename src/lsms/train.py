@@ -1,6 +1,7 @@
 """``lsms train``: train LSMS on a manifest or LViT-layout folder, on one process or many (torchrun + DDP).
 
-The loop is :func:`train`, one function to read top to bottom (nanoGPT style). Settings are the one typed tree
+The loop is :func:`_train`, one function to read top to bottom (nanoGPT style), entered through :func:`train`
+(which starts the processes and holds the run folder's lock). Settings are the one typed tree
 :class:`~lsms.config.RunConfig`; the learning rate is the pure function :func:`~lsms.optim.lr_at` of the step;
 one optimiser step is :func:`~lsms.optim.train_step`; a checkpoint is the plain dict described in
 :mod:`lsms.checkpoint`, with the run's settings and preprocessing inside.
@@ -456,7 +457,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The settings of ``lsms train``'s command line (:func:`lsms.config.run_config_from_flags`)."""
+    """The settings of ``lsms train``'s command line (:func:`lsms.config.chosen_settings` over the defaults)."""
     return RunConfig.from_dict(chosen_from_args(args))
 
 
