@@ -36,7 +36,8 @@ from lsms.evaluate import evaluate_levels
 from lsms.losses import LSMSLoss
 from lsms.model import model_config
 from lsms.optim import TrainingStep, build_optimizer, train_step
-from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
+from lsms.pictures import heat_map, save_feature_maps, save_overlay
+from lsms.predict import Predictor
 from lsms.seeding import seed_everything
 from lsms.settings import DictRoundTrip
 from lsms.train import model_for, train
