@@ -369,8 +369,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a named settings file under src/lsms/recipes/: 'paper' (base, lr 3e-5, 100 epochs, batch 16, "
                         "480x480; meant for fine-tuning), 'real' (real 2D images from scratch, long budgets: "
                         "lesion-centred patches, scale/rotation/flip/intensity augmentation, positions, 1/2-resolution "
-                        "output) or 'real-cpu' (the same without patches and scale/rotation, whole 224 px images: "
-                        "faster learning in an hour of CPU); docs/training.md; --config and flags override it")
+                        "output), 'real-cpu' (the same without patches and scale/rotation, whole 224 px images: "
+                        "faster learning in an hour of CPU) or 'demo' (the demo's: tiny with the existence head, CT "
+                        "slices at 128 px, 2 CPU cores); docs/training.md; --config and flags override it")
     p.add_argument("--paper-recipe", action="store_true", help="the same as --recipe paper")
     g = p.add_argument_group("model")
     g.add_argument("--preset", dest="model.preset", default=S, choices=list(MODELS),
