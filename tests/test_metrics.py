@@ -200,6 +200,15 @@ def test_threshold_check_message(bad):
     assert check_threshold(0.3) == 0.3
 
 
+def test_threshold_check_existence_and_types():
+    assert check_threshold(0.0, "existence threshold", low_inclusive=True) == 0.0  # 0: never "not found"
+    with pytest.raises(ValueError, match=r"^existence threshold must lie in \[0, 1\) \(0: never 'not found'\), got 1.0$"):
+        check_threshold(1.0, "existence threshold", low_inclusive=True)
+    for bad in (True, "0.5", None):
+        with pytest.raises(ValueError, match="threshold must lie strictly between 0 and 1"):
+            check_threshold(bad)  # type: ignore[arg-type]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="empty_policy"):
         summarize([], empty_policy="zero")  # type: ignore[arg-type]

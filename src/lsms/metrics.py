@@ -40,6 +40,7 @@ all ranks once, dropping repeated ids (a ``DistributedSampler`` pads the last ba
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypedDict, get_args
 
@@ -91,12 +92,15 @@ class SampleRecord(TypedDict):
     referred_hit: bool | None
 
 
-def check_threshold(value: float, name: str = "threshold") -> float:
-    """A probability threshold must lie strictly between 0 and 1 (0 or 1 would mark every pixel or none);
-    returns it. The one check of every threshold: :func:`binarize`, the predictor, the backends, the commands."""
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
-    return value
+def check_threshold(value: float, what: str = "threshold", low_inclusive: bool = False) -> float:
+    """The one probability-threshold check (:func:`binarize`, the predictor, the backends, the commands, the
+    viewer): strictly inside (0, 1), or [0, 1) with ``low_inclusive`` (an existence threshold of 0 never
+    withholds a mask). Returns the value as a float."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy scalars too
+    if not number or not ((0.0 <= value < 1.0) if low_inclusive else (0.0 < value < 1.0)):
+        bounds = "in [0, 1) (0: never 'not found')" if low_inclusive else "strictly between 0 and 1"
+        raise ValueError(f"{what} must lie {bounds}, got {value if number else repr(value)}")
+    return float(value)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

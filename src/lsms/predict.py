@@ -96,8 +96,8 @@ class Predictor:
                  existence_threshold: float | None = None):
         if threshold is not None:
             check_threshold(threshold)
-        if existence_threshold is not None and not 0.0 <= existence_threshold < 1.0:
-            raise ValueError(f"existence threshold must lie in [0, 1) (0: never 'not found'), got {existence_threshold}")
+        if existence_threshold is not None:
+            check_threshold(existence_threshold, "existence threshold", low_inclusive=True)
         if not isinstance(model, Backend):
             if preprocessing is None:
                 raise ValueError("a model needs its preprocessing (from the checkpoint's config)")
