@@ -94,6 +94,7 @@ def png(a: np.ndarray) -> bytes:
 
 
 def data_url(a: np.ndarray) -> str:
+    """A uint8 array as a PNG ``data:`` URL, which the page shows without another request."""
     return "data:image/png;base64," + base64.b64encode(png(a)).decode("ascii")
 
 
