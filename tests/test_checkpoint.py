@@ -17,6 +17,7 @@ from lsms.data import SegmentationDataset, load_samples
 from lsms.data.loaders import make_loader
 from lsms.distributed import DistEnv
 from lsms.evaluate import evaluate_model
+from lsms.seeding import rng_state, set_rng_state
 
 from toy_data import make_toy_dataset
 
@@ -27,7 +28,7 @@ V2 = Path(__file__).parent / "fixtures" / "v2"
 def _ckpt(value: float) -> dict:
     return {
         "format": C.FORMAT, "format_version": C.FORMAT_VERSION, "model": {"w": torch.full((3, 3), value)},
-        "optimizer": None, "epoch": 1, "step": 7, "batch_in_epoch": 0, "rng": [C.rng_state()],
+        "optimizer": None, "epoch": 1, "step": 7, "batch_in_epoch": 0, "rng": [rng_state()],
         "spec": {"model": {"preset": "tiny", "widths": [1, 2]}, "preprocessing": {}}, "run": {"optim": {"lr": 1e-3}},
     }
 
@@ -111,11 +112,11 @@ def test_resolve_checkpoint(tmp_path):
 def test_rng_state_round_trip_through_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     ckpt = _ckpt(0.0)
-    ckpt["rng"] = [C.rng_state()]
+    ckpt["rng"] = [rng_state()]
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     C.save_checkpoint(ckpt, tmp_path / "last.pt")
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    C.set_rng_state(C.load_checkpoint(tmp_path / "last.pt")["rng"][0])
+    set_rng_state(C.load_checkpoint(tmp_path / "last.pt")["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

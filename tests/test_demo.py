@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -50,3 +51,28 @@ def test_time_schedule_decays_with_the_time_limit():
     with pytest.raises(ValueError, match="optim.schedule must be"):
         OptimConfig(schedule="epochs")
     assert DemoConfig().train.optim.schedule == "steps"  # the demo switches to "time" once it knows the budget
+
+
+def test_demo_recipe_is_the_yaml_file():
+    """recipes/demo.yaml is the recipe the demo was tuned with, field for field; ``lsms train --recipe demo`` reads it."""
+    from lsms.cli import build_parser
+    from lsms.config import OptimConfig, RunConfig
+    from lsms.data import DataConfig
+    from lsms.model import model_config
+    from lsms.train import config_from_args
+
+    recipe = DemoConfig().train
+    assert recipe == RunConfig(
+        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2, existence_head=True,
+                           text={"freeze": True, "max_tokens": 64, "normalize_segments": True}),
+        data=DataConfig(image_size=128, window="200,80", group_by_image=True, paraphrase_p=0.5),
+        optim=OptimConfig(batch_size=8, lr=2e-3, warmup_steps=30),
+        log_every=10,
+    )
+    m, t, d, o = recipe.model, recipe.model.text, recipe.data, recipe.optim
+    assert (m.preset, m.decoder_stages, m.output_stride, m.existence_head) == ("tiny", (1, 2, 3, 4), 2, True)
+    assert (t.freeze, t.max_tokens, t.normalize_segments) == (True, 64, True)
+    assert (d.image_size, d.window, d.group_by_image, d.paraphrase_p) == (128, "200,80", True, 0.5)
+    assert (o.batch_size, o.lr, o.warmup_steps, recipe.log_every) == (8, 2e-3, 30, 10)
+    trained = config_from_args(build_parser().parse_args(["train", "data", "--recipe", "demo"]))
+    assert trained == dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, path="data"))

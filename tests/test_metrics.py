@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from lsms.metrics import MetricAccumulator, binarize, sample_scores, summarize
+from lsms.metrics import MetricAccumulator, binarize, check_threshold, sample_scores, summarize
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -185,6 +185,28 @@ def test_accumulator():
     assert acc.compute() == {**summarize(sample_scores(LOGITS, TARGET, [0, 1, 2, 3]), "skip")}
     acc.reset()
     assert acc.records == [] and acc.compute()["n_images"] == 0
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, 1.5, float("nan")])
+def test_threshold_check_message(bad):
+    message = f"threshold must lie strictly between 0 and 1, got {bad}"
+    for call in (lambda: check_threshold(bad), lambda: binarize(LOGITS, "probs", bad),
+                 lambda: MetricAccumulator(threshold=bad)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match="^--threshold must lie strictly between 0 and 1"):
+        check_threshold(bad, "--threshold")
+    assert check_threshold(0.3) == 0.3
+
+
+def test_threshold_check_existence_and_types():
+    assert check_threshold(0.0, "existence threshold", low_inclusive=True) == 0.0  # 0: never "not found"
+    with pytest.raises(ValueError, match=r"^existence threshold must lie in \[0, 1\) \(0: never 'not found'\), got 1.0$"):
+        check_threshold(1.0, "existence threshold", low_inclusive=True)
+    for bad in (True, "0.5", None):
+        with pytest.raises(ValueError, match="threshold must lie strictly between 0 and 1"):
+            check_threshold(bad)  # type: ignore[arg-type]
 
 
 def test_bad_arguments():

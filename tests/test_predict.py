@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 
 from lsms.cli import main
-from lsms.predict import Predictor, parse_slices
+from lsms.metrics import check_threshold
+from lsms.predict import Predictor, parse_slices, threshold_mask
+from lsms.serve import ServeError
+from lsms.serve.app import _check_threshold
 
 from toy_data import make_untrained_checkpoint
 
@@ -118,6 +121,21 @@ def test_predictor_in_memory_and_pairs_csv(ckpt, tmp_path):
     assert main(["predict", str(ckpt), "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out), "--device", "cpu"]) == 0
     assert (out / "im_t0_mask.png").is_file() and (out / "im_t1_mask.png").is_file()
     assert [r["text"] for r in _rows(out)] == ["the left lesion", "the right lesion"]
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 2.0])
+def test_every_threshold_is_checked_alike(ckpt, bad):
+    """The predictor, the mask, the backends and the viewer refuse a threshold with the one check's message."""
+    with pytest.raises(ValueError) as expected:
+        check_threshold(bad)
+    for call in (lambda: Predictor(None, threshold=bad), lambda: threshold_mask(np.zeros((2, 2)), bad),
+                 lambda: Predictor.from_checkpoint(ckpt, device="cpu", threshold=bad)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == str(expected.value)
+    with pytest.raises(ServeError) as served:
+        _check_threshold(bad)
+    assert served.value.status == 400 and str(expected.value) in str(served.value)
 
 
 def test_predict_errors(ckpt, tmp_path, capsys):

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from lsms.data.intensity import Preprocessing
+from lsms.metrics import check_threshold
 from lsms.model.fuse import fuse_conv_bn
 from lsms.optim import autocast, inference_dtype
-from lsms.spec import ModelSpec, check_threshold
+from lsms.spec import ModelSpec
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
 TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps

@@ -28,20 +28,18 @@ reading, each by one converter: format 1 (lsms 0.1: flat ``config["model"]``, ``
 Why ``torch.load(weights_only=True)``: a pickle can run any code while it is read. The restricted
 unpickler only rebuilds tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
 a checkpoint from a stranger cannot execute anything; everything saved here is kept to those types
-(NumPy's RNG state is stored as a tensor for that reason).
+(:mod:`lsms.seeding` stores NumPy's RNG state as a tensor for that reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lsms import __version__
@@ -217,44 +215,6 @@ def _check_sections(checkpoint: dict[str, Any], path: Path) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else ""
-
-
-# --------------------------------------------------------------------------- random number generators
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG the training loop touches, as tensors and plain values (``weights_only``-loadable)."""
-    version, mt_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": {
-            "name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only when the same number of GPUs is visible)."""
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------- assembling a checkpoint

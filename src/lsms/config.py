@@ -254,20 +254,13 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def run_config_from_flags(flags: dict[str, Any], recipe: str | None = None, settings_file: str | None = None,
-                          model: list[str] | None = None, loss: list[str] | None = None,
-                          augmentation: list[str] | None = None) -> RunConfig:
-    """The settings of a command line: defaults <- ``recipe`` <- ``settings_file`` <- ``flags`` (a mapping of
-    settings paths, ``{"optim.lr": 1e-3}``; other keys are ignored) <- KEY=VALUE lists for the model, the loss
-    and the augmentation. Mappings merge key by key."""
-    return RunConfig.from_dict(chosen_settings(flags, recipe, settings_file, model, loss, augmentation))
-
-
 def chosen_settings(flags: dict[str, Any], recipe: str | None = None, settings_file: str | None = None,
                     model: list[str] | None = None, loss: list[str] | None = None,
                     augmentation: list[str] | None = None) -> dict[str, Any]:
-    """What :func:`run_config_from_flags` reads, as the tree of the settings chosen (no defaults): a resumed run
-    takes these over its saved ones."""
+    """The settings of a command line as the tree of the settings chosen (no defaults; ``RunConfig.from_dict``
+    adds them): ``recipe`` <- ``settings_file`` <- ``flags`` (a mapping of settings paths, ``{"optim.lr": 1e-3}``;
+    other keys are ignored) <- KEY=VALUE lists for the model, the loss and the augmentation. Mappings merge key
+    by key. A resumed run takes these over its saved ones."""
     tree: dict[str, Any] = {}
     if recipe:
         merge_into(tree, load_recipe(recipe))
@@ -320,6 +313,6 @@ def _underscores(data: Any) -> Any:
 
 __all__ = [
     "FLAT_KEYS", "PAPER_LR", "RECIPES_DIR", "OptimConfig", "chosen_settings", "key_values", "load_recipe", "recipe_names",
-    "run_config_from_flags", "RunConfig", "load_settings_file", "merge_into",
+    "RunConfig", "load_settings_file", "merge_into",
     "set_path", "short_metavars", "upgrade_flat_model", "upgrade_flat_settings",
 ]

@@ -11,7 +11,8 @@
 4. write a report folder: ``README.md`` (settings, timings, metrics table, targets), overlays of one slice
    segmented twice with two different sentences, the stage feature maps, and the training curves.
 
-The recipe (:class:`DemoConfig`) was tuned for 2 CPU cores; see docs/training.md for the measurements.
+The training recipe (``src/lsms/recipes/demo.yaml``, ``DemoConfig.train``; ``lsms train --recipe demo`` reads the
+same file) was tuned for 2 CPU cores; see docs/training.md for the measurements.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lsms.checkpoint import seed_everything
-from lsms.config import OptimConfig, RunConfig, set_path, short_metavars
-from lsms.data import Collator, DataConfig, load_samples, read_image, read_mask
+from lsms.config import RunConfig, load_recipe, set_path, short_metavars
+from lsms.data import Collator, load_samples, read_image, read_mask
 from lsms.data.loaders import build_datasets
 from lsms.evaluate import evaluate_levels
 from lsms.losses import LSMSLoss
-from lsms.model import model_config
 from lsms.optim import TrainingStep, build_optimizer, train_step
-from lsms.predict import Predictor, heat_map, save_feature_maps, save_overlay
+from lsms.pictures import heat_map, save_feature_maps, save_overlay
+from lsms.predict import Predictor
+from lsms.seeding import seed_everything
 from lsms.settings import DictRoundTrip
 from lsms.train import model_for, train
 
@@ -45,24 +46,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"dice_full": 0.88, "referring_accuracy_multi_full": 0.95, "heldout_drop": 0.03, "existence_AUROC": 0.95,
            "negative_mask_rate": 0.05, "positive_dice_loss": 0.01}
-
-
-def demo_recipe() -> RunConfig:
-    """The demo's training recipe, tuned for 2 CPU cores (docs/training.md has the measurements)."""
-    return RunConfig(
-        # P1 (stride 4) in the decoder: the paper's (2, 3, 4) starts at stride 8; expressions are 40-60 tokens
-        # logits at 1/2 resolution (output_stride 2): +3 points of test Dice at the same steps (docs/training.md);
-        # segment spellings (S7, SVII, the 7th segment) read as "segment 7" (docs/model.md, text normalisation);
-        # the existence head answers "not present" for sentences that match no lesion (docs/model.md)
-        model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2, existence_head=True,
-                           text={"freeze": True, "max_tokens": 64, "normalize_segments": True}),
-        # CT window W200/L80: cysts to FNH (0..150 HU) all inside, none clipped; batches hold the same slice
-        # with the same slice with different sentences; half of the sentences are paraphrases (other wording,
-        # details dropped or reordered)
-        data=DataConfig(image_size=128, window="200,80", group_by_image=True, paraphrase_p=0.5),
-        optim=OptimConfig(batch_size=8, lr=2e-3, warmup_steps=30),
-        log_every=10,
-    )
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ class DemoConfig(DictRoundTrip):
     variants: int = 4  # paraphrases per expression (train-time text augmentation: train.data.paraphrase_p)
     heldout_phrasing: str | None = "phrasings-heldout.yaml"  # test expressions reworded with it; None: skip
     # training
-    train: RunConfig = field(default_factory=demo_recipe)
+    train: RunConfig = field(default_factory=lambda: RunConfig.from_dict(load_recipe("demo")))  # recipes/demo.yaml
     epochs: int | None = None  # None: as many as the time budget allows (measured), at most max_epochs
     max_epochs: int = 12
     # running

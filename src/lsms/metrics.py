@@ -40,6 +40,7 @@ all ranks once, dropping repeated ids (a ``DistributedSampler`` pads the last ba
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypedDict, get_args
 
@@ -54,6 +55,7 @@ __all__ = [
     "PredKind",
     "SampleRecord",
     "binarize",
+    "check_threshold",
     "choose_existence_threshold",
     "existence_probability",
     "existence_score",
@@ -90,6 +92,17 @@ class SampleRecord(TypedDict):
     referred_hit: bool | None
 
 
+def check_threshold(value: float, what: str = "threshold", low_inclusive: bool = False) -> float:
+    """The one probability-threshold check (:func:`binarize`, the predictor, the backends, the commands, the
+    viewer): strictly inside (0, 1), or [0, 1) with ``low_inclusive`` (an existence threshold of 0 never
+    withholds a mask). Returns the value as a float."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy scalars too
+    if not number or not ((0.0 <= value < 1.0) if low_inclusive else (0.0 < value < 1.0)):
+        bounds = "in [0, 1) (0: never 'not found')" if low_inclusive else "strictly between 0 and 1"
+        raise ValueError(f"{what} must lie {bounds}, got {value if number else repr(value)}")
+    return float(value)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -109,8 +122,7 @@ def binarize(pred: Tensor, pred_kind: PredKind = "logits", threshold: float = 0.
         Bool tensor of the shape of ``pred``.
     """
     _check_choice("pred_kind", pred_kind, get_args(PredKind))
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    check_threshold(threshold)
     if pred_kind == "mask":
         return pred != 0
     if pred_kind == "probs":
@@ -314,8 +326,7 @@ class MetricAccumulator:
     ):
         _check_choice("empty_policy", empty_policy, get_args(EmptyPolicy))
         _check_choice("pred_kind", pred_kind, get_args(PredKind))
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        check_threshold(threshold)
         self.empty_policy: EmptyPolicy = empty_policy
         self.pred_kind: PredKind = pred_kind
         self.threshold = threshold

@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import logging
 import os
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,15 @@ from PIL import Image
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
-from lsms.data.intensity import Preprocessing, input_mismatch, scale_intensity
+from lsms.data.intensity import Preprocessing, input_mismatch
 from lsms.data.readers import volume_depth, write_volume_mask
-from lsms.metrics import existence_probability
+from lsms.metrics import check_threshold, existence_probability
+from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
 from lsms.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-COLOURS = ((1.0, 0.2, 0.2), (0.2, 0.8, 1.0), (0.3, 1.0, 0.3), (1.0, 0.8, 0.1))  # one per sentence, RGB in [0, 1]
 
 
 @dataclass
@@ -177,112 +176,7 @@ class Predictor:
 
 def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
     """bool mask: probability strictly above ``threshold`` (0 < threshold < 1)."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    return probability > threshold
-
-
-def heat_map(feature: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(1, C, h, w) stage output -> (H, W) in [0, 1]: mean absolute activation over channels, min-max scaled."""
-    m = feature.float().abs().mean(1, keepdim=True)  # (1, 1, h, w)
-    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0]
-    lo, hi = m.min(), m.max()
-    return ((m - lo) / (hi - lo + 1e-12)).cpu().numpy()
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-def save_mask_png(mask: np.ndarray, target) -> None:
-    """Write a mask as a 0/255 8-bit grey PNG to a path or binary file (``lsms serve`` sends the same bytes)."""
-    from PIL import Image
-
-    Image.fromarray(mask.astype(np.uint8) * 255).save(target, format="PNG")
-
-
-def display_image(array: np.ndarray, preprocessing) -> np.ndarray:
-    """Raw image -> float (H, W) or (H, W, 3) in [0, 1] for display, scaled as the model sees it (CT window)."""
-    a = scale_intensity(array, preprocessing)
-    if a.ndim == 3:
-        a = a[..., :3] if a.shape[-1] >= 3 else a[..., 0]
-    return a
-
-
-def save_overlay(array: np.ndarray, preprocessing, masks: list[np.ndarray | None], captions: list[str], path: Path,
-                 title: str | None = None, ncols: int | None = None,
-                 colours: list[tuple[float, float, float]] | None = None) -> Path:
-    """Panels of the image with each mask in colour and its sentence as caption (a None mask: image only)."""
-    import matplotlib  # deferred on purpose: only the picture files need it, and it takes a second to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = display_image(array, preprocessing)
-    n = len(masks)
-    ncols = ncols or n
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.9 * nrows), squeeze=False)
-    colours = colours or list(COLOURS)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for i, (ax, mask, caption) in enumerate(zip(axes.flat, masks, captions, strict=False)):
-        ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
-        colour = colours[i % len(colours)]
-        if mask is not None:
-            rgba = np.zeros((*mask.shape, 4), np.float32)
-            rgba[mask.astype(bool)] = (*colour, 0.45)
-            ax.imshow(rgba)
-            if mask.any():
-                ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
-        ax.set_title("\n".join(textwrap.wrap(caption or "(no text)", 52)), fontsize=7.5)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def save_feature_maps(array: np.ndarray, preprocessing, maps: list[np.ndarray], path: Path,
-                      caption: str = "", rows: list[tuple[str, list[np.ndarray]]] | None = None,
-                      mask: np.ndarray | None = None) -> Path:
-    """The image and the four stage heat maps in a row (paper Fig. 6 style).
-
-    ``rows`` adds further labelled rows of heat maps (e.g. what the sentence changes); ``mask`` outlines the
-    target in the image panel.
-    """
-    import matplotlib  # deferred on purpose: only the picture files need it, and it takes a second to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = display_image(array, preprocessing)
-    all_rows = [("mean |activation|", maps), *(rows or [])]
-    ncols = len(maps) + 1
-    fig, axes = plt.subplots(len(all_rows), ncols, figsize=(2.6 * ncols, 2.9 * len(all_rows)), squeeze=False)
-    for r, (label, row_maps) in enumerate(all_rows):
-        axes[r, 0].imshow(shown, cmap="gray", vmin=0, vmax=1)
-        if mask is not None and mask.any():
-            axes[r, 0].contour(mask.astype(float), levels=[0.5], colors=["red"], linewidths=1.0)
-        axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)
-        axes[r, 0].text(-0.08, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, va="center",
-                        ha="right", fontsize=8)
-        for i, (ax, m) in enumerate(zip(axes[r, 1:], row_maps, strict=True), start=1):
-            ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1)
-            if r == 0:
-                ax.set_title(f"stage {i} (F{i})", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    if caption:
-        fig.suptitle("\n".join(textwrap.wrap(caption, 110)), fontsize=7.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return probability > check_threshold(threshold)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -406,8 +300,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0.0 < args.threshold < 1.0:
-        raise ValueError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    check_threshold(args.threshold, "--threshold")
     if args.slices is not None:
         slice_spec(args.slices)
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lsms.config import set_path
+from lsms.settings import plain
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def resume_settings(saved: dict[str, Any], given: dict[str, Any], fixed: Collect
     merged = copy.deepcopy(saved)
     for path, value in _leaves(given):
         before = _get(saved, path)
-        if _plain(value) == _plain(before):
+        if plain(value) == plain(before):
             continue
         if any(path == f or path.startswith(f + ".") for f in fixed):
             if strict:
@@ -223,7 +224,7 @@ def changed_settings(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     """The part of a settings ``tree`` that differs from ``defaults`` (a tree again)."""
     out: dict[str, Any] = {}
     for path, value in _leaves(tree):
-        if _plain(value) != _plain(_get(defaults, path)):
+        if plain(value) != plain(_get(defaults, path)):
             set_path(out, path, value)
     return out
 
@@ -243,12 +244,3 @@ def _get(tree: dict[str, Any], path: str) -> Any:
             return None
         tree = tree[key]
     return tree
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists (saved settings went through JSON-like plain data)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value

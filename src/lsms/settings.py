@@ -22,7 +22,7 @@ class DictRoundTrip:
     settings_name: ClassVar[str] = "settings"
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -46,13 +46,14 @@ def check_finite(settings: Any, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Settings as plain data: settings dataclasses as dicts, tuples as lists (what JSON and YAML hold)."""
     if isinstance(value, DictRoundTrip):
         return value.to_dict()
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 

@@ -19,18 +19,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lsms.data.intensity import Preprocessing
+from lsms.metrics import check_threshold
 from lsms.model.config import ModelConfig, check_image_size, model_config_from_dict
 from lsms.settings import DictRoundTrip
-
-
-def check_threshold(value: float, what: str = "threshold", low_inclusive: bool = False) -> float:
-    """The one probability-threshold check: strictly inside (0, 1), or [0, 1) with ``low_inclusive`` (an
-    existence threshold of 0 never withholds a mask)."""
-    ok = (0.0 <= value < 1.0) if low_inclusive else (0.0 < value < 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        bounds = "in [0, 1) (0: never 'not found')" if low_inclusive else "strictly between 0 and 1"
-        raise ValueError(f"{what} must lie {bounds}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -122,4 +113,4 @@ def resolve_spec(model: ModelConfig, preprocessing: Preprocessing) -> ModelSpec:
     return ModelSpec(dataclasses.replace(model, in_channels=preprocessing.in_channels), preprocessing)
 
 
-__all__ = ["ModelSpec", "check_threshold", "resolve_spec"]
+__all__ = ["ModelSpec", "resolve_spec"]

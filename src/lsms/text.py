@@ -21,6 +21,12 @@ DEFAULT_MAX_TOKENS = 32  # [decision] spec 2.1: the paper's full expressions are
 log = logging.getLogger(__name__)
 
 
+def check_max_tokens(max_tokens: int) -> None:
+    """An expression needs room for at least three tokens: CLS, one word, SEP."""
+    if max_tokens < 3:
+        raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {max_tokens}")
+
+
 def resolve_text_encoder(name_or_path: str) -> str:
     """Turn the user's text-encoder setting into something ``from_pretrained`` accepts.
 
@@ -128,8 +134,7 @@ class Tokenizer:
                  normalize_segments: bool = False):
         from transformers import AutoTokenizer  # deferred on purpose: transformers takes seconds to import
 
-        if max_tokens < 3:
-            raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {max_tokens}")
+        check_max_tokens(max_tokens)
         self.name_or_path = name_or_path
         self.max_tokens = max_tokens
         self.hf = AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))

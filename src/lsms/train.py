@@ -1,6 +1,7 @@
 """``lsms train``: train LSMS on a manifest or LViT-layout folder, on one process or many (torchrun + DDP).
 
-The loop is :func:`train`, one function to read top to bottom (nanoGPT style). Settings are the one typed tree
+The loop is :func:`_train`, one function to read top to bottom (nanoGPT style), entered through :func:`train`
+(which starts the processes and holds the run folder's lock). Settings are the one typed tree
 :class:`~lsms.config.RunConfig`; the learning rate is the pure function :func:`~lsms.optim.lr_at` of the step;
 one optimiser step is :func:`~lsms.optim.train_step`; a checkpoint is the plain dict described in
 :mod:`lsms.checkpoint`, with the run's settings and preprocessing inside.
@@ -39,11 +40,8 @@ from lsms.checkpoint import (
     make_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
-    rng_state,
     run_config,
     save_checkpoint,
-    seed_everything,
-    set_rng_state,
     spec_of,
     stored_run,
 )
@@ -65,6 +63,7 @@ from lsms.optim import (
 )
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
+from lsms.seeding import rng_state, seed_everything, set_rng_state
 from lsms.spec import ModelSpec, resolve_spec
 from lsms.text import resolve_text_encoder
 
@@ -433,8 +432,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a named settings file under src/lsms/recipes/: 'paper' (base, lr 3e-5, 100 epochs, batch 16, "
                         "480x480; meant for fine-tuning), 'real' (real 2D images from scratch, long budgets: "
                         "lesion-centred patches, scale/rotation/flip/intensity augmentation, positions, 1/2-resolution "
-                        "output) or 'real-cpu' (the same without patches and scale/rotation, whole 224 px images: "
-                        "faster learning in an hour of CPU); docs/training.md; --config and flags override it")
+                        "output), 'real-cpu' (the same without patches and scale/rotation, whole 224 px images: "
+                        "faster learning in an hour of CPU) or 'demo' (the demo's: tiny with the existence head, CT "
+                        "slices at 128 px, 2 CPU cores); docs/training.md; --config and flags override it")
     p.add_argument("--paper-recipe", action="store_true", help="the same as --recipe paper")
     g = p.add_argument_group("model")
     g.add_argument("--preset", dest="model.preset", default=S, choices=list(MODELS),
@@ -521,7 +521,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The settings of ``lsms train``'s command line (:func:`lsms.config.run_config_from_flags`)."""
+    """The settings of ``lsms train``'s command line (:func:`lsms.config.chosen_settings` over the defaults)."""
     return RunConfig.from_dict(chosen_from_args(args))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from lsms.settings import DictRoundTrip
-from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER
+from lsms.text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, check_max_tokens
 
 SIZE_MULTIPLE = 32  # the encoder's largest stride
 MIN_IMAGE_SIZE = 64  # stage 4 (stride 32) must be at least 2x2: InstanceNorm needs more than one pixel
@@ -47,8 +47,7 @@ class TextConfig(DictRoundTrip):
     normalize_segments: bool = False  # liver text: write every Couinaud segment spelling as "segment N"
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 3:
-            raise ValueError(f"max_tokens must be at least 3 (CLS, one word, SEP), got {self.max_tokens}")
+        check_max_tokens(self.max_tokens)
 
 
 @dataclass(frozen=True)

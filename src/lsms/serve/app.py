@@ -30,9 +30,20 @@ import numpy as np
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.data.formats import READERS, is_series_file, reader_for
 from lsms.data.readers import ReadLimits, write_volume_mask
-from lsms.predict import COLOURS, Prediction, Predictor, threshold_mask
+from lsms.metrics import check_threshold
+from lsms.pictures import (
+    COLOURS,
+    colormap,
+    data_url,
+    display_image,
+    heat_over,
+    overlay_rgba,
+    png,
+    save_mask_png,
+    to_uint8,
+)
+from lsms.predict import Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
-from lsms.serve.pictures import colormap, data_url, heat_over, overlay, png, to_uint8
 from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
 
 log = logging.getLogger("lsms.serve")
@@ -318,7 +329,6 @@ class Viewer:
 
     def _grey(self, image: ImageData, window: str) -> np.ndarray:
         from lsms.data import apply_window, percentile_scale
-        from lsms.predict import display_image
 
         if window == WINDOW_MODEL:
             return display_image(image.array, self.predictor.preprocessing)
@@ -345,7 +355,7 @@ class Viewer:
                 mask = self._remember(s, k, text, threshold, pred)
                 r = {"text": text, "area_px": int(mask.sum()), "max_probability": round(float(pred.probability.max()), 4),
                      "existence": round(pred.existence, 4), "found": pred.found,
-                     "overlay": data_url(overlay(mask, COLOURS[i % len(COLOURS)])),
+                     "overlay": data_url(overlay_rgba(mask, COLOURS[i % len(COLOURS)])),
                      "probability": data_url(colormap(pred.probability, "viridis"))}
                 if features and pred.features is not None:
                     r["features"] = [data_url(heat_over(grey, m)) for m in pred.features]
@@ -399,8 +409,6 @@ class Viewer:
 
     def mask_png(self, sid: str, k: int, text: str, threshold: float) -> bytes:
         """The mask of ``text`` on slice ``k`` as 0/255 PNG: the same bytes as ``lsms predict`` writes."""
-        from lsms.predict import save_mask_png
-
         s = self.session(sid)
         text = self._check_texts([text])[0]
         threshold = _check_threshold(threshold)
@@ -529,9 +537,10 @@ def _check_threshold(threshold: Any) -> float:
         t = float(threshold)
     except (TypeError, ValueError):
         raise ServeError(400, f"threshold must be a number between 0 and 1, got {threshold!r}") from None
-    if not 0.0 < t < 1.0:
-        raise ServeError(400, f"threshold must lie strictly between 0 and 1, got {t}")
-    return t
+    try:
+        return check_threshold(t)
+    except ValueError as err:
+        raise ServeError(400, str(err)) from None
 
 
 def _is_ct(image: ImageData) -> bool:
