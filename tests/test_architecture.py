@@ -1,5 +1,6 @@
-"""The structure docs/architecture.md promises: no import circle among lsms's modules (function-level imports
-included), and no function longer than 120 lines except those the document names with its reason."""
+"""The structure docs/architecture.md promises: every import follows its layer table (a module imports from its
+own layer or the ones below), no import circle among lsms's modules (function-level imports included), and no
+function longer than 120 lines except those the document names with its reason."""
 
 from __future__ import annotations
 
@@ -105,6 +106,32 @@ def _long_functions() -> dict[str, int]:
                 if lines > MAX_LINES:
                     out[f"{name}.{node.name}"] = lines
     return out
+
+
+def _layers() -> list[list[str]]:
+    """The layer table of docs/architecture.md, top to bottom: each row's modules as dotted names."""
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = line.split("|")
+        if len(cells) > 3 and cells[1].strip() not in ("layer", "---") and "`" in cells[2]:
+            names = re.findall(r"`([\w/.]+)`", cells[2])
+            rows.append(["lsms." + n.removesuffix(".py").strip("/").replace("/", ".") for n in names])
+    return rows
+
+
+def test_imports_follow_the_layer_table():
+    rows = _layers()
+    assert rows and any("lsms.backends" in r for r in rows) and any("lsms.serve" in r for r in rows)
+
+    def layer(module: str) -> int | None:
+        found = [(len(p), i) for i, row in enumerate(rows) for p in row if module == p or module.startswith(p + ".")]
+        return max(found)[1] if found else None
+
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer(m) is None and m not in ("lsms", "lsms.__main__"))
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if layer(m) is not None and layer(d) is not None and layer(d) < layer(m))
+    assert unplaced == [] and upward == []
 
 
 def test_no_function_over_120_lines_unless_the_architecture_doc_says_why():

@@ -40,7 +40,8 @@ from lsms.pictures import heat_map, save_feature_maps, save_overlay
 from lsms.predict import Predictor
 from lsms.seeding import seed_everything
 from lsms.settings import DictRoundTrip
-from lsms.train import model_for, train
+from lsms.spec import model_for
+from lsms.train import train
 
 log = logging.getLogger(__name__)
 

@@ -95,6 +95,10 @@ class Predictor:
 
     def __init__(self, model, spec: ModelSpec | None = None, device: torch.device | str = "cpu",
                  threshold: float | None = None, existence_threshold: float | None = None):
+        if threshold is not None:
+            check_threshold(threshold)
+        if existence_threshold is not None:
+            check_threshold(existence_threshold, "existence threshold", low_inclusive=True)
         if not isinstance(model, Backend):
             if spec is None:
                 raise ValueError("a network needs its spec (lsms.checkpoint.spec_of(checkpoint)) to predict")

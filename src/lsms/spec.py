@@ -18,8 +18,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import nn
+
 from lsms.data.intensity import Preprocessing
 from lsms.metrics import check_threshold
+from lsms.model.build import build
 from lsms.model.config import ModelConfig, check_image_size, model_config_from_dict
 from lsms.settings import DictRoundTrip
 
@@ -113,4 +116,12 @@ def resolve_spec(model: ModelConfig, preprocessing: Preprocessing) -> ModelSpec:
     return ModelSpec(dataclasses.replace(model, in_channels=preprocessing.in_channels), preprocessing)
 
 
-__all__ = ["ModelSpec", "resolve_spec"]
+def model_for(model: ModelConfig, preprocessing: Preprocessing) -> tuple[nn.Module, ModelSpec]:
+    """A new network for ``model`` reading what ``preprocessing`` gives, and its spec (:func:`resolve_spec` with
+    the built network's config: the text encoder's HuggingFace config filled in)."""
+    spec = resolve_spec(model, preprocessing)
+    network = build(spec.model)
+    return network, dataclasses.replace(spec, model=network.config)
+
+
+__all__ = ["ModelSpec", "model_for", "resolve_spec"]

@@ -46,11 +46,11 @@ from lsms.checkpoint import (
     stored_run,
 )
 from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
-from lsms.data import TEXT_LEVELS, Collator, Preprocessing
+from lsms.data import TEXT_LEVELS, Collator
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.losses import LSMSLoss
-from lsms.model import MODELS, ModelConfig, build
+from lsms.model import MODELS, build
 from lsms.optim import (
     AMP_DTYPES,
     TrainingStep,
@@ -64,7 +64,7 @@ from lsms.optim import (
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
 from lsms.seeding import rng_state, seed_everything, set_rng_state
-from lsms.spec import ModelSpec, resolve_spec
+from lsms.spec import model_for
 from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -394,15 +394,7 @@ def check_model_settings(cfg: RunConfig) -> None:
         hf_config = AutoConfig.from_pretrained(resolve_text_encoder(text.encoder)).to_diff_dict()
         model = dataclasses.replace(model, text=dataclasses.replace(text, pretrained=False, hf_config=hf_config))
     with torch.device("meta"):
-        build(dataclasses.replace(model, in_channels=cfg.data.in_channels or 1))
-
-
-def model_for(model: ModelConfig, preprocessing: Preprocessing) -> tuple[nn.Module, ModelSpec]:
-    """A new network for ``model`` reading what ``preprocessing`` gives, and its spec (:func:`lsms.spec.resolve_spec`
-    with the built network's config: the text encoder's HuggingFace config filled in)."""
-    spec = resolve_spec(model, preprocessing)
-    network = build(spec.model)
-    return network, dataclasses.replace(spec, model=network.config)
+        build(dataclasses.replace(model, in_channels=cfg.data.in_channels or model.in_channels))  # only a check
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -537,8 +529,9 @@ def run(args: argparse.Namespace) -> int:
     chosen = chosen_from_args(args)
     cfg = RunConfig.from_dict(chosen)  # every value checked now, before any work
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 owns the run folder
+    path = None
     if args.resume:  # the run's saved settings (DATA, --out, ...) are restored; what is given again wins
-        path = resolve_checkpoint(args.resume, prefer="last")
+        path = resolve_checkpoint(args.resume, prefer="last")  # resolved once: train takes the file
         out = Path(chosen.get("out", path.parent))
         if main_process:
             check_run_folder(out, resume=out.resolve() == path.parent.resolve(), overwrite=args.overwrite)
@@ -548,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
         if main_process:
             check_run_folder(Path(cfg.out), resume=False, overwrite=args.overwrite)
         check_model_settings(cfg)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, given=chosen)
+    summary = train(cfg, resume=path, overwrite=args.overwrite, given=chosen)
     best = summary["best"]
     if best["epoch"] >= 0:
         log.info("best %s %.4f at epoch %d; checkpoints in %s", best["metric"], best["value"], best["epoch"], summary["out"])

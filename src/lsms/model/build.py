@@ -9,7 +9,7 @@ from torch import nn
 
 from lsms.model.baselines import TextUNet
 from lsms.model.config import LSMSConfig, ModelConfig, TextConfig, UNetConfig, model_config
-from lsms.model.decoder import ExistenceHead, FullScaleDecoder
+from lsms.model.decoder import ExistenceHead, FullScaleDecoder, Refine
 from lsms.model.encoder import LanguageGuidedEncoder
 from lsms.model.lsms import LSMS
 from lsms.text import TextEncoder, Tokenizer, load_text_encoder
@@ -30,7 +30,11 @@ def build(config: ModelConfig) -> nn.Module:
     encoder = LanguageGuidedEncoder(config, text_encoder.hidden_size if text_encoder is not None else None)
     decoder = FullScaleDecoder(config, encoder.channels)
     existence = ExistenceHead(decoder.channels, config.existence_channels) if config.existence_head else None
-    return LSMS(config, encoder, decoder, text_encoder, tokenizer, existence)
+    refine = Refine(config.in_channels, decoder.channels, config.refine_channels) if config.output_stride == 2 else None
+    # proj of L_avg for the contrastive loss (Eq. 14)
+    text_proj = nn.Linear(text_encoder.hidden_size, decoder.channels) if text_encoder is not None else None
+    return LSMS(config, encoder, decoder, text_encoder, tokenizer, refine=refine, text_proj=text_proj,
+                existence=existence)
 
 
 def build_model(name: str = "tiny", **overrides: Any) -> nn.Module:

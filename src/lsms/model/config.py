@@ -99,6 +99,7 @@ class LSMSConfig(DictRoundTrip):
     # [deviation, 4 = the paper's FSD] 2: a residual refinement at 1/2 resolution from the stem's first
     # convolution (small lesions); starts as the plain FSD output (its last conv is zero-initialised)
     output_stride: int = 4
+    refine_channels: int = 32  # width of that refinement (output_stride 2)
     # [addition, off by default] a learned "is the described lesion in the image?" logit (ExistenceHead) on the
     # decoder features pooled under the predicted mask and the sentence; trained with LossConfig.existence_weight
     # on datasets with negative sentences (docs/model.md, "Not present")
@@ -141,6 +142,9 @@ class LSMSConfig(DictRoundTrip):
         if self.existence_head and not self.use_text:
             raise ValueError("existence_head needs a sentence to judge (use_text=True); a model without text "
                              "cannot say whether a described lesion is present")
+        if self.refine_channels < 32 or self.refine_channels % 32:
+            raise ValueError(f"refine_channels must be a positive multiple of 32 (GroupNorm with 32 groups), "
+                             f"got {self.refine_channels}")
         if self.existence_channels < 1:
             raise ValueError(f"existence_channels must be >= 1, got {self.existence_channels}")
 

@@ -36,25 +36,29 @@ class LSMS(nn.Module):
         decoder: the Full-Scale Decoder with the 1-logit Seg head.
         text_encoder: BERT-family encoder, or None for the no-text model.
         tokenizer: tokenizer matching ``text_encoder`` (None without text).
+        refine: the 1/2-resolution refinement (``output_stride`` 2), or None.
+        text_proj: proj of the mean token feature to C_head for the contrastive loss (Eq. 14); None without text.
         existence: the existence head (``config.existence_head``), or None.
     """
 
     def __init__(self, config: LSMSConfig, encoder: LanguageGuidedEncoder, decoder: FullScaleDecoder,
-                 text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None,
+                 text_encoder: TextEncoder | None = None, tokenizer: Tokenizer | None = None, *,
+                 refine: Refine | None = None, text_proj: nn.Linear | None = None,
                  existence: ExistenceHead | None = None):
         super().__init__()
-        if config.use_text and (text_encoder is None or tokenizer is None):
-            raise ValueError("a text model (use_text=True) needs a text_encoder and a tokenizer")
+        if config.use_text and (text_encoder is None or tokenizer is None or text_proj is None):
+            raise ValueError("a text model (use_text=True) needs a text_encoder, a tokenizer and a text_proj")
+        if (config.output_stride == 2) != (refine is not None):
+            raise ValueError("output_stride 2 needs a Refine (and only it)")
+        if config.existence_head and (existence is None or not config.use_text):
+            raise ValueError("config.existence_head needs an ExistenceHead and a text model")
         self.config = config
         self.text_encoder = text_encoder if config.use_text else None
         self.tokenizer = tokenizer if config.use_text else None
         self.encoder = encoder
         self.decoder = decoder
-        self.refine = Refine(config.in_channels, decoder.channels) if config.output_stride == 2 else None
-        # proj of L_avg for the contrastive loss (Eq. 14)
-        self.text_proj = nn.Linear(text_encoder.hidden_size, decoder.channels) if self.text_encoder else None
-        if config.existence_head and (existence is None or self.text_encoder is None):
-            raise ValueError("config.existence_head needs an ExistenceHead and a text model")
+        self.refine = refine
+        self.text_proj = text_proj if config.use_text else None
         self.existence = existence
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
