@@ -151,6 +151,19 @@ def test_training_with_the_head_saves_both_thresholds_and_evaluation_uses_the_he
     assert record["existence_max_prob"] == pytest.approx(float(existence_score(logits)[0]), abs=1e-5)
     assert predictor.predict(read_image(sample.image_path), sample.text, features=True).existence == pytest.approx(
         pred.existence, abs=1e-6)
+    # the viewer answers with the same score
+    import io
+
+    from lsms.serve import Viewer
+
+    (data.parent / "sessions").mkdir(exist_ok=True)
+    viewer = Viewer(predictor, root=data.parent / "sessions")
+    sid = viewer.new_session()["sid"]
+    buf = io.BytesIO()
+    Image.open(sample.image_path).save(buf, format="PNG")
+    viewer.open_upload(sid, [("x.png", buf.getvalue())])
+    shown = viewer.predict(sid, 0, [sample.text], 0.5)["results"][0]
+    assert shown["existence"] == pytest.approx(round(pred.existence, 4), abs=1e-4) and shown["found"] == pred.found
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
