@@ -220,10 +220,42 @@ def report(cache: Path, rescore: bool = True, name: str = "demo-ablations") -> N
         lines.append("| min-max | " + " | ".join(
             "–" if not st[k] else f"{st[k]['min']:.3f}-{st[k]['max']:.3f}" for k, _ in COLUMNS) + " | | |")
         lines.append("")
+    lines += existence_lines(runs)
     if ablated:
         lines += ablation_lines(runs, table)
     write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def existence_lines(runs: dict[str, list[dict]]) -> list[str]:
+    """"Not present": each existence score of the rows (mean over seeds, min-max), at the thresholds chosen on val."""
+    def has(row: str, suffix: str) -> bool:
+        return any(_get(r["metrics"], f"test.full.existence_AUROC{suffix}") is not None for r in runs[row])
+
+    scores = [(row, suffix, "existence head" if has(row, "_max_prob") and not suffix else "highest mask probability")
+              for row in runs for suffix in ("", "_max_prob") if has(row, suffix)]
+    if not scores:
+        return []
+    lines = ["## Sentences that match nothing (the test split's negatives)", "",
+             "| row | score | seeds | AUROC | 95 % interval (mean of the seeds') | negatives with a mask | "
+             "positives without one | Dice points lost to the withholding |", "|---|---|---|---|---|---|---|---|"]
+    for row, suffix, score in scores:
+        rs = runs[row]
+
+        def st(key: str, rs: list[dict] = rs) -> dict | None:
+            return _stats([_get(r["metrics"], f"test.full.{key}") for r in rs])
+
+        def cell(x: dict | None, scale: float = 1.0) -> str:
+            return "–" if not x else f"{scale * x['mean']:.3f} ({scale * x['min']:.3f}-{scale * x['max']:.3f})"
+
+        low, high = st(f"existence_AUROC_low{suffix}"), st(f"existence_AUROC_high{suffix}")
+        lost = _stats([(_get(r["metrics"], "test.full.Dice_positive") or 0)
+                       - (_get(r["metrics"], f"test.full.Dice_positive_at_threshold{suffix}") or 0) for r in rs])
+        lines.append(f"| {row} | {score} | {len(rs)} | {cell(st(f'existence_AUROC{suffix}'))} | "
+                     f"{fmt((low or {}).get('mean'))}-{fmt((high or {}).get('mean'))} | "
+                     f"{cell(st(f'negative_mask_rate{suffix}'))} | {cell(st(f'positive_miss_rate{suffix}'))} | "
+                     f"{cell(lost, 100)} |")
+    return lines + [""]
 
 
 def ablation_lines(runs: dict[str, list[dict]], table: dict[str, dict]) -> list[str]:
