@@ -25,17 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lsms.data.intensity import Preprocessing
 from lsms.metrics import check_threshold
 from lsms.model.fuse import fuse_conv_bn
 from lsms.optim import autocast, inference_dtype
-from lsms.spec import ModelSpec
+from lsms.spec import ModelSpec, WithSpec
 
 BACKENDS = ("torch", "onnxruntime", "torchscript")
 TEXT_CACHE_SIZE = 256  # sentences whose text features the PyTorch backend keeps
 
 
-class Backend:
+class Backend(WithSpec):
     """A trained model with what prediction needs: its ``spec`` (:class:`~lsms.spec.ModelSpec`; ``config``,
     ``preprocessing``, ``threshold`` (probability above which a pixel is lesion), ``existence_threshold`` (the
     existence score below which the described lesion is "not found"; None: never) and ``max_prob_threshold``
@@ -49,26 +48,6 @@ class Backend:
 
     def __init__(self, spec: ModelSpec, tokenizer: Any | None, source: str, epoch: int | None):
         self.spec, self.tokenizer, self.source, self.epoch = spec, tokenizer, source, epoch
-
-    @property
-    def config(self) -> Any:
-        return self.spec.model
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.spec.preprocessing
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold
-
-    @property
-    def existence_threshold(self) -> float | None:
-        return self.spec.existence_threshold
-
-    @property
-    def max_prob_threshold(self) -> float | None:
-        return self.spec.max_prob_threshold
 
     @property
     def uses_text(self) -> bool:

@@ -42,12 +42,12 @@ from PIL import Image
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
-from lsms.data.intensity import Preprocessing, input_mismatch
+from lsms.data.intensity import input_mismatch
 from lsms.data.readers import volume_depth, write_volume_mask
 from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
-from lsms.spec import ModelSpec
+from lsms.spec import ModelSpec, WithSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Prediction:
     found: bool = True
 
 
-class Predictor:
+class Predictor(WithSpec):
     """A trained model with its preprocessing: raw image + sentence -> mask, in memory.
 
     Example::
@@ -106,18 +106,6 @@ class Predictor:
         overrides = {"threshold": threshold, "existence_threshold": existence_threshold}
         self.backend = model
         self.spec = dataclasses.replace(model.spec, **{k: v for k, v in overrides.items() if v is not None})
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return self.spec.preprocessing
-
-    @property
-    def threshold(self) -> float:
-        return self.spec.threshold
-
-    @property
-    def existence_threshold(self) -> float | None:
-        return self.spec.existence_threshold
 
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,

@@ -111,6 +111,32 @@ class ModelSpec(DictRoundTrip):
                       "preprocessing": Preprocessing.from_dict(dict(data["preprocessing"]))})
 
 
+class WithSpec:
+    """What a holder of a ``spec`` (a backend, a predictor) reads from it, by name."""
+
+    spec: ModelSpec
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.model
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    @property
+    def threshold(self) -> float:
+        return self.spec.threshold
+
+    @property
+    def existence_threshold(self) -> float | None:
+        return self.spec.existence_threshold
+
+    @property
+    def max_prob_threshold(self) -> float | None:
+        return self.spec.max_prob_threshold
+
+
 def resolve_spec(model: ModelConfig, preprocessing: Preprocessing) -> ModelSpec:
     """The spec of a new model: ``model`` reading as many channels as ``preprocessing`` gives."""
     return ModelSpec(dataclasses.replace(model, in_channels=preprocessing.in_channels), preprocessing)
@@ -124,4 +150,4 @@ def model_for(model: ModelConfig, preprocessing: Preprocessing) -> tuple[nn.Modu
     return network, dataclasses.replace(spec, model=network.config)
 
 
-__all__ = ["ModelSpec", "model_for", "resolve_spec"]
+__all__ = ["ModelSpec", "WithSpec", "model_for", "resolve_spec"]
