@@ -233,6 +233,8 @@ def crafted(folder: Path) -> dict[str, tuple[Path, str]]:
     put("dim0.nii", _patch_nifti_dim(nifti_bytes(vol), 2, 0), "error:shape")
     put("pixdim0.nii", nifti_bytes(vol, zooms=(0.0, 0.0, 1.0)), "error:spacing")
     put("4d.nii", nifti_bytes(np.zeros((4, 4, 3, 2), np.float32)), "error:4D")
+    put("vox-offset0.nii", _patch_nifti(nifti_bytes(vol), 108, "<f", 0.0), "error:inside the 352-byte header")
+    put("sizeof-hdr.nii", _patch_nifti(nifti_bytes(vol), 0, "<i", 1234), "error:sizeof_hdr is 1234, not 348")
     put("slope0.dcm", dicom_bytes(grey.astype(np.uint16), RescaleSlope=0), "error:RescaleSlope")
     put("spacing0.dcm", dicom_bytes(grey.astype(np.uint16), PixelSpacing=[0, 0]), "error:spacing")
     put("short-pixels.dcm", dicom_bytes(grey.astype(np.uint16))[:-300], "error:")
@@ -264,6 +266,11 @@ def _nifti_header_only(shape: tuple[int, ...], dtype: type) -> bytes:
 
 
 def _patch_nifti_dim(data: bytes, axis: int, value: int) -> bytes:
+    return _patch_nifti(data, 40 + 2 * (axis + 1), "<h", value)  # dim[0] is at byte 40
+
+
+def _patch_nifti(data: bytes, offset: int, fmt: str, value: float) -> bytes:
+    """Overwrite one NIfTI-1 header field (sizeof_hdr at byte 0, dim at 40, vox_offset at 108)."""
     buf = bytearray(data)
-    struct.pack_into("<h", buf, 40 + 2 * (axis + 1), value)  # dim[0] is at byte 40
+    struct.pack_into(fmt, buf, offset, value)
     return bytes(buf)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lsms.data import formats, read_image, read_label_map, read_mask, write_mask_like
-from lsms.data.formats.base import ImageData, ImageReader, ImageReadError, ReadLimits
+from lsms.data.formats.base import Geometry, ImageData, ImageReader, ImageReadError, ReadLimits
 from lsms.data.formats.dicom import DicomReader
 from lsms.data.formats.nifti import NiftiReader
 
@@ -117,6 +117,21 @@ def test_nifti_3d_slice_and_mask_written_back(tmp_path: Path) -> None:
     png = read_image(_png(tmp_path / "p.png"))
     with pytest.raises(ValueError, match=r"p\.png.*no spatial geometry"):
         write_mask_like(mask, png, tmp_path / "x.nii.gz")
+
+
+def test_mask_volume_above_the_voxel_limit_is_refused_before_allocating(tmp_path: Path, monkeypatch) -> None:
+    from lsms.data.readers import ImageTooLargeError, write_volume_mask
+
+    geometry = Geometry(size=(1024, 1024, 1024), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(ImageTooLargeError, match=r"m\.nii\.gz: voxels of the mask volume .*1024 x 1024 x 1024.*"
+                                                 r"max_volume_voxels = 268,435,456"):
+        write_volume_mask({0: np.zeros((1024, 1024), bool)}, geometry, tmp_path / "m.nii.gz")
+    monkeypatch.setenv("LSMS_MAX_VOLUME_VOXELS", "10")
+    small = Geometry(size=(4, 3, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=geometry.direction)
+    with pytest.raises(ImageTooLargeError, match="max_volume_voxels = 10"):
+        write_volume_mask({0: np.zeros((3, 4), bool)}, small, tmp_path / "m.nii.gz")
+    assert not (tmp_path / "m.nii.gz").exists()
 
 
 def _png(path: Path, a: np.ndarray | None = None) -> Path:

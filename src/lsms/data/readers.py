@@ -206,21 +206,28 @@ def write_mask_like(mask: np.ndarray, reference: ImageData | Geometry, path: str
             "input size (nearest neighbour) before writing"
         )
     m = m.astype(np.uint8) if m.dtype == bool or m.max(initial=0) < 256 else m.astype(np.int32)
-    return writer.write_mask(_in_volume({geometry.slice_index: m}, geometry, m.dtype), geometry, path)
+    return writer.write_mask(_in_volume({geometry.slice_index: m}, geometry, m.dtype, path), geometry, path)
 
 
 def write_volume_mask(masks: dict[int, np.ndarray], geometry: Geometry, path: str | Path) -> Path:
     """Write predicted slices (slice index -> (H, W) mask) into a zero volume with the input's size, spacing, origin
-    and direction; ``path`` ends in ``.nii`` or ``.nii.gz``."""
+    and direction; ``path`` ends in ``.nii`` or ``.nii.gz``.
+
+    Raises:
+        ImageTooLargeError: the input's size is above ``max_volume_voxels`` (:meth:`ReadLimits.from_env`).
+    """
     path = Path(path)
     writer = mask_writer(path)
-    return writer.write_mask(_in_volume(masks, geometry, np.dtype(np.uint8)), geometry, path)
+    return writer.write_mask(_in_volume(masks, geometry, np.dtype(np.uint8), path), geometry, path)
 
 
-def _in_volume(masks: dict[int, np.ndarray], geometry: Geometry, dtype: np.dtype) -> np.ndarray:
-    """The slices in a zero array of the geometry's size: (z, y, x) for a volume, (y, x) for a 2D input."""
+def _in_volume(masks: dict[int, np.ndarray], geometry: Geometry, dtype: np.dtype, path: Path) -> np.ndarray:
+    """The slices in a zero array of the geometry's size: (z, y, x) for a volume, (y, x) for a 2D input; a size
+    above ``max_volume_voxels`` is refused before anything is allocated (the size comes from the input's header)."""
     w, h = geometry.size[0], geometry.size[1]
     depth = geometry.size[2] if len(geometry.size) == 3 else 1
+    ReadLimits.from_env().check(path, "max_volume_voxels", depth * h * w,
+                                f"voxels of the mask volume in the input's size ({w} x {h} x {depth})")
     vol = np.zeros((depth, h, w), dtype)  # (z, y, x)
     for k, m in masks.items():
         vol[k] = m
