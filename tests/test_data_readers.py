@@ -215,6 +215,25 @@ def test_masks_and_label_maps(tmp_path: Path) -> None:
     assert lm.dtype == np.int64 and lm[5, 7] == 2
 
 
+def test_shapes_are_not_misread(tmp_path: Path) -> None:
+    from lsms.data.readers import volume_depth
+
+    Image.fromarray(np.array([[[10, 20, 30]]], np.uint8)).save(tmp_path / "pixel.png")  # 1 x 1 RGB
+    assert read_image(tmp_path / "pixel.png").array.tolist() == [[[10.0, 20.0, 30.0]]]
+    np.save(tmp_path / "rgb.npy", np.zeros((40, 50, 3), np.uint8))  # (H, W, C): one colour image, not 40 slices
+    assert volume_depth(tmp_path / "rgb.npy") is None and read_image(tmp_path / "rgb.npy").array.shape == (40, 50, 3)
+    np.save(tmp_path / "odd.npy", np.zeros((40, 50, 5), np.float32))
+    with pytest.raises(ImageReadError, match=r"odd\.npy: the array's shape \(40, 50, 5\) is ambiguous: .*\(H, W\), "
+                                             r"\(H, W, C\) with C = 1, 3 or 4, or a volume \(D, H, W\)"):
+        volume_depth(tmp_path / "odd.npy")
+    m = np.zeros((4, 16, 16), np.uint8)
+    m[2, 3, 3] = 1
+    np.save(tmp_path / "m4.npy", m)
+    with pytest.raises(ImageReadError, match=r"m4\.npy: a 2D mask is expected but the file holds 4 slices"):
+        read_mask(tmp_path / "m4.npy")
+    assert read_mask(tmp_path / "m4.npy", slice_index=2).sum() == 1  # a mask volume, sliced on purpose
+
+
 def test_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nothere\.png: image file not found"):
         read_image(tmp_path / "nothere.png")

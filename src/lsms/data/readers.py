@@ -39,7 +39,7 @@ from lsms.data.formats.base import (
 
 __all__ = [
     "LIMIT_ENV", "Geometry", "ImageData", "ImageReadError", "ImageTooLargeError", "ReadLimits", "Volume",
-    "read_image", "read_label_map", "read_mask", "read_volume", "volume_depth", "write_mask_like",
+    "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
 ]
 
 
@@ -148,7 +148,7 @@ def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     Returns:
         bool (H, W).
     """
-    img = read_image(path, slice_index=slice_index, slice_if_volume=True)
+    img = read_mask_image(path, slice_index)
     a = img.array
     if a.ndim == 3:
         a = a.max(axis=-1)
@@ -157,6 +157,20 @@ def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     if reader_for(img.path).lossy:
         return a > 127.5  # lossy compression leaves grey ringing around 0/255 edges
     return a > 0
+
+
+def read_mask_image(path: str | Path, slice_index: int | None = None) -> ImageData:
+    """The image a mask file holds, as :func:`read_mask` reads it (``slice_index`` applies to a mask volume only).
+
+    Raises:
+        ImageReadError: also when no ``slice_index`` is given and the file holds several slices (a volume, or a
+            (C, H, W) array that would otherwise be read as channels and merged into one mask).
+    """
+    depth = None if slice_index is not None else volume_depth(path)
+    if depth is not None and depth > 1:
+        raise ImageReadError(f"{path}: a 2D mask is expected but the file holds {depth} slices; give the record's "
+                             "slice_index to take one slice of a mask volume, or save the mask as one (H, W) image")
+    return read_image(path, slice_index=slice_index, slice_if_volume=True)
 
 
 def read_label_map(path: str | Path, slice_index: int | None = None) -> np.ndarray:

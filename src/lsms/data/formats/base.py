@@ -236,8 +236,8 @@ def finish(array: np.ndarray, path: Path, what: str) -> np.ndarray:
         a = a.astype(np.uint8)
     if a.dtype.kind not in "uif":
         raise ImageReadError(f"{path}: {what} has dtype {a.dtype}; expected numbers")
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
+    while a.shape[0] == 1 and (a.ndim > 3 or (a.ndim == 3 and a.shape[-1] not in (3, 4))):
+        a = a[0]  # (1, H, W) -> (H, W); a 1-row colour image (1, W, 3) stays colour
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
