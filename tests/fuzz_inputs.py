@@ -170,6 +170,15 @@ def _patch_jpeg_size(data: bytes, width: int, height: int) -> bytes:
     return bytes(buf)
 
 
+def _jpeg_with_garbage(data: bytes) -> bytes:
+    """A JPEG whose image data (after the start-of-scan segment) is 2 kB of random bytes, its end marker kept."""
+    buf = bytearray(data)
+    sos = buf.find(b"\xff\xda")
+    start = sos + 2 + struct.unpack_from(">H", buf, sos + 2)[0]
+    buf[start + 10 : -2] = np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    return bytes(buf)
+
+
 def _npy_with_header(header: dict, payload: bytes) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
@@ -239,6 +248,11 @@ def crafted(folder: Path) -> dict[str, tuple[Path, str]]:
     put("spacing0.dcm", dicom_bytes(grey.astype(np.uint16), PixelSpacing=[0, 0]), "error:spacing")
     put("short-pixels.dcm", dicom_bytes(grey.astype(np.uint16))[:-300], "error:")
     put("nopalette.png", png_bytes(8, 8, 8, 3, b"".join(b"\0" + bytes(range(8)) for _ in range(8))), "error:palette")
+    put("no-iend.png", png_bytes(8, 8, 8, 0, b"".join(b"\0" + bytes(range(8)) for _ in range(8)))[:-12], "error:truncated PNG")
+    put("tiff-named.png", tif.getvalue(), "error:holds a TIFF file, not the PNG its ending .png says")
+    put("garbage-data.jpg", _jpeg_with_garbage(jpg.getvalue()), "error:the JPEG is damaged (the image data holds the invalid marker")
+    put("palette-no-table.dcm", dicom_bytes(grey.astype(np.uint16), PhotometricInterpretation="PALETTE COLOR"),
+        "error:PALETTE COLOR DICOM without its colour table")
     rows16 = b"".join(b"\0" + struct.pack(">HHH", 65535, 0, 4660) * 8 for _ in range(8))
     put("rgb16.png", png_bytes(8, 8, 16, 2, rows16), "rgb16")
     pages = io.BytesIO()

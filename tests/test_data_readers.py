@@ -234,6 +234,37 @@ def test_shapes_are_not_misread(tmp_path: Path) -> None:
     assert read_mask(tmp_path / "m4.npy", slice_index=2).sum() == 1  # a mask volume, sliced on purpose
 
 
+def test_dicom_palette_colour_and_a_quiet_failed_decode(tmp_path: Path, caplog) -> None:
+    import io
+    import logging
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from fuzz_inputs import dicom_bytes
+
+    red = np.arange(256, dtype=np.uint16) * 256  # a 16-bit colour table: index i -> (256 i, 0, 65535 - 256 i)
+    (tmp_path / "pal.dcm").write_bytes(dicom_bytes(
+        np.zeros((2, 2), np.uint16), PixelData=bytes([0, 1, 2, 255]), PhotometricInterpretation="PALETTE COLOR", BitsAllocated=8,
+        BitsStored=8, HighBit=7, RescaleIntercept=0.0, RedPaletteColorLookupTableDescriptor=[256, 0, 16],
+        GreenPaletteColorLookupTableDescriptor=[256, 0, 16], BluePaletteColorLookupTableDescriptor=[256, 0, 16],
+        RedPaletteColorLookupTableData=red.tobytes(), GreenPaletteColorLookupTableData=np.zeros(256, np.uint16).tobytes(),
+        BluePaletteColorLookupTableData=(65535 - red).tobytes(),
+    ))
+    img = read_image(tmp_path / "pal.dcm")
+    assert img.array.shape == (2, 2, 3) and img.array[1, 1].tolist() == [65280.0, 0.0, 255.0] and img.bit_depth == 16
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((8, 8), np.uint16), BitsAllocated=8, BitsStored=8, HighBit=7)))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8\xff" + bytes(range(200))])  # a JPEG frame of garbage
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "garbage.dcm", enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError, match=r"garbage\.dcm: cannot read the DICOM pixel"):
+        read_image(tmp_path / "garbage.dcm")
+    assert [r for r in caplog.records if r.name.startswith("pydicom") and r.levelno >= logging.ERROR] == []
+    assert logging.getLogger("pydicom").level == logging.WARNING  # restored
+
+
 def test_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nothere\.png: image file not found"):
         read_image(tmp_path / "nothere.png")

@@ -271,6 +271,33 @@ def pick(path: Path, slice_index: int | None, n: int, container: str, unit: str)
     return 0
 
 
+SIGNATURES = {  # the first bytes of every file of a format
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    "NumPy": (b"\x93NUMPY",),
+    "gzip": (b"\x1f\x8b",),
+    "zip": (b"PK\x03\x04",),
+}
+
+
+def check_signature(path: Path, expected: str) -> None:
+    """Raise when the file does not start with the signature of the format ``expected`` (a key of
+    :data:`SIGNATURES`) that its ending names; the message says which format it holds when that is known."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(SIGNATURES[expected]):
+        return
+    found = next((name for name, starts in SIGNATURES.items() if head.startswith(starts)), None)
+    if found is not None:
+        raise ImageReadError(f"{path}: the file holds a {found} file, not the {expected} its ending "
+                             f"{path.suffix.lower()} says; rename it to its format's ending")
+    raise ImageReadError(f"{path}: not a {expected} file (it does not start with the {expected} signature); the file is "
+                         "damaged or not an image")
+
+
 def check_file_bytes(path: Path, limits: ReadLimits) -> None:
     """Raise :class:`ImageTooLargeError` for a file larger than ``max_file_bytes`` (formats parsed whole)."""
     limits.check(path, "max_file_bytes", path.stat().st_size, "the file size in bytes")
