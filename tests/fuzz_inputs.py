@@ -249,7 +249,7 @@ def crafted(folder: Path) -> dict[str, tuple[Path, str]]:
     put("short-pixels.dcm", dicom_bytes(grey.astype(np.uint16))[:-300], "error:")
     put("nopalette.png", png_bytes(8, 8, 8, 3, b"".join(b"\0" + bytes(range(8)) for _ in range(8))), "error:palette")
     put("no-iend.png", png_bytes(8, 8, 8, 0, b"".join(b"\0" + bytes(range(8)) for _ in range(8)))[:-12], "error:truncated PNG")
-    put("tiff-named.png", tif.getvalue(), "error:holds a TIFF file, not the PNG its ending .png says")
+    put("tiff-named.png", tif.getvalue(), "error:the file is TIFF, not PNG as its ending .png says")
     put("garbage-data.jpg", _jpeg_with_garbage(jpg.getvalue()), "error:the JPEG is damaged (the image data holds the invalid marker")
     put("palette-no-table.dcm", dicom_bytes(grey.astype(np.uint16), PhotometricInterpretation="PALETTE COLOR"),
         "error:PALETTE COLOR DICOM without its colour table")

@@ -49,6 +49,15 @@ def test_jpeg_is_close(tmp_path: Path) -> None:
     assert np.abs(img.array - 120).max() <= 2
 
 
+def test_valid_jpeg_variants_pass_the_structure_check(tmp_path: Path) -> None:
+    g = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(g).save(tmp_path / "restart.jpg", restart_marker_blocks=2)  # restart markers in the image data
+    Image.fromarray(g).save(tmp_path / "progressive.jpg", progressive=True)  # several scans
+    Image.fromarray(g).save(tmp_path / "comment.jpg", comment=b"lsms", icc_profile=b"x" * 100)
+    for name in ("restart.jpg", "progressive.jpg", "comment.jpg"):
+        assert read_image(tmp_path / name).array.shape == (64, 80, 3)
+
+
 def test_tiff_float_and_uint16(tmp_path: Path) -> None:
     import tifffile
 

@@ -292,8 +292,8 @@ def check_signature(path: Path, expected: str) -> None:
         return
     found = next((name for name, starts in SIGNATURES.items() if head.startswith(starts)), None)
     if found is not None:
-        raise ImageReadError(f"{path}: the file holds a {found} file, not the {expected} its ending "
-                             f"{path.suffix.lower()} says; rename it to its format's ending")
+        raise ImageReadError(f"{path}: the file is {found}, not {expected} as its ending {path.suffix.lower()} "
+                             "says; rename it to its format's ending")
     raise ImageReadError(f"{path}: not a {expected} file (it does not start with the {expected} signature); the file is "
                          "damaged or not an image")
 
