@@ -170,6 +170,15 @@ def _patch_jpeg_size(data: bytes, width: int, height: int) -> bytes:
     return bytes(buf)
 
 
+def _jpeg_with_garbage(data: bytes) -> bytes:
+    """A JPEG whose image data (after the start-of-scan segment) is 2 kB of random bytes, its end marker kept."""
+    buf = bytearray(data)
+    sos = buf.find(b"\xff\xda")
+    start = sos + 2 + struct.unpack_from(">H", buf, sos + 2)[0]
+    buf[start + 10 : -2] = np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    return bytes(buf)
+
+
 def _npy_with_header(header: dict, payload: bytes) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
@@ -233,10 +242,17 @@ def crafted(folder: Path) -> dict[str, tuple[Path, str]]:
     put("dim0.nii", _patch_nifti_dim(nifti_bytes(vol), 2, 0), "error:shape")
     put("pixdim0.nii", nifti_bytes(vol, zooms=(0.0, 0.0, 1.0)), "error:spacing")
     put("4d.nii", nifti_bytes(np.zeros((4, 4, 3, 2), np.float32)), "error:4D")
+    put("vox-offset0.nii", _patch_nifti(nifti_bytes(vol), 108, "<f", 0.0), "error:inside the 352-byte header")
+    put("sizeof-hdr.nii", _patch_nifti(nifti_bytes(vol), 0, "<i", 1234), "error:sizeof_hdr is 1234, not 348")
     put("slope0.dcm", dicom_bytes(grey.astype(np.uint16), RescaleSlope=0), "error:RescaleSlope")
     put("spacing0.dcm", dicom_bytes(grey.astype(np.uint16), PixelSpacing=[0, 0]), "error:spacing")
     put("short-pixels.dcm", dicom_bytes(grey.astype(np.uint16))[:-300], "error:")
     put("nopalette.png", png_bytes(8, 8, 8, 3, b"".join(b"\0" + bytes(range(8)) for _ in range(8))), "error:palette")
+    put("no-iend.png", png_bytes(8, 8, 8, 0, b"".join(b"\0" + bytes(range(8)) for _ in range(8)))[:-12], "error:truncated PNG")
+    put("tiff-named.png", tif.getvalue(), "error:the file is TIFF, not PNG as its ending .png says")
+    put("garbage-data.jpg", _jpeg_with_garbage(jpg.getvalue()), "error:the JPEG is damaged (the image data holds the invalid marker")
+    put("palette-no-table.dcm", dicom_bytes(grey.astype(np.uint16), PhotometricInterpretation="PALETTE COLOR"),
+        "error:PALETTE COLOR DICOM without its colour table")
     rows16 = b"".join(b"\0" + struct.pack(">HHH", 65535, 0, 4660) * 8 for _ in range(8))
     put("rgb16.png", png_bytes(8, 8, 16, 2, rows16), "rgb16")
     pages = io.BytesIO()
@@ -264,6 +280,11 @@ def _nifti_header_only(shape: tuple[int, ...], dtype: type) -> bytes:
 
 
 def _patch_nifti_dim(data: bytes, axis: int, value: int) -> bytes:
+    return _patch_nifti(data, 40 + 2 * (axis + 1), "<h", value)  # dim[0] is at byte 40
+
+
+def _patch_nifti(data: bytes, offset: int, fmt: str, value: float) -> bytes:
+    """Overwrite one NIfTI-1 header field (sizeof_hdr at byte 0, dim at 40, vox_offset at 108)."""
     buf = bytearray(data)
-    struct.pack_into("<h", buf, 40 + 2 * (axis + 1), value)  # dim[0] is at byte 40
+    struct.pack_into(fmt, buf, offset, value)
     return bytes(buf)

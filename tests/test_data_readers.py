@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lsms.data import formats, read_image, read_label_map, read_mask, write_mask_like
-from lsms.data.formats.base import ImageData, ImageReader, ImageReadError, ReadLimits
+from lsms.data.formats.base import Geometry, ImageData, ImageReader, ImageReadError, ReadLimits
 from lsms.data.formats.dicom import DicomReader
 from lsms.data.formats.nifti import NiftiReader
 
@@ -47,6 +47,15 @@ def test_jpeg_is_close(tmp_path: Path) -> None:
     img = read_image(tmp_path / "x.jpg")
     assert img.format == "jpeg" and img.array.shape == (16, 16)
     assert np.abs(img.array - 120).max() <= 2
+
+
+def test_valid_jpeg_variants_pass_the_structure_check(tmp_path: Path) -> None:
+    g = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(g).save(tmp_path / "restart.jpg", restart_marker_blocks=2)  # restart markers in the image data
+    Image.fromarray(g).save(tmp_path / "progressive.jpg", progressive=True)  # several scans
+    Image.fromarray(g).save(tmp_path / "comment.jpg", comment=b"lsms", icc_profile=b"x" * 100)
+    for name in ("restart.jpg", "progressive.jpg", "comment.jpg"):
+        assert read_image(tmp_path / name).array.shape == (64, 80, 3)
 
 
 def test_tiff_float_and_uint16(tmp_path: Path) -> None:
@@ -117,6 +126,21 @@ def test_nifti_3d_slice_and_mask_written_back(tmp_path: Path) -> None:
     png = read_image(_png(tmp_path / "p.png"))
     with pytest.raises(ValueError, match=r"p\.png.*no spatial geometry"):
         write_mask_like(mask, png, tmp_path / "x.nii.gz")
+
+
+def test_mask_volume_above_the_voxel_limit_is_refused_before_allocating(tmp_path: Path, monkeypatch) -> None:
+    from lsms.data.readers import ImageTooLargeError, write_volume_mask
+
+    geometry = Geometry(size=(1024, 1024, 1024), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    with pytest.raises(ImageTooLargeError, match=r"m\.nii\.gz: voxels of the mask volume .*1024 x 1024 x 1024.*"
+                                                 r"max_volume_voxels = 268,435,456"):
+        write_volume_mask({0: np.zeros((1024, 1024), bool)}, geometry, tmp_path / "m.nii.gz")
+    monkeypatch.setenv("LSMS_MAX_VOLUME_VOXELS", "10")
+    small = Geometry(size=(4, 3, 2), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=geometry.direction)
+    with pytest.raises(ImageTooLargeError, match="max_volume_voxels = 10"):
+        write_volume_mask({0: np.zeros((3, 4), bool)}, small, tmp_path / "m.nii.gz")
+    assert not (tmp_path / "m.nii.gz").exists()
 
 
 def _png(path: Path, a: np.ndarray | None = None) -> Path:
@@ -198,6 +222,56 @@ def test_masks_and_label_maps(tmp_path: Path) -> None:
     labels[0, 0], labels[5, 7] = 1, 2
     lm = read_label_map(_png(tmp_path / "l.png", labels))
     assert lm.dtype == np.int64 and lm[5, 7] == 2
+
+
+def test_shapes_are_not_misread(tmp_path: Path) -> None:
+    from lsms.data.readers import volume_depth
+
+    Image.fromarray(np.array([[[10, 20, 30]]], np.uint8)).save(tmp_path / "pixel.png")  # 1 x 1 RGB
+    assert read_image(tmp_path / "pixel.png").array.tolist() == [[[10.0, 20.0, 30.0]]]
+    np.save(tmp_path / "rgb.npy", np.zeros((40, 50, 3), np.uint8))  # (H, W, C): one colour image, not 40 slices
+    assert volume_depth(tmp_path / "rgb.npy") is None and read_image(tmp_path / "rgb.npy").array.shape == (40, 50, 3)
+    np.save(tmp_path / "odd.npy", np.zeros((40, 50, 5), np.float32))
+    with pytest.raises(ImageReadError, match=r"odd\.npy: the array's shape \(40, 50, 5\) is ambiguous: .*\(H, W\), "
+                                             r"\(H, W, C\) with C = 1, 3 or 4, or a volume \(D, H, W\)"):
+        volume_depth(tmp_path / "odd.npy")
+    m = np.zeros((4, 16, 16), np.uint8)
+    m[2, 3, 3] = 1
+    np.save(tmp_path / "m4.npy", m)
+    with pytest.raises(ImageReadError, match=r"m4\.npy: a 2D mask is expected but the file holds 4 slices"):
+        read_mask(tmp_path / "m4.npy")
+    assert read_mask(tmp_path / "m4.npy", slice_index=2).sum() == 1  # a mask volume, sliced on purpose
+
+
+def test_dicom_palette_colour_and_a_quiet_failed_decode(tmp_path: Path, caplog) -> None:
+    import io
+    import logging
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from fuzz_inputs import dicom_bytes
+
+    red = np.arange(256, dtype=np.uint16) * 256  # a 16-bit colour table: index i -> (256 i, 0, 65535 - 256 i)
+    (tmp_path / "pal.dcm").write_bytes(dicom_bytes(
+        np.zeros((2, 2), np.uint16), PixelData=bytes([0, 1, 2, 255]), PhotometricInterpretation="PALETTE COLOR", BitsAllocated=8,
+        BitsStored=8, HighBit=7, RescaleIntercept=0.0, RedPaletteColorLookupTableDescriptor=[256, 0, 16],
+        GreenPaletteColorLookupTableDescriptor=[256, 0, 16], BluePaletteColorLookupTableDescriptor=[256, 0, 16],
+        RedPaletteColorLookupTableData=red.tobytes(), GreenPaletteColorLookupTableData=np.zeros(256, np.uint16).tobytes(),
+        BluePaletteColorLookupTableData=(65535 - red).tobytes(),
+    ))
+    img = read_image(tmp_path / "pal.dcm")
+    assert img.array.shape == (2, 2, 3) and img.array[1, 1].tolist() == [65280.0, 0.0, 255.0] and img.bit_depth == 16
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((8, 8), np.uint16), BitsAllocated=8, BitsStored=8, HighBit=7)))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8\xff" + bytes(range(200))])  # a JPEG frame of garbage
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "garbage.dcm", enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError, match=r"garbage\.dcm: cannot read the DICOM pixel"):
+        read_image(tmp_path / "garbage.dcm")
+    assert [r for r in caplog.records if r.name.startswith("pydicom") and r.levelno >= logging.ERROR] == []
+    assert logging.getLogger("pydicom").level == logging.WARNING  # restored
 
 
 def test_errors_name_the_file(tmp_path: Path) -> None:

@@ -77,6 +77,18 @@ def test_predict_nifti_volume_slice_range_keeps_geometry(ckpt, tmp_path):
     assert (out / "ct_z0001_overlay.png").is_file()
 
 
+def test_predict_refuses_a_mask_volume_above_the_voxel_limit(ckpt, tmp_path, monkeypatch):
+    vol = np.zeros((5, 40, 48), np.int16)  # 9,600 voxels: the output mask volume has the input's size
+    _nifti(tmp_path / "ct.nii.gz", vol)
+    monkeypatch.setenv("LSMS_MAX_VOLUME_VOXELS", "1000")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--slices", "1:2", "--text", "the lesion",
+                 "--out", str(out), "--device", "cpu"]) == 1
+    (row,) = _rows(out)
+    assert row["error"].startswith(str(tmp_path / "ct.nii.gz")) and "max_volume_voxels = 1,000" in row["error"]
+    assert not (out / "ct_mask.nii.gz").exists()
+
+
 def _dicom(path: Path, stored: np.ndarray, z: float):
     from fuzz_inputs import dicom_bytes
 

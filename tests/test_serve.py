@@ -171,7 +171,7 @@ def test_idle_sessions_expire(viewer, monkeypatch):
     assert sid not in viewer.sessions
 
 
-def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, tmp_path):
+def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, tmp_path, monkeypatch):
     import SimpleITK as sitk
 
     vol = np.random.default_rng(1).normal(60, 40, (4, 40, 48)).astype(np.int16)  # (z, y, x) HU
@@ -198,6 +198,9 @@ def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, t
     served, cli = sitk.ReadImage(str(tmp_path / "served.nii.gz")), sitk.ReadImage(str(tmp_path / "cli" / "ct_mask.nii.gz"))
     assert served.GetSpacing() == cli.GetSpacing() and served.GetOrigin() == cli.GetOrigin()
     assert np.array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(cli))
+    monkeypatch.setenv("LSMS_MAX_VOLUME_VOXELS", "100")  # the mask volume is refused before it is allocated
+    status, message = _status(viewer.mask_nifti, sid, "the lesion", 0.5)
+    assert status == 413 and message.startswith("ct.nii.gz: voxels of the mask volume") and "= 100;" in message
 
 
 def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):

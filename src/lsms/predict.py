@@ -43,7 +43,7 @@ from lsms.backends import Backend, TorchBackend, add_backend_argument, load_back
 from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
 from lsms.data.intensity import input_mismatch
-from lsms.data.readers import volume_depth, write_volume_mask
+from lsms.data.readers import ImageTooLargeError, volume_depth, write_volume_mask
 from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
@@ -347,12 +347,15 @@ def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: 
                     row.pop("_mask")
             job_rows.extend(slice_rows)
         if geometry is not None:  # NIfTI / DICOM: one mask volume per sentence, in the input's geometry
-            for j in range(len(job.texts)):
-                tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
-                path = write_volume_mask(volume_masks[j], geometry, out / f"{tag}_mask.nii.gz")
-                for row in job_rows:
-                    if row["text"] == job.texts[j] and "mask" not in row:
-                        row["mask"] = str(path)
+            try:
+                for j in range(len(job.texts)):
+                    tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
+                    path = write_volume_mask(volume_masks[j], geometry, out / f"{tag}_mask.nii.gz")
+                    for row in job_rows:
+                        if row["text"] == job.texts[j] and "mask" not in row:
+                            row["mask"] = str(path)
+            except ImageTooLargeError as err:  # the input's header declares a volume above max_volume_voxels
+                job_rows = _failed(job, None, _naming(job.path, None, err))
         rows.extend(job_rows)
     _write_csv(rows, out / "predictions.csv")
     return rows

@@ -26,7 +26,7 @@ import numpy as np
 from lsms.data.layouts import scan_samples
 from lsms.data.manifest import SPLITS, WRITTEN_LEVELS, Record
 from lsms.data.problems import Problem
-from lsms.data.readers import read_image, read_label_map
+from lsms.data.readers import read_image, read_label_map, read_mask_image
 
 
 @dataclass
@@ -123,7 +123,7 @@ def _check_record(r: Record) -> tuple[list[Problem], str | None]:
             add("warning", "constant-image", f"{r.image_path}: every pixel is {float(a.min()):g}", r.image_path)
     mask = None
     try:
-        mask = read_image(r.mask_path, slice_index=r.slice_index, slice_if_volume=True)
+        mask = read_mask_image(r.mask_path, slice_index=r.slice_index)
     except FileNotFoundError as err:
         add("error", "missing-file", str(err), r.mask_path)
     except (ValueError, OSError) as err:

@@ -39,7 +39,7 @@ from lsms.data.formats.base import (
 
 __all__ = [
     "LIMIT_ENV", "Geometry", "ImageData", "ImageReadError", "ImageTooLargeError", "ReadLimits", "Volume",
-    "read_image", "read_label_map", "read_mask", "read_volume", "volume_depth", "write_mask_like",
+    "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
 ]
 
 
@@ -148,7 +148,7 @@ def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     Returns:
         bool (H, W).
     """
-    img = read_image(path, slice_index=slice_index, slice_if_volume=True)
+    img = read_mask_image(path, slice_index)
     a = img.array
     if a.ndim == 3:
         a = a.max(axis=-1)
@@ -157,6 +157,20 @@ def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     if reader_for(img.path).lossy:
         return a > 127.5  # lossy compression leaves grey ringing around 0/255 edges
     return a > 0
+
+
+def read_mask_image(path: str | Path, slice_index: int | None = None) -> ImageData:
+    """The image a mask file holds, as :func:`read_mask` reads it (``slice_index`` applies to a mask volume only).
+
+    Raises:
+        ImageReadError: also when no ``slice_index`` is given and the file holds several slices (a volume, or a
+            (C, H, W) array that would otherwise be read as channels and merged into one mask).
+    """
+    depth = None if slice_index is not None else volume_depth(path)
+    if depth is not None and depth > 1:
+        raise ImageReadError(f"{path}: a 2D mask is expected but the file holds {depth} slices; give the record's "
+                             "slice_index to take one slice of a mask volume, or save the mask as one (H, W) image")
+    return read_image(path, slice_index=slice_index, slice_if_volume=True)
 
 
 def read_label_map(path: str | Path, slice_index: int | None = None) -> np.ndarray:
@@ -206,21 +220,28 @@ def write_mask_like(mask: np.ndarray, reference: ImageData | Geometry, path: str
             "input size (nearest neighbour) before writing"
         )
     m = m.astype(np.uint8) if m.dtype == bool or m.max(initial=0) < 256 else m.astype(np.int32)
-    return writer.write_mask(_in_volume({geometry.slice_index: m}, geometry, m.dtype), geometry, path)
+    return writer.write_mask(_in_volume({geometry.slice_index: m}, geometry, m.dtype, path), geometry, path)
 
 
 def write_volume_mask(masks: dict[int, np.ndarray], geometry: Geometry, path: str | Path) -> Path:
     """Write predicted slices (slice index -> (H, W) mask) into a zero volume with the input's size, spacing, origin
-    and direction; ``path`` ends in ``.nii`` or ``.nii.gz``."""
+    and direction; ``path`` ends in ``.nii`` or ``.nii.gz``.
+
+    Raises:
+        ImageTooLargeError: the input's size is above ``max_volume_voxels`` (:meth:`ReadLimits.from_env`).
+    """
     path = Path(path)
     writer = mask_writer(path)
-    return writer.write_mask(_in_volume(masks, geometry, np.dtype(np.uint8)), geometry, path)
+    return writer.write_mask(_in_volume(masks, geometry, np.dtype(np.uint8), path), geometry, path)
 
 
-def _in_volume(masks: dict[int, np.ndarray], geometry: Geometry, dtype: np.dtype) -> np.ndarray:
-    """The slices in a zero array of the geometry's size: (z, y, x) for a volume, (y, x) for a 2D input."""
+def _in_volume(masks: dict[int, np.ndarray], geometry: Geometry, dtype: np.dtype, path: Path) -> np.ndarray:
+    """The slices in a zero array of the geometry's size: (z, y, x) for a volume, (y, x) for a 2D input; a size
+    above ``max_volume_voxels`` is refused before anything is allocated (the size comes from the input's header)."""
     w, h = geometry.size[0], geometry.size[1]
     depth = geometry.size[2] if len(geometry.size) == 3 else 1
+    ReadLimits.from_env().check(path, "max_volume_voxels", depth * h * w,
+                                f"voxels of the mask volume in the input's size ({w} x {h} x {depth})")
     vol = np.zeros((depth, h, w), dtype)  # (z, y, x)
     for k, m in masks.items():
         vol[k] = m

@@ -29,7 +29,7 @@ import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.data.formats import READERS, is_series_file, reader_for
-from lsms.data.readers import ReadLimits, write_volume_mask
+from lsms.data.readers import ImageTooLargeError, ReadLimits, write_volume_mask
 from lsms.metrics import check_threshold
 from lsms.pictures import (
     COLOURS,
@@ -439,6 +439,8 @@ class Viewer:
             try:
                 write_volume_mask(masks, geometry, path)
                 return path.read_bytes()
+            except ImageTooLargeError as err:  # the input's size is above max_volume_voxels
+                raise ServeError(413, f"{s.opened.name}: {str(err).removeprefix(f'{path}: ')}") from None
             finally:
                 path.unlink(missing_ok=True)
 

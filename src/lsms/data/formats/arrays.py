@@ -22,10 +22,13 @@ from lsms.data.formats.base import (
     pixel_count,
 )
 
+COLOUR_CHANNELS = (1, 3, 4)  # a 3D array whose last axis is one of these is a 2D image (H, W, C)
+MIN_SLICE_SIDE = 8  # a 3D array with a smaller last or middle axis is not taken for a volume's slices
+
 
 class NumpyReader(ImageReader):
-    """A 2D array, or a slice of a (Z, H, W) array; pickled (object) arrays are refused. In an ``.npz`` the array
-    named ``image``, ``arr_0`` or ``data`` is read, else the first."""
+    """A 2D array, a colour image (H, W, C), or a slice of a (Z, H, W) array; pickled (object) arrays are refused.
+    In an ``.npz`` the array named ``image``, ``arr_0`` or ``data`` is read, else the first."""
 
     name = "NPY/NPZ"
     suffixes = (".npy", ".npz")
@@ -47,8 +50,14 @@ class NumpyReader(ImageReader):
         else:
             with path.open("rb") as f:
                 shape, _ = _npy_header(f, path)
-        _numpy_piece(path, shape, 0 if len(shape) == 3 else None, limits)
-        return shape[0] if len(shape) == 3 else None
+        if len(shape) != 3 or shape[-1] in COLOUR_CHANNELS:
+            return None  # (H, W) or a colour image (H, W, C)
+        if min(shape[1:]) < MIN_SLICE_SIDE:
+            raise ImageReadError(
+                f"{path}: the array's shape {shape} is ambiguous: lsms reads (H, W), (H, W, C) with C = 1, 3 or 4, or "
+                f"a volume (D, H, W) with H and W at least {MIN_SLICE_SIDE}; save it in one of these layouts")
+        _numpy_piece(path, shape, 0, limits)
+        return shape[0]
 
 
 def _read_npz(path: Path, slice_index: int | None, limits: ReadLimits) -> np.ndarray:

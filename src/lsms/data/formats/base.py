@@ -236,8 +236,8 @@ def finish(array: np.ndarray, path: Path, what: str) -> np.ndarray:
         a = a.astype(np.uint8)
     if a.dtype.kind not in "uif":
         raise ImageReadError(f"{path}: {what} has dtype {a.dtype}; expected numbers")
-    while a.ndim > 2 and a.shape[0] == 1:
-        a = a[0]
+    while a.shape[0] == 1 and (a.ndim > 3 or (a.ndim == 3 and a.shape[-1] not in (3, 4))):
+        a = a[0]  # (1, H, W) -> (H, W); a 1-row colour image (1, W, 3) stays colour
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
@@ -269,6 +269,33 @@ def pick(path: Path, slice_index: int | None, n: int, container: str, unit: str)
     if slice_index not in (None, 0):
         raise ImageReadError(f"{path}: slice_index={slice_index} given but the file holds one image")
     return 0
+
+
+SIGNATURES = {  # the first bytes of every file of a format
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    "NumPy": (b"\x93NUMPY",),
+    "gzip": (b"\x1f\x8b",),
+    "zip": (b"PK\x03\x04",),
+}
+
+
+def check_signature(path: Path, expected: str) -> None:
+    """Raise when the file does not start with the signature of the format ``expected`` (a key of
+    :data:`SIGNATURES`) that its ending names; the message says which format it holds when that is known."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(SIGNATURES[expected]):
+        return
+    found = next((name for name, starts in SIGNATURES.items() if head.startswith(starts)), None)
+    if found is not None:
+        raise ImageReadError(f"{path}: the file is {found}, not {expected} as its ending {path.suffix.lower()} "
+                             "says; rename it to its format's ending")
+    raise ImageReadError(f"{path}: not a {expected} file (it does not start with the {expected} signature); the file is "
+                         "damaged or not an image")
 
 
 def check_file_bytes(path: Path, limits: ReadLimits) -> None:

@@ -3,6 +3,7 @@ Values are returned in the stored physical unit (HU for CT: RescaleSlope and Res
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def _numbers(ds: Any, path: Path, keyword: str, count: int | None = None) -> lis
 
 def _read_file(path: Path, slice_index: int | None, limits: ReadLimits) -> ImageData:
     import pydicom
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import apply_color_lut, pixel_array
 
     check_file_bytes(path, limits)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -107,13 +108,24 @@ def _read_file(path: Path, slice_index: int | None, limits: ReadLimits) -> Image
     ps = _numbers(ds, path, "PixelSpacing", 2) or _numbers(ds, path, "ImagerPixelSpacing", 2)
     if ps is not None and min(ps) <= 0:
         raise ImageReadError(f"{path}: DICOM pixel spacing {ps} must be positive; fix PixelSpacing")
+    palette = str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR"
+    if palette and not all(f"{c}PaletteColorLookupTableDescriptor" in ds for c in ("Red", "Green", "Blue")):
+        raise ImageReadError(f"{path}: a PALETTE COLOR DICOM without its colour table (the Red/Green/Blue Palette "
+                             "Color Lookup Table tags), so its colours are unknown; re-export the file with its table")
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL + 1)  # a failed decode is logged with a traceback; the error below says it
     try:
         raw = pixel_array(path, index=slice_index if frames > 1 else None)  # one frame only is decoded
+        if palette:
+            raw = apply_color_lut(raw, ds)  # indices -> (H, W, 3) colours
     except Exception as err:  # pydicom raises several types for damaged or compressed files
         raise ImageReadError(
             f"{path}: cannot read the DICOM pixel data ({first_line(err)}); for compressed transfer syntaxes install "
             "pylibjpeg or gdcm support, or convert the file"
         ) from err
+    finally:
+        pydicom_log.setLevel(level)
     arr = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)  # stored value -> HU (CT)
     spacing = None if ps is None else (ps[0], ps[1])
     geometry = None
@@ -131,7 +143,8 @@ def _read_file(path: Path, slice_index: int | None, limits: ReadLimits) -> Image
         )
     return ImageData(
         finish(arr, path, "DICOM image"), path, "dicom", spacing=spacing,
-        modality=str(ds.get("Modality", "") or "") or None, bit_depth=int(ds.get("BitsStored", 0) or 0) or None,
+        modality=str(ds.get("Modality", "") or "") or None,
+        bit_depth=bit_depth(raw.dtype) if palette else int(ds.get("BitsStored", 0) or 0) or None,
         geometry=geometry,
     )
 

@@ -123,6 +123,17 @@ def _nifti_header(path: Path, limits: ReadLimits) -> tuple[Any, tuple[int, ...]]
     img = nib.load(str(path))  # header only; the data stays on disk behind img.dataobj
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageReadError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    with ImageOpener(str(path)) as f:  # nibabel's loaded header has sizeof_hdr, vox_offset and zero pixdims repaired
+        raw = type(img.header).from_fileobj(f, check=False)
+    if int(raw["sizeof_hdr"]) != type(raw).sizeof_hdr:  # 348 for NIfTI-1, 540 for NIfTI-2
+        version = 2 if isinstance(img, nib.Nifti2Image) else 1
+        raise ImageReadError(f"{path}: the header size field sizeof_hdr is {int(raw['sizeof_hdr'])}, not "
+                             f"{type(raw).sizeof_hdr} as NIfTI-{version} requires; the header is damaged or this is "
+                             "not a NIfTI file")
+    if not float(raw["vox_offset"]) >= type(raw).single_vox_offset:
+        raise ImageReadError(f"{path}: the header puts the voxel data at byte {float(raw['vox_offset']):g} "
+                             f"(vox_offset), inside the {type(raw).single_vox_offset}-byte header; the header is "
+                             "damaged (a .nii file's data starts after its header)")
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ImageReadError(f"{path}: the header declares shape {shape} (dim field); a NIfTI image needs at least "
@@ -134,8 +145,6 @@ def _nifti_header(path: Path, limits: ReadLimits) -> tuple[Any, tuple[int, ...]]
         raise ImageReadError(f"{path}: a {len(dims)}D NIfTI (shape {shape}) is not supported; give a 2D image or a 3D volume")
     nx, ny, nz = dims[0], dims[1], dims[2] if len(dims) == 3 else 1
     limits.check(path, "max_image_pixels", nx * ny, f"each slice declares {ny} x {nx} pixels")
-    with ImageOpener(str(path)) as f:  # nibabel's loaded header has zero pixdims already replaced by 1
-        raw = type(img.header).from_fileobj(f, check=False)
     zooms = [float(z) for z in raw["pixdim"][1 : len(dims) + 1]]
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         raise ImageReadError(f"{path}: voxel spacing (pixdim) {zooms} must be positive numbers; fix the header")

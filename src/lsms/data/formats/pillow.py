@@ -17,6 +17,7 @@ from lsms.data.formats.base import (
     ImageTooLargeError,
     ReadLimits,
     check_file_bytes,
+    check_signature,
     finish,
     first_line,
 )
@@ -40,9 +41,11 @@ class PillowReader(ImageReader):
                                  "2D image")
         check_file_bytes(path, limits)
         fmt = self.image_format(path)
+        check_signature(path, fmt.upper())  # a TIFF renamed .png is not decoded as whatever Pillow finds inside
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies below
+                self.check_integrity(path)
                 with Image.open(path) as im:
                     w, h = im.size
                     limits.check(path, "max_image_pixels", w * h, f"the image declares {h} x {w} pixels")
@@ -63,6 +66,14 @@ class PillowReader(ImageReader):
         bits = 16 if mode.startswith("I;16") else (32 if mode in ("I", "F") else 8)
         return ImageData(finish(arr, path, "image"), path, fmt, bit_depth=None if mode == "F" else bits)
 
+    def check_integrity(self, path: Path) -> None:
+        """Raise for damage the decoder passes over (checked before decoding): Pillow's ``verify`` checks a PNG's chunk
+        CRCs and its end chunk (IEND), which decoding the pixels does not need."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+
 
 class JpegReader(PillowReader):
     """JPEG: read as the other Pillow formats; lossy, so a JPEG mask is thresholded at half its maximum."""
@@ -73,6 +84,49 @@ class JpegReader(PillowReader):
 
     def image_format(self, path: Path) -> str:
         return "jpeg"
+
+    def check_integrity(self, path: Path) -> None:
+        """Raise for a damaged marker structure: the decoder reads as many bytes as the image needs and passes over
+        the rest, so garbage in the image data would otherwise decode as a picture."""
+        damage = _jpeg_damage(path.read_bytes())
+        if damage:
+            raise ImageReadError(f"{path}: the JPEG is damaged ({damage}); re-export it from its source")
+
+
+_JPEG_AFTER_SCAN = {0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)}  # markers a scan may end at
+
+
+def _jpeg_damage(data: bytes) -> str | None:
+    """What is wrong with a JPEG's structure, or None: segments that follow each other by their lengths, image data
+    (after each start-of-scan) holding only stuffed 0xFF 0x00 bytes and restart markers, and an end marker (EOI)."""
+    i, n = 2, len(data)  # after the start marker (SOI)
+    while True:
+        if i + 1 >= n or data[i] != 0xFF:
+            return f"no marker at byte {i}; the file is cut short or its segments are damaged"
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return None
+        if i + 4 > n:
+            return "the file is cut short"
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker != 0xDA:
+            continue
+        while True:  # the entropy-coded image data of a scan, up to the next marker
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= n:
+                return "the image data has no end marker; the file is cut short"
+            after = data[i + 1]
+            if after == 0x00 or 0xD0 <= after <= 0xD7:  # a stuffed 0xFF value, a restart marker
+                i += 2
+            elif after == 0xFF:
+                i += 1
+            elif after in _JPEG_AFTER_SCAN:
+                break
+            else:
+                return f"the image data holds the invalid marker 0xFF{after:02X} at byte {i}"
 
 
 def _png_depth_and_colour(path: Path) -> tuple[int, int] | None:
