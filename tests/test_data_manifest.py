@@ -80,3 +80,18 @@ def test_common_modality() -> None:
     assert common_modality([rec("CT"), rec("CT")]) == "CT" and common_modality([rec(None)]) is None
     with pytest.raises(ValueError, match=r"records mix modalities \['CT', 'XR'\]"):
         common_modality([rec("CT"), rec("XR")])
+
+
+def test_modality_is_normalised_and_check_warns(tmp_path: Path) -> None:
+    from lsms.data import default_preprocessing
+    from lsms.data.check import check_dataset
+
+    _write(tmp_path, [_line(modality="CT "), _line(id="b", modality="ct"), _line(id="c", modality="CT")])
+    records = load_manifest(tmp_path)
+    assert [r.modality for r in records] == ["CT", "CT", "CT"]
+    assert default_preprocessing(records[0].modality).intensity == "window"  # the CT window, not percentiles
+    found = {(p.code, p.id): p for p in check_dataset(tmp_path, workers=1).problems}
+    assert found[("modality-normalized", "a")].severity == "warning"
+    assert "manifest.jsonl:1: field 'modality' 'CT ' is read as 'CT'" in found[("modality-normalized", "a")].message
+    assert ("modality-normalized", "b") in found and ("modality-normalized", "c") not in found
+    assert ("mixed-modality", None) not in found
