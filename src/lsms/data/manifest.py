@@ -201,6 +201,30 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     )
 
 
+def expressions(records: list[Record]) -> list[tuple[Record, str, str]]:
+    """Every written expression: (record, level, text) for ``text`` and each level in ``texts``."""
+    return [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
+            for r in records for lvl in WRITTEN_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
+
+
+def empty_text_problems(records: list[Record], where: dict[str, str] | None = None) -> list[Problem]:
+    """The one empty-text rule: in a dataset that has text, every expression must have some.
+
+    Args:
+        records: the whole dataset (a dataset without any text is legal: every sample gets an empty sentence).
+        where: ``"<file>:<line>"`` of each record id, named in the message; the dataset folder otherwise.
+    """
+    found = expressions(records)
+    if not any(t.strip() for _, _, t in found):
+        return []
+    return [
+        Problem("error", "empty-text", f"{(where or {}).get(r.id, str(r.root))}: sample {r.id!r} has an empty "
+                f"{'text' if lvl == 'full' else f'texts.{lvl}'} while the dataset has text; write its expression or "
+                "remove the record", str(r.root), r.id, r.split)
+        for r, lvl, t in found if not t.strip()
+    ]
+
+
 def manifest_path(folder: str | Path) -> Path:
     """``folder/manifest.jsonl`` (``folder`` may also be the manifest file itself)."""
     path = Path(folder)
@@ -211,7 +235,8 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
     """Read every line of a manifest, collecting problems instead of stopping at the first.
 
     Returns:
-        The valid records, one error per bad line (invalid JSON or field, duplicate id) and a warning per
+        The valid records, one error per bad line (invalid JSON or field, duplicate id, an empty text in a
+        dataset with text: :func:`empty_text_problems`) and a warning per
         modality that was normalised (see :func:`normalize_modality`).
     """
     path = manifest_path(folder)
@@ -252,6 +277,7 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
             if line.get("modality") != record.modality:
                 problems.append(Problem("warning", "modality-normalized", f"{where}: field 'modality' {line['modality']!r} "
                                         f"is read as {record.modality!r}; write it so", str(path), record.id, record.split))
+    problems.extend(empty_text_problems(records, {rid: f"{path}:{number}" for rid, number in seen.items()}))
     return records, problems
 
 
