@@ -150,3 +150,12 @@ def test_predict_errors(ckpt, tmp_path, capsys):
     assert parse_slices("2:4", 5, Path("v")) == [2, 3] and parse_slices("-1", 5, Path("v")) == [4]
     with pytest.raises(ValueError, match="outside the volume"):
         parse_slices("7", 5, Path("v"))
+
+
+def test_pairs_file_not_utf8_is_named(tmp_path):
+    from lsms.predict import expand_inputs
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"image,text\nimg.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"--pairs file '.*pairs\.csv' is not UTF-8 text; save the CSV as UTF-8"):
+        expand_inputs([], None, str(pairs), None)

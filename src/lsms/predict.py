@@ -225,8 +225,11 @@ def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices:
         pairs_path = Path(pairs)
         if not pairs_path.is_file():
             raise FileNotFoundError(f"--pairs file {pairs!r} does not exist")
-        with open(pairs_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(pairs_path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError:
+            raise ValueError(f"--pairs file {pairs!r} is not UTF-8 text; save the CSV as UTF-8") from None
         if not rows or not {"image", "text"} <= set(rows[0]):
             raise ValueError(f"{pairs}: a CSV with a header row 'image,text' (and optionally 'slice') is needed")
         grouped: dict[tuple[str, str | None], list[str]] = {}
