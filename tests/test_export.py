@@ -175,6 +175,10 @@ def test_predict_and_evaluate_give_the_same_results_with_every_backend(tiny_ckpt
         assert main(["predict", str(model), str(tmp_path / "x.png"), "--text", "the left lesion", "--out", str(out),
                      "--device", "cpu", "--backend", backend]) == 0
         masks[backend] = np.array(Image.open(out / "x_mask.png"))
+    # --features needs the PyTorch model: refused once, before any input is read
+    assert main(["predict", str(onnx_file), str(tmp_path / "x.png"), "--text", "a", "--features", "--out",
+                 str(tmp_path / "f"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "f" / "predictions.csv").exists()
     # the same mask but where rounding decides pixels at logit ~0 of this untrained network (2 of 3500 seen)
     assert (masks["torch"] != masks["onnxruntime"]).mean() <= 0.002 and masks["torch"].any()
     a = evaluate_checkpoint(tiny_ckpt, toy, "val", device="cpu", batch_size=3)
