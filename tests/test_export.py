@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -255,3 +256,20 @@ def test_export_and_backend_errors(tiny_ckpt, toy, tmp_path, capsys):
     old.update(format_version=2, model=spec.model.to_dict(), preprocessing=spec.preprocessing.to_dict(),
                image_size=[64, 64], max_tokens=spec.max_tokens, threshold=0.5, existence_threshold=None)
     assert ExportMetadata.from_json(json.dumps(old), "f") == metadata
+
+
+def test_help_is_plain_text_and_lsms_has_a_version(capsys):
+    import lsms
+    from lsms.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        assert "``" not in text and ":class:" not in text, name
+        for action in command._actions:
+            assert action.help, f"lsms {name} {action.option_strings or action.dest} has no help"
+    assert "ExportMetadata (JSON; ONNX" in sub.choices["export"].format_help()
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lsms {lsms.__version__}"

@@ -239,8 +239,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-predictions", action="store_true", help="write predicted masks (PNG, model input size)")
     p.add_argument("--empty-policy", default="one", choices=("one", "skip"),
                    help="empty target + empty prediction: scores 1 ('one', default) or is left out ('skip')")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="processes reading the data (default 0: read in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
