@@ -1,6 +1,7 @@
 """``lsms predict`` and the in-memory :class:`Predictor`: segment the lesion a sentence refers to.
 
     lsms predict RUN_OR_CHECKPOINT IMAGES... --text "A cyst in segment VI ..." --out DIR
+    lsms predict RUN IMAGES... --text "the left cyst" --text "the right cyst" --out DIR  # each sentence, every image
     lsms predict RUN ct.nii.gz --slices 40:60 --text "..." --out DIR      # a NIfTI volume, slices 40..59
     lsms predict RUN dicom_series_folder/ --text "..." --out DIR           # a DICOM series (all slices)
     lsms predict RUN --pairs pairs.csv --out DIR                           # CSV with columns image,text[,slice]

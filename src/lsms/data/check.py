@@ -7,7 +7,7 @@ ids, empty text in a dataset that has text, the same image (same decoded pixels)
 ``target_instance`` absent from its instance map, two modalities in one dataset, an empty dataset.
 Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
 image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks,
-a modality set on some records only.
+a modality set on some records only, a modality read after normalising (``"CT "``, ``"ct"``).
 """
 
 from __future__ import annotations
