@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ H, W = 12, 16
 
 
 def make_dataset(root: Path) -> Path:
-    """Three samples: CT npy with instances and texts, an RGB PNG with text, one without text."""
+    """Three samples: CT npy with instances and texts, an RGB PNG with a left/right text, one with neither."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     hu = np.full((H, W), 30, np.int16)
@@ -45,7 +46,7 @@ def make_dataset(root: Path) -> Path:
          "text": "The larger lesion in the right lobe", "texts": {"half": "right lobe lesion"},
          "instances": "masks/ct_inst.png", "target_instance": 2},
         {"id": "rgb", "image": "images/rgb.png", "mask": "masks/rgb.png", "text": "Polyp on the Left", "split": "train"},
-        {"id": "plain", "image": "images/rgb.png", "mask": "masks/rgb.png", "text": "", "split": "val"},
+        {"id": "plain", "image": "images/rgb.png", "mask": "masks/rgb.png", "text": "a polyp", "split": "val"},
     ]
     (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return root
@@ -93,7 +94,7 @@ def test_flip_swaps_or_refuses_never_silent(tmp_path: Path) -> None:
     assert swap["text"] == "Polyp on the Right" and torch.equal(swap["mask"], plain["mask"].flip(-1))
     refuse = SegmentationDataset(recs, prep, augment=Augmentation(hflip_p=1.0))[1]  # default policy: refuse
     assert refuse["text"] == "Polyp on the Left" and torch.equal(refuse["mask"], plain["mask"])
-    no_text = SegmentationDataset(recs, prep, augment=Augmentation(hflip_p=1.0))[2]
+    no_text = SegmentationDataset([dataclasses.replace(recs[2], text="")], prep, augment=Augmentation(hflip_p=1.0))[0]
     assert torch.equal(no_text["mask"], plain["mask"].flip(-1))  # nothing to contradict: flipped
     a = SegmentationDataset(recs, prep, augment=Augmentation(hflip_p=0.5, contrast=0.2, seed=3, text_flip="swap"))
     b = SegmentationDataset(recs, prep, augment=Augmentation(hflip_p=0.5, contrast=0.2, seed=3, text_flip="swap"))
@@ -138,7 +139,7 @@ def test_collator_tokenises(tmp_path: Path) -> None:
 
     recs = load_manifest(make_dataset(tmp_path / "d"))
     ds = SegmentationDataset(recs, Preprocessing(image_size=8))
-    batch = Collator(Tokenizer(max_tokens=8))([ds[0], ds[1], ds[2]])
+    batch = Collator(Tokenizer(max_tokens=8))([ds[0], ds[1], {**ds[2], "text": ""}])
     assert batch["input_ids"].shape[0] == 3 and batch["input_ids"].shape[1] <= 8
     assert batch["attention_mask"].dtype == torch.int64 and batch["attention_mask"][2].sum() == 2  # "" = CLS SEP
     assert batch["truncated"].tolist() == [True, False, False]

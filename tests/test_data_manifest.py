@@ -29,14 +29,14 @@ def test_round_trip_keeps_optional_and_unknown_fields(tmp_path: Path) -> None:
         attributes={"type": "cyst", "diameter_mm": 7.5}, spacing=[0.7, 0.7], patient="p1", modality="CT",
         unique={"half": True}, all_mask="masks/a_all.png", all_text="two cysts",
     )
-    _write(tmp_path / "d", [full, _line(id="b", text="", split="val")])
+    _write(tmp_path / "d", [full, _line(id="b", text="a lesion", split="val")])
     recs = load_manifest(tmp_path / "d")
     assert [r.id for r in recs] == ["a", "b"]
     a = recs[0]
     assert a.spacing == (0.7, 0.7) and a.target_instance == 2 and a.modality == "CT"
     assert a.extra == {"unique": {"half": True}, "all_mask": "masks/a_all.png", "all_text": "two cysts"}
     assert a.image_path == tmp_path / "d" / "images/a.npy"
-    assert a.text_at("half") == "cyst" and a.text_at("none") == "" and recs[1].text_at("quarter") == ""
+    assert a.text_at("half") == "cyst" and a.text_at("none") == "" and recs[1].text_at("quarter") == "a lesion"
     write_manifest(tmp_path / "e", recs)
     assert [json.loads(x) for x in (tmp_path / "e" / "manifest.jsonl").read_text().splitlines()][0] == full
     assert not list((tmp_path / "e").glob(".manifest-*"))  # the temporary file was renamed into place
@@ -80,3 +80,33 @@ def test_common_modality() -> None:
     assert common_modality([rec("CT"), rec("CT")]) == "CT" and common_modality([rec(None)]) is None
     with pytest.raises(ValueError, match=r"records mix modalities \['CT', 'XR'\]"):
         common_modality([rec("CT"), rec("XR")])
+
+
+def test_modality_is_normalised_and_check_warns(tmp_path: Path) -> None:
+    from lsms.data import default_preprocessing
+    from lsms.data.check import check_dataset
+
+    _write(tmp_path, [_line(modality="CT "), _line(id="b", modality="ct"), _line(id="c", modality="CT")])
+    records = load_manifest(tmp_path)
+    assert [r.modality for r in records] == ["CT", "CT", "CT"]
+    assert default_preprocessing(records[0].modality).intensity == "window"  # the CT window, not percentiles
+    found = {(p.code, p.id): p for p in check_dataset(tmp_path, workers=1).problems}
+    assert found[("modality-normalized", "a")].severity == "warning"
+    assert "manifest.jsonl:1: field 'modality' 'CT ' is read as 'CT'" in found[("modality-normalized", "a")].message
+    assert ("modality-normalized", "b") in found and ("modality-normalized", "c") not in found
+    assert ("mixed-modality", None) not in found
+
+
+def test_empty_text_is_refused_at_load_as_check_does(tmp_path: Path) -> None:
+    from lsms.data.check import check_dataset
+
+    _write(tmp_path / "d", [_line(), _line(id="b", text="")])
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: sample 'b' has an empty text while the dataset has text"):
+        load_samples(tmp_path / "d", split="train")
+    found = [p for p in check_dataset(tmp_path / "d", workers=1).problems if p.code == "empty-text"]
+    assert [(p.id, p.severity) for p in found] == [("b", "error")]  # reported once, by the same rule
+    _write(tmp_path / "e", [_line(texts={"half": " "})])
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:1: sample 'a' has an empty texts\.half"):
+        load_manifest(tmp_path / "e")
+    _write(tmp_path / "f", [_line(text=""), _line(id="b", text="")])  # no text at all: legal
+    assert len(load_manifest(tmp_path / "f")) == 2

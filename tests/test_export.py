@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -175,6 +176,10 @@ def test_predict_and_evaluate_give_the_same_results_with_every_backend(tiny_ckpt
         assert main(["predict", str(model), str(tmp_path / "x.png"), "--text", "the left lesion", "--out", str(out),
                      "--device", "cpu", "--backend", backend]) == 0
         masks[backend] = np.array(Image.open(out / "x_mask.png"))
+    # --features needs the PyTorch model: refused once, before any input is read
+    assert main(["predict", str(onnx_file), str(tmp_path / "x.png"), "--text", "a", "--features", "--out",
+                 str(tmp_path / "f"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "f" / "predictions.csv").exists()
     # the same mask but where rounding decides pixels at logit ~0 of this untrained network (2 of 3500 seen)
     assert (masks["torch"] != masks["onnxruntime"]).mean() <= 0.002 and masks["torch"].any()
     a = evaluate_checkpoint(tiny_ckpt, toy, "val", device="cpu", batch_size=3)
@@ -251,3 +256,20 @@ def test_export_and_backend_errors(tiny_ckpt, toy, tmp_path, capsys):
     old.update(format_version=2, model=spec.model.to_dict(), preprocessing=spec.preprocessing.to_dict(),
                image_size=[64, 64], max_tokens=spec.max_tokens, threshold=0.5, existence_threshold=None)
     assert ExportMetadata.from_json(json.dumps(old), "f") == metadata
+
+
+def test_help_is_plain_text_and_lsms_has_a_version(capsys):
+    import lsms
+    from lsms.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        assert "``" not in text and ":class:" not in text, name
+        for action in command._actions:
+            assert action.help, f"lsms {name} {action.option_strings or action.dest} has no help"
+    assert "ExportMetadata (JSON; ONNX" in sub.choices["export"].format_help()
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lsms {lsms.__version__}"

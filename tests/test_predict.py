@@ -162,3 +162,22 @@ def test_predict_errors(ckpt, tmp_path, capsys):
     assert parse_slices("2:4", 5, Path("v")) == [2, 3] and parse_slices("-1", 5, Path("v")) == [4]
     with pytest.raises(ValueError, match="outside the volume"):
         parse_slices("7", 5, Path("v"))
+
+
+def test_pairs_file_not_utf8_is_named(tmp_path):
+    from lsms.predict import expand_inputs
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"image,text\nimg.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"--pairs file '.*pairs\.csv' is not UTF-8 text; save the CSV as UTF-8"):
+        expand_inputs([], None, str(pairs), None)
+
+
+def test_repeated_text_asks_each_sentence_of_every_image(ckpt, tmp_path):
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(tmp_path / "x.png")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "x.png"), "--text", "the left cyst", "--text", "the right cyst",
+                 "--out", str(out), "--device", "cpu", "--existence-threshold", "0"]) == 0
+    rows = _rows(out)
+    assert [r["text"] for r in rows] == ["the left cyst", "the right cyst"]
+    assert len({r["mask"] for r in rows}) == 2 and all(Path(r["mask"]).is_file() for r in rows)

@@ -165,3 +165,22 @@ def test_a_second_training_into_a_locked_run_is_refused(toy: Path, tmp_path: Pat
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_resumed_run_keeps_one_metrics_row_per_epoch(tmp_path: Path) -> None:
+    import csv
+
+    from lsms.runlog import RunLog
+
+    first = RunLog(tmp_path, enabled=True, resume=False, progress=False)
+    for epoch in (0, 1, 2):  # the last row came after the checkpoint the run resumes from
+        first.epoch_row({"epoch": epoch, "step": 10 * (epoch + 1), "lr": 0.1})
+    first.close()
+    resumed = RunLog(tmp_path, enabled=True, resume=True, progress=False)
+    for epoch in (1, 2, 3):  # resumed in epoch 1
+        resumed.epoch_row({"epoch": epoch, "step": 10 * (epoch + 1), "lr": 0.2, "val_Dice": 0.5})
+    resumed.close()
+    with open(tmp_path / "metrics.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["lr"], r["val_Dice"]) for r in rows] == [
+        ("0", "0.1", ""), ("1", "0.2", "0.5"), ("2", "0.2", "0.5"), ("3", "0.2", "0.5")]

@@ -217,3 +217,13 @@ def test_inf_nan_logits_at_validation_are_reported_loudly(toy, tmp_path, monkeyp
         summary = train(tiny_run_config(toy, tmp_path / "run"))
     assert summary["nonfinite_logits_by_epoch"] == {1: 2, 2: 2}
     assert any("inf/NaN logits in 2 of the evaluated epochs" in r.message for r in caplog.records)
+
+
+def test_evaluate_refuses_to_overwrite_the_evaluation_of_other_data(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "eval-val-full").mkdir(parents=True)
+    (run / "eval-val-full" / "summary.json").write_text(json.dumps({"data": str(tmp_path / "own")}))
+    assert main(["evaluate", str(run), str(tmp_path / "other"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval-val-full holds the evaluation of {tmp_path / 'own'}; evaluating {tmp_path / 'other'} there" in err
+    assert "give --out DIR" in err

@@ -132,3 +132,25 @@ def test_recipes_with_a_baseline_and_the_augmentation_seed(caplog):
     assert (paper.model.preset, paper.model.depths, paper.optim.lr, paper.data.image_size) == ("base", (3, 3, 12, 3), 3e-5, 480)
     with pytest.raises(ValueError, match="the run's seed"):
         config("--augmentation", "seed=3")
+
+
+def test_settings_refuse_what_a_library_would_answer_with_its_own_message(tmp_path):
+    from lsms.distributed import pick_device
+
+    with pytest.raises(ValueError, match=r"seed must be between 0 and 2\*\*63-1"):
+        RunConfig(seed=2**70)
+    (tmp_path / "ten.yaml").write_text("optim:\n  epochs: ten\n")
+    with pytest.raises(ValueError, match=r"ten\.yaml\.optim\.epochs must be a whole number, got 'ten'"):
+        load_settings_file(tmp_path / "ten.yaml")
+    (tmp_path / "lr.yaml").write_text("optim:\n  lr: 1e-4\n")
+    with pytest.raises(ValueError, match=r"optim\.lr must be a number, got '1e-4' \(YAML reads .* write 1\.0e-4\)"):
+        load_settings_file(tmp_path / "lr.yaml")
+    with pytest.raises(ValueError, match=r"optim\.epochs must be a whole number, got 2\.5"):
+        RunConfig.from_dict({"optim": {"epochs": 2.5}})
+    (tmp_path / "bad.yaml").write_text("optim:\n  epochs: [1\n  lr: 2\n")
+    with pytest.raises(ValueError, match=r"settings file '.*bad\.yaml' line 3, column 5: not valid YAML"):
+        load_settings_file(tmp_path / "bad.yaml")
+    for device in ("bogus", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match=rf"unknown device '{device}'; use auto, cpu, cuda, cuda:N .* or mps"):
+            pick_device(device)
+    assert pick_device("cpu") == torch.device("cpu")

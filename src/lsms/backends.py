@@ -67,11 +67,15 @@ class Backend(WithSpec):
         """As calling it, plus the existence head's logits (B,) float32 on the CPU (None without the head)."""
         raise NotImplementedError
 
-    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
+    def check_features(self) -> None:
+        """Refuse, before any input is read, to give stage feature maps where this backend has none."""
         raise ValueError(
             f"the {self.name} backend returns logits only; the stage feature maps (--features) need the "
             "PyTorch model: give the run folder or checkpoint with --backend torch"
         )
+
+    def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):
+        self.check_features()
 
 
 class TorchBackend(Backend):
@@ -113,6 +117,9 @@ class TorchBackend(Backend):
             out = self.model.forward_features(image, input_ids, attention_mask, text=text)
         existence = out.existence.float().cpu() if out.existence is not None else None
         return out.logits.float().cpu(), existence
+
+    def check_features(self) -> None:
+        """The PyTorch model gives its stage feature maps."""
 
     @torch.inference_mode()
     def forward_features(self, image: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None):

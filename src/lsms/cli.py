@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
+
+from lsms import __version__
 
 # sub-command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,16 +25,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as help text: reStructuredText roles and literals (``:class:`X```, ````lsms````) as plain words."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return re.sub(r"``([^`]+)``", r"\1", doc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lsms",
         description="Referring lesion segmentation with LSMS (Language-guided Scale-aware MedSegmentor).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"lsms {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
+        p.description = plain_text(p.description or "")  # a module docstring given as the description
         p.set_defaults(_module=module)
     return parser
 

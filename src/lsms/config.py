@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PAPER_LR = 3e-5  # the paper's AdamW learning rate (fine-tuning from ImageNet / BERT weights)
 RECIPES_DIR = Path(__file__).parent / "recipes"  # named settings files: --recipe NAME
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; the per-rank and per-epoch seeds (seed + k) stay below 2**64
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class RunConfig(DictRoundTrip):
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2**63-1 ({MAX_SEED}), got {self.seed}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         for name in ("val_every", "log_every"):
@@ -237,8 +240,17 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"settings file {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"settings file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"settings file {str(path)!r}{at}: not valid YAML ({problem}); write setting: value "
+                         "pairs (see docs/training.md)") from None
     if not isinstance(data, dict):
         raise ValueError(f"settings file {str(path)!r} must hold a mapping of setting: value, got {type(data).__name__}")
     data = _underscores(data)

@@ -542,15 +542,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", dest="budget_minutes", type=float, default=d.budget_minutes,
                    help=f"minutes for everything; training stops in time for evaluation (default {d.budget_minutes:g})")
     p.add_argument("--patients", type=int, default=d.patients, help=f"synthetic patients (default {d.patients})")
-    p.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient)
+    p.add_argument("--slices-per-patient", type=int, default=d.slices_per_patient,
+                   help=f"slices per synthetic patient (default {d.slices_per_patient})")
     p.add_argument("--image-size", dest="train.data.image_size", type=int, default=t.data.image_size,
                    help=f"(default {t.data.image_size})")
     p.add_argument("--epochs", type=int, default=d.epochs,
                    help="training epochs (default: as many as fit in the budget, measured, at most --max-epochs)")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help=f"(default {d.max_epochs})")
-    p.add_argument("--batch-size", dest="train.optim.batch_size", type=int, default=t.optim.batch_size)
-    p.add_argument("--lr", dest="train.optim.lr", type=float, default=t.optim.lr)
-    p.add_argument("--seed", dest="train.seed", type=int, default=t.seed)
+    p.add_argument("--batch-size", dest="train.optim.batch_size", type=int, default=t.optim.batch_size,
+                   help=f"training batch size (default {t.optim.batch_size})")
+    p.add_argument("--lr", dest="train.optim.lr", type=float, default=t.optim.lr,
+                   help=f"peak learning rate (default {t.optim.lr:g})")
+    p.add_argument("--seed", dest="train.seed", type=int, default=t.seed,
+                   help=f"seed of the data and the training (default {t.seed})")
     p.add_argument("--device", dest="train.device", default=t.device, help="auto, cpu, cuda, mps")
     p.add_argument("--no-progress", dest="train.progress", action="store_false", help="no progress bars")
     short_metavars(p)

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,13 +233,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-level", default="full", choices=TEXT_LEVELS,
                    help="expression detail: full, half, quarter, or none (empty sentence to the text model)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT-LEVEL or next to the checkpoint)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: RUN/eval-SPLIT-LEVEL or next to the checkpoint; "
+                   "refused when it holds the evaluation of other data)")
     p.add_argument("--json", metavar="PATH", help="also write the summary JSON here ('-' prints it to stdout)")
     p.add_argument("--save-predictions", action="store_true", help="write predicted masks (PNG, model input size)")
     p.add_argument("--empty-policy", default="one", choices=("one", "skip"),
                    help="empty target + empty prediction: scores 1 ('one', default) or is left out ('skip')")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="processes reading the data (default 0: read in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
@@ -249,6 +252,21 @@ def default_out(model_arg: str | Path, split: str, text_level: str) -> Path:
     p = Path(model_arg)
     folder = p if p.is_dir() else p.parent
     return folder / f"eval-{split}-{text_level}"
+
+
+def check_not_other_data(out: Path, data: str | Path) -> None:
+    """Refuse to overwrite the default output folder when it holds the evaluation of other data (``--out``
+    names a folder on purpose: it is not checked)."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        return
+    try:
+        before = json.loads(summary.read_text(encoding="utf-8")).get("data")
+    except (ValueError, AttributeError):
+        before = None
+    if before is not None and os.path.realpath(before) != os.path.realpath(data):
+        raise ValueError(f"{out} holds the evaluation of {before}; evaluating {data} there would overwrite it: "
+                         "give --out DIR for this dataset")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -285,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     env = D.init_distributed(args.device)
     try:
         out = Path(args.out) if args.out else default_out(args.model, args.split, args.text_level)
+        if not args.out:
+            check_not_other_data(out, args.data)
         if env.is_main:
             from lsms.runs import writable_folder
 

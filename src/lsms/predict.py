@@ -1,6 +1,7 @@
 """``lsms predict`` and the in-memory :class:`Predictor`: segment the lesion a sentence refers to.
 
     lsms predict RUN_OR_CHECKPOINT IMAGES... --text "A cyst in segment VI ..." --out DIR
+    lsms predict RUN IMAGES... --text "the left cyst" --text "the right cyst" --out DIR  # each sentence, every image
     lsms predict RUN ct.nii.gz --slices 40:60 --text "..." --out DIR      # a NIfTI volume, slices 40..59
     lsms predict RUN dicom_series_folder/ --text "..." --out DIR           # a DICOM series (all slices)
     lsms predict RUN --pairs pairs.csv --out DIR                           # CSV with columns image,text[,slice]
@@ -206,15 +207,25 @@ def parse_slices(spec: str | None, n: int, path: Path) -> list[int]:
     return picked
 
 
-def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices: str | None) -> list[Job]:
-    """Turn the command line's inputs into jobs; folders of images expand to their files."""
+def expand_inputs(paths: list[str], texts: list[str] | None, pairs: str | None, slices: str | None) -> list[Job]:
+    """Turn the command line's inputs into jobs; folders of images expand to their files.
+
+    Args:
+        paths: images, folders, volumes, DICOM series.
+        texts: the ``--text`` sentences (repeatable), each asked of every image in ``paths``.
+        pairs: a CSV of image,text[,slice] rows.
+        slices: the slices of volumes to predict.
+    """
     jobs: list[Job] = []
     if pairs:
         pairs_path = Path(pairs)
         if not pairs_path.is_file():
             raise FileNotFoundError(f"--pairs file {pairs!r} does not exist")
-        with open(pairs_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(pairs_path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError:
+            raise ValueError(f"--pairs file {pairs!r} is not UTF-8 text; save the CSV as UTF-8") from None
         if not rows or not {"image", "text"} <= set(rows[0]):
             raise ValueError(f"{pairs}: a CSV with a header row 'image,text' (and optionally 'slice') is needed")
         grouped: dict[tuple[str, str | None], list[str]] = {}
@@ -225,10 +236,10 @@ def expand_inputs(paths: list[str], text: str | None, pairs: str | None, slices:
             grouped.setdefault((str(image), row.get("slice") or None), []).append(row["text"] or "")
         for (image, slice_spec), texts in grouped.items():
             jobs.extend(_jobs_for(Path(image), texts, slice_spec or slices))
-    if paths and text is None and not pairs:
+    if paths and texts is None and not pairs:
         raise ValueError('give the sentence with --text "..." (or --text "" for a model without text), or --pairs CSV')
     for p in paths:
-        jobs.extend(_jobs_for(Path(p), [text or ""], slices))
+        jobs.extend(_jobs_for(Path(p), texts or [""], slices))
     if not jobs:
         raise ValueError("nothing to predict: give image files, folders, a NIfTI volume, a DICOM series or --pairs")
     return jobs
@@ -276,7 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a run folder (best.pt, else last.pt), a .pt checkpoint, or a file from 'lsms export'")
     p.add_argument("images", nargs="*", metavar="IMAGES",
                    help="image files, folders of images, NIfTI volumes or DICOM series folders")
-    p.add_argument("--text", help="the referring expression, used for every image")
+    p.add_argument("--text", action="append",
+                   help="the referring expression, used for every image; repeat it for several (one mask each)")
     p.add_argument("--pairs", metavar="CSV", help="CSV with columns image,text[,slice]: one sentence per row")
     p.add_argument("--slices", metavar="N|START:STOP", help="slices of a NIfTI volume / DICOM series (default all)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -299,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
                                           backend=args.backend, existence_threshold=args.existence_threshold)
+    if args.features:
+        predictor.backend.check_features()  # once, before any input
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
     failed = [r for r in rows if r.get("error")]
     listing = Path(args.out) / "predictions.csv"

@@ -49,14 +49,18 @@ class RunLog:
                 f.write(json.dumps(entry) + "\n")
 
     def epoch_row(self, row: dict[str, Any]) -> None:
-        """Append a row to metrics.csv, rewriting the file so that one header covers every column seen."""
+        """Append a row to metrics.csv, rewriting the file so that one header covers every column seen.
+
+        Rows of this epoch or later are dropped first: a resumed run redoes the epoch it resumed in (and any
+        after it that an earlier attempt logged past its last checkpoint), so the file keeps one true row per epoch.
+        """
         if not self.enabled:
             return
         path = self.out / "metrics.csv"
         rows: list[dict[str, Any]] = []
         if path.exists():
             with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
+                rows = [r for r in csv.DictReader(f) if _before(r, row["epoch"])]
         rows.append(row)
         columns: list[str] = []
         for r in rows:
@@ -97,6 +101,14 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _before(row: dict[str, Any], epoch: int) -> bool:
+    """Whether a metrics.csv row is of an epoch before ``epoch`` (a row whose epoch cannot be read is kept)."""
+    try:
+        return int(row.get("epoch") or "") < epoch
+    except ValueError:
+        return True
 
 
 def _num(value: Any) -> float:

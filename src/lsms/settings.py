@@ -57,10 +57,29 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _yaml_hint(value: Any) -> str:
+    """Why a number may have arrived as text: YAML 1.1 reads ``1e-4`` (no dot) as a string."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return ""
+    return " (YAML reads a number such as 1e-4 without a dot as text: write 1.0e-4)" if isinstance(value, str) else ""
+
+
 def _typed(hint: Any, value: Any, where: str) -> Any:
-    """A plain value read back as the type ``hint`` asks for (settings classes, tuples); others unchanged."""
+    """A plain value read back as the type ``hint`` asks for (settings classes, tuples); others unchanged.
+
+    A number setting (``int``, ``float``, either or None) refuses anything else, naming it: ``epochs: ten`` in a
+    settings file would otherwise fail later inside a comparison or a library.
+    """
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
+    if set(options) & {int, float} and set(options) <= {int, float, type(None)}:
+        whole = float not in options
+        if value is None and type(None) not in options or value is not None and (
+                isinstance(value, bool) or not isinstance(value, int if whole else (int, float))):
+            raise ValueError(f"setting {where} must be {'a whole number' if whole else 'a number'}"
+                             f"{' or null' if type(None) in options else ''}, got {value!r}{_yaml_hint(value)}")
     classes = [o for o in options if isinstance(o, type) and issubclass(o, DictRoundTrip)]
     if len(classes) == 1 and isinstance(value, dict):
         return classes[0].from_dict(value, where)

@@ -463,7 +463,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-loading processes per training process")
     g.add_argument("--group-by-image", dest="data.group_by_image", action=argparse.BooleanOptionalAction, default=S,
                    help="put the expressions of one image in the same batch (same image, different sentences)")
-    g.add_argument("--eval-batch-size", dest="data.eval_batch_size", type=int, default=S)
+    g.add_argument("--eval-batch-size", dest="data.eval_batch_size", type=int, default=S,
+                   help="images per validation forward pass (default: --batch-size)")
     g.add_argument("--allow-outside-root", dest="data.allow_outside_root", action="store_const", const=True, default=S,
                    help="read files the dataset names outside its folder (off by default: an error)")
     g = p.add_argument_group("optimisation")
@@ -489,17 +490,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", dest="optim.warmup_steps", type=int, default=S,
                    help=f"linear warm-up steps (default {o.warmup_steps})")
     g.add_argument("--poly-power", dest="optim.poly_power", type=float, default=S, help=f"poly decay power (default {o.poly_power})")
-    g.add_argument("--min-lr", dest="optim.min_lr", type=float, default=S)
+    g.add_argument("--min-lr", dest="optim.min_lr", type=float, default=S,
+                   help=f"learning rate the poly decay ends at (default {o.min_lr:g})")
     g.add_argument("--grad-clip", dest="optim.grad_clip", type=float, default=S,
                    help=f"max gradient norm, 0 = off (default {o.grad_clip})")
     g.add_argument("--loss", dest="loss_overrides", action="append", metavar="KEY=VALUE",
                    help="LossConfig field, repeatable: --loss contrastive_weight=0.125")
     g = p.add_argument_group("running")
-    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--seed", type=int, default=S, help="random seed, 0 to 2**63-1 (default 0)")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N, mps")
     g.add_argument("--amp", default=S, choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S)
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
+                   help="deterministic algorithms only (slower on GPU; default off)")
     g.add_argument("--threads", type=int, default=S, help="CPU threads per process (default: torch's choice)")
     g.add_argument("--val-every", type=int, default=S, help="validate every N epochs")
     g.add_argument("--best-metric", default=S,

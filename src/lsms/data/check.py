@@ -7,7 +7,7 @@ ids, empty text in a dataset that has text, the same image (same decoded pixels)
 ``target_instance`` absent from its instance map, two modalities in one dataset, an empty dataset.
 Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
 image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks,
-a modality set on some records only.
+a modality set on some records only, a modality read after normalising (``"CT "``, ``"ct"``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lsms.data.layouts import scan_samples
-from lsms.data.manifest import SPLITS, WRITTEN_LEVELS, Record
+from lsms.data.manifest import SPLITS, Record, empty_text_problems, expressions
 from lsms.data.problems import Problem
 from lsms.data.readers import read_image, read_label_map, read_mask_image
 
@@ -176,17 +176,11 @@ def _check_record_safely(r: Record) -> tuple[list[Problem], str | None]:
 
 def _text_problems(records: list[Record], tokenizer: Any | None
                    ) -> tuple[list[Problem], bool, dict[str, int] | None]:
-    texts_of = [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
-                for r in records for lvl in WRITTEN_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
+    texts_of = expressions(records)
     has_text = any(t.strip() for _, _, t in texts_of)
-    problems: list[Problem] = []
     if not has_text:
-        return problems, False, None
-    for r, lvl, t in texts_of:
-        if not t.strip():
-            field_name = "text" if lvl == "full" else f"texts.{lvl}"
-            problems.append(Problem("error", "empty-text", f"{r.root}: sample {r.id!r} has an empty {field_name} "
-                                    "while the dataset has text", str(r.root), r.id, r.split))
+        return [], False, None
+    problems = empty_text_problems(records)
     stats = None
     if tokenizer is not None:
         unique = sorted({t for _, _, t in texts_of if t.strip()})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsms.data.problems import Problem
+from lsms.data.problems import Problem, raise_first
 
 MANIFEST_NAME = "manifest.jsonl"
 SPLITS = ("train", "val", "test")
@@ -112,6 +112,15 @@ def _check_str(line: dict[str, Any], name: str, where: str, required: bool) -> s
     return value
 
 
+def normalize_modality(value: str | None) -> str | None:
+    """A manifest's modality as it is compared: surrounding spaces dropped, ``CT`` in any case spelt ``CT``
+    (``"CT "`` or ``"ct"`` would otherwise not choose the CT window); an empty one is no modality."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    return "CT" if value.upper() == "CT" else value
+
+
 def _encodable(value: Any) -> bool:
     """Whether every string in a parsed JSON value is valid Unicode (JSON allows lone surrogates, UTF-8 does not)."""
     if isinstance(value, str):
@@ -187,9 +196,33 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     return Record(
         id=rid, image=image, mask=mask, text=text, split=split, texts=texts, instances=instances,
         target_instance=target, attributes=attributes, spacing=spacing,
-        patient=_check_str(line, "patient", where, False), modality=_check_str(line, "modality", where, False),
+        patient=_check_str(line, "patient", where, False), modality=normalize_modality(_check_str(line, "modality", where, False)),
         slice_index=slice_index, extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root,
     )
+
+
+def expressions(records: list[Record]) -> list[tuple[Record, str, str]]:
+    """Every written expression: (record, level, text) for ``text`` and each level in ``texts``."""
+    return [(r, lvl, (r.texts or {}).get(lvl, r.text) if lvl != "full" else r.text)
+            for r in records for lvl in WRITTEN_LEVELS if lvl == "full" or (r.texts and lvl in r.texts)]
+
+
+def empty_text_problems(records: list[Record], where: dict[str, str] | None = None) -> list[Problem]:
+    """The one empty-text rule: in a dataset that has text, every expression must have some.
+
+    Args:
+        records: the whole dataset (a dataset without any text is legal: every sample gets an empty sentence).
+        where: ``"<file>:<line>"`` of each record id, named in the message; the dataset folder otherwise.
+    """
+    found = expressions(records)
+    if not any(t.strip() for _, _, t in found):
+        return []
+    return [
+        Problem("error", "empty-text", f"{(where or {}).get(r.id, str(r.root))}: sample {r.id!r} has an empty "
+                f"{'text' if lvl == 'full' else f'texts.{lvl}'} while the dataset has text; write its expression or "
+                "remove the record", str(r.root), r.id, r.split)
+        for r, lvl, t in found if not t.strip()
+    ]
 
 
 def manifest_path(folder: str | Path) -> Path:
@@ -202,7 +235,9 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
     """Read every line of a manifest, collecting problems instead of stopping at the first.
 
     Returns:
-        The valid records and one problem per bad line (invalid JSON or field, duplicate id).
+        The valid records, one error per bad line (invalid JSON or field, duplicate id, an empty text in a
+        dataset with text: :func:`empty_text_problems`) and a warning per
+        modality that was normalised (see :func:`normalize_modality`).
     """
     path = manifest_path(folder)
     if not path.is_file():
@@ -239,6 +274,10 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
                 continue
             seen[record.id] = number
             records.append(record)
+            if line.get("modality") != record.modality:
+                problems.append(Problem("warning", "modality-normalized", f"{where}: field 'modality' {line['modality']!r} "
+                                        f"is read as {record.modality!r}; write it so", str(path), record.id, record.split))
+    problems.extend(empty_text_problems(records, {rid: f"{path}:{number}" for rid, number in seen.items()}))
     return records, problems
 
 
@@ -250,9 +289,7 @@ def load_manifest(folder: str | Path) -> list[Record]:
         ValueError: a line is invalid; the message names the file, the line number and the field.
     """
     records, problems = parse_manifest(folder)
-    if problems:
-        more = f" (and {len(problems) - 1} more problem(s); run `lsms check` for all)" if len(problems) > 1 else ""
-        raise ValueError(problems[0].message + more)
+    raise_first(problems)
     if not records:
         raise ValueError(f"{manifest_path(folder)}: the manifest has no records")
     return records
