@@ -186,3 +186,12 @@ def test_upgrade_names_every_format_1_setting():
     assert run.model.preset == "film-unet" and run.model.features == (8,) * 6 and run.model.text.max_tokens == 20
     assert (run.data.path, run.data.image_size, run.optim.lr, run.loss.tau) == ("d", 96, 0.1, 0.2)
     assert new["spec"]["preprocessing"] == {"image_size": [96, 96]} and old["format_version"] == 1
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("config", [[1], "x", {"train": [1, 2]}, {"train": {}, "model": [1]}, {"run": [], "preprocessing": 3}])
+def test_a_malformed_config_section_is_an_error_naming_what_is_missing(tmp_path, version, config):
+    path = tmp_path / "bad.pt"
+    torch.save({"format": C.FORMAT, "format_version": version, "model": {"w": torch.zeros(1)}, "config": config}, path)
+    with pytest.raises(ValueError, match=r"bad\.pt.*'(run|spec)'.* is missing"):
+        C.load_checkpoint(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -140,6 +141,9 @@ def test_every_model_exports_to_onnx_with_parity(key, tmp_path):
 
 def test_torchscript_export_with_dynamic_batch(tiny_ckpt, tmp_path):
     out, metadata, diff = export_model(tiny_ckpt, tmp_path / "m.ts", "torchscript", batch=None)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes, not private
     assert metadata.batch is None and diff <= 1e-4
     backend = load_backend(out)
     assert backend.name == "torchscript"

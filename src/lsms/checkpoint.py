@@ -154,14 +154,15 @@ def upgrade_v1(checkpoint: dict[str, Any]) -> dict[str, Any]:
     The saved model config is the full one the weights were built with, so it wins over the training
     settings' ``preset`` and ``model_overrides``; tensors, optimiser and RNG states are unchanged.
     """
-    config = checkpoint.get("config") or {}
-    run, _ = upgrade_flat_settings(dict(config.get("train") or {}))
-    if config.get("model") is not None:
-        run["model"] = upgrade_flat_model(dict(config["model"]))
-    if config.get("loss") is not None:
-        run["loss"] = dict(config["loss"])
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    section = {k: v if isinstance(v, dict) else None for k, v in config.items()}  # malformed: missing, an error
+    run, _ = upgrade_flat_settings(dict(section.get("train") or {}))
+    if section.get("model") is not None:
+        run["model"] = upgrade_flat_model(dict(section["model"]))
+    if section.get("loss") is not None:
+        run["loss"] = dict(section["loss"])
     return {**checkpoint, "format_version": 2,
-            "config": {"run": run, "preprocessing": config.get("preprocessing")}}  # None when absent: an error
+            "config": {"run": run, "preprocessing": section.get("preprocessing")}}  # None when absent: an error
 
 
 def upgrade_v2(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -147,12 +147,20 @@ def export_network(model: nn.Module, spec: ModelSpec, out: str | Path, export_fo
                 quantize_int8(tmp, calibration)
         else:
             _export_torchscript(graph, inputs, metadata, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; an export is a file to share
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     got = [y for y in load_backend(out).answer(*inputs) if y is not None]
     diff = max(float((a - b).abs().max()) for a, b in zip(got, reference if graph.existence else [reference], strict=True))
     return out, metadata, diff
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class Graph(nn.Module):
