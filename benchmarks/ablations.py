@@ -133,8 +133,8 @@ def rescore_existence(run_dir: Path) -> dict[str, Any]:
     if "eval_negatives" not in settings:  # made before the negatives of each kind: generate it again
         generate_dataset(SynthConfig.from_dict(settings), data, overwrite=True, progress=False)
     path = run_dir / "existence.json"
-    negatives = sum(1 for line in (data / "manifest.jsonl").read_text().splitlines()
-                    if '"negative"' in line and '"split": "test"' in line)
+    records = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    negatives = sum(1 for r in records if "negative" in r and r.get("split") == "test")
     if path.is_file() and json.loads(path.read_text()).get("n_negative") == negatives:
         return json.loads(path.read_text())
     from lsms.evaluate import evaluate_levels, existence_metrics
