@@ -151,14 +151,16 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     sampler = train_sampler(train_set, cfg.data, o.batch_size, env, cfg.seed)
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
-    started, time_up, last_metrics = time.perf_counter(), False, {}
+    clock = CLOCKS[cfg.time_clock]
+    started, started_wall, started_cpu = clock(), time.perf_counter(), time.process_time()
+    time_up, last_metrics = False, {}
     nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
 
     def time_fraction() -> float:
         """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
         if o.schedule != "time":
             return 0.0
-        return D.all_reduce_mean(min(1.0, (time.perf_counter() - started) / (60 * cfg.time_limit_minutes)), env)
+        return D.all_reduce_mean(min(1.0, (clock() - started) / (60 * cfg.time_limit_minutes)), env)
 
     while epoch < o.epochs and step < total_steps and not time_up:
         loader = epoch_loader(train_set, sampler, collate, cfg, epoch, batch_in_epoch, steps_per_epoch, device)
@@ -181,7 +183,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
                 save("last")
             if on_step is not None:
                 on_step(step)
-            time_up = time_is_up(cfg.time_limit_minutes, started, step, env)
+            time_up = time_is_up(cfg.time_limit_minutes, clock() - started, cfg.time_clock, step, env)
             if time_up or step >= total_steps:  # the time limit, or optim.max_steps reached mid-epoch
                 break
             meter.asked()
@@ -204,14 +206,15 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
         last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
-        logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started, improved)
+        logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started_wall, improved)
         save("last", metrics)
         if improved:
             save("best", metrics)
     logs.close()
     summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
                "nonfinite_logits_by_epoch": nonfinite,
-               "time_s": time.perf_counter() - started, "out": str(out), "stopped_early": time_up}
+               "time_s": time.perf_counter() - started_wall, "cpu_s": time.process_time() - started_cpu,
+               "out": str(out), "stopped_early": time_up}
     return finish(summary, out, env)
 
 
@@ -239,11 +242,17 @@ def epoch_loader(train_set: Any, sampler: Any, collate: Collator, cfg: RunConfig
                       generator=torch.Generator().manual_seed(cfg.seed + epoch))  # not the global RNG
 
 
-def time_is_up(limit_minutes: float, started: float, step: int, env: D.DistEnv) -> bool:
+# what ``time_clock`` counts: wall time, or this process's CPU time (all its threads; not data-loading worker
+# processes), which a busy machine does not shorten
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_is_up(limit_minutes: float, elapsed_s: float, clock: str, step: int, env: D.DistEnv) -> bool:
     """Whether the run's time limit (0: none) has passed on any rank; says so once (rank 0)."""
-    up = bool(limit_minutes) and D.any_rank(time.perf_counter() - started > 60 * limit_minutes, env)
+    up = bool(limit_minutes) and D.any_rank(elapsed_s > 60 * limit_minutes, env)
     if up and env.is_main:
-        log.warning("time limit of %.1f minutes reached at step %d; stopping", limit_minutes, step)
+        log.warning("time limit of %.1f %s minutes reached at step %d; stopping", limit_minutes,
+                    "CPU" if clock == "cpu" else "wall-clock", step)
     return up
 
 
@@ -510,7 +519,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=S, help="also save last.pt every N steps (0 = epoch ends)")
     g.add_argument("--log-every", type=int, default=S, help="log train losses every N steps")
     g.add_argument("--time-limit", dest="time_limit_minutes", type=float, default=S,
-                   help="stop after this many minutes of training (validate and save first)")
+                   help="stop after this many minutes of training (validate and save first); --time-clock says which")
+    g.add_argument("--time-clock", dest="time_clock", choices=("wall", "cpu"), default=S,
+                   help="what --time-limit (and --schedule time) counts: 'wall' (default) or 'cpu', this process's CPU "
+                        "time over all its threads, so that runs on a busy machine get equal compute")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm progress bars")
     short_metavars(p)
 
