@@ -173,7 +173,7 @@ function showResults(out, req) {
   const panels = out.results.map((r, i) => {
     const colour = state.info.colours[i % state.info.colours.length];
     const p = document.createElement("div");
-    p.className = "panel";
+    p.className = "panel result";
     p.dataset.index = String(i);
     const cap = document.createElement("div");
     cap.className = "caption";
@@ -230,10 +230,12 @@ function showResults(out, req) {
       nii.title = "every slice segmented so far with this sentence and threshold (all, after Whole volume)";
       links.append(nii);
     }
-    p.append(cap, stats, pair, links);  // the numbers and the verdict above the pictures: in view without scrolling
+    // the numbers and the verdict above the pictures, in view without scrolling; five rows in every panel, so
+    // that side-by-side panels line their pictures up (style.css: subgrid)
+    const f = document.createElement("div");
+    f.className = "features";
+    p.append(cap, stats, pair, links, f);
     if (r.features) {
-      const f = document.createElement("div");
-      f.className = "features";
       r.features.forEach((src, s) => {
         const d = document.createElement("div");
         const im = new Image(); im.src = src; im.alt = `F${s + 1}`;
@@ -241,7 +243,6 @@ function showResults(out, req) {
         d.append(im, l);
         f.append(d);
       });
-      p.append(f);
     }
     return p;
   });
