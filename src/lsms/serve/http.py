@@ -1,6 +1,7 @@
 """The viewer's HTTP server: Python's standard ``http.server``, one thread per request, no dependency.
 
-Routes (``sid`` = the page's session id, in the query string):
+Routes (``sid`` = the page's session id, in the query string; docs/serve.md documents each, and a test holds
+its table equal to :data:`ROUTES` and :data:`STATIC`):
 
     GET  /                         the page (static/index.html, app.js, style.css; nothing from the network)
     POST /api/session              new session -> {sid, model, examples, limits, colours}
