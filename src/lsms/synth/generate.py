@@ -341,7 +341,7 @@ def negative_expressions(cfg: SynthConfig, ph: dict[str, Any], phs: list[dict[st
     return sentences
 
 
-def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
+def record_attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
                 ) -> dict[str, Any]:
     side = {"right": "right", "left": "left", "caudate": "middle"}[f.lobe]
     return {
@@ -376,38 +376,39 @@ def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[d
         _save_png(out / "masks" / f"{rid}.png", np.where(s.instances == f.index, 255, 0).astype(np.uint8))
         records.append({
             "id": rid, "mask": f"masks/{rid}.png", "text": texts["full"], "texts": texts, "target_instance": f.index,
-            "attributes": _attributes(f, slots, stated, spacing), "unique": unique, **common,
+            "attributes": record_attributes(f, slots, stated, spacing), "unique": unique, **common,
             **({"variants": variants} if variants else {}),
         })
     for e in s.negatives:
         rid = f"{s.slice_id}{e.suffix}"
         _save_png(out / "masks" / f"{rid}.png", np.zeros_like(s.instances))
-        attributes = _attributes(e.negative.facts, {"full": e.negative.slots}, [e.negative.relation] if
-                                 e.negative.relation else [], spacing)
-        for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
-            del attributes[key]  # the lesion does not exist: nothing measured
-        records.append({
-            "id": rid, "mask": f"masks/{rid}.png", "text": e.text, "target_instance": 0,
-            "negative": e.negative.kind, "attributes": attributes, **common,
-            **({"variants": e.variants} if e.variants else {}),
-        })
+        records.append(negative_record(rid, f"masks/{rid}.png", e, spacing, common))
     return records
+
+
+def negative_record(rid: str, mask: str, e: NegativeExpression, spacing: float, common: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The manifest record of a negative expression (empty ``mask``, ``target_instance`` 0)."""
+    attributes = record_attributes(e.negative.facts, {"full": e.negative.slots}, [e.negative.relation] if
+                                   e.negative.relation else [], spacing)
+    for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
+        del attributes[key]  # the lesion does not exist: nothing measured
+    return {"id": rid, "mask": mask, "text": e.text, "target_instance": 0, "negative": e.negative.kind,
+            "attributes": attributes, **common, **({"variants": e.variants} if e.variants else {})}
 
 
 def phrasing_digest(cfg: SynthConfig) -> str:
     return hashlib.sha256(phrasing_bytes(cfg.phrasing)[0]).hexdigest()[:16]
 
 
-_OUR_DIRS = ("images", "masks", "instances", "all", "card")
-_OUR_FILES = ("manifest.jsonl", "dataset.json", "README.md")
+SLICE_DIRS = ("images", "masks", "instances", "all")  # the 2D dataset's folders
+_OUR_DIRS = (*SLICE_DIRS, "card", "volumes", "volume_masks", "dicom")
+_OUR_FILES = ("manifest.jsonl", "volumes.jsonl", "dataset.json", "README.md")
 
 
-def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Generates the whole dataset into ``out`` and returns the summary written to ``dataset.json``."""
-    from lsms.synth.card import write_card
-
-    out = Path(out)
-    ph = load_phrasing(cfg.phrasing)
+def prepare_output(out: Path, overwrite: bool, dirs: tuple[str, ...] = SLICE_DIRS) -> None:
+    """Makes ``out`` with ``dirs``; a folder that is not empty is refused unless ``overwrite``, which removes
+    what an earlier ``lsms synth`` wrote there (2D or volumes) and nothing else."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
@@ -417,8 +418,26 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
             shutil.rmtree(out / d, ignore_errors=True)
         for f in _OUR_FILES:
             (out / f).unlink(missing_ok=True)
-    for d in _OUR_DIRS[:-1]:
+    for d in dirs:
         (out / d).mkdir(parents=True, exist_ok=True)
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON object per line (sorted keys), written to a temporary file and then ``os.replace``d."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Generates the whole dataset into ``out`` and returns the summary written to ``dataset.json``."""
+    from lsms.synth.card import write_card
+
+    out = Path(out)
+    ph = load_phrasing(cfg.phrasing)
+    prepare_output(out, overwrite)
     splits = split_of_patients(cfg)
     total = cfg.patients * cfg.slices_per_patient
     bar = None
@@ -439,20 +458,25 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
                 bar.update(1)
     if bar is not None:
         bar.close()
-    tmp = out / "manifest.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, out / "manifest.jsonl")
+    write_jsonl(out / "manifest.jsonl", records)
+    summary = dataset_summary(cfg, records, lesion_counts, splits)
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_card(out, cfg, records, summary)
+    return summary
+
+
+def dataset_summary(cfg: SynthConfig, records: list[dict[str, Any]], lesion_counts: list[int], splits: list[str]
+                    ) -> dict[str, Any]:
+    """What ``dataset.json`` says of a 2D dataset: settings, seed, phrasing digest and counts."""
     from lsms import __version__
 
     counts = np.bincount(lesion_counts, minlength=cfg.max_lesions + 1)
-    summary = {
+    return {
         "name": "RefLiver-Synth", "format_version": FORMAT_VERSION, "lsms_version": __version__,
         "settings": cfg.to_dict(), "seed": cfg.seed, "phrasing_sha256": phrasing_digest(cfg),
         "spacing_mm": cfg.spacing_mm, "convention": "radiological: image left = patient's right, top = anterior",
         "counts": {
-            "patients": cfg.patients, "slices": total, "expressions": len(records),
+            "patients": cfg.patients, "slices": len(lesion_counts), "expressions": len(records),
             "negative_expressions": sum("negative" in r for r in records),
             "slices_by_lesion_count": {str(k): int(c) for k, c in enumerate(counts)},
             "multi_lesion_share": float((np.asarray(lesion_counts) >= 2).mean()) if lesion_counts else 0.0,
@@ -460,9 +484,6 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
                             "expressions": sum(r["split"] == sp for r in records)} for sp in ("train", "val", "test")},
         },
     }
-    (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_card(out, cfg, records, summary)
-    return summary
 
 
 def facts_of(attributes: dict[str, Any], index: int) -> LesionFacts:
