@@ -46,7 +46,7 @@ class Lesion:
     params: dict[str, float] = field(default_factory=dict)
     window: tuple[slice, slice] | None = None
     local_mask: np.ndarray | None = None  # bool mask within ``window``
-    z: float = 0.0  # volumes: centre along the slice axis (mm from the first slice, growing caudally)
+    z: float = 0.0  # volumes: centre along the slice axis (mm from the centre of slice 0)
     half_z: float = 0.0  # volumes: half the extent along the slice axis (mm); 0 for a lesion of one slice
 
     @property

@@ -1,24 +1,26 @@
 """Writing RefLiver-Synth volumes: NIfTI (nibabel) and a DICOM CT series (pydicom), atomically and byte-stable.
 
-Geometry (both formats): a volume is an array (Z, H, W), slice 0 the most cranial, row 0 anterior, column 0 the
-patient's right (radiological view, as every 2D slice). In patient coordinates (LPS, mm: +x patient's left, +y
-posterior, +z head) voxel (k, row, col) sits at ``x = (col + 0.5 - W / 2) * s``, ``y = (row + 0.5 - H / 2) * s``
-(the 2D grid's mm, centred on the image) and ``z = ((Z - 1) / 2 - k) * dz``.
+Geometry (both formats): a volume is an array (Z, H, W), slice 0 the most caudal (the first along the slice
+normal, towards the head, as DICOM readers sort a series), row 0 anterior, column 0 the patient's right
+(radiological view, as every 2D slice). In patient coordinates (LPS, mm: +x patient's left, +y posterior, +z head)
+voxel (k, row, col) sits at ``x = (col + 0.5 - W / 2) * s``, ``y = (row + 0.5 - H / 2) * s`` (the 2D grid's mm,
+centred on the image) and ``z = (k - (Z - 1) / 2) * dz``.
 
 - NIfTI stores the voxels as (i, j, k) = (col, row, slice) with the RAS affine
-  ``diag(-s, -s, -dz)`` and offset ``((W / 2 - 0.5) s, (H / 2 - 0.5) s, (Z - 1) / 2 dz)`` as both qform and sform
-  (code 1, scanner), units mm: ``nib.aff2axcodes`` reads ``('L', 'P', 'I')``; ``array[k]`` of the
+  ``diag(-s, -s, dz)`` and offset ``((W / 2 - 0.5) s, (H / 2 - 0.5) s, -(Z - 1) / 2 dz)`` as both qform and sform
+  (code 1, scanner), units mm: ``nib.aff2axcodes`` reads ``('L', 'P', 'S')``; ``array[k]`` of the
   (z, y, x) order the lsms NIfTI reader uses is slice ``k`` as displayed.
 - DICOM: one file per slice ``IM0000.dcm`` ... (InstanceNumber ``k + 1``), ImageOrientationPatient
   ``[1, 0, 0, 0, 1, 0]``, ImagePositionPatient the centre of pixel (0, 0) at its ``z``, PixelSpacing ``[s, s]``,
   SliceThickness = SpacingBetweenSlices = ``dz``; stored unsigned with RescaleIntercept -1024, RescaleSlope 1
-  (HU = stored - 1024). UIDs are ``2.25.<n>`` derived from the seed and the patient (pydicom's
-  ``generate_uid`` with entropy sources), so the same seed writes the same series.
+  (HU = stored - 1024). UIDs are ``2.25.<n>`` of name-based UUIDs of the seed, the patient and the role
+  (study, series, frame of reference, slice k), so the same seed writes the same series.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +32,14 @@ def lps_origin(shape: tuple[int, int, int], spacing: tuple[float, float, float])
     """Patient position (LPS mm) of the centre of voxel (0, 0, 0) of a (Z, H, W) volume with spacing (dz, s, s)."""
     z, h, w = shape
     dz, sr, sc = spacing
-    return (0.5 - w / 2) * sc, (0.5 - h / 2) * sr, (z - 1) / 2 * dz
+    return (0.5 - w / 2) * sc, (0.5 - h / 2) * sr, -(z - 1) / 2 * dz
 
 
 def nifti_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """The RAS voxel -> mm affine of a (Z, H, W) volume stored as (col, row, slice) (see the module notes)."""
     x0, y0, z0 = lps_origin(shape, spacing)
     dz, sr, sc = spacing
-    return np.array([[-sc, 0.0, 0.0, -x0], [0.0, -sr, 0.0, -y0], [0.0, 0.0, -dz, z0], [0.0, 0.0, 0.0, 1.0]])
+    return np.array([[-sc, 0.0, 0.0, -x0], [0.0, -sr, 0.0, -y0], [0.0, 0.0, dz, z0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def save_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
@@ -55,10 +57,9 @@ def save_nifti(path: Path, volume: np.ndarray, spacing: tuple[float, float, floa
 
 
 def dicom_uid(*parts: object) -> str:
-    """A deterministic ``2.25.`` UID from ``parts`` (e.g. seed, patient, role)."""
-    from pydicom.uid import generate_uid
-
-    return generate_uid(prefix=None, entropy_srcs=["lsms-synth", *(str(p) for p in parts)])
+    """A deterministic ``2.25.`` UID (the decimal of a name-based UUID, PS3.5 B.2) from ``parts`` (seed, patient,
+    role)."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, '/'.join(['lsms-synth', *(str(p) for p in parts)])).int}"
 
 
 def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, float, float], seed: int,
@@ -90,7 +91,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, f
         ds.ReferringPhysicianName = ""
         ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, k + 1
         ds.PatientPosition = "HFS"
-        z = z0 - k * dz
+        z = z0 + k * dz
         ds.ImagePositionPatient = [round(x0, 6), round(y0, 6), round(z, 6)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = round(z, 6)

@@ -1,9 +1,9 @@
 """RefLiver-Synth volumes: one CT volume per patient with 3D lesion bodies, volume-level expressions, and the
 2D slices of the volumes as an ordinary 2D training set beside them.
 
-Geometry: slice ``k`` (0 = most cranial) of a volume of ``N`` slices ``slice_mm`` apart lies at the liver level
-``z_k = 0.5 + (k + 0.5 - N / 2) * slice_mm / LIVER_HEIGHT_MM`` (0 dome .. 1 tip, as :func:`render_anatomy`
-takes it) and is rendered by the 2D anatomy code. Lesions are bodies (:meth:`Lesion.section`) placed in 3D
+Geometry: slice ``k`` (0 = most caudal, the first along the slice normal; :mod:`lsms.synth.volume_files`) of a
+volume of ``N`` slices ``slice_mm`` apart lies at the liver level ``z_k = 0.5 - (k + 0.5 - N / 2) * slice_mm /
+LIVER_HEIGHT_MM`` (0 dome .. 1 tip, as :func:`render_anatomy` takes it) and is rendered by the 2D anatomy code. Lesions are bodies (:meth:`Lesion.section`) placed in 3D
 (:func:`place_lesions_3d`); each slice shows their cross-sections with the 2D appearance code.
 
 Determinism: the patient is ``SeedSequence(seed, spawn_key=(i,))`` as in 2D; slice ``k``'s anatomy and noise
@@ -77,9 +77,9 @@ class VolumeSample:
 
 
 def volume_levels(vcfg: VolumeConfig) -> np.ndarray:
-    """Liver level of each slice, cranial -> caudal, centred on the liver."""
+    """Liver level of each slice (slice 0 caudal: levels fall from the tip towards the dome), centred on the liver."""
     k = np.arange(vcfg.slices, dtype=np.float64)
-    return 0.5 + (k + 0.5 - vcfg.slices / 2) * vcfg.slice_mm / LIVER_HEIGHT_MM
+    return 0.5 - (k + 0.5 - vcfg.slices / 2) * vcfg.slice_mm / LIVER_HEIGHT_MM
 
 
 def volume_rng(cfg: SynthConfig, i: int, *stream: int) -> np.random.Generator:
