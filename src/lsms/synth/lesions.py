@@ -9,7 +9,9 @@ width encodes the boundary (clear ~0.3 mm, blurred ~2.5 mm).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
@@ -157,6 +159,18 @@ def sample_diameter(kind: str, rng: np.random.Generator, lo: float, hi: float) -
     return float(np.exp(rng.uniform(np.log(a), np.log(b))))
 
 
+def _shrink_to_fit(les: Lesion, candidates: Callable[[Lesion], np.ndarray], min_diameter: float) -> np.ndarray | None:
+    """Where ``les`` may go (``candidates(les)``, flat indices), shrinking it by 15 % steps while nowhere fits;
+    None when it would have to shrink below ``min_diameter``."""
+    while True:
+        cand = candidates(les)
+        if cand.size:
+            return cand
+        if 2 * les.radius * 0.85 < min_diameter:
+            return None
+        les.radius *= 0.85
+
+
 def place_lesions(lesions: list[Lesion], liver: np.ndarray, grid: Grid, rng: np.random.Generator,
                   min_diameter: float) -> list[Lesion]:
     """Places lesions (largest first) inside the liver, disjoint, shrinking those that do not fit.
@@ -166,19 +180,15 @@ def place_lesions(lesions: list[Lesion], liver: np.ndarray, grid: Grid, rng: np.
     edt = distance_transform_edt(liver, sampling=grid.spacing)
     X, Y = grid.x, grid.y
     placed: list[Lesion] = []
+    def candidates(les: Lesion) -> np.ndarray:
+        need = les.max_radius + EDGE_MARGIN_MM
+        ok = edt >= need
+        for q in placed:
+            ok &= np.hypot(X - q.x, Y - q.y) >= need + q.max_radius + GAP_MM
+        return np.flatnonzero(ok)
+
     for les in sorted(lesions, key=lambda l_: -l_.radius):
-        while True:
-            need = les.max_radius + EDGE_MARGIN_MM
-            ok = edt >= need
-            for q in placed:
-                ok &= np.hypot(X - q.x, Y - q.y) >= need + q.max_radius + GAP_MM
-            cand = np.flatnonzero(ok)
-            if cand.size:
-                break
-            if 2 * les.radius * 0.85 < min_diameter:
-                cand = None
-                break
-            les.radius *= 0.85
+        cand = _shrink_to_fit(les, candidates, min_diameter)
         if cand is None:
             continue
         r, c = divmod(int(cand[int(rng.integers(cand.size))]), grid.size)
@@ -203,24 +213,20 @@ def place_lesions_3d(lesions: list[Lesion], liver: np.ndarray, grid: Grid, slice
     padded = np.pad(liver, ((1, 1), (0, 0), (0, 0)))  # the volume ends: outside is not liver
     edt = distance_transform_edt(padded, sampling=(slice_mm, grid.spacing, grid.spacing))[1:-1]
     placed: list[Lesion] = []
+    def candidates(les: Lesion, ratio: float) -> np.ndarray:
+        les.half_z = les.radius * ratio
+        cand = np.flatnonzero(edt >= les.bound + EDGE_MARGIN_MM)
+        if cand.size and placed:
+            k, r, c = np.unravel_index(cand, liver.shape)
+            x, y, z = grid.x[0, c], grid.y[r, 0], k * slice_mm
+            ok = np.ones(cand.size, dtype=bool)
+            for q in placed:
+                ok &= np.sqrt((x - q.x) ** 2 + (y - q.y) ** 2 + (z - q.z) ** 2) >= les.bound + q.bound + GAP_MM
+            cand = cand[ok]
+        return cand
+
     for les in sorted(lesions, key=lambda l_: -l_.radius):
-        ratio = rng.uniform(0.75, 1.25)
-        while True:
-            les.half_z = les.radius * ratio
-            cand = np.flatnonzero(edt >= les.bound + EDGE_MARGIN_MM)
-            if cand.size and placed:
-                k, r, c = np.unravel_index(cand, liver.shape)
-                x, y, z = grid.x[0, c], grid.y[r, 0], k * slice_mm
-                ok = np.ones(cand.size, dtype=bool)
-                for q in placed:
-                    ok &= np.sqrt((x - q.x) ** 2 + (y - q.y) ** 2 + (z - q.z) ** 2) >= les.bound + q.bound + GAP_MM
-                cand = cand[ok]
-            if cand.size:
-                break
-            if 2 * les.radius * 0.85 < min_diameter:
-                cand = None
-                break
-            les.radius *= 0.85
+        cand = _shrink_to_fit(les, partial(candidates, ratio=rng.uniform(0.75, 1.25)), min_diameter)
         if cand is None:
             continue
         k, r, c = (int(v) for v in np.unravel_index(int(cand[int(rng.integers(cand.size))]), liver.shape))
