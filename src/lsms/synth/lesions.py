@@ -201,14 +201,16 @@ def place_lesions(lesions: list[Lesion], liver: np.ndarray, grid: Grid, rng: np.
 
 
 def place_lesions_3d(lesions: list[Lesion], liver: np.ndarray, grid: Grid, slice_mm: float,
-                     rng: np.random.Generator, min_diameter: float) -> list[Lesion]:
+                     rng: np.random.Generator, min_diameter: float, same_level_p: float = 0.0) -> list[Lesion]:
     """Places 3D lesion bodies (largest first) inside the liver volume ``liver`` (Z, H, W), disjoint, shrinking
     those that do not fit (as :func:`place_lesions` does on a slice).
 
     Each body gets a z half-extent of 0.75..1.25 times its mean radius. Its centre is a voxel whose 3D distance
     to the nearest non-liver voxel (or beyond the first / last slice) is at least :attr:`Lesion.bound` +
     :data:`EDGE_MARGIN_MM`, and whose distance to every placed centre leaves :data:`GAP_MM` between their
-    bounding balls: so every voxel of the body is liver and no two bodies touch.
+    bounding balls: so every voxel of the body is liver and no two bodies touch. With probability
+    ``same_level_p`` a lesion after the first is centred within the first one's z-extent where it fits there
+    (so that slices show several lesions), else anywhere.
     """
     padded = np.pad(liver, ((1, 1), (0, 0), (0, 0)))  # the volume ends: outside is not liver
     edt = distance_transform_edt(padded, sampling=(slice_mm, grid.spacing, grid.spacing))[1:-1]
@@ -229,6 +231,10 @@ def place_lesions_3d(lesions: list[Lesion], liver: np.ndarray, grid: Grid, slice
         cand = _shrink_to_fit(les, partial(candidates, ratio=rng.uniform(0.75, 1.25)), min_diameter)
         if cand is None:
             continue
+        if placed and rng.random() < same_level_p:
+            first = placed[0]
+            level = np.abs(np.unravel_index(cand, liver.shape)[0] * slice_mm - first.z) < first.half_z
+            cand = cand[level] if level.any() else cand
         k, r, c = (int(v) for v in np.unravel_index(int(cand[int(rng.integers(cand.size))]), liver.shape))
         les.x, les.y = grid.to_mm(r, c)
         les.z = k * slice_mm

@@ -186,7 +186,7 @@ def render_volume(cfg: SynthConfig, vcfg: VolumeConfig, i: int, ph: dict[str, An
     lesions = draw_lesions(cfg, p, rng)
     for les in lesions:
         les.radius = max(les.radius, min_d / 2)
-    lesions = place_lesions_3d(lesions, liver, grid, vcfg.slice_mm, rng, min_d)
+    lesions = place_lesions_3d(lesions, liver, grid, vcfg.slice_mm, rng, min_d, same_level_p=cfg.multi_lesion_share)
     lesions.sort(key=lambda l_: (l_.y, l_.x, l_.z))  # instance labels run anterior -> posterior
     while True:
         instances, sections = _sections(lesions, vcfg, grid)
