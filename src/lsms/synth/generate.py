@@ -31,6 +31,7 @@ from lsms.synth.anatomy import (
 from lsms.synth.config import SynthConfig
 from lsms.synth.expressions import (
     DETAIL_SLOTS,
+    SLOTS,
     TRAINING_PHRASINGS,
     LesionFacts,
     choose_slots,
@@ -219,7 +220,7 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         facts = _facts(lesions, anat, grid)
         for a, f in enumerate(facts):
             f.relations = true_relations(facts, a, grid.spacing)
-        bad = [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, ["type", "location", "size", "shape", "boundary", "density", "enhancement"]) and not f.relations)]
+        bad = undescribable(facts)
         if not bad:
             break
         del lesions[bad[-1]]
@@ -243,6 +244,11 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
     return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
                        anatomy=anat, facts=facts, lesions=lesions, texts=ex.texts, unique=ex.unique, slots=ex.slots,
                        stated_relations=ex.stated, all_text=all_text, variants=ex.variants, negatives=sentences)
+
+
+def undescribable(facts: list[LesionFacts]) -> list[int]:
+    """The lesions no full expression can single out (no segment, or every attribute shared and no relation)."""
+    return [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, list(SLOTS)) and not f.relations)]
 
 
 def draw_lesions(cfg: SynthConfig, p: Patient, rng: np.random.Generator) -> list[Lesion]:

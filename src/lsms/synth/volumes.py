@@ -24,7 +24,7 @@ from scipy.ndimage import distance_transform_edt
 from lsms.synth.anatomy import SEGMENT_LOBE, SEGMENTS, Anatomy, Patient, draw_patient, render_anatomy
 from lsms.synth.card import volume_card_lines, write_card
 from lsms.synth.config import SynthConfig, VolumeConfig
-from lsms.synth.expressions import LesionFacts, confusable, load_phrasing, render_all_text, true_relations
+from lsms.synth.expressions import LesionFacts, load_phrasing, render_all_text, true_relations
 from lsms.synth.generate import (
     SLICE_DIRS,
     Expressions,
@@ -44,6 +44,7 @@ from lsms.synth.generate import (
     record_attributes,
     slice_rng,
     split_of_patients,
+    undescribable,
     write_jsonl,
     write_slice,
 )
@@ -191,8 +192,7 @@ def render_volume(cfg: SynthConfig, vcfg: VolumeConfig, i: int, ph: dict[str, An
     while True:
         instances, sections = _sections(lesions, vcfg, grid)
         facts = volume_facts(lesions, instances, segments, gallbladder, ivc, spacing)
-        bad = [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, [
-            "type", "location", "size", "shape", "boundary", "density", "enhancement"]) and not f.relations)]
+        bad = undescribable(facts)
         if not bad:
             break
         del lesions[bad[-1]]
