@@ -64,7 +64,7 @@ from lsms.optim import (
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
 from lsms.seeding import rng_state, seed_everything, set_rng_state
-from lsms.spec import model_for
+from lsms.spec import check_memory, model_for
 from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
            hold: contextlib.ExitStack, overwrite: bool, given: dict[str, Any] | None) -> dict[str, Any]:
     cfg, checkpoint, same_run = resumed(RunConfig.from_dict(cfg.to_dict()), resume, env, given)  # a copy
     device, out = env.device, Path(cfg.out)
+    check_training_memory(cfg, device)
     hold.enter_context(run_folder(out, resume=same_run, overwrite=overwrite, enabled=env.is_main))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -394,7 +395,8 @@ def wrap_ddp(step_module: nn.Module, model: nn.Module, criterion: LSMSLoss, devi
 def check_model_settings(cfg: RunConfig) -> None:
     """Build the model ``cfg`` asks for on the ``meta`` device: every model setting and the token limit are
     checked in a second, without allocating or loading weights (of a pretrained text encoder only the config is
-    read)."""
+    read), after the memory its batches ask for (:func:`check_training_memory`)."""
+    check_training_memory(cfg, D.pick_device(cfg.device))
     model = cfg.model
     text = getattr(model, "text", None)
     if model.use_text and text is not None and text.pretrained and text.hf_config is None:
@@ -404,6 +406,21 @@ def check_model_settings(cfg: RunConfig) -> None:
         model = dataclasses.replace(model, text=dataclasses.replace(text, pretrained=False, hf_config=hf_config))
     with torch.device("meta"):
         build(dataclasses.replace(model, in_channels=cfg.data.in_channels or model.in_channels))  # only a check
+
+
+def check_training_memory(cfg: RunConfig, device: torch.device | str) -> None:
+    """Refuse, before any data is read, a batch whose activations would pass the memory limit
+    (:func:`lsms.spec.check_memory`): training on ``--batch-size`` images at ``--image-size`` (or the augmentation's
+    patches), validation on ``--eval-batch-size`` images at ``--image-size``."""
+    data, batch = cfg.data, cfg.optim.batch_size
+    side = data.augmentation.patch_size if data.augment and data.augmentation.patch_size else data.image_size
+    what = "--augmentation patch_size" if side != data.image_size else "--image-size"
+    check_memory(cfg.model, (side, side), batch, training=True, device=device,
+                 source=f"{what} {side} with --batch-size {batch}", fix=f"use a smaller {what} or --batch-size")
+    eval_batch = data.eval_batch_size or batch
+    check_memory(cfg.model, (data.image_size, data.image_size), eval_batch, training=False, device=device,
+                 source=f"--image-size {data.image_size} with --eval-batch-size {eval_batch}",
+                 fix="use a smaller --image-size or --eval-batch-size")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
