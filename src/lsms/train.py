@@ -152,16 +152,12 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     sampler = train_sampler(train_set, cfg.data, o.batch_size, env, cfg.seed)
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
-    clock = CLOCKS[cfg.time_clock]
-    started, started_wall, started_cpu = clock(), time.perf_counter(), time.process_time()
-    time_up, last_metrics = False, {}
+    budget, time_up, last_metrics = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env), False, {}
     nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
 
     def time_fraction() -> float:
         """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
-        if o.schedule != "time":
-            return 0.0
-        return D.all_reduce_mean(min(1.0, (clock() - started) / (60 * cfg.time_limit_minutes)), env)
+        return budget.fraction() if o.schedule == "time" else 0.0
 
     while epoch < o.epochs and step < total_steps and not time_up:
         loader = epoch_loader(train_set, sampler, collate, cfg, epoch, batch_in_epoch, steps_per_epoch, device)
@@ -184,7 +180,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
                 save("last")
             if on_step is not None:
                 on_step(step)
-            time_up = time_is_up(cfg.time_limit_minutes, clock() - started, cfg.time_clock, step, env)
+            time_up = budget.is_up(step)
             if time_up or step >= total_steps:  # the time limit, or optim.max_steps reached mid-epoch
                 break
             meter.asked()
@@ -207,14 +203,14 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
         last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
-        logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started_wall, improved)
+        logs.epoch(epoch, step, last_lr, train_means, metrics, budget.wall_s(), improved)
         save("last", metrics)
         if improved:
             save("best", metrics)
     logs.close()
     summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
                "nonfinite_logits_by_epoch": nonfinite,
-               "time_s": time.perf_counter() - started_wall, "cpu_s": time.process_time() - started_cpu,
+               "time_s": budget.wall_s(), "cpu_s": budget.cpu_s(),
                "out": str(out), "stopped_early": time_up}
     return finish(summary, out, env)
 
@@ -248,13 +244,30 @@ def epoch_loader(train_set: Any, sampler: Any, collate: Collator, cfg: RunConfig
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_is_up(limit_minutes: float, elapsed_s: float, clock: str, step: int, env: D.DistEnv) -> bool:
-    """Whether the run's time limit (0: none) has passed on any rank; says so once (rank 0)."""
-    up = bool(limit_minutes) and D.any_rank(elapsed_s > 60 * limit_minutes, env)
-    if up and env.is_main:
-        log.warning("time limit of %.1f %s minutes reached at step %d; stopping", limit_minutes,
-                    "CPU" if clock == "cpu" else "wall-clock", step)
-    return up
+class TimeBudget:
+    """The run's time limit (``time_limit_minutes``, 0: none) on its clock (``time_clock``), from its start."""
+
+    def __init__(self, limit_minutes: float, clock: str, env: D.DistEnv):
+        self.limit_minutes, self.clock_name, self.clock, self.env = limit_minutes, clock, CLOCKS[clock], env
+        self.started, self.wall0, self.cpu0 = self.clock(), time.perf_counter(), time.process_time()
+
+    def fraction(self) -> float:
+        """The share of the limit used (the mean over ranks: the same on every rank)."""
+        return D.all_reduce_mean(min(1.0, (self.clock() - self.started) / (60 * self.limit_minutes)), self.env)
+
+    def is_up(self, step: int) -> bool:
+        """Whether the limit has passed on any rank; says so (rank 0)."""
+        up = bool(self.limit_minutes) and D.any_rank(self.clock() - self.started > 60 * self.limit_minutes, self.env)
+        if up and self.env.is_main:
+            log.warning("time limit of %.1f %s minutes reached at step %d; stopping", self.limit_minutes,
+                        "CPU" if self.clock_name == "cpu" else "wall-clock", step)
+        return up
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu_s(self) -> float:
+        return time.process_time() - self.cpu0
 
 
 def validate(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: torch.dtype | None,
