@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,12 @@ from lsms.backends import Backend, TorchBackend, add_backend_argument, load_back
 from lsms.data import ImageData, preprocess_image, read_image
 from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
 from lsms.data.intensity import input_mismatch
-from lsms.data.readers import ImageTooLargeError, volume_depth, write_volume_mask
+from lsms.data.readers import Geometry, ReadLimits, Volume, read_volume, volume_depth, write_volume_mask
 from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
 from lsms.spec import ModelSpec, WithSpec
+from lsms.volumes import VOLUME_MODES, VolumeMode, assemble, lesion_volume_ml
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,50 @@ class Predictor(WithSpec):
         mask = threshold_mask(prob, self.threshold) if found else np.zeros(prob.shape, dtype=bool)
         return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found)
 
+    def predict_volume(self, volume: Volume, slices: list[int], texts: list[str], batch_size: int = 8,
+                       progress: Callable[[int], Any] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each sentence's per-slice answers on ``slices`` of ``volume``, ``batch_size`` slices per forward pass.
+
+        Each slice is read once and its probabilities are computed as :meth:`predict` computes them (resized
+        back to the slice's size, then the sigmoid); nothing is thresholded here (:func:`lsms.volumes.assemble`
+        does that).
+
+        Args:
+            volume: from :func:`~lsms.data.readers.read_volume`.
+            slices: which slices, in order.
+            texts: the sentences.
+            batch_size: slices per forward pass.
+            progress: called with the number of slices just done, after each batch.
+
+        Returns:
+            Per sentence: (probability float32 (len(slices), H, W), existence float64 (len(slices),)).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not slices:
+            raise ValueError(f"{volume.path}: no slices to predict")
+        tokens = [self._tokens(t) for t in texts]
+        answers: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(slices), batch_size):
+            images = [volume.slice(k) for k in slices[start:start + batch_size]]
+            if start == 0:
+                H, W = images[0].shape
+                answers = [(np.empty((len(slices), H, W), np.float32), np.empty(len(slices))) for _ in texts]
+                mismatch = input_mismatch(images[0].array, images[0].modality, self.preprocessing)
+                if mismatch:
+                    log.warning("%s: %s", volume.path, mismatch)
+            x = torch.stack([preprocess_image(im.array, self.preprocessing) for im in images])  # (B, C, h, w)
+            B = len(images)
+            for (ids, attn), (prob, existence) in zip(tokens, answers, strict=True):
+                ids, attn = (None, None) if ids is None else (ids.expand(B, -1), attn.expand(B, -1))
+                logits, head = self.backend.answer(x, ids, attn)  # (B, 1, h, w), (B,) or None
+                existence[start:start + B] = existence_probability(logits, head).numpy()
+                logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (B, 1, H, W)
+                prob[start:start + B] = torch.sigmoid(logits)[:, 0].numpy()
+            if progress is not None:
+                progress(B)
+        return answers
+
     def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
         """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
         return self.backend.forward_features(*self._inputs(image, text)[1]).stages
@@ -155,16 +201,19 @@ class Predictor(WithSpec):
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
         if array.ndim not in (2, 3):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
+        x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
+        return array.shape[:2], (x, *self._tokens(text))
+
+    def _tokens(self, text: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The sentence's (input_ids, attention_mask), each (1, T); (None, None) for a model without text."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
-        ids = attn = None
         if self.uses_text:
             tokens = self.backend.tokenize([text])
-            ids, attn = tokens["input_ids"], tokens["attention_mask"]
-        elif text:
+            return tokens["input_ids"], tokens["attention_mask"]
+        if text:
             log.warning("this model was trained without text; the sentence %r is ignored", text)
-        return array.shape[:2], (x, ids, attn)
+        return None, None
 
 
 def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -298,6 +347,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--existence-threshold", type=float, default=None, metavar="T",
                    help="existence score under which the lesion is reported 'not found' and no mask is drawn "
                         "(default: the model's, chosen on its validation split; 0: always draw the mask)")
+    p.add_argument("--volume-mode", default="3d", choices=VOLUME_MODES,
+                   help="how a volume's slices become one answer per sentence: 3d (the one connected lesion the "
+                        "sentence refers to; default) or slices (each slice on its own); docs/volumes.md")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="slices of a volume per forward pass (default 8)")
+    p.add_argument("--format", action="append", choices=MASK_FORMATS, dest="formats", metavar="FORMAT",
+                   help="mask file of a volume: nifti (default) or dicom-seg (a DICOM Segmentation referencing a DICOM "
+                        "series input); repeat for both")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_backend_argument(p)
@@ -307,18 +363,26 @@ def run(args: argparse.Namespace) -> int:
     check_threshold(args.threshold, "--threshold")
     if args.slices is not None:
         slice_spec(args.slices)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    formats = tuple(dict.fromkeys(args.formats or ["nifti"]))
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
+    if "dicom-seg" in formats:
+        check_dicom_series(jobs)
     writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
                                           backend=args.backend, existence_threshold=args.existence_threshold)
     if args.features:
         predictor.backend.check_features()  # once, before any input
-    rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
+    rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features,
+                        batch_size=args.batch_size, volume_mode=args.volume_mode, formats=formats)
     failed = [r for r in rows if r.get("error")]
     listing = Path(args.out) / "predictions.csv"
     print(f"{len(rows) - len(failed)} prediction(s) written to {args.out} (list: {listing})")
+    if any(job.slices is not None for job in jobs):
+        _print_volumes(Path(args.out) / "volumes.csv", predictor.existence_threshold)
     for r in rows:
-        if r.get("found") is False:
+        if r.get("found") is False and r["slice"] == "":
             where = r["input"] if r["slice"] == "" else f"{r['input']} slice {r['slice']}"
             print(f"not found: {r['text']!r} in {where} (existence {r['existence']:.3f} < "
                   f"{predictor.existence_threshold:.3f}): no mask drawn")
@@ -328,82 +392,189 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: bool = False,
-                 features: bool = False) -> list[dict[str, Any]]:
-    """Run every job and write its files; returns the rows of ``predictions.csv``.
+MASK_FORMATS = ("nifti", "dicom-seg")
 
-    An input (or a slice of a volume) that cannot be read or predicted is skipped with a warning and listed
-    with its ``error``; the others are still written. Inputs are read one at a time, so memory stays that of
-    one image (or one volume's mask) however many inputs there are.
+
+def check_dicom_series(jobs: list[Job]) -> None:
+    """Refuse ``--format dicom-seg`` for inputs that are not DICOM series folders (a SEG references a series)."""
+    for job in jobs:
+        if job.error is None and not job.path.is_dir():  # a folder that is no DICOM series expands to its images
+            raise ValueError(f"{job.path}: --format dicom-seg needs a DICOM series folder as input (a DICOM "
+                             "Segmentation references the series' images); for this input use --format nifti")
+
+
+def _print_volumes(listing: Path, existence_threshold: float | None) -> None:
+    """One line per volume and sentence: the answer, or why nothing was drawn."""
+    with open(listing, newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            if r["error"]:
+                continue
+            if r["present"] == "True":
+                ml = f", {r['volume_ml']} ml" if r["volume_ml"] else ""
+                print(f"{r['input']}: {r['text']!r}: one lesion of {r['voxels']} voxels{ml} (existence {r['score']}; "
+                      f"{r['components']} candidate component(s), {r['kept']} kept)")
+            else:
+                why = (f"existence {float(r['score']):.3f} < {existence_threshold:.3f}" if r["components"] != "0"
+                       and existence_threshold is not None else "no voxel above the threshold")
+                print(f"not found: {r['text']!r} in {r['input']} ({why}): no mask drawn")
+
+
+def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: bool = False,
+                 features: bool = False, batch_size: int = 8, volume_mode: VolumeMode = "3d",
+                 formats: tuple[str, ...] = ("nifti",), progress: bool = True) -> list[dict[str, Any]]:
+    """Run every job and write its files; returns the rows of ``predictions.csv`` (one per image or slice and
+    sentence). Volumes also get one row per sentence in ``volumes.csv`` (see :func:`_predict_volume`).
+
+    An input that cannot be read or predicted is skipped with a warning and listed with its ``error``; the
+    others are still written. Inputs are read one at a time, so memory stays that of one image (or of one
+    volume's probabilities: 4 bytes per voxel and sentence) however many inputs there are.
+
+    Args:
+        batch_size: slices of a volume per forward pass.
+        volume_mode: how a volume's slices become one answer (:func:`lsms.volumes.assemble`).
+        formats: mask files of a volume with geometry: ``"nifti"`` and/or ``"dicom-seg"`` (DICOM series only).
+        progress: a progress bar over each volume's slices (on a terminal).
     """
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    volume_rows: list[dict[str, Any]] = []
     used: set[str] = set()
+    options = dict(probability=probability, features=features)
     for job in jobs:
         if job.error is not None:
             rows.extend(_failed(job, None, job.error))
             continue
         stem = _unique(_stem(job.path), used)
-        volume_masks: list[dict[int, np.ndarray]] = [{} for _ in job.texts]
-        geometry = None
-        job_rows: list[dict[str, Any]] = []
-        for k in job.slices if job.slices is not None else [None]:
+        if job.slices is None:
             try:
-                slice_rows, image = _predict_one(predictor, job, k, stem, out, probability, features)
+                image = read_image(job.path)
+                rows.extend(_image_rows(predictor, job, image, None, stem, out, **options))
             except (ValueError, OSError, RuntimeError) as err:
-                rows.extend(_failed(job, k, _naming(job.path, k, err)))
-                continue
-            for j, row in enumerate(slice_rows):
-                if image.geometry is not None:
-                    geometry = image.geometry
-                    volume_masks[j][image.geometry.slice_index] = row.pop("_mask")
-                else:
-                    row.pop("_mask")
-            job_rows.extend(slice_rows)
-        if geometry is not None:  # NIfTI / DICOM: one mask volume per sentence, in the input's geometry
-            try:
-                for j in range(len(job.texts)):
-                    tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
-                    path = write_volume_mask(volume_masks[j], geometry, out / f"{tag}_mask.nii.gz")
-                    for row in job_rows:
-                        if row["text"] == job.texts[j] and "mask" not in row:
-                            row["mask"] = str(path)
-            except ImageTooLargeError as err:  # the input's header declares a volume above max_volume_voxels
-                job_rows = _failed(job, None, _naming(job.path, None, err))
-        rows.extend(job_rows)
-    _write_csv(rows, out / "predictions.csv")
+                rows.extend(_failed(job, None, _naming(job.path, None, err)))
+            continue
+        try:
+            slice_rows, answers = _predict_volume(predictor, job, stem, out, batch_size, volume_mode, formats, progress,
+                                                  **options)
+        except (ValueError, OSError, RuntimeError) as err:  # incl. an output volume above max_volume_voxels
+            failed = _failed(job, None, _naming(job.path, None, err))
+            rows.extend(failed)
+            volume_rows.extend(failed)
+            continue
+        rows.extend(slice_rows)
+        volume_rows.extend(answers)
+    _write_csv(rows, out / "predictions.csv", PREDICTION_COLUMNS)
+    if volume_rows:
+        _write_csv(volume_rows, out / "volumes.csv", VOLUME_COLUMNS)
     return rows
 
 
-def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: Path, probability: bool,
-                 features: bool):
-    """One 2D image (or slice ``k``) with every sentence of ``job`` -> (rows with their ``_mask``, the image)."""
-    image = read_image(job.path, slice_index=k)
+def _predict_volume(predictor: Predictor, job: Job, stem: str, out: Path, batch_size: int, mode: VolumeMode,
+                    formats: tuple[str, ...], progress: bool, **options: bool
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A volume's slices in batches, one answer per sentence (:func:`lsms.volumes.assemble`), its files written.
+
+    Returns the per-slice rows of ``predictions.csv`` (``found``: the slice's own existence decision; ``area_px``:
+    the answer's area on the slice) and the per-sentence rows of ``volumes.csv``. Overlays (and ``--features``)
+    are drawn for the slices the answer covers; ``--probability`` maps for every slice.
+    """
+    from tqdm.auto import tqdm
+
+    assert job.slices is not None
+    volume = read_volume(job.path)
+    first = volume.slice(job.slices[0])
+    geometry = first.geometry
+    ReadLimits.from_env().check(job.path, "max_volume_voxels", len(job.slices) * first.shape[0] * first.shape[1],
+                                f"voxels of the probability volume of {len(job.slices)} slices")
+    with tqdm(total=len(job.slices), unit="slice", desc=stem, leave=False, dynamic_ncols=True,
+              disable=None if progress else True) as bar:
+        answers = predictor.predict_volume(volume, job.slices, job.texts, batch_size, progress=bar.update)
+    slice_rows: list[dict[str, Any]] = []
+    volume_rows: list[dict[str, Any]] = []
+    for j, (text, (prob, existence)) in enumerate(zip(job.texts, answers, strict=True)):
+        answer = assemble(prob, existence, predictor.threshold, predictor.existence_threshold, mode)
+        tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
+        files = _write_volume_answer(answer.mask, job, geometry, tag, text, out, formats)
+        for i, k in enumerate(job.slices):
+            found = predictor.existence_threshold is None or existence[i] >= predictor.existence_threshold
+            covered = bool(answer.mask[i].any())
+            image = volume.slice(k) if covered else None
+            name = f"{stem}_z{k:04d}" if len(job.texts) == 1 else f"{stem}_z{k:04d}_t{j}"
+            slice_rows.append(_slice_row(predictor, job, image, k, text, answer.mask[i], prob[i], float(existence[i]),
+                                         found, name, out, files.get("mask", files.get("seg")), covered, **options))
+        voxels = int(answer.mask.sum())
+        ml = lesion_volume_ml(voxels, geometry.spacing if geometry is not None and len(geometry.size) == 3 else None)
+        volume_rows.append({"input": str(job.path), "slices": f"{job.slices[0]}:{job.slices[-1] + 1}", "text": text,
+                            "mode": mode, "present": answer.present, "score": round(answer.score, 4),
+                            "voxels": voxels, "volume_ml": "" if ml is None else round(ml, 3),
+                            "components": answer.components, "kept": answer.kept, **files})
+        del answer
+    return slice_rows, volume_rows
+
+
+def _write_volume_answer(mask: np.ndarray, job: Job, geometry: Geometry | None, tag: str, text: str, out: Path,
+                         formats: tuple[str, ...]) -> dict[str, str]:
+    """A volume's answer (bool (len(job.slices), H, W)) as files in the input's geometry: ``{"mask": NIfTI,
+    "seg": DICOM-SEG}`` as ``formats`` ask; none for a volume without geometry (its slices get PNG masks)."""
+    if geometry is None:
+        return {}
+    assert job.slices is not None
+    files: dict[str, str] = {}
+    if "nifti" in formats:
+        slices = {k: mask[i] for i, k in enumerate(job.slices)}
+        files["mask"] = str(write_volume_mask(slices, geometry, out / f"{tag}_mask.nii.gz"))
+    if "dicom-seg" in formats:
+        from lsms import __version__
+        from lsms.data.formats.dicom_seg import write_dicom_seg
+
+        full = np.zeros((geometry.size[2], *mask.shape[1:]), bool)  # (Z, H, W) of the whole series
+        full[job.slices] = mask
+        files["seg"] = str(write_dicom_seg(full, job.path, out / f"{tag}_seg.dcm", text, __version__))
+    return files
+
+
+def _image_rows(predictor: Predictor, job: Job, image: ImageData, k: int | None, stem: str, out: Path,
+                probability: bool, features: bool) -> list[dict[str, Any]]:
+    """A 2D image with every sentence of ``job``: its rows, with its files written."""
     mismatch = input_mismatch(image.array, image.modality, predictor.preprocessing)
     if mismatch:
         log.warning("%s: %s", image.path, mismatch)
-    name = stem if k is None else f"{stem}_z{k:04d}"
-    preds = [predictor.predict(image, t, features=features) for t in job.texts]
     rows = []
-    for j, (text, pred) in enumerate(zip(job.texts, preds, strict=True)):
-        tag = name if len(job.texts) == 1 else f"{name}_t{j}"
-        row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
-                               "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max()),
-                               "existence": round(pred.existence, 4), "found": pred.found, "_mask": pred.mask}
-        if image.geometry is None:
-            row["mask"] = str(out / f"{tag}_mask.png")
-            save_mask_png(pred.mask, row["mask"])
-        caption = text if pred.found else f"{text} (not found: existence {pred.existence:.2f})"
-        row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [caption],
-                                          out / f"{tag}_overlay.png"))
-        if probability:
-            row["probability"] = str(out / f"{tag}_prob.png")
-            Image.fromarray(np.round(pred.probability * 255).astype(np.uint8)).save(row["probability"])
-        if features and pred.features is not None:
-            row["features"] = str(save_feature_maps(image.array, predictor.preprocessing, pred.features,
-                                                    out / f"{tag}_features.png", caption=text))
-        rows.append(row)
-    return rows, image
+    for j, text in enumerate(job.texts):
+        pred = predictor.predict(image, text, features=features)
+        name = stem if len(job.texts) == 1 else f"{stem}_t{j}"
+        rows.append(_slice_row(predictor, job, image, k, text, pred.mask, pred.probability, pred.existence, pred.found,
+                               name, out, None, True, probability, features, pred.features))
+    return rows
+
+
+def _slice_row(predictor: Predictor, job: Job, image: ImageData | None, k: int | None, text: str, mask: np.ndarray,
+               prob: np.ndarray, existence: float, found: bool, name: str, out: Path, mask_file: str | None,
+               drawn: bool, probability: bool, features: bool, maps: list[np.ndarray] | None = None
+               ) -> dict[str, Any]:
+    """One image (or slice ``k``) and sentence: the row of ``predictions.csv``, its files written (the mask as PNG
+    unless ``mask_file`` holds it; the overlay and feature maps where ``drawn``)."""
+    row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
+                           "area_px": int(mask.sum()), "max_probability": float(prob.max()),
+                           "existence": round(existence, 4), "found": found}
+    if mask_file is not None:
+        row["mask"] = mask_file
+    else:
+        row["mask"] = str(out / f"{name}_mask.png")
+        save_mask_png(mask, row["mask"])
+    if probability:
+        row["probability"] = str(out / f"{name}_prob.png")
+        Image.fromarray(np.round(prob * 255).astype(np.uint8)).save(row["probability"])
+    if image is None or not drawn:
+        return row
+    caption = text if found else f"{text} (not found: existence {existence:.2f})"
+    row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [mask], [caption],
+                                      out / f"{name}_overlay.png"))
+    if features:
+        maps = maps if maps is not None else predictor.predict(image, text, features=True).features
+        if maps is not None:
+            row["features"] = str(save_feature_maps(image.array, predictor.preprocessing, maps,
+                                                    out / f"{name}_features.png", caption=text))
+    return row
 
 
 def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
@@ -411,9 +582,13 @@ def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
     return [{"input": str(job.path), "slice": "" if k is None else k, "text": t, "error": message} for t in job.texts]
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = ["input", "slice", "text", "found", "existence", "mask", "overlay", "probability", "features", "area_px",
-               "max_probability", "error"]
+PREDICTION_COLUMNS = ["input", "slice", "text", "found", "existence", "mask", "overlay", "probability", "features",
+                      "area_px", "max_probability", "error"]
+VOLUME_COLUMNS = ["input", "slices", "text", "mode", "present", "score", "voxels", "volume_ml", "components", "kept",
+                  "mask", "seg", "error"]
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -1,0 +1,281 @@
+"""One 3D answer per sentence (lsms.volumes.assemble), lsms predict on volumes, and the DICOM-SEG it writes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from lsms.cli import main
+from lsms.data.formats.dicom_seg import segment_label, write_dicom_seg
+from lsms.data.readers import read_volume
+from lsms.predict import Predictor, threshold_mask
+from lsms.volumes import assemble, lesion_volume_ml
+
+from toy_data import make_untrained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_untrained_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", in_channels=1)
+
+
+def _blobs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (8, 16, 16) with two separate blobs: a (slices 1..3) and b (slices 4..6)."""
+    prob = np.full((8, 16, 16), 0.05, np.float32)
+    a = np.zeros(prob.shape, bool)
+    a[1:4, 2:6, 2:6] = True
+    b = np.zeros(prob.shape, bool)
+    b[4:7, 9:13, 9:13] = True
+    return prob, a, b
+
+
+# --------------------------------------------------------------------------- the assembly rule
+
+
+def test_the_component_the_probabilities_favour_is_kept_alone():
+    prob, a, b = _blobs()
+    prob[a], prob[b] = 0.6, 0.9
+    existence = np.full(8, 0.8)
+    existence[5] = 0.95
+    answer = assemble(prob, existence, threshold=0.5, existence_threshold=0.5)
+    assert np.array_equal(answer.mask, b)
+    assert (answer.present, answer.components, answer.kept) == (True, 2, 1)
+    assert answer.score == pytest.approx(0.95)  # the highest existence over the slices b spans
+
+
+def test_slice_existence_weights_the_choice():
+    """A larger blob on slices where the model says the lesion is absent loses to a smaller one where it is there."""
+    prob, a, b = _blobs()
+    a[1:4, 2:8, 2:8] = True  # 108 voxels against b's 48
+    prob[a], prob[b] = 0.9, 0.9
+    existence = np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1])
+    answer = assemble(prob, existence, 0.5, None)
+    assert np.array_equal(answer.mask, b) and answer.score == pytest.approx(0.9)
+    answer = assemble(prob, np.full(8, 0.5), 0.5, None)  # equal existence: the integrated probability decides
+    assert np.array_equal(answer.mask, a)
+
+
+def test_components_touching_diagonally_across_slices_are_one_lesion():
+    prob = np.zeros((3, 8, 8), np.float32)
+    prob[0, 2, 2] = prob[1, 3, 3] = prob[2, 4, 4] = 0.9  # a corner-to-corner chain through three slices
+    answer = assemble(prob, np.ones(3), 0.5, None)
+    assert (answer.components, int(answer.mask.sum())) == (1, 3)
+
+
+def test_below_the_existence_threshold_the_mask_is_withheld():
+    prob, a, b = _blobs()
+    prob[a], prob[b] = 0.6, 0.9
+    answer = assemble(prob, np.full(8, 0.3), 0.5, existence_threshold=0.4)
+    assert (answer.present, answer.components, answer.kept, int(answer.mask.sum())) == (False, 2, 0, 0)
+    assert answer.score == pytest.approx(0.3)
+    assert assemble(prob, np.full(8, 0.3), 0.5, existence_threshold=0.0).present  # 0: never withheld
+
+
+def test_empty_volume_is_not_present():
+    existence = np.linspace(0.1, 0.4, 5)
+    for mode in ("3d", "slices"):
+        answer = assemble(np.full((5, 6, 7), 0.2, np.float32), existence, 0.5, 0.5, mode=mode)
+        assert (answer.present, answer.components, answer.kept, answer.mask.shape) == (False, 0, 0, (5, 6, 7))
+        assert not answer.mask.any() and answer.score == pytest.approx(0.4)
+
+
+def test_slices_mode_is_per_slice_thresholding_with_each_slices_existence():
+    rng = np.random.default_rng(0)
+    prob = rng.random((6, 12, 10)).astype(np.float32)
+    existence = rng.random(6)
+    answer = assemble(prob, existence, 0.4, 0.5, mode="slices")
+    expected = np.stack([threshold_mask(p, 0.4) & (e >= 0.5) for p, e in zip(prob, existence)])
+    assert np.array_equal(answer.mask, expected)
+    assert answer.present and answer.score == pytest.approx(existence.max())
+    assert answer.components == answer.kept == ndimage.label(expected, np.ones((3, 3, 3)))[1]
+    assert np.array_equal(assemble(prob, existence, 0.4, None, "slices").mask, prob > 0.4)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="volume mode must be one of 3d, slices"):
+        assemble(np.zeros((2, 3, 3)), np.zeros(2), mode="2d")
+    with pytest.raises(ValueError, match=r"probability must be \(Z, H, W\) and existence \(Z,\)"):
+        assemble(np.zeros((2, 3, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="threshold"):
+        assemble(np.zeros((2, 3, 3)), np.zeros(2), threshold=1.0)
+    assert lesion_volume_ml(1000, (0.5, 0.5, 4.0)) == pytest.approx(1.0) and lesion_volume_ml(5, (1.0, 1.0)) is None
+
+
+# --------------------------------------------------------------------------- DICOM-SEG
+
+
+def write_series(folder: Path, hu: np.ndarray, thickness: float = 2.5) -> tuple[str, str, list[str]]:
+    """A CT series of (Z, H, W) HU slices, z increasing with k, files named in reverse order; returns its series UID,
+    frame of reference UID and SOP instance UIDs (slice order)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, frame_uid, study_uid = generate_uid(), generate_uid(), generate_uid()
+    uids = []
+    for k, hu_slice in enumerate(hu):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "p1", "Synthetic^Patient", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.Manufacturer = "", "synthetic"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
+        ds.Rows, ds.Columns = hu_slice.shape
+        ds.PixelSpacing, ds.SliceThickness = [0.8, 0.7], thickness
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-100.0, -120.0, 30.0 + thickness * k]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = (np.asarray(hu_slice) + 1024).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"img{len(hu) - k:03d}.dcm", enforce_file_format=True)
+        uids.append(ds.SOPInstanceUID)
+    return series_uid, frame_uid, uids
+
+
+def test_dicom_seg_references_the_series_and_maps_back_onto_its_frames(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    series_uid, frame_uid, uids = write_series(tmp_path / "series", np.zeros((5, 20, 24)))
+    mask = np.zeros((5, 20, 24), bool)
+    mask[1, 2:6, 3:9] = True
+    mask[3, 10:12, 4:5] = True
+    text = "the larger of the two hypodense cysts in segment VI, next to the right hepatic vein, café"
+    path = write_dicom_seg(mask, tmp_path / "series", tmp_path / "out" / "seg.dcm", text, "0.1.0")
+
+    ds = pydicom.dcmread(path)
+    assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY" and ds.FrameOfReferenceUID == frame_uid
+    (ref,) = ds.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == series_uid
+    assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == set(uids)
+    (segment,) = ds.SegmentSequence
+    assert segment.SegmentDescription == text and len(segment.SegmentLabel) <= 64
+    assert segment.SegmentLabel == "the larger of the two hypodense cysts in segment VI, next to..."
+    assert segment.SegmentAlgorithmType == "AUTOMATIC" and segment.SegmentAlgorithmName == "lsms"
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "0.1.0"
+    frames = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID: ds.pixel_array[i]
+              for i, f in enumerate(ds.PerFrameFunctionalGroupsSequence)}
+    assert set(frames) == {uids[1], uids[3]}  # empty frames are left out
+    for k in (1, 3):
+        assert np.array_equal(frames[uids[k]].astype(bool), mask[k])
+
+    seg = hd.seg.segread(path)
+    back = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])  # (Z, H, W, 1)
+    assert np.array_equal(back[..., 0].astype(bool), mask)
+    write_dicom_seg(mask, tmp_path / "series", tmp_path / "again.dcm", text, "0.1.0")
+    assert pydicom.dcmread(tmp_path / "again.dcm").SOPInstanceUID == ds.SOPInstanceUID  # deterministic UIDs
+    with pytest.raises(ValueError, match=r"the mask is \(4, 20, 24\) but the series .* is \(5, 20, 24\)"):
+        write_dicom_seg(mask[:4], tmp_path / "series", tmp_path / "bad.dcm", text, "0.1.0")
+
+
+def test_segment_label_fits_lo():
+    assert segment_label("  the   cyst\\left ") == "the cyst/left"
+    assert segment_label("") == "lesion"
+    long = "word " * 30
+    assert len(segment_label(long)) <= 64 and segment_label(long).endswith("word...")
+
+
+# --------------------------------------------------------------------------- lsms predict on volumes
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _nifti(path: Path) -> None:
+    import SimpleITK as sitk
+
+    vol = np.random.default_rng(1).normal(60, 40, (6, 40, 48)).astype(np.int16)  # (z, y, x) HU
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+
+
+def test_predict_nifti_one_3d_answer_per_sentence_in_the_input_geometry(ckpt, tmp_path):
+    import SimpleITK as sitk
+
+    _nifti(tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--slices", "1:5", "--text", "the lesion",
+                 "--out", str(out), "--threshold", "0.45", "--batch-size", "3", "--device", "cpu"]) == 0
+    ref, back = sitk.ReadImage(str(tmp_path / "ct.nii.gz")), sitk.ReadImage(str(out / "ct_mask.nii.gz"))
+    assert back.GetSize() == ref.GetSize() and back.GetSpacing() == pytest.approx(ref.GetSpacing())
+    assert back.GetOrigin() == pytest.approx(ref.GetOrigin())
+    assert back.GetDirection() == pytest.approx(ref.GetDirection())
+    mask = sitk.GetArrayFromImage(back).astype(bool)
+
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu", threshold=0.45)
+    ((prob, existence),) = predictor.predict_volume(read_volume(tmp_path / "ct.nii.gz"), [1, 2, 3, 4], ["the lesion"], 3)
+    expected = assemble(prob, existence, 0.45, predictor.existence_threshold)
+    assert np.array_equal(mask[1:5], expected.mask) and not mask[[0, 5]].any()
+    assert ndimage.label(mask, np.ones((3, 3, 3)))[1] == int(expected.present)
+    (row,) = _csv(out / "volumes.csv")
+    assert row["slices"] == "1:5" and row["mode"] == "3d" and row["present"] == str(expected.present)
+    assert int(row["voxels"]) == int(mask.sum()) and int(row["components"]) == expected.components
+    assert float(row["volume_ml"]) == pytest.approx(mask.sum() * 0.7 * 0.8 * 2.5 / 1000, abs=1e-3)
+    slices = _csv(out / "predictions.csv")
+    assert [int(r["slice"]) for r in slices] == [1, 2, 3, 4]
+    assert [int(r["area_px"]) for r in slices] == [int(m.sum()) for m in mask[1:5]]
+
+
+def test_predict_slices_mode_is_slice_by_slice_prediction(ckpt, tmp_path):
+    import SimpleITK as sitk
+
+    _nifti(tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--text", "the lesion", "--out", str(out),
+                 "--volume-mode", "slices", "--batch-size", "1", "--threshold", "0.45", "--device", "cpu"]) == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct_mask.nii.gz"))).astype(bool)
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu", threshold=0.45)
+    volume = read_volume(tmp_path / "ct.nii.gz")
+    expected = np.stack([predictor.predict(volume.slice(k), "the lesion").mask for k in range(6)])
+    assert np.array_equal(mask, expected)
+    (row,) = _csv(out / "volumes.csv")
+    assert row["mode"] == "slices" and int(row["voxels"]) == int(expected.sum())
+
+
+def test_predict_dicom_series_writes_a_dicom_seg_and_refuses_it_for_nifti(ckpt, tmp_path, capsys):
+    import highdicom as hd
+
+    rng = np.random.default_rng(2)
+    series_uid, frame_uid, uids = write_series(tmp_path / "series", rng.normal(60, 40, (4, 36, 30)))
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "series"), "--text", "the lesion", "--text", "the other one",
+                 "--format", "dicom-seg", "--format", "nifti", "--existence-threshold", "0", "--threshold", "0.45",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rows = _csv(out / "volumes.csv")
+    assert [(r["text"], Path(r["seg"]).name) for r in rows] == [("the lesion", "series_t0_seg.dcm"),
+                                                                ("the other one", "series_t1_seg.dcm")]
+    import SimpleITK as sitk
+
+    for row in rows:
+        seg = hd.seg.segread(row["seg"])
+        assert seg.FrameOfReferenceUID == frame_uid and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        assert seg.SegmentSequence[0].SegmentDescription == row["text"]
+        nifti = sitk.GetArrayFromImage(sitk.ReadImage(row["mask"])).astype(bool)  # (z, y, x), z along the normal
+        back = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1],
+                                                 skip_overlap_checks=True)[..., 0].astype(bool)
+        assert np.array_equal(back, nifti) and int(row["voxels"]) == int(nifti.sum())
+
+    nifti_input = tmp_path / "ct.nii.gz"
+    _nifti(nifti_input)
+    assert main(["predict", str(ckpt), str(nifti_input), "--text", "x", "--format", "dicom-seg", "--out",
+                 str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    assert "--format dicom-seg needs a DICOM series folder" in capsys.readouterr().err
+    assert main(["predict", str(ckpt), str(nifti_input), "--text", "x", "--batch-size", "0", "--out",
+                 str(tmp_path / "o3")]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
