@@ -202,8 +202,10 @@ def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, t
         if viewer.volume_progress(sid)["state"] != "running":
             break
         threading.Event().wait(0.05)
-    assert viewer.volume_progress(sid) | {"texts": None} == {"state": "finished", "done": 4, "total": 4, "error": "",
-                                                              "texts": None, "threshold": 0.5}
+    progress = viewer.volume_progress(sid)
+    assert progress | {"texts": None, "answers": None} == {"state": "finished", "done": 4, "total": 4, "error": "",
+                                                            "texts": None, "threshold": 0.5, "answers": None}
+    assert [a["text"] for a in progress["answers"]] == ["the lesion"]  # its 3D answer (tests/test_volumes.py)
     (tmp_path / "served.nii.gz").write_bytes(viewer.mask_nifti(sid, "the lesion", 0.5))
     assert main(["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--text", "the lesion", "--out",
                  str(tmp_path / "cli"), "--device", "cpu"]) == 0

@@ -279,3 +279,74 @@ def test_predict_dicom_series_writes_a_dicom_seg_and_refuses_it_for_nifti(ckpt, 
     assert main(["predict", str(ckpt), str(nifti_input), "--text", "x", "--batch-size", "0", "--out",
                  str(tmp_path / "o3")]) == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- lsms serve: the 3D answer, NIfTI and SEG
+
+
+def test_viewer_offers_the_3d_answer_as_nifti_and_dicom_seg_equal_to_lsms_predict(ckpt, tmp_path):
+    import threading
+    import urllib.request
+    from urllib.parse import urlencode
+
+    import highdicom as hd
+    import SimpleITK as sitk
+
+    from lsms.serve import ServeError, Viewer, ViewerServer
+
+    rng = np.random.default_rng(3)
+    series_uid, _, uids = write_series(tmp_path / "series", rng.normal(60, 40, (10, 36, 30)))  # 2 batches of 8
+    text, threshold = "the lesion", 0.45
+    cli = tmp_path / "cli"
+    assert main(["predict", str(ckpt), str(tmp_path / "series"), "--text", text, "--threshold", str(threshold),
+                 "--format", "nifti", "--format", "dicom-seg", "--out", str(cli), "--device", "cpu"]) == 0
+    (row,) = _csv(cli / "volumes.csv")
+
+    viewer = Viewer(Predictor.from_checkpoint(ckpt, "cpu"), root=tmp_path / "sessions")
+    (tmp_path / "sessions").mkdir()
+    srv = ViewerServer(viewer, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        sid = viewer.new_session()["sid"]
+        files = [(f"series/{p.name}", p.read_bytes()) for p in sorted((tmp_path / "series").iterdir())]
+        assert viewer.open_upload(sid, files)["dicom_seg"] is True
+        with pytest.raises(ServeError, match="run Whole volume with this sentence first") as err:
+            viewer.mask_dicom_seg(sid, text, threshold)
+        assert err.value.status == 409
+        viewer.start_volume(sid, [text], threshold)
+        for _ in range(600):
+            progress = viewer.volume_progress(sid)
+            if progress["state"] != "running":
+                break
+            threading.Event().wait(0.05)
+        assert progress["state"] == "finished" and progress["done"] == progress["total"] == 10
+        (answer,) = progress["answers"]
+        assert {k: str(v) for k, v in answer.items() if k in ("present", "voxels", "components", "kept")} == \
+            {k: row[k] for k in ("present", "voxels", "components", "kept")}
+        shown = viewer.predict(sid, 4, [text], threshold)["results"][0]
+        assert shown["volume"]["voxels"] == int(row["voxels"])
+
+        served = tmp_path / "served.nii.gz"
+        served.write_bytes(viewer.mask_nifti(sid, text, threshold))
+        nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(cli / "series_mask.nii.gz")))
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(served))), nifti)
+        assert shown["area_px"] == int(nifti[4].sum())
+
+        query = urlencode({"sid": sid, "text": text, "threshold": threshold, "name": "series_seg.dcm"})
+        with urllib.request.urlopen(f"{srv.url}api/mask.seg.dcm?{query}", timeout=60) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "application/dicom"
+            (tmp_path / "served.dcm").write_bytes(r.read())
+        seg = hd.seg.segread(tmp_path / "served.dcm")
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+        back = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
+        assert np.array_equal(back.astype(bool), nifti.astype(bool))
+        assert hd.seg.segread(row["seg"]).SOPInstanceUID == seg.SOPInstanceUID  # the same object (UIDs from content)
+
+        _nifti(tmp_path / "ct.nii.gz")
+        viewer.open_upload(sid, [("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())])
+        with pytest.raises(ServeError, match="is not a DICOM series") as err:
+            viewer.mask_dicom_seg(sid, text, threshold)
+        assert err.value.status == 400
+    finally:
+        srv.shutdown()
+        srv.server_close()

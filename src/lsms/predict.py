@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +44,14 @@ from PIL import Image
 
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
-from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
+from lsms.data.formats import find_reader, image_stem, image_suffixes, is_image_name, is_series_file
 from lsms.data.intensity import input_mismatch
 from lsms.data.readers import Geometry, ReadLimits, Volume, read_volume, volume_depth, write_volume_mask
 from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
 from lsms.spec import ModelSpec, WithSpec
-from lsms.volumes import VOLUME_MODES, VolumeMode, assemble, lesion_volume_ml
+from lsms.volumes import VOLUME_MODES, VolumeMode, assemble
 
 log = logging.getLogger(__name__)
 
@@ -477,10 +478,28 @@ def _predict_volume(predictor: Predictor, job: Job, stem: str, out: Path, batch_
     the answer's area on the slice) and the per-sentence rows of ``volumes.csv``. Overlays (and ``--features``)
     are drawn for the slices the answer covers; ``--probability`` maps for every slice.
     """
+    assert job.slices is not None
+    with tempfile.TemporaryDirectory(dir=out, prefix=".unpacked-") as scratch:
+        return _volume_answers(predictor, job, _open_volume(job.path, Path(scratch)), stem, out, batch_size, mode,
+                               formats, progress, **options)
+
+
+def _open_volume(path: Path, scratch: Path) -> Volume:
+    """:func:`~lsms.data.readers.read_volume`; a ``.nii.gz`` is decompressed once into ``scratch`` first, since
+    reading one of its slices decompresses every slice before it (the whole file read again for each slice)."""
+    reader = find_reader(path)
+    limit = ReadLimits.from_env().max_volume_voxels * 8  # bytes: the largest voxel type, float64
+    plain = reader.uncompressed(path, limit, scratch) if reader is not None and path.is_file() else None
+    return read_volume(plain or path)
+
+
+def _volume_answers(predictor: Predictor, job: Job, volume: Volume, stem: str, out: Path, batch_size: int,
+                    mode: VolumeMode, formats: tuple[str, ...], progress: bool, **options: bool
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`_predict_volume` on the opened ``volume``."""
     from tqdm.auto import tqdm
 
     assert job.slices is not None
-    volume = read_volume(job.path)
     first = volume.slice(job.slices[0])
     geometry = first.geometry
     ReadLimits.from_env().check(job.path, "max_volume_voxels", len(job.slices) * first.shape[0] * first.shape[1],
@@ -501,12 +520,9 @@ def _predict_volume(predictor: Predictor, job: Job, stem: str, out: Path, batch_
             name = f"{stem}_z{k:04d}" if len(job.texts) == 1 else f"{stem}_z{k:04d}_t{j}"
             slice_rows.append(_slice_row(predictor, job, image, k, text, answer.mask[i], prob[i], float(existence[i]),
                                          found, name, out, files.get("mask", files.get("seg")), covered, **options))
-        voxels = int(answer.mask.sum())
-        ml = lesion_volume_ml(voxels, geometry.spacing if geometry is not None and len(geometry.size) == 3 else None)
+        summary = answer.summary(geometry.spacing if geometry is not None else None)
         volume_rows.append({"input": str(job.path), "slices": f"{job.slices[0]}:{job.slices[-1] + 1}", "text": text,
-                            "mode": mode, "present": answer.present, "score": round(answer.score, 4),
-                            "voxels": voxels, "volume_ml": "" if ml is None else round(ml, 3),
-                            "components": answer.components, "kept": answer.kept, **files})
+                            "mode": mode, **summary, **files})
         del answer
     return slice_rows, volume_rows
 

@@ -62,6 +62,14 @@ class VolumeAnswer:
     components: int
     kept: int
 
+    def summary(self, spacing: tuple[float, ...] | None = None) -> dict[str, bool | float | int | None]:
+        """The answer in plain values: present, score (4 decimals), voxels, volume_ml (None without a 3D voxel
+        ``spacing`` in mm), components, kept."""
+        voxels = int(self.mask.sum())
+        ml = lesion_volume_ml(voxels, spacing)
+        return {"present": self.present, "score": round(self.score, 4), "voxels": voxels,
+                "volume_ml": None if ml is None else round(ml, 3), "components": self.components, "kept": self.kept}
+
 
 def assemble(probability: np.ndarray, existence: np.ndarray, threshold: float = 0.5,
              existence_threshold: float | None = None, mode: VolumeMode = "3d") -> VolumeAnswer:

@@ -29,7 +29,7 @@ import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.data.formats import READERS, is_series_file, reader_for
-from lsms.data.readers import ImageTooLargeError, ReadLimits, write_volume_mask
+from lsms.data.readers import ImageTooLargeError, ReadLimits, Volume, write_volume_mask
 from lsms.metrics import check_threshold
 from lsms.pictures import (
     COLOURS,
@@ -45,6 +45,7 @@ from lsms.pictures import (
 from lsms.predict import Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
+from lsms.volumes import VolumeAnswer, assemble
 
 log = logging.getLogger("lsms.serve")
 
@@ -56,6 +57,7 @@ MAX_SENTENCES = 4  # sentences compared side by side
 MAX_SESSIONS = 16  # open pages at once
 SESSION_IDLE_S = 300.0  # a page pings every 60 s; a session silent this long is closed and its files deleted
 CACHE_SLICES = 32  # predictions (probability maps) kept per session for re-thresholding
+VOLUME_BATCH = 8  # slices per forward pass of Whole volume: lsms predict's default --batch-size, so the same answers
 WINDOW_MODEL = "model input"  # the display the model sees (the checkpoint's intensity scaling)
 WINDOW_FULL = "full range"  # 0.5..99.5 percentile
 
@@ -72,6 +74,7 @@ class Opened:
     source_sha256: str | None = None  # a file `source` that is not on disk: its sha256 once written
     make_source: str = ""  # a file `source` that is not on disk: the command that writes it
     geometry: bool = False  # NIfTI / DICOM: a mask can be written in the input's geometry
+    series: Path | None = None  # a DICOM series folder: a DICOM-SEG can reference it
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Session:
     cache: OrderedDict = field(default_factory=OrderedDict)  # (slice, text) -> Prediction
     masks: dict = field(default_factory=dict)  # (text, threshold) -> {slice: packed bool mask}
     job: VolumeJob | None = None
+    # after Whole volume: text -> (probability float32 (Z, H, W), existence (Z,)), and the 3D answers assembled
+    # from them, (text, threshold) -> VolumeAnswer (lsms.volumes.assemble, as lsms predict)
+    volume: dict = field(default_factory=dict)
+    answers: OrderedDict = field(default_factory=OrderedDict)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -267,7 +274,7 @@ class Viewer:
         volume = self._read_volume(series, folder)
         return Opened(f"{name} ({volume.depth} slices)", volume.depth, volume.slice,
                       files=sorted(p for p in series.iterdir() if p.is_file()), source="DICOM_SERIES_FOLDER",
-                      geometry=True)
+                      geometry=True, series=series)
 
     def _open_file(self, path: Path, folder: Path) -> Opened:
         volume = self._read_volume(path, folder)
@@ -304,13 +311,16 @@ class Viewer:
             s.opened, s.job = opened, None
             s.cache.clear()
             s.masks.clear()
+            s.volume.clear()
+            s.answers.clear()
         ct = _is_ct(image)
         windows = ([*CT_WINDOWS, WINDOW_MODEL] if ct else [WINDOW_MODEL, WINDOW_FULL])
         log.info("session %s opened %s: %s, %d slice(s) of %s", s.id[:6], opened.name, image.format,
                  opened.depth, "x".join(map(str, image.array.shape)))
         return {"name": opened.name, "format": image.format, "modality": image.modality, "depth": opened.depth,
                 "slice": k, "shape": list(image.array.shape), "ct": ct, "windows": windows,
-                "window": "liver" if ct else WINDOW_MODEL, "geometry": opened.geometry, "texts": texts or []}
+                "window": "liver" if ct else WINDOW_MODEL, "geometry": opened.geometry, "texts": texts or [],
+                "dicom_seg": opened.series is not None}
 
     def _image(self, s: Session, k: int) -> ImageData:
         if s.opened is None:
@@ -355,11 +365,13 @@ class Viewer:
             results = []
             for i, text in enumerate(texts):
                 pred = self._prediction(s, k, image, text, features)
-                mask = self._remember(s, k, text, threshold, pred)
+                mask, found, answer = self._shown(s, k, text, threshold, pred)
                 r = {"text": text, "area_px": int(mask.sum()), "max_probability": round(float(pred.probability.max()), 4),
-                     "existence": round(pred.existence, 4), "found": pred.found,
+                     "existence": round(pred.existence, 4), "found": found,
                      "overlay": data_url(overlay_rgba(mask, COLOURS[i % len(COLOURS)])),
                      "probability": data_url(colormap(pred.probability, "viridis"))}
+                if answer is not None:  # Whole volume ran with this sentence: the slice of its one 3D answer
+                    r["volume"] = answer.summary(image.geometry.spacing if image.geometry else None)
                 if features and pred.features is not None:
                     r["features"] = [data_url(heat_over(grey, m)) for m in pred.features]
                 results.append(r)
@@ -404,6 +416,30 @@ class Viewer:
         s.cache.move_to_end(key)
         return pred
 
+    def _shown(self, s: Session, k: int, text: str, threshold: float, pred: Prediction
+               ) -> tuple[np.ndarray, bool, VolumeAnswer | None]:
+        """(mask, found, 3D answer) of ``text`` on slice ``k``: once Whole volume ran with the sentence, the slice of
+        the volume's one 3D answer (:func:`lsms.volumes.assemble`, as ``lsms predict`` gives it); before, the
+        slice's own mask (remembered for the NIfTI of the slices segmented so far)."""
+        answer = self._answer(s, text, threshold)
+        if answer is None:
+            return self._remember(s, k, text, threshold, pred), pred.found, None
+        return answer.mask[k], answer.present, answer
+
+    def _answer(self, s: Session, text: str, threshold: float) -> VolumeAnswer | None:
+        """The 3D answer of ``text`` at ``threshold`` from Whole volume's probabilities (None before it ran); the
+        last few are kept, so moving the threshold back needs no new assembly."""
+        if text not in s.volume:
+            return None
+        key = (text, threshold)
+        if key not in s.answers:
+            prob, existence = s.volume[text]
+            s.answers[key] = assemble(prob, existence, threshold, self.predictor.existence_threshold)
+            while len(s.answers) > MAX_SENTENCES:
+                s.answers.popitem(last=False)
+        s.answers.move_to_end(key)
+        return s.answers[key]
+
     def _remember(self, s: Session, k: int, text: str, threshold: float, pred: Prediction) -> np.ndarray:
         # below the model's existence threshold the lesion is "not found": no mask, whatever the threshold
         mask = threshold_mask(pred.probability, threshold) & pred.found
@@ -419,7 +455,7 @@ class Viewer:
         threshold = _check_threshold(threshold)
         with s.lock:
             image = self._image(s, k)
-            mask = self._remember(s, k, text, threshold, self._prediction(s, k, image, text, False))
+            mask = self._shown(s, k, text, threshold, self._prediction(s, k, image, text, False))[0]
         buf = io.BytesIO()
         save_mask_png(mask, buf)
         return buf.getvalue()
@@ -435,10 +471,14 @@ class Viewer:
             if not s.opened.geometry:
                 raise ServeError(400, f"{s.opened.name} has no spatial geometry (only NIfTI and DICOM do); "
                                       "download the PNG mask instead")
+            answer = self._answer(s, text, threshold)
             done = s.masks.get((text, threshold))
-            if not done:
+            if answer is not None:
+                masks = dict(enumerate(answer.mask))
+            elif done:
+                masks = {k: np.unpackbits(packed, axis=-1, count=w).astype(bool) for k, (packed, w) in done.items()}
+            else:
                 raise ServeError(409, "segment with this sentence and threshold first")
-            masks = {k: np.unpackbits(packed, axis=-1, count=w).astype(bool) for k, (packed, w) in done.items()}
             geometry = self._image(s, next(iter(masks))).geometry
             path = s.folder / f"mask-{secrets.token_hex(4)}.nii.gz"
             try:
@@ -446,6 +486,33 @@ class Viewer:
                 return path.read_bytes()
             except ImageTooLargeError as err:  # the input's size is above max_volume_voxels
                 raise ServeError(413, f"{s.opened.name}: {str(err).removeprefix(f'{path}: ')}") from None
+            finally:
+                path.unlink(missing_ok=True)
+
+    def mask_dicom_seg(self, sid: str, text: str, threshold: float) -> bytes:
+        """The 3D answer of ``text`` at ``threshold`` as a DICOM-SEG referencing the open DICOM series (after Whole
+        volume): the file ``lsms predict --format dicom-seg`` writes."""
+        from lsms import __version__
+        from lsms.data.formats.dicom_seg import write_dicom_seg
+
+        s = self.session(sid)
+        text = self._check_texts([text])[0]
+        threshold = _check_threshold(threshold)
+        with s.lock:
+            if s.opened is None:
+                raise ServeError(409, "open an image first")
+            if s.opened.series is None:
+                raise ServeError(400, f"{s.opened.name} is not a DICOM series; a DICOM-SEG references the series' "
+                                      "images: download the NIfTI mask instead")
+            answer = self._answer(s, text, threshold)
+            if answer is None:
+                raise ServeError(409, "run Whole volume with this sentence first: the DICOM-SEG holds its one 3D answer")
+            path = s.folder / f"seg-{secrets.token_hex(4)}.dcm"
+            try:
+                write_dicom_seg(answer.mask, s.opened.series, path, text, __version__)
+                return path.read_bytes()
+            except ValueError as err:  # e.g. the series has no frame of reference
+                raise ServeError(400, hide_folder(str(err), s.folder)) from None
             finally:
                 path.unlink(missing_ok=True)
 
@@ -463,7 +530,7 @@ class Viewer:
             rows = []
             for text in texts:
                 pred = self._prediction(s, k, image, text, False)
-                mask = self._remember(s, k, text, threshold, pred)
+                mask = self._shown(s, k, text, threshold, pred)[0]
                 rows.append({"text": text, "area_px": int(mask.sum()),
                              "max_probability": round(float(pred.probability.max()), 6)})
         model = self.checkpoint or self.model_name
@@ -501,18 +568,33 @@ class Viewer:
         return self.volume_progress(sid)
 
     def _run_volume(self, s: Session, job: VolumeJob) -> None:
+        """Every slice in batches of :data:`VOLUME_BATCH` (the model lock held one batch at a time, so other pages
+        are served in between), then one 3D answer per sentence from the probabilities kept in the session."""
         started = time.perf_counter()
         try:
             assert s.opened is not None
-            for k in range(s.opened.depth):
-                image = s.opened.read(k)
-                for text in job.texts:
-                    if job.cancel.is_set():
-                        job.state = "cancelled"
-                        return
-                    with s.lock:
-                        self._remember(s, k, text, job.threshold, self._prediction(s, k, image, text, False))
-                    job.done += 1
+            depth = s.opened.depth
+            volume = Volume(Path(s.opened.name), depth, s.opened.read)
+            kept: list[tuple[np.ndarray, np.ndarray]] = []
+            for start in range(0, depth, VOLUME_BATCH):
+                if job.cancel.is_set():
+                    job.state = "cancelled"
+                    return
+                ks = list(range(start, min(depth, start + VOLUME_BATCH)))
+                with self.model_lock:
+                    part = self.predictor.predict_volume(volume, ks, job.texts, VOLUME_BATCH)
+                if not kept:  # (Z, H, W) float32 and (Z,) per sentence
+                    kept = [(np.empty((depth, *p.shape[1:]), np.float32), np.empty(depth)) for p, _ in part]
+                for (prob, existence), (p, e) in zip(kept, part, strict=True):
+                    prob[start:start + len(ks)], existence[start:start + len(ks)] = p, e
+                job.done += len(ks) * len(job.texts)
+            with s.lock:
+                if s.job is job:  # not replaced by another image meanwhile
+                    for key in [key for key in s.answers if key[0] in job.texts]:
+                        del s.answers[key]
+                    s.volume.update(zip(job.texts, kept))
+                    for text in job.texts:
+                        self._answer(s, text, job.threshold)
             job.state = "finished"
             log.info("session %s: whole volume (%d predictions) in %.1f s", s.id[:6], job.total,
                      time.perf_counter() - started)
@@ -525,8 +607,14 @@ class Viewer:
         job = s.job
         if job is None:
             return {"state": "none"}
-        return {"state": job.state, "done": job.done, "total": job.total, "error": job.error,
-                "texts": job.texts, "threshold": job.threshold}
+        out = {"state": job.state, "done": job.done, "total": job.total, "error": job.error,
+               "texts": job.texts, "threshold": job.threshold}
+        if job.state == "finished":
+            with s.lock:
+                answers = [self._answer(s, t, job.threshold) for t in job.texts]
+                spacing = s.opened.read(0).geometry.spacing if s.opened is not None and s.opened.geometry else None
+                out["answers"] = [{"text": t, **a.summary(spacing)} for t, a in zip(job.texts, answers) if a is not None]
+        return out
 
 
 # --------------------------------------------------------------------------- helpers

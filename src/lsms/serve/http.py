@@ -11,7 +11,9 @@ its table equal to :data:`ROUTES` and :data:`STATIC`):
     GET  /api/image.png            ?slice&window: the slice as shown
     POST /api/predict              {slice, texts, threshold, window, features}: overlays, probability, F1..F4
     GET  /api/mask.png             ?slice&text&threshold: the mask, 0/255 PNG (the bytes lsms predict writes)
-    GET  /api/mask.nii.gz          ?text&threshold: the predicted slices in the input's geometry
+    GET  /api/mask.nii.gz          ?text&threshold: the predicted slices (after Whole volume: the one 3D answer)
+                                   in the input's geometry
+    GET  /api/mask.seg.dcm         ?text&threshold: the 3D answer as a DICOM-SEG of the open DICOM series
     GET  /api/settings.json        ?slice&threshold&window&text...: the settings used
     POST /api/volume, GET /api/volume   start / poll the whole-volume prediction
 
@@ -248,6 +250,10 @@ class Handler(BaseHTTPRequestHandler):
         data = self.server.viewer.mask_nifti(_one(q, "sid"), _one(q, "text"), _one(q, "threshold"))
         self._send(200, data, "application/gzip", filename=_one(q, "name", "mask.nii.gz"))
 
+    def api_mask_dicom_seg(self, q: dict) -> None:
+        data = self.server.viewer.mask_dicom_seg(_one(q, "sid"), _one(q, "text"), _one(q, "threshold"))
+        self._send(200, data, "application/dicom", filename=_one(q, "name", "mask_seg.dcm"))
+
     def api_settings(self, q: dict) -> None:
         data = self.server.viewer.settings(_one(q, "sid"), _int(q, "slice"), q.get("text", []),
                                            _one(q, "threshold"), _one(q, "window"))
@@ -271,6 +277,7 @@ ROUTES = {
     ("POST", "/api/predict"): Handler.api_predict,
     ("GET", "/api/mask.png"): Handler.api_mask_png,
     ("GET", "/api/mask.nii.gz"): Handler.api_mask_nifti,
+    ("GET", "/api/mask.seg.dcm"): Handler.api_mask_dicom_seg,
     ("GET", "/api/settings.json"): Handler.api_settings,
     ("POST", "/api/volume"): Handler.api_volume_start,
     ("GET", "/api/volume"): Handler.api_volume_progress,

@@ -206,10 +206,11 @@ class ImageReader(ABC):
         when slices are read one at a time."""
         return None
 
-    def uncompressed(self, path: Path, max_bytes: int) -> Path | None:
-        """A decompressed copy of a compressed file, written next to it, whose slices then read without
-        decompressing those before them (for a viewer that reads many); None (the default) where slices read
-        directly already, or when the data is damaged or unpacks to more than ``max_bytes``."""
+    def uncompressed(self, path: Path, max_bytes: int, folder: Path | None = None) -> Path | None:
+        """A decompressed copy of a compressed file, written next to it (or into ``folder``), whose slices then
+        read without decompressing those before them (for a viewer or a volume prediction that reads many); None
+        (the default) where slices read directly already, or when the data is damaged or unpacks to more than
+        ``max_bytes``."""
         return None
 
     def write_mask(self, volume: np.ndarray, geometry: Geometry, path: Path) -> Path:

@@ -86,11 +86,11 @@ class NiftiReader(ImageReader):
         sitk.WriteImage(img, str(path), useCompression=path.name.lower().endswith(".nii.gz"))
         return path
 
-    def uncompressed(self, path: Path, max_bytes: int) -> Path | None:
-        """A ``.nii.gz`` decompressed next to it as ``.nii``; None for a ``.nii``."""
+    def uncompressed(self, path: Path, max_bytes: int, folder: Path | None = None) -> Path | None:
+        """A ``.nii.gz`` decompressed next to it (or into ``folder``) as ``.nii``; None for a ``.nii``."""
         if not path.name.lower().endswith(".nii.gz"):
             return None
-        out = path.with_name(path.name[:-3])
+        out = (folder or path.parent) / path.name[:-3]
         try:
             with gzip.open(path, "rb") as src, open(out, "wb") as dst:
                 n = 0

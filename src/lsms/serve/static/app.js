@@ -227,8 +227,16 @@ function showResults(out, req) {
       nii.textContent = "mask NIfTI (input geometry)";
       nii.download = stem.replace(/_z\d+/, "") + "_mask.nii.gz";
       nii.href = "/api/mask.nii.gz?" + q({ text: r.text, threshold: out.threshold, name: nii.download });
-      nii.title = "every slice segmented so far with this sentence and threshold (all, after Whole volume)";
+      nii.title = "every slice segmented so far with this sentence and threshold (after Whole volume: its one 3D answer)";
       links.append(nii);
+    }
+    if (state.image.dicom_seg && r.volume) {  // a DICOM series after Whole volume: the 3D answer as DICOM-SEG
+      const seg = document.createElement("a");
+      seg.className = "seg-link";
+      seg.textContent = "DICOM-SEG";
+      seg.download = stem.replace(/_z\d+/, "") + "_seg.dcm";
+      seg.href = "/api/mask.seg.dcm?" + q({ text: r.text, threshold: out.threshold, name: seg.download });
+      links.append(seg);
     }
     // the numbers and the verdict above the pictures, in view without scrolling; five rows in every panel, so
     // that side-by-side panels line their pictures up (style.css: subgrid)
@@ -277,8 +285,11 @@ async function wholeVolume() {
     }
     $("progress").value = p.done;
     $("progress-text").textContent = p.state === "finished" ?
-      `done: ${p.total} predictions; the NIfTI links now hold every slice` : p.state + (p.error ? ": " + p.error : "");
+      `done: ${p.total} predictions; the masks now show each sentence's one 3D answer: ` +
+      p.answers.map((a) => a.present ? `${a.voxels} voxels` + (a.volume_ml === null ? "" : ` (${a.volume_ml} ml)`) :
+                    "not found").join(", ") : p.state + (p.error ? ": " + p.error : "");
     if (p.state === "failed") say(p.error, true);
+    if (p.state === "finished") await segment();  // redraw the slice shown with the 3D answers
   } catch (err) {
     say(err.message, true);
   } finally {
