@@ -4,6 +4,7 @@
     lsms predict RUN IMAGES... --text "the left cyst" --text "the right cyst" --out DIR  # each sentence, every image
     lsms predict RUN ct.nii.gz --slices 40:60 --text "..." --out DIR      # a NIfTI volume, slices 40..59
     lsms predict RUN dicom_series_folder/ --text "..." --out DIR           # a DICOM series (all slices)
+    lsms predict RUN dicom_series_folder/ --text "..." --format dicom-seg --out DIR  # the answer as a DICOM-SEG
     lsms predict RUN --pairs pairs.csv --out DIR                           # CSV with columns image,text[,slice]
     lsms predict model.onnx IMAGES... --text "..." --out DIR               # a file from lsms export (ONNX Runtime)
 
@@ -12,6 +13,11 @@ For every (image, sentence) it writes ``NAME_mask.png`` (0/255, the input's size
 ``NAME_overlay.png`` (the mask over the image with the sentence as caption), with ``--probability``
 ``NAME_prob.png`` (probability x 255), with ``--features`` ``NAME_features.png`` (the four encoder stages'
 feature maps as heat maps, as in the paper's Fig. 6), and ``predictions.csv`` listing everything.
+
+A volume gets one answer per sentence: its slices run in batches (``--batch-size``), and
+:func:`lsms.volumes.assemble` keeps the one 3D lesion the sentence refers to (``--volume-mode 3d``, the default;
+``slices``: each slice on its own). ``volumes.csv`` has a row per volume and sentence; the overlays are drawn on
+the slices the answer covers; ``--format dicom-seg`` writes ``NAME_seg.dcm`` for a DICOM series (docs/volumes.md).
 
 Pre- and post-processing live here, not in the network (SAM's ``Predictor``): the checkpoint's saved
 :class:`~lsms.data.Preprocessing` maps the raw image to the model input exactly as in training; the logits are
