@@ -460,16 +460,17 @@ class Viewer:
         save_mask_png(mask, buf)
         return buf.getvalue()
 
+    def _download(self, sid: str, text: str, threshold: float) -> tuple[Session, str, float]:
+        """A download request's session, sentence and threshold, checked."""
+        return self.session(sid), self._check_texts([text])[0], _check_threshold(threshold)
+
     def mask_nifti(self, sid: str, text: str, threshold: float) -> bytes:
         """NIfTI in the input's geometry holding every slice predicted so far for ``text`` at ``threshold``."""
-        s = self.session(sid)
-        text = self._check_texts([text])[0]
-        threshold = _check_threshold(threshold)
+        s, text, threshold = self._download(sid, text, threshold)
         with s.lock:
-            if s.opened is None:
-                raise ServeError(409, "open an image first")
-            if not s.opened.geometry:
-                raise ServeError(400, f"{s.opened.name} has no spatial geometry (only NIfTI and DICOM do); "
+            opened = _opened(s)
+            if not opened.geometry:
+                raise ServeError(400, f"{opened.name} has no spatial geometry (only NIfTI and DICOM do); "
                                       "download the PNG mask instead")
             answer = self._answer(s, text, threshold)
             done = s.masks.get((text, threshold))
@@ -485,7 +486,7 @@ class Viewer:
                 write_volume_mask(masks, geometry, path)
                 return path.read_bytes()
             except ImageTooLargeError as err:  # the input's size is above max_volume_voxels
-                raise ServeError(413, f"{s.opened.name}: {str(err).removeprefix(f'{path}: ')}") from None
+                raise ServeError(413, f"{opened.name}: {str(err).removeprefix(f'{path}: ')}") from None
             finally:
                 path.unlink(missing_ok=True)
 
@@ -495,21 +496,18 @@ class Viewer:
         from lsms import __version__
         from lsms.data.formats.dicom_seg import write_dicom_seg
 
-        s = self.session(sid)
-        text = self._check_texts([text])[0]
-        threshold = _check_threshold(threshold)
+        s, text, threshold = self._download(sid, text, threshold)
         with s.lock:
-            if s.opened is None:
-                raise ServeError(409, "open an image first")
-            if s.opened.series is None:
-                raise ServeError(400, f"{s.opened.name} is not a DICOM series; a DICOM-SEG references the series' "
+            opened = _opened(s)
+            if opened.series is None:
+                raise ServeError(400, f"{opened.name} is not a DICOM series; a DICOM-SEG references the series' "
                                       "images: download the NIfTI mask instead")
             answer = self._answer(s, text, threshold)
             if answer is None:
                 raise ServeError(409, "run Whole volume with this sentence first: the DICOM-SEG holds its one 3D answer")
             path = s.folder / f"seg-{secrets.token_hex(4)}.dcm"
             try:
-                write_dicom_seg(answer.mask, s.opened.series, path, text, __version__)
+                write_dicom_seg(answer.mask, opened.series, path, text, __version__)
                 return path.read_bytes()
             except ValueError as err:  # e.g. the series has no frame of reference
                 raise ServeError(400, hide_folder(str(err), s.folder)) from None
@@ -632,6 +630,13 @@ def upload_accept() -> str:
     suffixes = [s for r in READERS for s in r.suffixes]
     last = ["." + s.rsplit(".", 1)[1] for s in suffixes if s.count(".") > 1]
     return ",".join(dict.fromkeys([*suffixes, *last, ".zip", *(m for r in READERS for m in r.media_types)]))
+
+
+def _opened(s: Session) -> Opened:
+    """The session's open image; a 409 before one is open."""
+    if s.opened is None:
+        raise ServeError(409, "open an image first")
+    return s.opened
 
 
 def _check_threshold(threshold: Any) -> float:
