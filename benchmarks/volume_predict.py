@@ -1,7 +1,8 @@
 """Time and peak memory of ``lsms predict`` on one CT volume: a synthetic 512 x 512 x Z phantom (body, liver, two
 hypodense cysts of different sizes, noise) written as NIfTI (or as a DICOM series with ``--dicom``), predicted with
-one sentence by a given model, the whole command timed by ``/usr/bin/time -v`` (wall clock and maximum resident
-set size of the process: model loading, reading, every forward pass, the 3D assembly and the mask files).
+one sentence by a given model, the whole command timed by ``/usr/bin/time -v`` (wall clock, CPU time and maximum
+resident set size of the process: model loading, reading, every forward pass, the 3D assembly and the mask
+files). On a shared machine the wall clock depends on the load; the CPU time much less.
 
     python benchmarks/volume_predict.py RUN --slices 120 --threads 2                 # NIfTI, 3D assembly
     python benchmarks/volume_predict.py RUN --dicom --format dicom-seg --threads 2   # a DICOM series -> DICOM-SEG
@@ -88,12 +89,14 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"lsms predict failed ({done.returncode}):\n{done.stderr[-3000:]}")
         peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+        cpu_s = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+                    for kind in ("User", "System"))
         with open(folder / "out" / "volumes.csv", newline="") as f:
             (answer,) = list(csv.DictReader(f))
     row = {"model": args.label or Path(args.model).name, "backend": args.backend or "torch", "input": "DICOM series" if args.dicom else "NIfTI",
            "shape": [512, 512, args.slices], "threads": args.threads, "batch_size": args.batch_size,
-           "format": args.format, "volume_mode": args.volume_mode, "wall_s": round(wall, 1),
-           "peak_rss_mib": round(peak_kb / 1024), "load_average_before": round(load, 2),
+           "format": args.format, "volume_mode": args.volume_mode, "wall_s": round(wall, 1), "cpu_s": round(cpu_s, 1),
+           "peak_rss_mib": round(peak_kb / 1024), "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2),
            "answer": {k: answer[k] for k in ("present", "score", "voxels", "volume_ml", "components", "kept")},
            "machine": machine(), "command": command_line()}
     print(json.dumps(row, indent=2))

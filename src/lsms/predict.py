@@ -455,7 +455,7 @@ def predict_jobs(predictor: Predictor, jobs: list[Job], out: Path, probability: 
         if job.slices is None:
             try:
                 image = read_image(job.path)
-                rows.extend(_image_rows(predictor, job, image, None, stem, out, **options))
+                rows.extend(_image_rows(predictor, job, image, stem, out, **options))
             except (ValueError, OSError, RuntimeError) as err:
                 rows.extend(_failed(job, None, _naming(job.path, None, err)))
             continue
@@ -554,7 +554,7 @@ def _write_volume_answer(mask: np.ndarray, job: Job, geometry: Geometry | None, 
     return files
 
 
-def _image_rows(predictor: Predictor, job: Job, image: ImageData, k: int | None, stem: str, out: Path,
+def _image_rows(predictor: Predictor, job: Job, image: ImageData, stem: str, out: Path,
                 probability: bool, features: bool) -> list[dict[str, Any]]:
     """A 2D image with every sentence of ``job``: its rows, with its files written."""
     mismatch = input_mismatch(image.array, image.modality, predictor.preprocessing)
@@ -564,7 +564,7 @@ def _image_rows(predictor: Predictor, job: Job, image: ImageData, k: int | None,
     for j, text in enumerate(job.texts):
         pred = predictor.predict(image, text, features=features)
         name = stem if len(job.texts) == 1 else f"{stem}_t{j}"
-        rows.append(_slice_row(predictor, job, image, k, text, pred.mask, pred.probability, pred.existence, pred.found,
+        rows.append(_slice_row(predictor, job, image, None, text, pred.mask, pred.probability, pred.existence, pred.found,
                                name, out, None, True, probability, features, pred.features))
     return rows
 
