@@ -44,8 +44,24 @@ def phantom(depth: int, size: int = 512, seed: int = 0) -> np.ndarray:
     return vol.astype(np.int16)
 
 
-def write_input(folder: Path, depth: int, dicom: bool) -> Path:
+def with_lesions(vol: np.ndarray, slices: slice) -> str:
+    """Put the viewer's first bundled RefLiver-Synth slice (resized to the volume's size) on ``slices`` of ``vol``, so
+    that a demo-trained model finds its lesion there; returns the slice's first sentence."""
+    import torch
+    import torch.nn.functional as F
+
+    from lsms.serve.examples import examples
+
+    e = examples()[0]
+    hu = torch.from_numpy(e.image.array)[None, None]  # (1, 1, h, w)
+    big = F.interpolate(hu, size=vol.shape[1:], mode="bilinear", align_corners=False)[0, 0].numpy()
+    vol[slices] = np.round(big).astype(vol.dtype)
+    return e.texts[0]
+
+
+def write_input(folder: Path, depth: int, dicom: bool, lesions: bool) -> tuple[Path, str]:
     vol = phantom(depth)
+    text = with_lesions(vol, slice(int(0.375 * depth), int(0.625 * depth))) if lesions else SENTENCE
     if not dicom:
         import SimpleITK as sitk
 
@@ -53,12 +69,12 @@ def write_input(folder: Path, depth: int, dicom: bool) -> Path:
         img.SetSpacing((0.7, 0.7, 2.5))
         path = folder / "ct.nii.gz"
         sitk.WriteImage(img, str(path), useCompression=True)
-        return path
+        return path, text
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_volumes import write_series
 
     write_series(folder / "series", vol.astype(np.float32))
-    return folder / "series"
+    return folder / "series", text
 
 
 def main() -> None:
@@ -69,15 +85,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dicom", action="store_true", help="a DICOM series instead of a NIfTI file")
+    p.add_argument("--lesions", action="store_true",
+                   help="the middle quarter of the slices: a RefLiver-Synth test slice with its sentence (the demo "
+                        "model finds a lesion there: the overlays of the slices it covers are drawn too)")
     p.add_argument("--format", default="nifti")
     p.add_argument("--backend", default=None)
     p.add_argument("--volume-mode", default="3d")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        source = write_input(folder, args.slices, args.dicom)
+        source, text = write_input(folder, args.slices, args.dicom, args.lesions)
         cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "lsms", "predict", args.model, str(source), "--text",
-               SENTENCE, "--out", str(folder / "out"), "--device", "cpu", "--batch-size", str(args.batch_size),
+               text, "--out", str(folder / "out"), "--device", "cpu", "--batch-size", str(args.batch_size),
                "--format", args.format, "--volume-mode", args.volume_mode]
         if args.backend:
             cmd += ["--backend", args.backend]
@@ -95,7 +114,7 @@ def main() -> None:
             (answer,) = list(csv.DictReader(f))
     row = {"model": args.label or Path(args.model).name, "backend": args.backend or "torch", "input": "DICOM series" if args.dicom else "NIfTI",
            "shape": [512, 512, args.slices], "threads": args.threads, "batch_size": args.batch_size,
-           "format": args.format, "volume_mode": args.volume_mode, "wall_s": round(wall, 1), "cpu_s": round(cpu_s, 1),
+           "format": args.format, "lesions": args.lesions, "volume_mode": args.volume_mode, "wall_s": round(wall, 1), "cpu_s": round(cpu_s, 1),
            "peak_rss_mib": round(peak_kb / 1024), "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2),
            "answer": {k: answer[k] for k in ("present", "score", "voxels", "volume_ml", "components", "kept")},
            "machine": machine(), "command": command_line()}
