@@ -179,6 +179,22 @@ def test_dicom_seg_references_the_series_and_maps_back_onto_its_frames(tmp_path)
         write_dicom_seg(mask[:4], tmp_path / "series", tmp_path / "bad.dcm", text, "0.1.0")
 
 
+def test_dicom_seg_of_a_series_highdicom_cannot_derive_from_is_refused_by_name(tmp_path):
+    from fuzz_inputs import dicom_bytes
+
+    (tmp_path / "bare").mkdir()
+    for k in range(2):  # no FrameOfReferenceUID, no patient or study module
+        (tmp_path / "bare" / f"s{k}.dcm").write_bytes(dicom_bytes(np.zeros((8, 8)), ImagePositionPatient=[0.0, 0.0, k]))
+    with pytest.raises(ValueError, match=r"bare: the series has no FrameOfReferenceUID.*--format nifti"):
+        write_dicom_seg(np.zeros((2, 8, 8), bool), tmp_path / "bare", tmp_path / "seg.dcm", "x", "0.1.0")
+    for k in range(2):
+        (tmp_path / "bare" / f"s{k}.dcm").write_bytes(dicom_bytes(
+            np.zeros((8, 8)), ImagePositionPatient=[0.0, 0.0, k], FrameOfReferenceUID="1.2.3.9"))
+    with pytest.raises(ValueError, match=r"bare: cannot make a DICOM Segmentation of this series \(.*--format nifti"):
+        write_dicom_seg(np.zeros((2, 8, 8), bool), tmp_path / "bare", tmp_path / "seg.dcm", "x", "0.1.0")
+    assert not list(tmp_path.glob("*seg.dcm*"))
+
+
 def test_segment_label_fits_lo():
     assert segment_label("  the   cyst\\left ") == "the cyst/left"
     assert segment_label("") == "lesion"

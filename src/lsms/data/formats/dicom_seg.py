@@ -11,13 +11,15 @@ position and orientation from its source image, so viewers overlay the SEG on th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lsms.data.formats.base import ImageReadError
+from lsms.data.formats.base import ImageReadError, first_line
 from lsms.data.formats.dicom import _series_files
 
 LABEL_CHARS = 64  # LO
@@ -76,15 +78,16 @@ def write_dicom_seg(mask: np.ndarray, series: Path, path: Path, text: str, versi
     segment.SegmentDescription = text[:DESCRIPTION_CHARS]  # ST: the whole sentence
     # the same mask of the same sentence on the same series gets the same UIDs (deterministic output)
     entropy = [sources[0].SeriesInstanceUID, text, version, hashlib.sha256(np.packbits(mask)).hexdigest()]
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*entropy, "series"]),
-        series_number=1000 + int(sources[0].get("SeriesNumber") or 0) % 1000,
-        sop_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*entropy, "instance"]), instance_number=1,
-        manufacturer="lsms", manufacturer_model_name="lsms referring lesion segmentation", software_versions=version,
-        device_serial_number="none", content_label="LESION", content_description=segment_label(text),
-        series_description=segment_label(f"lsms: {text}"), omit_empty_frames=bool(mask.any()))
+    hd_log = logging.getLogger("highdicom")
+    level = hd_log.level
+    hd_log.setLevel(max(level, logging.WARNING))  # it logs every module it copies at INFO
+    try:
+        seg = _segmentation(sources, mask, segment, text, version, entropy)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # a source image highdicom cannot derive from
+        raise ImageReadError(f"{series}: cannot make a DICOM Segmentation of this series ({type(err).__name__}: "
+                             f"{first_line(err)}); write the mask as NIfTI (--format nifti)") from err
+    finally:
+        hd_log.setLevel(level)
     if not text.isascii():
         seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the sentence's characters as typed
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,3 +98,19 @@ def write_dicom_seg(mask: np.ndarray, series: Path, path: Path, text: str, versi
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _segmentation(sources: list, mask: np.ndarray, segment: Any, text: str, version: str, entropy: list[str]) -> Any:
+    """highdicom's Segmentation of ``sources`` holding ``mask`` as ``segment``, with UIDs from ``entropy``."""
+    import highdicom as hd
+    import pydicom
+
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*entropy, "series"]),
+        series_number=1000 + int(sources[0].get("SeriesNumber") or 0) % 1000,
+        sop_instance_uid=pydicom.uid.generate_uid(entropy_srcs=[*entropy, "instance"]), instance_number=1,
+        manufacturer="lsms", manufacturer_model_name="lsms referring lesion segmentation", software_versions=version,
+        device_serial_number="none", content_label="LESION", content_description=segment_label(text),
+        series_description=segment_label(f"lsms: {text}"), omit_empty_frames=bool(mask.any()))
