@@ -18,8 +18,9 @@ answer for the volume (``mode="3d"``, the default of ``lsms predict``):
    ``z``, and ``v`` is part of it), so ``score(c)`` is the expected number of the referred lesion's voxels in
    ``c``. The component with the highest score is kept (a tie: the first in scan order); the others are dropped.
 4. **Is it there at all?** The volume's existence score is the highest ``e_z`` over the slices the kept
-   component spans (with no component at all: over every slice). Below ``existence_threshold`` the described
-   lesion is "not found" and the mask is withheld (empty), as for a 2D image.
+   component spans (with no component at all: over every slice; :func:`lsms.metrics.volume_existence`). Below
+   ``existence_threshold`` the described lesion is "not found" and the mask is withheld (empty), as for a 2D
+   image.
 
 ``mode="slices"`` is slice-by-slice prediction as it was before: each slice thresholded on its own, its mask
 withheld where its own existence score is below the threshold; the volume's score is then the highest ``e_z``.
@@ -37,7 +38,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from lsms.metrics import check_threshold
+from lsms.metrics import check_threshold, volume_existence
 
 VolumeMode = Literal["3d", "slices"]
 VOLUME_MODES: tuple[str, ...] = get_args(VolumeMode)
@@ -99,11 +100,11 @@ def assemble(probability: np.ndarray, existence: np.ndarray, threshold: float = 
     if mode == "slices":
         mask = candidates & found[:, None, None]
         components = ndimage.label(mask, ndimage.generate_binary_structure(3, CONNECTIVITY))[1]
-        return VolumeAnswer(mask, bool(mask.any()), float(existence.max(initial=0.0)), components, components)
+        return VolumeAnswer(mask, bool(mask.any()), volume_existence(existence), components, components)
     labels, n = ndimage.label(candidates, ndimage.generate_binary_structure(3, CONNECTIVITY))  # (Z, H, W) int32
     del candidates
     if n == 0:
-        return VolumeAnswer(np.zeros(probability.shape, bool), False, float(existence.max(initial=0.0)), 0, 0)
+        return VolumeAnswer(np.zeros(probability.shape, bool), False, volume_existence(existence), 0, 0)
     scores = np.zeros(n + 1)
     for z in range(labels.shape[0]):  # slice by slice: temporaries of one slice's candidates only
         lab = labels[z]
@@ -112,7 +113,7 @@ def assemble(probability: np.ndarray, existence: np.ndarray, threshold: float = 
             scores += existence[z] * np.bincount(lab[inside], weights=probability[z][inside], minlength=n + 1)
     best = int(np.argmax(scores[1:])) + 1
     span = ndimage.find_objects(labels, max_label=best)[best - 1][0]  # the slices the component spans
-    score = float(existence[span].max())
+    score = volume_existence(existence[span])
     present = existence_threshold is None or score >= existence_threshold
     mask = labels == best if present else np.zeros(probability.shape, bool)
     return VolumeAnswer(mask, present, score, n, int(present))

@@ -372,6 +372,7 @@ class Viewer:
                      "probability": data_url(colormap(pred.probability, "viridis"))}
                 if answer is not None:  # Whole volume ran with this sentence: the slice of its one 3D answer
                     r["volume"] = answer.summary(image.geometry.spacing if image.geometry else None)
+                    r["existence"] = r["volume"]["score"]  # the score its verdict ("found") is made on
                 if features and pred.features is not None:
                     r["features"] = [data_url(heat_over(grey, m)) for m in pred.features]
                 results.append(r)
