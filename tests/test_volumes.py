@@ -297,6 +297,33 @@ def test_predict_dicom_series_writes_a_dicom_seg_and_refuses_it_for_nifti(ckpt, 
     assert "--batch-size must be at least 1" in capsys.readouterr().err
 
 
+def test_a_batch_above_the_memory_limit_is_refused_naming_batch_size(ckpt, tmp_path, monkeypatch, capsys):
+    from lsms.checkpoint import load_checkpoint, spec_of
+    from lsms.model import activation_bytes
+
+    _nifti(tmp_path / "ct.nii.gz")  # 6 slices
+    spec = spec_of(load_checkpoint(ckpt))
+    one = activation_bytes(spec.model, *spec.image_size, 1)
+    monkeypatch.setenv("LSMS_MAX_TENSOR_BYTES", str(2 * one))
+    args = ["predict", str(ckpt), str(tmp_path / "ct.nii.gz"), "--text", "x", "--device", "cpu"]
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "o1")]) == 2
+    assert "--batch-size 4: the estimated memory" in capsys.readouterr().err
+    assert main([*args, "--batch-size", "1", "--out", str(tmp_path / "o2")]) == 0
+
+    from lsms.serve import ServeError, Viewer
+
+    viewer = Viewer(Predictor.from_checkpoint(ckpt, "cpu"), root=tmp_path / "sessions")
+    (tmp_path / "sessions").mkdir()
+    try:
+        sid = viewer.new_session()["sid"]
+        viewer.open_upload(sid, [("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())])
+        with pytest.raises(ServeError, match="Whole volume: the estimated memory") as err:
+            viewer.start_volume(sid, ["x"], 0.5)
+        assert err.value.status == 413 and viewer.volume_progress(sid) == {"state": "none"}
+    finally:
+        viewer.close()
+
+
 # --------------------------------------------------------------------------- lsms serve: the 3D answer, NIfTI and SEG
 
 

@@ -381,6 +381,10 @@ def run(args: argparse.Namespace) -> int:
                                           backend=args.backend, existence_threshold=args.existence_threshold)
     if args.features:
         predictor.backend.check_features()  # once, before any input
+    if any(job.slices is not None and len(job.slices) > 1 for job in jobs):
+        predictor.spec.check_memory(min(args.batch_size, max(len(job.slices or []) for job in jobs)),
+                                    f"--batch-size {args.batch_size}", "use a smaller --batch-size",
+                                    getattr(predictor.backend, "device", None))
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features,
                         batch_size=args.batch_size, volume_mode=args.volume_mode, formats=formats)
     failed = [r for r in rows if r.get("error")]

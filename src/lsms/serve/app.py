@@ -561,6 +561,12 @@ class Viewer:
                 raise ServeError(409, "open an image first")
             if s.job is not None and s.job.state == "running":
                 raise ServeError(409, "a whole-volume prediction is running already; wait for it")
+            try:  # Whole volume runs VOLUME_BATCH slices per forward pass
+                self.predictor.spec.check_memory(min(VOLUME_BATCH, s.opened.depth), "Whole volume",
+                                                 f"it predicts {VOLUME_BATCH} slices at once: segment slices one by "
+                                                 "one with the slider", getattr(self.predictor.backend, "device", None))
+            except ValueError as err:
+                raise ServeError(413, str(err)) from None
             job = VolumeJob(texts, threshold, total=s.opened.depth * len(texts))
             s.job = job
         threading.Thread(target=self._run_volume, args=(s, job), name=f"volume-{sid[:6]}", daemon=True).start()
