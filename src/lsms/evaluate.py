@@ -45,8 +45,11 @@ from lsms.metrics import (
     existence_summary,
     sample_scores,
     summarize,
+    volume_scores,
 )
 from lsms.optim import autocast
+from lsms.runs import writable_folder, write_text_atomic
+from lsms.volumes import VOLUME_MODES, assemble
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,55 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
     return results
 
 
+VOLUME_RECORDS = "volumes.jsonl"  # a dataset's volume-level records (RefLiver-Synth --volumes; docs/dataset-format.md)
+
+
+def evaluate_volumes(run_or_checkpoint: str | Path, data: str | Path, split: str = "val", text_level: str = "full",
+                     batch_size: int = 8, device: str = "auto", prefer: str = "best", backend: str | None = None,
+                     modes: tuple[str, ...] = VOLUME_MODES, progress: bool = False) -> dict[str, Any]:
+    """A trained or exported model on the volume records of ``data``/``split`` (``volumes.jsonl``): every slice of
+    each volume (:meth:`lsms.predict.Predictor.predict_volume`), each sentence's answer assembled in every mode of
+    ``modes`` (:func:`lsms.volumes.assemble`; nothing withheld, as 2D evaluation scores the raw mask) and scored in
+    3D against the referred lesion (:func:`lsms.metrics.volume_scores`), the volume's existence score beside it.
+
+    Returns:
+        ``{"summary": {mode: summarize(...) + existence_metrics(...)}, "records": {mode: [...]}, "checkpoint"}``.
+    """
+    import tempfile
+
+    from lsms.data.manifest import load_manifest
+    from lsms.data.readers import open_volume_unpacked, read_volume
+    from lsms.predict import Predictor
+
+    path = Path(data) / VOLUME_RECORDS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --volumes evaluates the volume records a dataset made by "
+                                "'lsms synth OUT --volumes' holds")
+    by_volume: dict[Path, list[Any]] = {}
+    for r in load_manifest(path):
+        if r.split == split:
+            by_volume.setdefault(r.image_path, []).append(r)
+    if not by_volume:
+        raise ValueError(f"{path}: no volume records in the {split!r} split")
+    predictor = Predictor.from_checkpoint(run_or_checkpoint, device, prefer=prefer, backend=backend)
+    records: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    for image, chosen in tqdm(by_volume.items(), desc=f"{split} volumes", unit="volume", disable=not progress):
+        with tempfile.TemporaryDirectory(prefix="lsms-volume-") as scratch:
+            volume = open_volume_unpacked(image, Path(scratch))
+            answers = predictor.predict_volume(volume, list(range(volume.depth)),
+                                               [r.text_at(text_level) for r in chosen], batch_size)
+        labels = read_volume(chosen[0].instances_path)
+        instances = np.stack([np.rint(labels.slice(k).array) for k in range(labels.depth)]).astype(np.int32)
+        for r, (prob, existence) in zip(chosen, answers, strict=True):
+            for mode in modes:
+                answer = assemble(prob, existence, predictor.threshold, None, mode)
+                records[mode].append({**volume_scores(answer.mask, instances, r.target_instance or 0, r.id),
+                                      "existence": answer.score, "components": answer.components})
+    summary = {mode: {**summarize(rs), **existence_metrics(rs, predictor.existence_threshold)}
+               for mode, rs in records.items()}
+    return {"summary": summary, "records": records, "checkpoint": str(run_or_checkpoint)}
+
+
 def evaluate_checkpoint(run_or_checkpoint: str | Path, data: str | Path, split: str = "val",
                         text_level: str = "full", **kwargs: Any) -> dict[str, Any]:
     """A trained model on ``data``/``split`` at one text level (:func:`evaluate_levels` with one level)."""
@@ -243,15 +295,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0,
                    help="processes reading the data (default 0: read in the main process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--volumes", action="store_true",
+                   help="evaluate the dataset's volume records (volumes.jsonl): one 3D answer per sentence, assembled "
+                        "from every slice in 3D and slice by slice, side by side (3D Dice, referring accuracy, "
+                        "existence per volume; docs/volumes.md)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
     add_backend_argument(p)
 
 
-def default_out(model_arg: str | Path, split: str, text_level: str) -> Path:
+def default_out(model_arg: str | Path, split: str, text_level: str, volumes: bool = False) -> Path:
     p = Path(model_arg)
     folder = p if p.is_dir() else p.parent
-    return folder / f"eval-{split}-{text_level}"
+    return folder / f"eval-{split}-{'volumes-' if volumes else ''}{text_level}"
 
 
 def check_not_other_data(out: Path, data: str | Path) -> None:
@@ -302,18 +358,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
     env = D.init_distributed(args.device)
     try:
-        out = Path(args.out) if args.out else default_out(args.model, args.split, args.text_level)
+        out = Path(args.out) if args.out else default_out(args.model, args.split, args.text_level, args.volumes)
         if not args.out:
             check_not_other_data(out, args.data)
         if env.is_main:
-            from lsms.runs import writable_folder
-
             writable_folder(out, "--out")  # now, not after the whole evaluation
         on_batch = None
         if args.save_predictions:
             pred_dir = out / "predictions"
             pred_dir.mkdir(parents=True, exist_ok=True)
             on_batch = _prediction_writer(pred_dir)
+        if args.volumes:
+            return _run_volumes(args, out, env)
         result = evaluate_checkpoint(
             args.model, args.data, args.split, args.text_level, batch_size=args.batch_size, device=args.device,
             num_workers=args.num_workers, env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint,
@@ -323,19 +379,44 @@ def run(args: argparse.Namespace) -> int:
             summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,
                        "text_level": args.text_level, **result["summary"]}
             write_per_sample_csv(result["records"], out / "per_sample.csv")
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             if args.json == "-":
                 print(json.dumps(summary, indent=2))
             else:
                 if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+                    write_text_atomic(Path(args.json), json.dumps(summary, indent=2) + "\n")
                 print(f"{result['checkpoint']} on {args.data} [{args.split}, text {args.text_level}]:")
                 print(format_summary(result["summary"]))
                 print(f"per-sample scores: {out / 'per_sample.csv'}")
         return 0
     finally:
         D.cleanup()
+
+
+def _run_volumes(args: argparse.Namespace, out: Path, env: DistEnv) -> int:
+    """``lsms evaluate --volumes``: :func:`evaluate_volumes`, one per-volume CSV per assembly mode and one summary."""
+    if env.world_size > 1:
+        raise ValueError("--volumes evaluates in one process: run it without torchrun")
+    if args.save_predictions:
+        raise ValueError("--save-predictions writes 2D masks; for the 3D answers of a volume use 'lsms predict RUN VOLUME'")
+    result = evaluate_volumes(args.model, args.data, args.split, args.text_level, batch_size=args.batch_size,
+                              device=args.device, prefer=args.checkpoint, backend=args.backend, progress=True)
+    summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,
+               "text_level": args.text_level, "volumes": result["summary"]}
+    for mode, records in result["records"].items():
+        write_per_sample_csv(records, out / f"per_volume_{mode}.csv")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if args.json == "-":
+        print(json.dumps(summary, indent=2))
+        return 0
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(summary, indent=2) + "\n")
+    for mode, values in result["summary"].items():
+        print(f"{result['checkpoint']} on {args.data} [{args.split} volumes, text {args.text_level}, "
+              f"assembled {'in 3D' if mode == '3d' else 'slice by slice'}]:")
+        print(format_summary(values))
+    print(f"per-volume scores: {out}/per_volume_*.csv")
+    return 0
 
 
 def file_stem(sample_id: str, limit: int = 120) -> str:

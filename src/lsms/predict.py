@@ -50,9 +50,16 @@ from PIL import Image
 
 from lsms.backends import Backend, TorchBackend, add_backend_argument, load_backend
 from lsms.data import ImageData, preprocess_image, read_image
-from lsms.data.formats import find_reader, image_stem, image_suffixes, is_image_name, is_series_file
+from lsms.data.formats import image_stem, image_suffixes, is_image_name, is_series_file
 from lsms.data.intensity import input_mismatch
-from lsms.data.readers import Geometry, ReadLimits, Volume, read_volume, volume_depth, write_volume_mask
+from lsms.data.readers import (
+    Geometry,
+    ReadLimits,
+    Volume,
+    open_volume_unpacked,
+    volume_depth,
+    write_volume_mask,
+)
 from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
@@ -490,17 +497,8 @@ def _predict_volume(predictor: Predictor, job: Job, stem: str, out: Path, batch_
     """
     assert job.slices is not None
     with tempfile.TemporaryDirectory(dir=out, prefix=".unpacked-") as scratch:
-        return _volume_answers(predictor, job, _open_volume(job.path, Path(scratch)), stem, out, batch_size, mode,
+        return _volume_answers(predictor, job, open_volume_unpacked(job.path, Path(scratch)), stem, out, batch_size, mode,
                                formats, progress, **options)
-
-
-def _open_volume(path: Path, scratch: Path) -> Volume:
-    """:func:`~lsms.data.readers.read_volume`; a ``.nii.gz`` is decompressed once into ``scratch`` first, since
-    reading one of its slices decompresses every slice before it (the whole file read again for each slice)."""
-    reader = find_reader(path)
-    limit = ReadLimits.from_env().max_volume_voxels * 8  # bytes: the largest voxel type, float64
-    plain = reader.uncompressed(path, limit, scratch) if reader is not None and path.is_file() else None
-    return read_volume(plain or path)
 
 
 def _volume_answers(predictor: Predictor, job: Job, volume: Volume, stem: str, out: Path, batch_size: int,

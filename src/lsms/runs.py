@@ -52,6 +52,16 @@ def writable_folder(folder: Path, what: str) -> None:
         raise ValueError(f"{what} {folder}: the folder is not writable")
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``: a reader never sees half a
+    file, and a crash leaves the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def run_files(folder: Path) -> list[str]:
     """The names of a run's files and folders present in ``folder``."""
     return [n for n in (*RUN_FILES, *RUN_FOLDERS) if (folder / n).exists()]

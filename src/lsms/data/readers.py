@@ -129,6 +129,17 @@ def read_volume(path: str | Path, series_uid: str | None = None, limits: ReadLim
     return Volume(path, depth, lambda k: read_image(path, slice_index=k, limits=limits))
 
 
+def open_volume_unpacked(path: str | Path, scratch: Path) -> Volume:
+    """:func:`read_volume` for reading every slice: a ``.nii.gz`` is decompressed once into the folder ``scratch``
+    first (bounded by ``max_volume_voxels``), since reading one of its slices decompresses every slice before it
+    (the whole file read again for each slice). The caller removes ``scratch``."""
+    path = Path(path)
+    reader = find_reader(path)
+    limit = ReadLimits.from_env().max_volume_voxels * 8  # bytes: the largest voxel type, float64
+    plain = reader.uncompressed(path, limit, scratch) if reader is not None and path.is_file() else None
+    return read_volume(plain or path)
+
+
 def _holds_volume(path: Path, limits: ReadLimits) -> bool:
     """Whether ``path`` holds more than one slice; an unreadable header counts as yes (read_image reports it)."""
     try:
