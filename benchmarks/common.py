@@ -6,11 +6,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lsms.runs import write_text_atomic as write_atomic  # noqa: F401  (the benchmarks' one atomic text writer)
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -33,14 +34,6 @@ def machine() -> dict[str, Any]:
 
 def command_line() -> str:
     return " ".join(["python", *sys.argv])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: Any) -> None:
