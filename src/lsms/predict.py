@@ -22,6 +22,12 @@ probability of the model's existence head, or for a model without one the highes
 model's grid). Below the model's existence threshold (chosen on the validation split
 during training, when it held negative expressions; ``--existence-threshold`` overrides it) the mask is
 withheld (empty), ``predictions.csv`` says ``found`` False and the overlay's caption says "not found".
+
+The wrong kind of image: an input that is clearly not what the model was trained on (a colour photo, or a DICOM
+of another modality, given to a CT model; a CT image given to a model of other images:
+:func:`lsms.data.intensity.input_mismatch`) is refused, naming the model's input contract and the input.
+``--allow-modality-mismatch`` predicts it anyway; its row's ``warning`` column and its overlay's caption then
+say that the result is meaningless.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class Prediction:
         existence: the score that the described lesion is in the image (the existence head's probability, or
             the highest mask probability).
         found: False when ``existence`` is under the existence threshold: then ``mask`` is empty.
+        warning: set when the image is not what the model was trained on and the predictor was told to predict
+            anyway (``allow_modality_mismatch``): why the result is meaningless.
     """
 
     mask: np.ndarray
@@ -74,6 +82,11 @@ class Prediction:
     features: list[np.ndarray] | None = None
     existence: float = 1.0
     found: bool = True
+    warning: str | None = None
+
+
+class InputMismatchError(ValueError):
+    """The image is clearly not what the model was trained on (:func:`lsms.data.intensity.input_mismatch`)."""
 
 
 class Predictor(WithSpec):
@@ -92,10 +105,14 @@ class Predictor(WithSpec):
         threshold: probability above which a pixel is lesion (default: the spec's, 0.5).
         existence_threshold: existence score below which the mask is withheld ("not found"); default the
             spec's (chosen on the validation split during training; None there: never withheld); 0: never.
+        allow_modality_mismatch: predict an image that is clearly not what the model was trained on (a colour
+            photo for a CT model, ...), marking the prediction's ``warning``, instead of raising
+            :class:`InputMismatchError`.
     """
 
     def __init__(self, model, spec: ModelSpec | None = None, device: torch.device | str = "cpu",
-                 threshold: float | None = None, existence_threshold: float | None = None):
+                 threshold: float | None = None, existence_threshold: float | None = None,
+                 allow_modality_mismatch: bool = False):
         if threshold is not None:
             check_threshold(threshold)
         if existence_threshold is not None:
@@ -106,15 +123,16 @@ class Predictor(WithSpec):
             model = TorchBackend(model, spec, device)
         overrides = {"threshold": threshold, "existence_threshold": existence_threshold}
         self.backend = model
+        self.allow_modality_mismatch = allow_modality_mismatch
         self.spec = dataclasses.replace(model.spec, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,
                         prefer: str = "best", backend: str | None = None,
-                        existence_threshold: float | None = None) -> Predictor:
+                        existence_threshold: float | None = None, allow_modality_mismatch: bool = False) -> Predictor:
         """From a run folder, checkpoint or ``lsms export`` file; ``backend`` as in :func:`lsms.backends.load_backend`."""
         return cls(load_backend(run_or_checkpoint, backend, device, prefer=prefer, threshold=threshold),
-                   existence_threshold=existence_threshold)
+                   existence_threshold=existence_threshold, allow_modality_mismatch=allow_modality_mismatch)
 
     @property
     def uses_text(self) -> bool:
@@ -129,7 +147,7 @@ class Predictor(WithSpec):
             text: the referring expression (ignored, with a warning, by a model trained without text).
             features: also return the stage feature maps as heat maps (PyTorch backend only).
         """
-        (H, W), inputs = self._inputs(image, text)
+        (H, W), inputs, warning = self._inputs(image, text)
         maps = None
         if features:
             out = self.backend.forward_features(*inputs)
@@ -142,14 +160,38 @@ class Predictor(WithSpec):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
         prob = torch.sigmoid(logits)[0, 0].numpy()
         mask = threshold_mask(prob, self.threshold) if found else np.zeros(prob.shape, dtype=bool)
-        return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found)
+        return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found,
+                          warning=warning)
+
+    def check_input(self, image) -> str | None:
+        """Whether ``image`` is the kind of image the model was trained on (:func:`input_mismatch`).
+
+        Returns:
+            None, or with ``allow_modality_mismatch`` the warning that the prediction of it is meaningless.
+
+        Raises:
+            InputMismatchError: it is not, naming the model's input contract and the image.
+        """
+        data = image if isinstance(image, ImageData) else None
+        array = data.array if data is not None else np.asarray(image)
+        mismatch = input_mismatch(array, data.modality if data else None, self.preprocessing,
+                                  data.format if data else None)
+        if mismatch is None:
+            return None
+        where = f"{data.path}: " if data is not None else ""
+        if self.allow_modality_mismatch:
+            return f"MEANINGLESS: {mismatch} (predicted anyway: --allow-modality-mismatch)"
+        raise InputMismatchError(f"{where}{mismatch}; give an image of the kind the model was trained on, or pass "
+                                 "--allow-modality-mismatch (Predictor(allow_modality_mismatch=True)) to predict it "
+                                 "anyway, marked as meaningless")
 
     def stage_features(self, image, text: str = "") -> list[torch.Tensor]:
         """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
         return self.backend.forward_features(*self._inputs(image, text)[1]).stages
 
     def _inputs(self, image, text: str):
-        """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask))."""
+        """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask), the
+        warning of :meth:`check_input`)."""
         if isinstance(image, (str, Path)):
             image = read_image(image)
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
@@ -157,6 +199,7 @@ class Predictor(WithSpec):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
+        warning = self.check_input(image)
         x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
         ids = attn = None
         if self.uses_text:
@@ -164,7 +207,7 @@ class Predictor(WithSpec):
             ids, attn = tokens["input_ids"], tokens["attention_mask"]
         elif text:
             log.warning("this model was trained without text; the sentence %r is ignored", text)
-        return array.shape[:2], (x, ids, attn)
+        return array.shape[:2], (x, ids, attn), warning
 
 
 def threshold_mask(probability: np.ndarray, threshold: float) -> np.ndarray:
@@ -300,7 +343,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the model's, chosen on its validation split; 0: always draw the mask)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_mismatch_argument(p)
     add_backend_argument(p)
+
+
+def add_mismatch_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-modality-mismatch``, for ``lsms predict`` and ``lsms serve``."""
+    p.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="predict images that are clearly not what the model was trained on (a colour photo or a "
+                        "DICOM of another modality for a CT model, a CT image for a model of other images) instead "
+                        "of refusing them; their results are meaningless and marked so")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
     jobs = expand_inputs(args.images, args.text, args.pairs, args.slices)
     writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
-                                          backend=args.backend, existence_threshold=args.existence_threshold)
+                                          backend=args.backend, existence_threshold=args.existence_threshold,
+                                          allow_modality_mismatch=args.allow_modality_mismatch)
     if args.features:
         predictor.backend.check_features()  # once, before any input
     rows = predict_jobs(predictor, jobs, Path(args.out), probability=args.probability, features=args.features)
@@ -322,6 +375,10 @@ def run(args: argparse.Namespace) -> int:
             where = r["input"] if r["slice"] == "" else f"{r['input']} slice {r['slice']}"
             print(f"not found: {r['text']!r} in {where} (existence {r['existence']:.3f} < "
                   f"{predictor.existence_threshold:.3f}): no mask drawn")
+    marked = [r for r in rows if r.get("warning")]
+    if marked:
+        print(f"WARNING: {len(marked)} prediction(s) of images the model was not trained on (the 'warning' column of "
+              f"{listing}): their masks are meaningless. First: {marked[0]['warning']}")
     if failed:
         print(f"{len(failed)} input(s) failed and were skipped; predictions.csv lists each with its error")
         return 1
@@ -379,9 +436,6 @@ def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: 
                  features: bool):
     """One 2D image (or slice ``k``) with every sentence of ``job`` -> (rows with their ``_mask``, the image)."""
     image = read_image(job.path, slice_index=k)
-    mismatch = input_mismatch(image.array, image.modality, predictor.preprocessing)
-    if mismatch:
-        log.warning("%s: %s", image.path, mismatch)
     name = stem if k is None else f"{stem}_z{k:04d}"
     preds = [predictor.predict(image, t, features=features) for t in job.texts]
     rows = []
@@ -389,11 +443,14 @@ def _predict_one(predictor: Predictor, job: Job, k: int | None, stem: str, out: 
         tag = name if len(job.texts) == 1 else f"{name}_t{j}"
         row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
                                "area_px": int(pred.mask.sum()), "max_probability": float(pred.probability.max()),
-                               "existence": round(pred.existence, 4), "found": pred.found, "_mask": pred.mask}
+                               "existence": round(pred.existence, 4), "found": pred.found, "_mask": pred.mask,
+                               "warning": pred.warning or ""}
         if image.geometry is None:
             row["mask"] = str(out / f"{tag}_mask.png")
             save_mask_png(pred.mask, row["mask"])
         caption = text if pred.found else f"{text} (not found: existence {pred.existence:.2f})"
+        if pred.warning:
+            caption = f"MEANINGLESS (not the kind of image the model reads): {caption}"
         row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [pred.mask], [caption],
                                           out / f"{tag}_overlay.png"))
         if probability:
@@ -412,8 +469,8 @@ def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    columns = ["input", "slice", "text", "found", "existence", "mask", "overlay", "probability", "features", "area_px",
-               "max_probability", "error"]
+    columns = ["input", "slice", "text", "warning", "found", "existence", "mask", "overlay", "probability", "features",
+               "area_px", "max_probability", "error"]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

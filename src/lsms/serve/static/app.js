@@ -192,6 +192,11 @@ function showResults(out, req) {
       nf.textContent = ` — not found (existence ${r.existence.toFixed(3)})`;
       stats.append(nf);
     }
+    if (r.warning) {  // lsms serve --allow-modality-mismatch: not the kind of image the model reads
+      const w = document.createElement("strong"); w.className = "not-found";
+      w.textContent = ` — ${r.warning}`;
+      stats.append(w);
+    }
     const links = document.createElement("div");
     links.className = "links";
     const stem = (state.image.name.replace(/\.(nii\.gz|nii|png|jpe?g|tiff?|npy|npz|dcm|zip)$/i, "") +
