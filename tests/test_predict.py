@@ -190,7 +190,6 @@ def test_an_image_of_another_kind_is_refused_unless_allowed(ckpt, tmp_path, caps
     it naming the model's input contract and the input; with the override the result is marked meaningless. A
     model of other images given a CT DICOM alike; a CT DICOM for the CT model passes."""
     from fuzz_inputs import dicom_bytes
-
     from lsms.data import read_image
     from lsms.predict import InputMismatchError, Predictor
 

@@ -1,10 +1,13 @@
-"""Dataset integrity checks behind ``lsms check``.
+"""Dataset integrity checks behind ``lsms check``: every rule of :mod:`lsms.data.manifest` (the lines) and
+:mod:`lsms.data.rules` (the dataset and each sample's files, shared with loading), over every record, and
+what only a full read can tell: images of identical decoded pixels in two splits, and text length.
 
 Errors (exit status 1): invalid manifest line (bad JSON, not UTF-8, bad field), missing or unreadable file
 (damaged, truncated, above a size limit of :class:`lsms.data.readers.ReadLimits`, zero spacing, RescaleSlope
 0), a file outside the dataset folder, image/mask (or instance map) size mismatch, NaN/inf pixels, duplicate
-ids, empty text in a dataset that has text, the same image (same decoded pixels) in two splits, a
-``target_instance`` absent from its instance map, two modalities in one dataset, an empty dataset.
+ids, empty text in a dataset that has text, a split leak (a patient, a file, a byte-identical copy or the same
+decoded pixels in two splits), a ``target_instance`` absent from its instance map or contradicted by its mask,
+two modalities in one dataset, an empty dataset.
 Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
 image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks,
 a modality set on some records only, a modality read after normalising (``"CT "``, ``"ct"``).
