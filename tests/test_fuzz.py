@@ -323,7 +323,9 @@ def test_a_bad_manifest_line_never_ends_the_check(tmp_path, capsys) -> None:
         ('{"id": "twice", "id": "again", "image": "good.png"}', "field 'id' appears twice"),
         (json.dumps({**good, "id": "dir-mask", "mask": "masks"}), "field 'mask': " + str(root / "masks") + " is a folder"),
         (json.dumps({**good, "id": "up", "image": "../../etc/passwd"}), "field 'image' (../../etc/passwd) resolves to"),
+        (json.dumps({**good, "id": "fifo", "mask": "fifo.png"}), "fifo.png is neither a file nor a folder"),
     ]
+    os.mkfifo(root / "fifo.png")  # inside the dataset: opening it would block the check
     lines = [json.dumps(good), *(line for line, _ in hostile)]
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert main(["check", str(root), "--json", "--no-text-check", "--workers", "1"]) == 1

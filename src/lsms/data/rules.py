@@ -179,8 +179,15 @@ def read_sample(r: Record) -> SampleFiles:
 
 def _read(r: Record, name: str, reader: Callable[[Path], object], add) -> object | None:
     path = getattr(r, f"{name}_path")
-    if name != "image" and path.is_dir():  # an image may be a DICOM series folder; a mask is one file
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        mode = None  # missing: the reader says so
+    if mode is not None and stat.S_ISDIR(mode) and name != "image":  # an image may be a DICOM series folder
         add("error", "unreadable", name, f"{path} is a folder; give the {name} file")
+        return None
+    if mode is not None and not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):  # reading a FIFO would block
+        add("error", "unreadable", name, f"{path} is neither a file nor a folder (a FIFO, socket or device)")
         return None
     try:
         return reader(path)
