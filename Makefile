@@ -25,8 +25,11 @@ demo: install
 	$(VENV)/bin/lsms demo --out demo-report
 
 # The viewer on the demo's model; `lsms serve RUN_OR_CHECKPOINT` for any other.
+# `make serve PORT=8765`; any other lsms serve options in SERVE_ARGS: `make serve SERVE_ARGS="--open --device cpu"`.
+PORT ?= 7860
+SERVE_ARGS ?=
 serve: install
-	@if [ -d demo-report/run ]; then $(VENV)/bin/lsms serve demo-report/run; \
+	@if [ -d demo-report/run ]; then $(VENV)/bin/lsms serve demo-report/run --port $(PORT) $(SERVE_ARGS); \
 	else echo "make serve shows the demo's model, and there is none yet (demo-report/run): run 'make demo' first" \
 	"(about 16 min on 2 CPU cores), or serve any run or checkpoint: $(VENV)/bin/lsms serve RUN_OR_CHECKPOINT"; exit 2; fi
 

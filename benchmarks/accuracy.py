@@ -42,7 +42,8 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "bench"
-SHARED_DATA = Path(os.environ.get("LSMS_SHARED_DATA", "/work/shared/data"))
+# the shared data beside the checkout (../shared/data), or LSMS_SHARED_DATA
+SHARED_DATA = Path(os.environ.get("LSMS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # RefLiver-Synth for the benchmark: 60 patients x 8 slices at 128 px, seed 0, 20 % of patients held out as
 # the test split (12 patients, ~210 expressions), 10 % as val (used only for the end-of-training validation).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +13,10 @@ from lsms.data.augment import draw, sample_view
 from lsms.model.encoder import coordinate_grid
 from lsms.train import add_arguments, config_from_args
 
+from conftest import SHARED_DATA
 from toy_data import make_toy_dataset
 
-BTXRD = Path("/work/shared/data/btxrd")
+BTXRD = SHARED_DATA / "btxrd"
 # the region phrases of BTXRD's descriptions (shared/data/README.md) and a real description around them
 BTXRD_REGIONS = {  # region words -> the words after a horizontal flip
     "central region": "central region", "upper region": "upper region", "lower region": "lower region",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -291,3 +292,61 @@ def test_existence_score_is_the_highest_probability():
     assert a < b < 1.0  # no tie at 1.0 for saturated logits
     nan = torch.full((1, 1, 2, 2), float("nan"))
     assert existence_score(nan).tolist() == [0.0]
+
+
+# A 2x2x3 volume with two lesions: lesion 1 = the 3 voxels of column 0 on slice 0 and (0, 0) of slice 1;
+# lesion 2 = the 2 voxels of column 2 on slice 1.
+VOL_INSTANCES = np.zeros((2, 2, 3), dtype=np.uint8)
+VOL_INSTANCES[0, :, 0] = 1
+VOL_INSTANCES[1, 0, 0] = 1
+VOL_INSTANCES[1, :, 2] = 2
+
+
+def test_volume_scores_golden():
+    from lsms.metrics import volume_dice, volume_referred_hit, volume_scores
+
+    # P = lesion 1's slice-0 voxels + one voxel of lesion 2: |P| = 3, |G1| = 3, I = 2 -> Dice 4/6, IoU 2/4
+    pred = np.zeros((2, 2, 3), dtype=bool)
+    pred[0, :, 0] = True
+    pred[1, 1, 2] = True
+    r = volume_scores(pred, VOL_INSTANCES, 1, id="v1")
+    assert (r["id"], r["intersection"], r["union"], r["pred_area"], r["target_area"], r["n_instances"]) == (
+        "v1", 2, 4, 3, 3, 2)
+    assert r["dice"] == pytest.approx(4 / 6) and r["iou"] == pytest.approx(0.5)
+    assert r["referred_hit"] is True  # 2 voxels of lesion 1 against 1 of lesion 2
+    assert volume_referred_hit(pred, VOL_INSTANCES, 2) is False  # lesion 2 gets 1, lesion 1 more
+    assert volume_dice(pred, VOL_INSTANCES, 2) == pytest.approx(2 * 1 / (3 + 2))
+    tie = np.zeros_like(pred)
+    tie[0, 0, 0] = tie[1, 0, 2] = True  # one voxel each: no hit for either
+    assert volume_referred_hit(tie, VOL_INSTANCES, 1) is False and volume_referred_hit(tie, VOL_INSTANCES, 2) is False
+    assert volume_referred_hit(np.zeros_like(pred), VOL_INSTANCES, 1) is False
+    # a negative (target 0): no hit counted; empty prediction -> Dice undefined, a drawn one -> 0
+    neg = volume_scores(np.zeros_like(pred), VOL_INSTANCES, 0)
+    assert neg["dice"] is None and neg["referred_hit"] is None and neg["target_area"] == 0
+    assert volume_dice(pred, VOL_INSTANCES, 0) == 0.0
+    # summarize counts referring accuracy over volumes with 2+ lesions in ..._multi
+    one = np.where(VOL_INSTANCES == 2, 0, VOL_INSTANCES)
+    recs = [volume_scores(pred, VOL_INSTANCES, 1, "a"), volume_scores(pred, VOL_INSTANCES, 2, "b"),
+            volume_scores(one > 0, one, 1, "c"), neg | {"id": "n"}]
+    s = summarize(recs)
+    assert s["referring_accuracy_multi"] == pytest.approx(0.5) and s["n_referring_multi"] == 2
+    assert s["referring_accuracy"] == pytest.approx(2 / 3) and s["n_referring"] == 3
+
+
+def test_volume_scores_refuse_bad_input():
+    from lsms.metrics import volume_existence, volume_scores
+
+    pred = np.zeros((2, 2, 3), dtype=bool)
+    with pytest.raises(ValueError, match="one shape"):
+        volume_scores(pred[0], VOL_INSTANCES[0], 1)
+    with pytest.raises(ValueError, match="one shape"):
+        volume_scores(pred[:, :, :2], VOL_INSTANCES, 1)
+    with pytest.raises(ValueError, match="boolean"):
+        volume_scores(pred.astype(np.float32) + 0.5, VOL_INSTANCES, 1)
+    with pytest.raises(ValueError, match="label map"):
+        volume_scores(pred, VOL_INSTANCES.astype(np.float32), 1)
+    with pytest.raises(ValueError, match="target_instance 3"):
+        volume_scores(pred, VOL_INSTANCES, 3)
+    assert volume_existence([0.1, 0.7, 0.3]) == pytest.approx(0.7) and volume_existence([]) == 0.0
+    with pytest.raises(ValueError, match="finite"):
+        volume_existence([0.1, float("nan")])

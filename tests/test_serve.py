@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import logging
+import re
+import shlex
+import socket
+import struct
 import threading
 import urllib.error
 import urllib.request
@@ -76,6 +82,8 @@ def test_two_sentences_give_two_masks_equal_to_predictor_and_lsms_predict(viewer
     assert [(r["existence"], r["found"]) for r in out["results"]] == [(round(p.existence, 4), p.found) for p in direct]
     assert (direct[0].mask != direct[1].mask).any()  # the sentence moves the mask
     assert len(out["results"][0]["features"]) == 4
+    assert out["existence_threshold"] == predictor.existence_threshold  # the page shows it beside each score
+    assert out["message"].startswith("2 sentence(s) in ") and "slice" not in out["message"]  # a 2D image: no slice
     np.save(tmp_path / f"{e.id}.npy", e.image.array)
     for j, text in enumerate(e.texts[:2]):
         served = viewer.mask_png(sid, 0, text, 0.5)
@@ -194,7 +202,11 @@ def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, t
     info = viewer.open_upload(sid, [("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())])
     assert info["depth"] == 4 and info["slice"] == 2 and info["geometry"] and info["ct"] is False
     assert len(list(viewer.sessions[sid].folder.rglob("ct.nii"))) == 1  # decompressed once for the slider
-    viewer.predict(sid, 1, ["the lesion"], 0.5)
+    assert viewer.predict(sid, 1, ["the lesion"], 0.5)["message"].startswith("1 sentence(s) on slice 1 (of 0..3) in ")
+    settings = viewer.settings(sid, 1, ["the lesion"], 0.5, "model input")
+    assert settings["input"]["file"] == "ct.nii.gz" and "write_file" not in settings["input"]
+    assert settings["input"]["sha256"] == hashlib.sha256((tmp_path / "ct.nii.gz").read_bytes()).hexdigest()
+    assert " ct.nii.gz --slices 1 --text 'the lesion' " in settings["same_with_lsms_predict"][0]
     job = viewer.start_volume(sid, ["the lesion"], 0.5)
     assert job["total"] == 4
     for _ in range(600):
@@ -280,6 +292,31 @@ def test_zip_member_names_cannot_escape_the_session_folder(viewer, tmp_path):
     assert any(viewer.sessions[sid].folder.rglob("escaped.png"))
 
 
+def test_settings_of_a_bundled_slice_give_runnable_commands(viewer, ckpt, tmp_path, monkeypatch):
+    """The bundled slice has no file: the settings say how to write it (with its sha256), then lsms predict it."""
+    e = examples()[2]
+    sid = viewer.new_session()["sid"]
+    viewer.open_example(sid, e.id)
+    settings = viewer.settings(sid, 0, e.texts[:2], 0.4, "liver")
+    given = settings["input"]
+    assert given["file"] == f"{e.id}.npy" and given["write_file"].startswith("python -c ")
+    monkeypatch.chdir(tmp_path)
+    exec(shlex.split(given["write_file"])[2], {})  # what `python -c` runs, in this process
+    assert hashlib.sha256(Path(given["file"]).read_bytes()).hexdigest() == given["sha256"]
+    for text, command in zip(e.texts[:2], settings["same_with_lsms_predict"], strict=True):
+        argv = shlex.split(command.replace(" --out OUT", " --out cli"))
+        assert argv[:3] == ["lsms", "predict", str(ckpt)] and argv[3] == given["file"]
+        assert main([*argv[1:], "--device", "cpu"]) == 0
+        assert (tmp_path / "cli" / f"{e.id}_mask.png").read_bytes() == viewer.mask_png(sid, 0, text, 0.4)
+
+
+def test_status_line_names_the_slice_only_for_a_volume():
+    from lsms.serve.app import status_text
+
+    assert status_text(2, 0, 1, 0.414) == "2 sentence(s) in 0.41 s."
+    assert status_text(1, 7, 40, 1.0) == "1 sentence(s) on slice 7 (of 0..39) in 1.00 s."
+
+
 def test_bad_sentences_and_settings(viewer):
     sid = viewer.new_session()["sid"]
     viewer.open_example(sid, examples()[0].id)
@@ -354,6 +391,16 @@ def test_http_page_is_self_contained_and_guarded(server):
     assert _request(server.url + "api/session", b"", {"Origin": f"http://{host}"}, "POST")[0] == 200
 
 
+def test_the_documented_http_api_lists_every_route():
+    """docs/serve.md's HTTP API table holds exactly the server's routes: the doc cannot drift from the code."""
+    from lsms.serve.http import ROUTES, STATIC
+
+    doc = (Path(__file__).parents[1] / "docs" / "serve.md").read_text(encoding="utf-8")
+    section = doc.split("\n## HTTP API\n", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(GET|POST)` \| `(/[^`]*)` \|", section, flags=re.MULTILINE)
+    assert sorted(documented) == sorted([*ROUTES, *(("GET", path) for path in STATIC)])
+
+
 def test_http_refused_upload_does_not_poison_the_connection(server):
     import http.client
 
@@ -365,6 +412,36 @@ def test_http_refused_upload_does_not_poison_the_connection(server):
     conn.request("POST", "/api/session", body=b"")  # reconnects if the server closed it; never reads the old body
     r = conn.getresponse()
     assert r.status == 200 and json.loads(r.read())["sid"]
+
+
+def test_http_a_page_gone_mid_answer_is_logged_quietly(server, viewer, monkeypatch, caplog):
+    """The browser closes the connection before the answer is sent: no ERROR and no traceback, and it serves on."""
+    sid = viewer.new_session()["sid"]
+    viewer.open_example(sid, examples()[0].id)
+    asked, gone = threading.Event(), threading.Event()
+
+    def slow_image(*args):  # answers once the client has gone: a large body, so the write meets the reset
+        asked.set()
+        gone.wait(30)
+        return b"\x89PNG" + bytes(8 << 20)
+
+    monkeypatch.setattr(viewer, "image_png", slow_image)
+    caplog.set_level(logging.DEBUG, logger="lsms.serve")
+    client = socket.create_connection(server.server_address[:2], timeout=30)
+    client.sendall(f"GET /api/image.png?sid={sid}&slice=0&window=liver HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    assert asked.wait(30)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    client.close()
+    threading.Event().wait(0.2)
+    gone.set()
+    for _ in range(200):
+        if any("dropped" in r.getMessage() for r in caplog.records):
+            break
+        threading.Event().wait(0.05)
+    dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped and all(r.levelno == logging.DEBUG and r.exc_info is None for r in dropped)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert _request(server.url)[0] == 200  # still serving
 
 
 def test_http_upload_predict_download(server, viewer):

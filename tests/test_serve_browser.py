@@ -1,7 +1,9 @@
 """lsms serve end to end in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
-Opens a bundled slice, types two sentences, checks that the two masks differ and that the downloaded PNGs are
-byte for byte what ``lsms predict`` writes for the same input, that a second tab has its own session which
+Checks that the page opens the preselected bundled slice on load, large (scaled to the window), then opens
+another, types two sentences, checks that they show two masks that differ, each with its existence score beside
+the model's threshold, that each sentence box shows its whole sentence with a colour swatch beside it, and that
+the downloaded PNGs are byte for byte what ``lsms predict`` writes for the same input, that a second tab has its own session which
 closing the tab ends, that a bad sentence gets a message and the page keeps working, that a NIfTI volume
 uploaded through the page and segmented whole downloads as the same mask volume ``lsms predict`` writes,
 and that the page fetched nothing from anywhere but the viewer. Saves a screenshot.
@@ -11,12 +13,14 @@ Skips (with the reason) when Playwright or Chromium is missing: ``pip install -e
     LSMS_REQUIRE_BROWSER=1: fail instead of skipping (CI).
     LSMS_CHROMIUM: the browser executable (default: ``chromium`` or ``chromium-browser`` on PATH).
     LSMS_SERVE_MODEL: serve this run or checkpoint instead of the tiny random model built here.
-    LSMS_SERVE_SCREENSHOT: also write the screenshot there (docs/images/serve.png is made this way).
+    LSMS_SERVE_SCREENSHOT: also write the screenshot there (docs/images/serve.png is made this way, with a
+        trained ``make demo`` run as LSMS_SERVE_MODEL).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -48,9 +52,12 @@ if CHROMIUM is None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model = os.environ.get("LSMS_SERVE_MODEL") or make_text_sensitive_checkpoint(
-        tmp_path_factory.mktemp("model") / "model.pt")
-    viewer = Viewer(Predictor.from_checkpoint(model, "cpu"), model_name=str(model))
+    model = os.environ.get("LSMS_SERVE_MODEL")
+    predictor = Predictor.from_checkpoint(model, "cpu") if model else None
+    if model is None:  # the tiny model has no existence threshold of its own: give it one, for the page to show
+        model = make_text_sensitive_checkpoint(tmp_path_factory.mktemp("model") / "model.pt")
+        predictor = Predictor.from_checkpoint(model, "cpu", existence_threshold=0.5)
+    viewer = Viewer(predictor, model_name=str(model))
     server = ViewerServer(viewer, "127.0.0.1", 0)  # a free loopback port
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server, model
@@ -60,7 +67,7 @@ def served(tmp_path_factory):
 
 def test_two_sentences_in_a_real_browser(served, tmp_path):
     server, model = served
-    e = examples()[1]
+    e = examples()[5]  # four lesions; two of its sentences pick two of them (the screenshot)
     requests: list[str] = []
     volume = _nifti_volume(tmp_path / "ct.nii.gz")
     with playwright.sync_playwright() as p:
@@ -69,17 +76,44 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(server.url)
         page.wait_for_selector("body[data-ready='1']")
+        # the preselected bundled slice is open at once, its window menu filled, the slice scaled to the space
+        playwright.expect(page.locator("#image-info")).to_contain_text(examples()[0].id)
+        assert page.locator("#window option").count() > 1 and page.input_value("#window") == "liver"
+        page.wait_for_selector("#panels .panel img.base")
+        shown = page.locator("#panels img.base").bounding_box()
+        assert shown is not None and shown["width"] >= 600, shown  # a 128 px slice, in a 1400 x 860 window
+        assert page.locator("#panels img.base").evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"
         page.select_option("#example", e.id)
         page.click("#open-example")
-        page.wait_for_selector("#panels .panel img.base")
+        playwright.expect(page.locator("#image-info")).to_contain_text(e.id)
         boxes = page.locator("textarea.sentence")
         assert boxes.count() == 2  # a bundled slice comes with its first two reference sentences
         for i in range(2):
             boxes.nth(i).fill(e.texts[i])
+        long = " ".join([e.texts[0]] * 4)  # a long sentence shows whole: its box grows, nothing is cut
+        boxes.nth(1).fill(long)
+        assert boxes.nth(1).evaluate("t => t.scrollHeight <= t.clientHeight + 1 && t.clientHeight > 60")
+        boxes.nth(1).fill(e.texts[1])
+        assert boxes.nth(1).evaluate("t => t.scrollHeight <= t.clientHeight + 1")
+        colours = page.locator(".sentence-row .swatch").evaluate_all("s => s.map(x => getComputedStyle(x).backgroundColor)")
+        assert len(colours) == 2 and colours[0] != colours[1]  # a legend beside each box
+        assert boxes.nth(0).evaluate("t => getComputedStyle(t).borderColor") == boxes.nth(1).evaluate(
+            "t => getComputedStyle(t).borderColor")  # the boxes themselves are not coloured
         page.check("#features")
         page.click("#segment")
         page.wait_for_selector("#panels .panel[data-index='1'] .features img")
+        playwright.expect(page.locator("#message")).to_contain_text("2 sentence(s) in ")
+        assert "slice" not in page.inner_text("#message")  # a 2D image has no slice to name
+        assert page.locator("#panels .panel img.mask").count() == 2  # two sentences, two masks
+        for i in range(2):
+            mask = page.locator(f".panel[data-index='{i}'] img.mask").bounding_box()
+            assert mask is not None and mask["width"] >= 400, mask
         areas = [int(page.locator(f".panel[data-index='{i}'] .area").inner_text()) for i in range(2)]
+        threshold = server.viewer.predictor.existence_threshold
+        for i in range(2):  # the existence score beside the model's threshold, and the verdict
+            text = page.inner_text(f".panel[data-index='{i}'] .existence")
+            said = re.escape(f"(threshold {threshold:.2f}): ")
+            assert re.fullmatch(rf"existence score [01]\.\d\d {said}(found|not found)", text), text
 
         downloads = []
         for i in range(2):
@@ -117,7 +151,7 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
         playwright.expect(page.locator("#message.error")).to_contain_text("10000 characters; the limit is 1000")
         page.locator("textarea.sentence").nth(0).fill(e.texts[0])
         page.click("#segment")
-        playwright.expect(page.locator("#message")).to_contain_text("2 sentence(s) on slice 0")
+        playwright.expect(page.locator("#message")).to_contain_text("2 sentence(s) in ")
 
         # a NIfTI volume through the file input: slice slider, whole volume with progress, NIfTI download
         page.set_input_files("#file", str(volume))
@@ -127,6 +161,7 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
         playwright.expect(page.locator("#progress-text")).to_contain_text("done: 8 predictions")
         page.click("#segment")
         page.wait_for_selector(".panel[data-index='1'] a.nifti-link")
+        playwright.expect(page.locator("#message")).to_contain_text("2 sentence(s) on slice 1 (of 0..3) in ")
         with page.expect_download() as info:
             page.click(".panel[data-index='0'] a.nifti-link")
         info.value.save_as(tmp_path / "served.nii.gz")
@@ -134,10 +169,11 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
 
     assert downloads[0] != downloads[1]  # the sentence moves the mask
     np.save(tmp_path / f"{e.id}.npy", e.image.array)
+    same = ["--device", "cpu", "--existence-threshold", repr(threshold)]  # the viewer's model, as served
     for i in range(2):
         out = tmp_path / f"cli{i}"
         assert main(["predict", str(model), str(tmp_path / f"{e.id}.npy"), "--text", e.texts[i], "--threshold", "0.5",
-                     "--out", str(out), "--device", "cpu"]) == 0
+                     "--out", str(out), *same]) == 0
         assert downloads[i] == (out / f"{e.id}_mask.png").read_bytes()  # byte for byte
     from PIL import Image
 
@@ -148,8 +184,7 @@ def test_two_sentences_in_a_real_browser(served, tmp_path):
     assert Path(shot).stat().st_size > 10_000
     import SimpleITK as sitk
 
-    assert main(["predict", str(model), str(volume), "--text", e.texts[0], "--out", str(tmp_path / "vol"),
-                 "--device", "cpu"]) == 0
+    assert main(["predict", str(model), str(volume), "--text", e.texts[0], "--out", str(tmp_path / "vol"), *same]) == 0
     served, cli = (sitk.ReadImage(str(p)) for p in (tmp_path / "served.nii.gz", tmp_path / "vol" / "ct_mask.nii.gz"))
     assert served.GetOrigin() == cli.GetOrigin() and served.GetSpacing() == cli.GetSpacing()
     assert np.array_equal(sitk.GetArrayFromImage(served), sitk.GetArrayFromImage(cli))  # every slice

@@ -116,6 +116,27 @@ def test_max_steps_ends_training_mid_epoch_with_the_schedule(toy, tmp_path):
     assert summary["last_metrics"]  # validated at the end
 
 
+def test_time_limit_counts_cpu_time_with_the_cpu_clock(toy, tmp_path, monkeypatch):
+    """``time_clock: cpu`` stops on the process's CPU time (here a fake clock running 20 s per reading), which a
+    busy machine does not shorten; the wall clock of the same settings is not reached."""
+    import itertools
+
+    import lsms.train as T
+
+    ticks = itertools.count(0, 20.0)
+    monkeypatch.setitem(T.CLOCKS, "cpu", lambda: next(ticks))
+    cfg = tiny_run_config(toy, tmp_path / "cpu", optim={"epochs": 3, "warmup_steps": 1}, time_limit_minutes=1.0,
+                          time_clock="cpu")
+    summary = train(cfg)
+    assert summary["stopped_early"] and summary["step"] == 4  # read at the start (0) and after steps 1-4: 80 > 60
+    assert summary["cpu_s"] > 0
+    summary = train(tiny_run_config(toy, tmp_path / "wall", optim={"epochs": 3, "warmup_steps": 1},
+                                    time_limit_minutes=1.0))
+    assert not summary["stopped_early"] and summary["step"] == 9
+    with pytest.raises(ValueError, match="time_clock must be 'wall' or 'cpu'"):
+        tiny_run_config(toy, tmp_path / "x", time_clock="gpu")
+
+
 def test_cli_train_evaluate_with_settings_file(toy, tmp_path):
     run = tmp_path / "run"
     # a settings file as lsms 0.1 wrote them (flat keys): it still loads, its keys at their new places

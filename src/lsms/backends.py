@@ -157,11 +157,15 @@ class TorchBackend(Backend):
 class ExportedBackend(Backend):
     """Common part of the exported-file backends: the file's metadata, input checks, fixed-batch chunking."""
 
-    def __init__(self, path: Path, metadata: Any):
+    def __init__(self, path: Path, metadata: Any, batch: int = 1):
         from lsms.model.build import tokenizer_for
 
         self.path, self.metadata = path, metadata
         spec = metadata.spec
+        spec.check_text_source(str(path))
+        batch = metadata.batch or batch  # a fixed-batch graph runs its batch whatever it is given
+        spec.check_memory(batch, source=f"{path}: its image size with batch {batch}", fix="use a smaller batch; if "
+                          "the file is genuine, export the model again at a smaller size (lsms export --image-size N)")
         super().__init__(spec, tokenizer_for(spec.model.text) if spec.model.use_text else None, metadata.source,
                          metadata.epoch)
 
@@ -215,7 +219,7 @@ class OnnxRuntimeBackend(ExportedBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, batch: int = 1):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -237,7 +241,7 @@ class OnnxRuntimeBackend(ExportedBackend):
         except Exception as err:  # onnxruntime raises its own exception types for damaged files
             raise ValueError(f"{path}: ONNX Runtime cannot load this file ({type(err).__name__}: "
                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
-        super().__init__(path, metadata)
+        super().__init__(path, metadata, batch)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _run(self, inputs: list[Tensor]) -> list[Tensor]:
@@ -250,7 +254,7 @@ class TorchScriptBackend(ExportedBackend):
 
     name = "torchscript"
 
-    def __init__(self, path: Path, device: torch.device | str = "cpu"):
+    def __init__(self, path: Path, device: torch.device | str = "cpu", batch: int = 1):
         from lsms.export_metadata import ExportMetadata
 
         self.device = torch.device(device)
@@ -259,7 +263,7 @@ class TorchScriptBackend(ExportedBackend):
             self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
         except Exception as err:  # RuntimeError for damaged or foreign archives
             raise ValueError(f"{path}: not a loadable TorchScript file ({type(err).__name__})") from None
-        super().__init__(path, ExportMetadata.from_json(extra[ExportMetadata.FILE] or None, path))
+        super().__init__(path, ExportMetadata.from_json(extra[ExportMetadata.FILE] or None, path), batch)
 
     @torch.inference_mode()
     def _run(self, inputs: list[Tensor]) -> list[Tensor]:
@@ -283,7 +287,7 @@ def file_backend(path: Path) -> str:
 
 
 def load_backend(model: str | Path, backend: str | None = None, device: str = "auto", prefer: str = "best",
-                 threads: int | None = None, threshold: float | None = None) -> Backend:
+                 threads: int | None = None, threshold: float | None = None, batch: int = 1) -> Backend:
     """A backend for a run folder, checkpoint or exported file.
 
     Args:
@@ -294,6 +298,8 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
         prefer: which checkpoint of a run folder (``best`` or ``last``).
         threads: ONNX Runtime intra-op threads.
         threshold: override the model's probability threshold.
+        batch: images per forward the caller will give: inference on that many images at the model's image size is
+            checked against the memory limit before the model is built (:func:`lsms.spec.check_memory`).
     """
     from lsms.distributed import pick_device
 
@@ -311,14 +317,14 @@ def load_backend(model: str | Path, backend: str | None = None, device: str = "a
     if threshold is not None:
         check_threshold(threshold)
     if backend == "onnxruntime":
-        loaded: Backend = OnnxRuntimeBackend(path, threads)
+        loaded: Backend = OnnxRuntimeBackend(path, threads, batch)
     elif backend == "torchscript":
-        loaded = TorchScriptBackend(path, pick_device(device))
+        loaded = TorchScriptBackend(path, pick_device(device), batch)
     else:
         from lsms.checkpoint import load_trained
 
         dev = pick_device(device)
-        net, spec, checkpoint = load_trained(path, dev, prefer=prefer)
+        net, spec, checkpoint = load_trained(path, dev, prefer=prefer, batch=batch)
         trained = (checkpoint.get("amp") or {}).get("dtype", "fp32")
         loaded = TorchBackend(net, spec, dev, source=checkpoint["path"], epoch=checkpoint.get("epoch"),
                               optimize=True, dtype=inference_dtype(trained, dev))

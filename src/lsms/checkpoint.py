@@ -145,6 +145,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if checkpoint["format_version"] == 2:
         checkpoint = upgrade_v2(checkpoint)
     _check_sections(checkpoint, path)
+    checkpoint["path"] = str(path)  # where it came from, for the errors of what is built from it
     return checkpoint
 
 
@@ -250,8 +251,12 @@ def stored_run(run: RunConfig) -> dict[str, Any]:
 
 
 def spec_of(checkpoint: dict[str, Any]) -> ModelSpec:
-    """The :class:`~lsms.spec.ModelSpec` a checkpoint holds."""
-    return ModelSpec.from_dict(dict(checkpoint["spec"]), "checkpoint spec")
+    """The :class:`~lsms.spec.ModelSpec` a checkpoint holds; errors name the checkpoint's file."""
+    return ModelSpec.from_dict(dict(checkpoint["spec"]), _named(checkpoint))
+
+
+def _named(checkpoint: dict[str, Any]) -> str:
+    return f"checkpoint {checkpoint['path']!r}" if checkpoint.get("path") else "checkpoint spec"
 
 
 def run_config(checkpoint: dict[str, Any]) -> RunConfig:
@@ -272,16 +277,18 @@ def run_config(checkpoint: dict[str, Any]) -> RunConfig:
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the model (LSMS or a baseline) a checkpoint describes and load its weights (eval mode)."""
-    cfg = spec_of(checkpoint).model
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, pretrained=False))  # weights: the state dict
-    _check_weights_fit(cfg, checkpoint["model"])
+    """Rebuild the model (LSMS or a baseline) a checkpoint describes and load its weights (eval mode). Its text
+    encoder is checked first (:meth:`~lsms.spec.ModelSpec.check_text_source`: a hub id needs the opt-in)."""
+    spec = spec_of(checkpoint)
+    spec.check_text_source(_named(checkpoint))
+    cfg = dataclasses.replace(spec.model, text=dataclasses.replace(spec.model.text, pretrained=False))  # weights: the state dict
+    _check_weights_fit(cfg, checkpoint["model"], _named(checkpoint))
     model = build(cfg)
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
 
 
-def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
+def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor], where: str) -> None:
     """Compare the stored weights with the model ``cfg`` describes, built on the ``meta`` device (no memory is
     allocated, so a config declaring enormous sizes costs nothing); any difference is an error naming tensors."""
     with torch.device("meta"):
@@ -297,16 +304,28 @@ def _check_weights_fit(cfg: Any, weights: dict[str, torch.Tensor]) -> None:
             return ", ".join(items[:4]) + (f" ... (+{len(items) - 4})" if len(items) > 4 else "") or "none"
 
         raise ValueError(
-            "checkpoint weights do not fit the model its config describes "
+            f"{where}: the weights do not fit the model its config describes "
             f"(missing: {some(missing)}; unexpected: {some(unexpected)}; other shapes: {some(wrong)})"
         )
 
 
-def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best"):
-    """(model in eval mode, its :class:`~lsms.spec.ModelSpec`, checkpoint dict) from a run folder or checkpoint."""
+def load_trained(run_or_checkpoint: str | os.PathLike, device: torch.device | str = "cpu", prefer: str = "best",
+                 image_size: int | None = None, batch: int = 1):
+    """(model in eval mode, its :class:`~lsms.spec.ModelSpec`, checkpoint dict) from a run folder or checkpoint.
+
+    Before the model is built, inference on ``batch`` images at ``image_size`` (a command's ``--image-size``; None:
+    the checkpoint's) is checked against the memory limit (:func:`lsms.spec.check_memory`): the error names the
+    checkpoint or the setting.
+    """
     path = resolve_checkpoint(run_or_checkpoint, prefer=prefer)
     checkpoint = load_checkpoint(path, map_location="cpu")
-    model = model_from_checkpoint(checkpoint, device)
     spec = spec_of(checkpoint)
-    checkpoint["path"] = str(path)
-    return model, spec, checkpoint
+    if image_size is None:
+        source, fix = f"{_named(checkpoint)}: its image size", "if the file is genuine, run it at a smaller size " \
+            "(lsms export --image-size N)"
+    else:
+        source, fix = f"--image-size {image_size}", "use a smaller --image-size"
+    if batch > 1:
+        source, fix = f"{source} with batch {batch}", f"use a smaller batch; {fix}"
+    spec.with_input(image_size=image_size).check_memory(batch, source=source, fix=fix, device=device)
+    return model_from_checkpoint(checkpoint, device), spec, checkpoint

@@ -9,6 +9,7 @@ import re
 import sys
 
 from lsms import __version__
+from lsms.text import HUB_OPT_IN_ENV, allowing_hub_models
 
 # sub-command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lsms.export", "export a trained model to ONNX or TorchScript (one file, runs without the training config)"),
     "demo": ("lsms.demo", "generate RefLiver-Synth, train tiny, evaluate and write a report (the main job)"),
 }
+MODEL_FILE_COMMANDS = ("train", "evaluate", "predict", "serve", "export", "demo")  # they load checkpoints or exported files
 
 
 def plain_text(doc: str) -> str:
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
+        if name in MODEL_FILE_COMMANDS:
+            p.add_argument("--allow-hub-model", action="store_true",
+                           help="load a text encoder that a checkpoint or exported file names by HuggingFace hub id "
+                                f"(from the local cache, else downloaded); the same as {HUB_OPT_IN_ENV}=1. Without "
+                                "it such a file is refused before any network access")
         p.description = plain_text(p.description or "")  # a module docstring given as the description
         p.set_defaults(_module=module)
     return parser
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with allowing_hub_models(getattr(args, "allow_hub_model", False)):
+            return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, OSError, TypeError, RuntimeError) as err:
         # User-facing errors carry their own fix (OSError: the path and the reason); no deep traceback unless asked.
         if args.verbose:

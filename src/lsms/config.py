@@ -107,6 +107,7 @@ class RunConfig(DictRoundTrip):
     save_every: int = 0  # also write last.pt every N steps (mid-epoch resume); 0 = only at epoch ends
     log_every: int = 10
     time_limit_minutes: float = 0.0  # stop (validate, save) once this much training time has passed; 0 = none
+    time_clock: str = "wall"  # what time_limit_minutes counts: wall | cpu (this process's CPU time, all threads)
     progress: bool = True  # tqdm progress bars
 
     def __post_init__(self) -> None:
@@ -120,6 +121,8 @@ class RunConfig(DictRoundTrip):
         for name in ("save_every", "time_limit_minutes", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_clock not in ("wall", "cpu"):
+            raise ValueError(f"time_clock must be 'wall' or 'cpu', got {self.time_clock!r}")
         check_finite(self)
         if self.optim.schedule == "time" and not self.time_limit_minutes:
             raise ValueError("optim.schedule 'time' decays the learning rate over the time limit: set time_limit_minutes "

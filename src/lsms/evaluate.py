@@ -201,7 +201,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
     if unknown := [level for level in levels if level not in TEXT_LEVELS]:
         raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
     env = env or DistEnv(device=pick_device(device))
-    model = load_backend(run_or_checkpoint, backend, str(env.device), prefer=prefer)
+    model = load_backend(run_or_checkpoint, backend, str(env.device), prefer=prefer, batch=batch_size)
     records = load_samples(data, split=split, allow_outside_root=allow_outside_root, allow_split_leak=allow_split_leak)
     results = {}
     for level in levels:

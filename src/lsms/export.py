@@ -84,7 +84,7 @@ def export_model(model_path: str | Path, out: str | Path, export_format: str = "
 
     if quantize and calibration is None:
         raise ValueError("--quantize int8 needs --calibration DATA: a few training images set the activation ranges")
-    model, spec, checkpoint = load_trained(model_path, "cpu", prefer=prefer)
+    model, spec, checkpoint = load_trained(model_path, "cpu", prefer=prefer, image_size=image_size, batch=batch or 2)
     spec = exported_spec(model, spec, image_size, max_tokens)
     feeds = calibration_feeds(Path(calibration), spec, batch or 1, calibration_samples) if quantize else None
     return export_network(model, spec, out, export_format, batch, quantize, feeds,

@@ -31,6 +31,12 @@ negatives on which a mask is drawn at a threshold, the share of positives withou
 positives when masks below the threshold are withheld; :func:`choose_existence_threshold` picks the threshold
 on a validation split (the highest that costs the positives at most half a point of Dice).
 
+Volumes (RefLiver-Synth ``volumes.jsonl``, docs/refliver-synth.md): :func:`volume_scores` scores a predicted
+3D mask (Z, H, W) against the referred instance of a 3D instance map, in plain numpy, as one
+:class:`SampleRecord` (areas are voxel counts), so :func:`summarize` gives the 3D Dice, mIoU and P@t over
+expressions and the 3D referring accuracy (``referring_accuracy_multi``: volumes with 2+ lesions);
+:func:`volume_existence` turns per-slice existence scores into the volume's.
+
 Distributed evaluation: :func:`sample_scores` turns a batch into per-sample records (plain Python values, so
 they can be gathered with ``torch.distributed.all_gather_object``); :func:`summarize` aggregates records from
 all ranks once, dropping repeated ids (a ``DistributedSampler`` pads the last batch with repeats). Sums use
@@ -44,6 +50,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypedDict, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +69,10 @@ __all__ = [
     "existence_summary",
     "sample_scores",
     "summarize",
+    "volume_dice",
+    "volume_existence",
+    "volume_referred_hit",
+    "volume_scores",
 ]
 
 EmptyPolicy = Literal["one", "skip"]
@@ -310,6 +321,76 @@ def summarize(
         }
     )
     return summary
+
+
+def volume_scores(pred: np.ndarray, instances: np.ndarray, target_instance: int, id: str | int = 0) -> SampleRecord:
+    """Scores of one expression on a volume: the prediction against the referred lesion in 3D.
+
+    Args:
+        pred: predicted mask (Z, H, W), bool (or 0/1 integers).
+        instances: instance label map (Z, H, W), non-negative integers, 0 background.
+        target_instance: label of the referred lesion; 0: the expression refers to no lesion (a negative,
+            empty target).
+        id: the record's id.
+
+    Returns:
+        A :class:`SampleRecord` with voxel counts: ``dice`` / ``iou`` of ``pred`` and ``instances ==
+        target_instance`` (None when both are empty), ``n_instances`` the lesions of the volume, and
+        ``referred_hit`` (None for a negative): the prediction overlaps the referred lesion by more voxels than
+        any other lesion of the volume (and by at least one).
+    """
+    pred = np.asarray(pred)
+    instances = np.asarray(instances)
+    if pred.ndim != 3 or pred.shape != instances.shape:
+        raise ValueError(f"pred and instances must both be (Z, H, W) volumes of one shape, got {pred.shape} and "
+                         f"{instances.shape}")
+    if pred.dtype != np.bool_:
+        if not np.issubdtype(pred.dtype, np.integer) or not np.isin(pred, (0, 1)).all():
+            raise ValueError(f"pred must be a boolean (or 0/1) mask, got dtype {pred.dtype}; threshold it first")
+        pred = pred.astype(bool)
+    if not np.issubdtype(instances.dtype, np.integer) or (instances < 0).any():
+        raise ValueError(f"instances must be a non-negative integer label map (0 = background), got {instances.dtype}")
+    counts = np.bincount(instances.ravel().astype(np.int64))  # (K+1,) voxels per label
+    labels = np.flatnonzero(counts)
+    labels = labels[labels > 0]
+    target_instance = int(target_instance)
+    if target_instance < 0 or (target_instance and target_instance not in labels):
+        raise ValueError(f"target_instance {target_instance} of {id!r} is not a lesion of its instance map "
+                         f"(labels {labels.tolist()}); 0 means a negative")
+    target = instances == target_instance if target_instance else np.zeros(pred.shape, dtype=bool)
+    inter = int((pred & target).sum())
+    pred_area, target_area = int(pred.sum()), int(target.sum())
+    union = pred_area + target_area - inter
+    hit = None
+    if target_instance:
+        overlap = np.bincount(instances[pred].astype(np.int64), minlength=len(counts))  # (K+1,)
+        overlap[0] = 0  # background does not compete
+        ref = int(overlap[target_instance])
+        overlap[target_instance] = -1
+        hit = ref > 0 and ref > int(overlap.max())
+    return SampleRecord(id=id, dice=2 * inter / (pred_area + target_area) if union else None,
+                        iou=inter / union if union else None, intersection=inter, union=union, pred_area=pred_area,
+                        target_area=target_area, n_instances=len(labels), referred_hit=hit)
+
+
+def volume_dice(pred: np.ndarray, instances: np.ndarray, target_instance: int) -> float | None:
+    """3D Dice of the prediction and the referred lesion (:func:`volume_scores`); None when both are empty."""
+    return volume_scores(pred, instances, target_instance)["dice"]
+
+
+def volume_referred_hit(pred: np.ndarray, instances: np.ndarray, target_instance: int) -> bool | None:
+    """Whether the prediction overlaps the referred lesion more than any other lesion of the volume
+    (:func:`volume_scores`); None for a negative. Referring accuracy counts it on volumes with 2+ lesions."""
+    return volume_scores(pred, instances, target_instance)["referred_hit"]
+
+
+def volume_existence(slice_scores: Sequence[float] | np.ndarray) -> float:
+    """A volume's existence score from its slices' (:func:`existence_probability` per slice): the described
+    lesion is in the volume when it is on some slice, so the highest; 0.0 for no slices."""
+    scores = np.asarray(slice_scores, dtype=np.float64).ravel()
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("slice existence scores must be finite numbers")
+    return float(scores.max()) if scores.size else 0.0
 
 
 class MetricAccumulator:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsms.model import MODELS, build, check_image_size, count_parameters, model_config
+from lsms.spec import check_memory
 from lsms.text import DEFAULT_TEXT_ENCODER
 
 # The one built-in random encoder: BERT-base sizes (the paper's text encoder), for counting without weights.
@@ -448,6 +449,13 @@ def run(args: argparse.Namespace) -> int:
         check_image_size(size, what="--image-size")
     if args.batch < 1 or args.repeats < 1:
         raise ValueError("--batch and --repeats must be >= 1")
+    batch = 8 if args.backends and not args.train_step else args.batch  # the backends' comparison runs batch 8 too
+    for preset in args.preset:
+        for size in args.image_size:
+            check_memory(model_config(preset), (size, size), batch, training=args.train_step,
+                         device="cpu" if args.train_step or args.backends else args.device,
+                         source=f"--preset {preset} --image-size {size} (batch {batch})",
+                         fix="use a smaller --image-size or --batch")
     if args.train_step:
         rows = [{"preset": preset, "image_size": size, "text": text != "none", "batch": args.batch,
                  "precision": precision, **time_training_step(preset, size, text != "none", args.batch, precision,

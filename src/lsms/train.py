@@ -64,7 +64,7 @@ from lsms.optim import (
 from lsms.runlog import RunLog
 from lsms.runs import changed_settings, check_run_folder, resume_settings, run_folder
 from lsms.seeding import rng_state, seed_everything, set_rng_state
-from lsms.spec import model_for
+from lsms.spec import check_memory, model_for
 from lsms.text import resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
            hold: contextlib.ExitStack, overwrite: bool, given: dict[str, Any] | None) -> dict[str, Any]:
     cfg, checkpoint, same_run = resumed(RunConfig.from_dict(cfg.to_dict()), resume, env, given)  # a copy
     device, out = env.device, Path(cfg.out)
+    check_training_memory(cfg, device)
     hold.enter_context(run_folder(out, resume=same_run, overwrite=overwrite, enabled=env.is_main))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -151,14 +152,12 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     sampler = train_sampler(train_set, cfg.data, o.batch_size, env, cfg.seed)
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
-    started, time_up, last_metrics = time.perf_counter(), False, {}
+    budget, time_up, last_metrics = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env), False, {}
     nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
 
     def time_fraction() -> float:
         """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
-        if o.schedule != "time":
-            return 0.0
-        return D.all_reduce_mean(min(1.0, (time.perf_counter() - started) / (60 * cfg.time_limit_minutes)), env)
+        return budget.fraction() if o.schedule == "time" else 0.0
 
     while epoch < o.epochs and step < total_steps and not time_up:
         loader = epoch_loader(train_set, sampler, collate, cfg, epoch, batch_in_epoch, steps_per_epoch, device)
@@ -181,7 +180,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
                 save("last")
             if on_step is not None:
                 on_step(step)
-            time_up = time_is_up(cfg.time_limit_minutes, started, step, env)
+            time_up = budget.is_up(step)
             if time_up or step >= total_steps:  # the time limit, or optim.max_steps reached mid-epoch
                 break
             meter.asked()
@@ -204,14 +203,15 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
         last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
-        logs.epoch(epoch, step, last_lr, train_means, metrics, time.perf_counter() - started, improved)
+        logs.epoch(epoch, step, last_lr, train_means, metrics, budget.wall_s(), improved)
         save("last", metrics)
         if improved:
             save("best", metrics)
     logs.close()
     summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
                "nonfinite_logits_by_epoch": nonfinite,
-               "time_s": time.perf_counter() - started, "out": str(out), "stopped_early": time_up}
+               "time_s": budget.wall_s(), "cpu_s": budget.cpu_s(),
+               "out": str(out), "stopped_early": time_up}
     return finish(summary, out, env)
 
 
@@ -239,12 +239,35 @@ def epoch_loader(train_set: Any, sampler: Any, collate: Collator, cfg: RunConfig
                       generator=torch.Generator().manual_seed(cfg.seed + epoch))  # not the global RNG
 
 
-def time_is_up(limit_minutes: float, started: float, step: int, env: D.DistEnv) -> bool:
-    """Whether the run's time limit (0: none) has passed on any rank; says so once (rank 0)."""
-    up = bool(limit_minutes) and D.any_rank(time.perf_counter() - started > 60 * limit_minutes, env)
-    if up and env.is_main:
-        log.warning("time limit of %.1f minutes reached at step %d; stopping", limit_minutes, step)
-    return up
+# what ``time_clock`` counts: wall time, or this process's CPU time (all its threads; not data-loading worker
+# processes), which a busy machine does not shorten
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class TimeBudget:
+    """The run's time limit (``time_limit_minutes``, 0: none) on its clock (``time_clock``), from its start."""
+
+    def __init__(self, limit_minutes: float, clock: str, env: D.DistEnv):
+        self.limit_minutes, self.clock_name, self.clock, self.env = limit_minutes, clock, CLOCKS[clock], env
+        self.started, self.wall0, self.cpu0 = self.clock(), time.perf_counter(), time.process_time()
+
+    def fraction(self) -> float:
+        """The share of the limit used (the mean over ranks: the same on every rank)."""
+        return D.all_reduce_mean(min(1.0, (self.clock() - self.started) / (60 * self.limit_minutes)), self.env)
+
+    def is_up(self, step: int) -> bool:
+        """Whether the limit has passed on any rank; says so (rank 0)."""
+        up = bool(self.limit_minutes) and D.any_rank(self.clock() - self.started > 60 * self.limit_minutes, self.env)
+        if up and self.env.is_main:
+            log.warning("time limit of %.1f %s minutes reached at step %d; stopping", self.limit_minutes,
+                        "CPU" if self.clock_name == "cpu" else "wall-clock", step)
+        return up
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu_s(self) -> float:
+        return time.process_time() - self.cpu0
 
 
 def validate(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: torch.dtype | None,
@@ -385,7 +408,8 @@ def wrap_ddp(step_module: nn.Module, model: nn.Module, criterion: LSMSLoss, devi
 def check_model_settings(cfg: RunConfig) -> None:
     """Build the model ``cfg`` asks for on the ``meta`` device: every model setting and the token limit are
     checked in a second, without allocating or loading weights (of a pretrained text encoder only the config is
-    read)."""
+    read), after the memory its batches ask for (:func:`check_training_memory`)."""
+    check_training_memory(cfg, D.pick_device(cfg.device))
     model = cfg.model
     text = getattr(model, "text", None)
     if model.use_text and text is not None and text.pretrained and text.hf_config is None:
@@ -395,6 +419,21 @@ def check_model_settings(cfg: RunConfig) -> None:
         model = dataclasses.replace(model, text=dataclasses.replace(text, pretrained=False, hf_config=hf_config))
     with torch.device("meta"):
         build(dataclasses.replace(model, in_channels=cfg.data.in_channels or model.in_channels))  # only a check
+
+
+def check_training_memory(cfg: RunConfig, device: torch.device | str) -> None:
+    """Refuse, before any data is read, a batch whose activations would pass the memory limit
+    (:func:`lsms.spec.check_memory`): training on ``--batch-size`` images at ``--image-size`` (or the augmentation's
+    patches), validation on ``--eval-batch-size`` images at ``--image-size``."""
+    data, batch = cfg.data, cfg.optim.batch_size
+    side = data.augmentation.patch_size if data.augment and data.augmentation.patch_size else data.image_size
+    what = "--augmentation patch_size" if side != data.image_size else "--image-size"
+    check_memory(cfg.model, (side, side), batch, training=True, device=device,
+                 source=f"{what} {side} with --batch-size {batch}", fix=f"use a smaller {what} or --batch-size")
+    eval_batch = data.eval_batch_size or batch
+    check_memory(cfg.model, (data.image_size, data.image_size), eval_batch, training=False, device=device,
+                 source=f"--image-size {data.image_size} with --eval-batch-size {eval_batch}",
+                 fix="use a smaller --image-size or --eval-batch-size")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -513,7 +552,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=S, help="also save last.pt every N steps (0 = epoch ends)")
     g.add_argument("--log-every", type=int, default=S, help="log train losses every N steps")
     g.add_argument("--time-limit", dest="time_limit_minutes", type=float, default=S,
-                   help="stop after this many minutes of training (validate and save first)")
+                   help="stop after this many minutes of training (validate and save first); --time-clock says which")
+    g.add_argument("--time-clock", dest="time_clock", choices=("wall", "cpu"), default=S,
+                   help="what --time-limit (and --schedule time) counts: 'wall' (default) or 'cpu', this process's CPU "
+                        "time over all its threads, so that runs on a busy machine get equal compute")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm progress bars")
     short_metavars(p)
 

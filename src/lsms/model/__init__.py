@@ -10,6 +10,7 @@ from lsms.model.config import (
     ModelConfig,
     TextConfig,
     UNetConfig,
+    activation_bytes,
     check_image_size,
     model_config,
     model_config_from_dict,
@@ -18,6 +19,6 @@ from lsms.model.lsms import LSMS, LSMSOutput, count_parameters
 
 __all__ = [
     "BASELINES", "LSMS", "MODELS", "PRESETS", "LSMSConfig", "LSMSOutput", "ModelConfig", "TextConfig", "TextUNet",
-    "UNetConfig", "build", "build_model", "check_image_size", "count_parameters", "model_config",
+    "UNetConfig", "activation_bytes", "build", "build_model", "check_image_size", "count_parameters", "model_config",
     "model_config_from_dict",
 ]

@@ -8,6 +8,7 @@ config is stored in every checkpoint and the network rebuilt from it (nanoGPT's 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -174,6 +175,36 @@ class UNetConfig(DictRoundTrip):
 ModelConfig = LSMSConfig | UNetConfig
 
 
+# --------------------------------------------------------------------------- memory a size asks for
+
+# Bytes per "unit" (one channel of one pixel of the input, summed over the feature maps a network keeps: see
+# activation_units), measured as the growth of the peak resident memory of one step on the CPU in float32 at
+# 128 x 128 and 256 x 256 (linear in the pixels): training (forward and backward) 34-37 B per unit for tiny,
+# small and base, 14-18 for the U-Nets; inference 4-5 for the LSMS presets, 6 for the U-Nets. The constants round
+# up, so the estimate is safe (up to twice the measured) rather than exact (docs/reliability.md).
+TRAIN_BYTES_PER_UNIT = 40
+INFERENCE_BYTES_PER_UNIT = 8
+
+
+def activation_units(config: ModelConfig) -> float:
+    """Channels per input pixel of the feature maps a network keeps: for LSMS each stage's blocks
+    (``depth x width x (2 + mlp_ratio)``, the MLP's hidden maps included) over its stride squared (4, 8, 16, 32);
+    for the U-Net three full-resolution maps of the first and last widths and two of each inner level."""
+    if isinstance(config, UNetConfig):
+        f = config.features
+        return 3 * (f[0] + f[5]) + sum(2 * f[j] / 4**j for j in range(1, 5))
+    return sum(n * c * (2 + r) / (4 * 2**i) ** 2
+               for i, (n, c, r) in enumerate(zip(config.depths, config.widths, config.mlp_ratios, strict=True)))
+
+
+def activation_bytes(config: ModelConfig, height: int, width: int, batch: int = 1, training: bool = False) -> int:
+    """A rough but safe estimate of the memory of the network's activations for one step on ``batch`` images of
+    ``height`` x ``width`` (training: forward and backward; else inference), in bytes. Weights, optimiser state
+    and the text encoder are not included: they do not grow with the image size."""
+    per_unit = TRAIN_BYTES_PER_UNIT if training else INFERENCE_BYTES_PER_UNIT
+    return int(math.ceil(activation_units(config) * per_unit)) * int(height) * int(width) * int(batch)
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -249,5 +280,5 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 __all__ = [
     "BASELINES", "MIN_IMAGE_SIZE", "MODELS", "PRESETS", "SIZE_MULTIPLE", "LSMSConfig", "ModelConfig", "TextConfig",
-    "UNetConfig", "check_image_size", "model_config", "model_config_from_dict",
+    "UNetConfig", "activation_bytes", "check_image_size", "model_config", "model_config_from_dict",
 ]

@@ -69,6 +69,8 @@ class Opened:
     read: Callable[[int], ImageData]
     files: list[Path] = field(default_factory=list)  # on disk, for the settings' sha256 (none for examples)
     source: str = ""  # what to give `lsms predict` for the same input
+    source_sha256: str | None = None  # a file `source` that is not on disk: its sha256 once written
+    make_source: str = ""  # a file `source` that is not on disk: the command that writes it
     geometry: bool = False  # NIfTI / DICOM: a mask can be written in the input's geometry
 
 
@@ -210,7 +212,8 @@ class Viewer:
             e = example(example_id)
         except ValueError as err:
             raise ServeError(404, str(err)) from None
-        opened = Opened(e.id, 1, lambda k: e.image, source=f"bundled slice {e.id} (lsms.serve.examples)")
+        opened = Opened(e.id, 1, lambda k: e.image, source=e.file_name, source_sha256=e.file_sha256(),
+                        make_source=e.write_command())
         return self._set_opened(s, opened, texts=e.texts)
 
     def open_upload(self, sid: str, files: list[tuple[str, bytes]]) -> dict[str, Any]:
@@ -361,8 +364,10 @@ class Viewer:
                     r["features"] = [data_url(heat_over(grey, m)) for m in pred.features]
                 results.append(r)
         seconds = time.perf_counter() - started
-        log.info("session %s slice %d: %d sentence(s) in %.2f s", s.id[:6], k, len(texts), seconds)
-        return {"slice": k, "threshold": threshold, "results": results, "seconds": round(seconds, 3)}
+        message = status_text(len(texts), k, s.opened.depth if s.opened else 1, seconds)
+        log.info("session %s: %s", s.id[:6], message)
+        return {"slice": k, "threshold": threshold, "existence_threshold": self.predictor.existence_threshold,
+                "results": results, "seconds": round(seconds, 3), "message": message}
 
     def _check_texts(self, texts: Any) -> list[str]:
         if isinstance(texts, str):
@@ -464,6 +469,7 @@ class Viewer:
         model = self.checkpoint or self.model_name
         slices = f" --slices {k}" if opened.depth > 1 else ""
         allow = " --allow-modality-mismatch" if self.predictor.allow_modality_mismatch else ""
+        sha256 = opened.source_sha256 or (files_sha256(opened.files) if opened.files else None)
         commands = [f"lsms predict {shlex.quote(str(model))} {shlex.quote(opened.source)}{slices} --text "
                     f"{shlex.quote(t)} --threshold {threshold:g}{allow} --out OUT" for t in texts]
         return {
@@ -472,8 +478,8 @@ class Viewer:
                       "checkpoint_sha256": self.checkpoint_sha256, "uses_text": self.predictor.uses_text},
             "preprocessing": self.predictor.preprocessing.to_dict(),
             "input": {"name": opened.name, "format": image.format, "modality": image.modality,
-                      "shape": list(image.array.shape), "slices": opened.depth,
-                      "sha256": files_sha256(opened.files) if opened.files else None},
+                      "shape": list(image.array.shape), "slices": opened.depth, "file": opened.source,
+                      "sha256": sha256, **({"write_file": opened.make_source} if opened.make_source else {})},
             "slice": k, "display_window": window, "threshold": threshold, "sentences": rows,
             "same_with_lsms_predict": commands,
         }
@@ -525,6 +531,12 @@ class Viewer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def status_text(n_sentences: int, k: int, depth: int, seconds: float) -> str:
+    """The page's status line after a prediction: the slice is named only for a volume (a 2D image has one)."""
+    where = f" on slice {k} (of 0..{depth - 1})" if depth > 1 else ""
+    return f"{n_sentences} sentence(s){where} in {seconds:.2f} s."
 
 
 def upload_accept() -> str:

@@ -7,6 +7,9 @@ out as its test patients, with their reference sentences.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +28,23 @@ class Example:
     id: str
     image: ImageData
     texts: list[str]
+
+    @property
+    def file_name(self) -> str:
+        """The slice as a file that ``lsms predict`` reads: HU values in a NumPy ``.npy`` (see :meth:`write_command`)."""
+        return f"{self.id}.npy"
+
+    def file_sha256(self) -> str:
+        """sha256 of the file :meth:`write_command` writes (``np.save``'s bytes)."""
+        buf = io.BytesIO()
+        np.save(buf, self.image.array)
+        return hashlib.sha256(buf.getvalue()).hexdigest()
+
+    def write_command(self) -> str:
+        """A shell command that writes :attr:`file_name` in the current folder (nothing is stored in the package)."""
+        code = (f"import numpy as np; from lsms.serve.examples import example; "
+                f"np.save({self.file_name!r}, example({self.id!r}).image.array)")
+        return f"python -c {shlex.quote(code)}"
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """The viewer's HTTP server: Python's standard ``http.server``, one thread per request, no dependency.
 
-Routes (``sid`` = the page's session id, in the query string):
+Routes (``sid`` = the page's session id, in the query string; docs/serve.md documents each, and a test holds
+its table equal to :data:`ROUTES` and :data:`STATIC`):
 
     GET  /                         the page (static/index.html, app.js, style.css; nothing from the network)
     POST /api/session              new session -> {sid, model, examples, limits, colours}
@@ -52,6 +53,9 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 MAX_JSON_BYTES = 1 << 20
+# the browser went away mid-request (tab closed, page reloaded, download cancelled): nobody is left to answer,
+# and nothing is wrong with the server; logged at debug level, never as an error with a traceback
+DROPPED = (ConnectionError, TimeoutError)  # BrokenPipeError, ConnectionResetError, ConnectionAbortedError, ...
 
 
 def is_loopback(host: str) -> bool:
@@ -90,7 +94,7 @@ class ViewerServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         err = sys.exc_info()[1]
-        if isinstance(err, (ConnectionError, TimeoutError)):  # a tab closed mid-request: nothing to report
+        if isinstance(err, DROPPED):
             log.debug("connection from %s dropped: %s", client_address[0], err)
         else:
             log.exception("request from %s failed", client_address[0])
@@ -135,6 +139,9 @@ class Handler(BaseHTTPRequestHandler):
         except ServeError as err:
             log.warning("%s %s -> %d: %s", method, url.path, err.status, err)
             self._refuse(err.status, str(err))
+        except DROPPED as err:  # the answer could not be sent: the page is gone
+            self.close_connection = True
+            log.debug("%s %s: connection from %s dropped: %s", method, url.path, self.client_address[0], err)
         except Exception as err:  # a bug: say so on the page and in the log, keep serving
             log.exception("%s %s failed", method, url.path)
             self._refuse(500, f"internal error ({type(err).__name__}: {err}); the server log has details")

@@ -29,6 +29,8 @@ SEGMENT_CODE = {name: i + 1 for i, name in enumerate(SEGMENTS)}
 SEGMENT_LOBE = {"I": "caudate", "II": "left", "III": "left", "IVa": "left", "IVb": "left",
                 "V": "right", "VI": "right", "VII": "right", "VIII": "right"}
 
+LIVER_ENDS = (-0.1, 1.12)  # levels where the liver has vanished above the dome and below the tip
+
 # "Scanners": (intensity scale, offset HU, noise correlation length mm). Mild drift between them.
 SCANNERS: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.8), (0.97, 6.0, 1.1), (1.03, -5.0, 0.6), (1.0, 9.0, 1.4))
 
@@ -273,8 +275,9 @@ def render_anatomy(p: Patient, z: float, grid: Grid, rng: np.random.Generator) -
 
     # --- liver: smooth union of right lobe, left lobe and caudate, deformed per patient, clipped
     s = p.liver_scale
-    sr = _profile(z, [0.0, 0.3, 0.6, 1.0], [0.82, 1.0, 0.85, 0.42]) * s
-    sl = _profile(z, [0.0, 0.35, 0.7, 0.85], [0.9, 1.0, 0.35, 0.0]) * s
+    # beyond the dome (z < 0) and the tip (z > 1), seen only in volumes, the liver ends within ~0.1
+    sr = _profile(z, [LIVER_ENDS[0], 0.0, 0.3, 0.6, 1.0, LIVER_ENDS[1]], [0.0, 0.82, 1.0, 0.85, 0.42, 0.0]) * s
+    sl = _profile(z, [LIVER_ENDS[0], 0.0, 0.35, 0.7, 0.85], [0.0, 0.9, 1.0, 0.35, 0.0]) * s
     sc = _profile(z, [0.22, 0.32, 0.6, 0.7], [0.0, 1.0, 1.0, 0.0])
     right = ellipse_rho(X, Y, -62 + p.liver_dx - 18 * z, cy - 4 - 28 * z, 78 * sr, 96 * sr, rot_deg=-10)
     left = ellipse_rho(X, Y, 12 + 22 * p.left_lobe, cy - p.body_b * 0.52 + 6, 62 * p.left_lobe * sl, 30 * sl, rot_deg=-8)

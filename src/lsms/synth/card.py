@@ -36,6 +36,17 @@ def _table(title: str, rows: list[tuple[str, int]]) -> list[str]:
     return out + [""]
 
 
+def _size_rows(records: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Records by ``attributes.diameter_mm`` in :data:`SIZE_BINS`, smallest bin first."""
+    sizes: Counter[str] = Counter()
+    for r in records:
+        d = r["attributes"]["diameter_mm"]
+        for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:], strict=True):
+            if lo <= d < hi:
+                sizes[f"{lo}-{hi} mm" if hi < 1000 else f">= {lo} mm"] += 1
+    return [(k, sizes[k]) for k in sorted(sizes, key=lambda t: float(re.findall(r"\d+", t)[0]))]
+
+
 def write_contact_sheet(out: Path, records: list[dict[str, Any]], per_type: int = 2) -> Path | None:
     """One row per lesion type: each example in the abdomen window and, outlined, in the liver window."""
     picks: list[dict[str, Any]] = []
@@ -75,19 +86,15 @@ def write_contact_sheet(out: Path, records: list[dict[str, Any]], per_type: int 
     return path
 
 
-def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Writes ``README.md`` and ``card/contact_sheet.png`` next to the data."""
+def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summary: dict[str, Any],
+               extra: list[str] | None = None) -> None:
+    """Writes ``README.md`` and ``card/contact_sheet.png`` next to the data; ``extra``: more lines of Markdown
+    (the volumes' section) before the examples."""
     negatives = [r for r in records if "negative" in r]
     records = [r for r in records if "negative" not in r]
     sheet = write_contact_sheet(out, records)
     c = summary["counts"]
     types = Counter(r["attributes"]["type"] for r in records)
-    sizes = Counter()
-    for r in records:
-        d = r["attributes"]["diameter_mm"]
-        for lo, hi in zip(SIZE_BINS[:-1], SIZE_BINS[1:], strict=True):
-            if lo <= d < hi:
-                sizes[f"{lo}-{hi} mm" if hi < 1000 else f">= {lo} mm"] += 1
     segs = Counter(r["attributes"]["segment"] for r in records)
     uniq = {lvl: sum(r["unique"][lvl] for r in records) for lvl in ("full", "half", "quarter")}
     n_rec = max(len(records), 1)
@@ -118,8 +125,9 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
     ]
     lines += _table("Lesions per slice", [(k, v) for k, v in c["slices_by_lesion_count"].items() if k != "0" or v])
     lines += _table("Lesion types", [(TYPE_NAMES[t], types.get(t, 0)) for t in LESION_TYPES if t in cfg.lesion_types])
-    lines += _table("Diameters", [(k, sizes[k]) for k in sorted(sizes, key=lambda s: float(re.findall(r"\d+", s)[0]))])
+    lines += _table("Diameters", _size_rows(records))
     lines += _table("Couinaud segments", sorted(segs.items(), key=lambda kv: kv[0]))
+    lines += extra or []
     ex = records[:3]
     lines += ["## Examples", ""] + [f"- `{r['id']}` full: {r['texts']['full']}  \n  half: {r['texts']['half']}  \n"
                                       f"  quarter: {r['texts']['quarter']}" for r in ex]
@@ -131,3 +139,31 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
                   f"window (W{LIVER_WINDOW[0]:g}/L{LIVER_WINDOW[1]:g}) with the target outlined in red.", "",
                   "![contact sheet](card/contact_sheet.png)", ""]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def volume_card_lines(summary: dict[str, Any], records: list[dict[str, Any]], extents: list[int]) -> list[str]:
+    """The card's section on the volumes: geometry, counts, lesions per volume, z-extents and 3D diameters."""
+    v = summary["volumes"]
+    z, h, w = v["shape"]
+    dz, s, _ = v["spacing_mm"]
+    lesions = [r for r in records if "negative" not in r]
+    n_slices = summary["counts"]["slices"]
+    lines = [
+        "## Volumes", "",
+        f"- {v['volumes']} volumes (one per patient) of {z} x {h} x {w} voxels, {s:.3f} mm in-plane and {dz:g} mm "
+        f"between slices ({z * dz:g} mm cranio-caudal): `volumes/<patient>.nii.gz` int16 HU, "
+        "`volumes/<patient>_instances.nii.gz`, one 3D target mask per expression in `volume_masks/`"
+        + (", a DICOM CT series per volume in `dicom/<patient>/`" if v["settings"]["dicom"] else ""),
+        f"- `volumes.jsonl`: {v['expressions']} volume expressions: {len(lesions)} of lesions, "
+        f"{v['negative_expressions']} negative; by split " + ", ".join(f"{k} {c}" for k, c in v["splits"].items()),
+        f"- `manifest.jsonl`: the {n_slices} slices of the volumes that show a described lesion, as the 2D "
+        f"dataset above (of {v['volumes'] * z} slices in all)",
+        f"- a lesion spans {v['lesion_slices']['min']}..{v['lesion_slices']['max']} slices (median "
+        f"{v['lesion_slices']['median']:g})", "",
+    ]
+    lines += _table("Lesions per volume", [(k, c) for k, c in v["volumes_by_lesion_count"].items() if k != "0" or c])
+    spans = Counter(extents)
+    lines += _table("Slices a lesion spans", [(str(k), spans[k]) for k in sorted(spans)])
+    lines += _table("Largest 3D diameters", _size_rows(lesions))
+    lines += [f"- `{r['id']}` (volume) full: {r['texts']['full']}" for r in lesions[:3]] + [""]
+    return lines

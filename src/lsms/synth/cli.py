@@ -6,13 +6,13 @@ import argparse
 import logging
 import time
 
-from lsms.synth.config import LESION_TYPES, SynthConfig
+from lsms.synth.config import LESION_TYPES, SynthConfig, VolumeConfig
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SynthConfig()
+    d, dv = SynthConfig(), VolumeConfig()
     parser.add_argument("out", help="output folder (created; must be empty unless --overwrite); with --rephrase, "
                                     "an existing RefLiver-Synth folder")
     parser.add_argument("--rephrase", metavar="PHRASING",
@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--paraphrasing", nargs="+", metavar="FILE", default=None,
                         help="phrasing files the paraphrases are written in (default: the packaged training set "
                              "phrasings.yaml, phrasings-2.yaml, phrasings-3.yaml)")
+    parser.add_argument("--volumes", action="store_true",
+                        help="one CT volume per patient with 3D lesions and volume-level expressions (volumes.jsonl, "
+                             "NIfTI), and its slices as the 2D dataset (manifest.jsonl); --slices-per-patient is unused")
+    parser.add_argument("--volume-slices", type=int, default=dv.slices, help="with --volumes: slices per volume (default %(default)s)")
+    parser.add_argument("--slice-mm", type=float, default=dv.slice_mm,
+                        help="with --volumes: slice spacing and thickness in mm (default %(default)s)")
+    parser.add_argument("--dicom", action="store_true", help="with --volumes: also write each volume as a DICOM CT series")
     parser.add_argument("--val-share", type=float, default=d.val_share, help="share of patients in val (default %(default)s)")
     parser.add_argument("--test-share", type=float, default=d.test_share, help="share of patients in test (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous dataset in OUT")
@@ -77,9 +84,19 @@ def run(args: argparse.Namespace) -> int:
         path = rephrase_dataset(args.out, args.rephrase, seed=args.seed)
         log.info("wrote %s: the expressions of %s in the wording of %s", path, args.out, args.rephrase)
         return 0
-    cfg = config_from_args(args)
+    cfg, dv = config_from_args(args), VolumeConfig()
     t0 = time.perf_counter()
-    summary = generate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.volumes:
+        from lsms.synth.volumes import generate_volume_dataset
+
+        vcfg = VolumeConfig(slices=args.volume_slices, slice_mm=args.slice_mm, dicom=args.dicom)
+        summary = generate_volume_dataset(cfg, vcfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        log.info("wrote %d volumes / %d volume expressions to %s/volumes.jsonl", cfg.patients,
+                 summary["volumes"]["expressions"], args.out)
+    elif args.dicom or args.volume_slices != dv.slices or args.slice_mm != dv.slice_mm:
+        raise ValueError("--volume-slices, --slice-mm and --dicom need --volumes")
+    else:
+        summary = generate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     c = summary["counts"]
     log.info("wrote %d slices / %d expressions to %s in %.1f s (multi-lesion share %.2f); card: %s/README.md",
              c["slices"], c["expressions"], args.out, time.perf_counter() - t0, c["multi_lesion_share"], args.out)

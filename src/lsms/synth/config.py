@@ -115,3 +115,26 @@ class SynthConfig(DictRoundTrip):
     def spacing_mm(self) -> float:
         return self.fov_mm / self.image_size
 
+
+@dataclass(frozen=True)
+class VolumeConfig(DictRoundTrip):
+    """How the volumes are cut (with ``SynthConfig``, which sets everything else: size, lesions, text).
+
+    Args:
+        slices: slices per volume.
+        slice_mm: distance between slice centres and slice thickness (mm).
+        dicom: also write each volume as a DICOM CT series (``dicom/<patient>/``).
+    """
+
+    settings_name: ClassVar[str] = "volume settings"
+
+    slices: int = 64
+    slice_mm: float = 2.5
+    dicom: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slice_mm", float(self.slice_mm))
+        if not 4 <= self.slices <= 512:
+            raise ValueError(f"--volume-slices must be between 4 and 512, got {self.slices}")
+        if not 0.5 <= self.slice_mm <= 10.0:
+            raise ValueError(f"--slice-mm must be between 0.5 and 10 mm, got {self.slice_mm}")

@@ -31,6 +31,7 @@ from lsms.synth.anatomy import (
 from lsms.synth.config import SynthConfig
 from lsms.synth.expressions import (
     DETAIL_SLOTS,
+    SLOTS,
     TRAINING_PHRASINGS,
     LesionFacts,
     choose_slots,
@@ -166,23 +167,24 @@ def min_distance_mm(a: np.ndarray, b: np.ndarray, spacing: float) -> float:
     return float(np.sqrt(d2.min())) * spacing
 
 
+def lesion_facts(k: int, les: Lesion, mask: np.ndarray, anat: Anatomy, spacing: float) -> LesionFacts:
+    """What is true of lesion ``les`` (label ``k``) on one slice, measured from its (H, W) ``mask``."""
+    rows, cols = np.nonzero(mask)
+    cr, cc = float(rows.mean()), float(cols.mean())
+    code = int(anat.segments[int(round(cr)), int(round(cc))])
+    seg = SEGMENTS[code - 1] if code else ""
+    return LesionFacts(
+        index=k, kind=les.kind, segment=seg, lobe=SEGMENT_LOBE.get(seg, ""),
+        diameter_mm=lesion_diameter_mm(int(rows.size), spacing), area_px=int(rows.size),
+        centroid=(cr, cc), shape=les.shape, boundary=les.boundary, density=les.density,
+        enhancement=les.enhancement,
+        dist_gallbladder_mm=min_distance_mm(mask, anat.gallbladder, spacing),
+        dist_ivc_mm=min_distance_mm(mask, anat.ivc, spacing),
+    )
+
+
 def _facts(lesions: list[Lesion], anat: Anatomy, grid: Grid) -> list[LesionFacts]:
-    facts = []
-    for k, les in enumerate(lesions, start=1):
-        m = les.full_mask(grid.size)
-        rows, cols = np.nonzero(m)
-        cr, cc = float(rows.mean()), float(cols.mean())
-        code = int(anat.segments[int(round(cr)), int(round(cc))])
-        seg = SEGMENTS[code - 1] if code else ""
-        facts.append(LesionFacts(
-            index=k, kind=les.kind, segment=seg, lobe=SEGMENT_LOBE.get(seg, ""),
-            diameter_mm=lesion_diameter_mm(int(rows.size), grid.spacing), area_px=int(rows.size),
-            centroid=(cr, cc), shape=les.shape, boundary=les.boundary, density=les.density,
-            enhancement=les.enhancement,
-            dist_gallbladder_mm=min_distance_mm(m, anat.gallbladder, grid.spacing),
-            dist_ivc_mm=min_distance_mm(m, anat.ivc, grid.spacing),
-        ))
-    return facts
+    return [lesion_facts(k, les, les.full_mask(grid.size), anat, grid.spacing) for k, les in enumerate(lesions, start=1)]
 
 
 def lesion_diameter_mm(area_px: int, spacing: float) -> float:
@@ -209,15 +211,8 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
     anat = render_anatomy(p, z, grid, rng)
 
     # --- lesions: count, types, sizes; placement largest first
-    multi = cfg.max_lesions >= 2 and rng.random() < cfg.multi_lesion_share
-    n = int(rng.integers(2, cfg.max_lesions + 1)) if multi else 1
-    if multi and "metastasis" in cfg.lesion_types and rng.random() < METASTATIC_PATTERN_P:
-        kinds = ["metastasis"] * n
-    else:
-        kinds = [cfg.lesion_types[int(rng.integers(len(cfg.lesion_types)))] for _ in range(n)]
     min_d = max(cfg.diameter_mm[0], 3 * cfg.spacing_mm)
-    lesions = [draw_lesion(k, sample_diameter(k, rng, *cfg.diameter_mm), rng, p.hu["liver"], p.hu["vessel"]) for k in kinds]
-    lesions = place_lesions(lesions, anat.liver, grid, rng, min_d)
+    lesions = place_lesions(draw_lesions(cfg, p, rng), anat.liver, grid, rng, min_d)
     lesions.sort(key=lambda l_: (l_.y, l_.x))  # instance labels run anterior -> posterior
 
     # --- facts, relations, expressions; a lesion that cannot be described uniquely is removed
@@ -225,25 +220,107 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
         facts = _facts(lesions, anat, grid)
         for a, f in enumerate(facts):
             f.relations = true_relations(facts, a, grid.spacing)
-        bad = [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, ["type", "location", "size", "shape", "boundary", "density", "enhancement"]) and not f.relations)]
+        bad = undescribable(facts)
         if not bad:
             break
         del lesions[bad[-1]]
-    texts, unique, slots, stated = [], [], [], []
-    for a, f in enumerate(facts):
-        chosen = choose_slots(facts, a, rng)
-        assert chosen is not None  # guaranteed by the loop above
-        levels_, relation = chosen
-        stated.append([relation] if relation is not None else [])
-        texts.append({lvl: render_expression(ph, f, s, relation, rng) for lvl, s in levels_.items()})
-        unique.append({lvl: not confusable(facts, a, s) for lvl, s in levels_.items()})
-        slots.append(levels_)
+    ex = express_lesions(ph, facts, range(len(facts)), rng)
+    assert len(ex.facts) == len(facts)  # every lesion is describable: guaranteed by the loop above
     all_text = render_all_text(ph, facts, rng) if facts else ""
-    vrng = slice_rng(cfg, i, j, stream=1)
-    variants = [write_variants(phs, f, sl["full"], (st or [None])[0], cfg.variants, vrng,
-                               lambda kept, a=a: not confusable(facts, a, kept))
-                for a, (f, sl, st) in enumerate(zip(facts, slots, stated, strict=True))]
+    ex.write_variants(phs, cfg.variants, slice_rng(cfg, i, j, stream=1))
+    sentences = negative_expressions(cfg, ph, phs, facts, anat.segments, p, negatives, j,
+                                     partial(slice_rng, cfg, i, j))
 
+    # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
+    img = anat.hu.copy()
+    for les in lesions:
+        render_lesion(img, les, grid)
+    image = finish_picture(img, grid, p, rng)
+
+    instances = np.zeros((grid.size, grid.size), dtype=np.uint8)
+    for k, les in enumerate(lesions, start=1):
+        assert les.window is not None and les.local_mask is not None
+        instances[les.window][les.local_mask] = k
+    return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
+                       anatomy=anat, facts=facts, lesions=lesions, texts=ex.texts, unique=ex.unique, slots=ex.slots,
+                       stated_relations=ex.stated, all_text=all_text, variants=ex.variants, negatives=sentences)
+
+
+def undescribable(facts: list[LesionFacts]) -> list[int]:
+    """The lesions no full expression can single out (no segment, or every attribute shared and no relation)."""
+    return [a for a, f in enumerate(facts) if not f.segment or (confusable(facts, a, list(SLOTS)) and not f.relations)]
+
+
+def draw_lesions(cfg: SynthConfig, p: Patient, rng: np.random.Generator) -> list[Lesion]:
+    """The lesions of one slice (or volume) before placement: count, types, sizes and looks."""
+    multi = cfg.max_lesions >= 2 and rng.random() < cfg.multi_lesion_share
+    n = int(rng.integers(2, cfg.max_lesions + 1)) if multi else 1
+    if multi and "metastasis" in cfg.lesion_types and rng.random() < METASTATIC_PATTERN_P:
+        kinds = ["metastasis"] * n
+    else:
+        kinds = [cfg.lesion_types[int(rng.integers(len(cfg.lesion_types)))] for _ in range(n)]
+    return [draw_lesion(k, sample_diameter(k, rng, *cfg.diameter_mm), rng, p.hu["liver"], p.hu["vessel"]) for k in kinds]
+
+
+def finish_picture(img: np.ndarray, grid: Grid, p: Patient, rng: np.random.Generator) -> np.ndarray:
+    """Anatomy with lesions (float HU) -> the scanner's int16 HU slice: partial-volume blur, correlated noise,
+    scanner drift."""
+    img = gaussian_filter(img, PARTIAL_VOLUME_MM / grid.spacing, mode="nearest")
+    scale, offset, corr_mm = SCANNERS[p.scanner]
+    noise = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), corr_mm / grid.spacing, mode="wrap")
+    noise *= p.noise_sigma / max(float(noise.std()), 1e-6)
+    img = (img + noise) * scale + offset
+    return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+
+
+@dataclass
+class Expressions:
+    """The described lesions of a slice or volume and, aligned with them, their expressions."""
+
+    facts: list[LesionFacts]
+    others: list[LesionFacts]  # every lesion of the slice or volume (uniqueness is checked against these)
+    at: list[int] = field(default_factory=list)  # index of each described lesion in ``others``
+    texts: list[dict[str, str]] = field(default_factory=list)
+    unique: list[dict[str, bool]] = field(default_factory=list)
+    slots: list[dict[str, list[str]]] = field(default_factory=list)
+    stated: list[list[dict[str, Any]]] = field(default_factory=list)
+    variants: list[list[str]] = field(default_factory=list)
+
+    def write_variants(self, phs: list[dict[str, Any]], n: int, rng: np.random.Generator) -> None:
+        """``n`` paraphrases of each full expression (:func:`write_variants`), still unique among ``others``."""
+        for a, f, sl, st in zip(self.at, self.facts, self.slots, self.stated, strict=True):
+            self.variants.append(write_variants(phs, f, sl["full"], (st or [None])[0], n, rng,
+                                                lambda kept, a=a: not confusable(self.others, a, kept)))
+
+
+def express_lesions(ph: dict[str, Any], facts: list[LesionFacts], which: Any, rng: np.random.Generator
+                    ) -> Expressions:
+    """Full / half / quarter expressions of the lesions ``which`` (indices into ``facts``, whose relations are
+    set) that can be told apart from every lesion of ``facts``; the others are left out."""
+    ex = Expressions(facts=[], others=facts)
+    for a in which:
+        chosen = choose_slots(facts, a, rng)
+        if chosen is None:
+            continue
+        levels_, relation = chosen
+        ex.at.append(a)
+        ex.facts.append(facts[a])
+        ex.stated.append([relation] if relation is not None else [])
+        ex.texts.append({lvl: render_expression(ph, facts[a], s, relation, rng) for lvl, s in levels_.items()})
+        ex.unique.append({lvl: not confusable(facts, a, s) for lvl, s in levels_.items()})
+        ex.slots.append(levels_)
+    return ex
+
+
+def negative_expressions(cfg: SynthConfig, ph: dict[str, Any], phs: list[dict[str, Any]], facts: list[LesionFacts],
+                         segments: np.ndarray, p: Patient, mode: str, turn: int, stream_rng: Any
+                         ) -> list[NegativeExpression]:
+    """The negative sentences of a slice (or volume) with lesions ``facts`` and Couinaud map ``segments``.
+
+    ``mode``: ``share`` (one with probability ``cfg.negative_share``), ``each-kind`` (one of each kind the
+    slice allows) or ``one-kind`` (the first kind it allows, starting from kind ``turn % 3``).
+    ``stream_rng(stream=s)``: the slice's separate random stream ``s`` (2: the share; 3, 4, 5: each kind).
+    """
     def express(neg: Negative | None, nrng: np.random.Generator, suffix: str) -> list[NegativeExpression]:
         if neg is None:
             return []
@@ -252,43 +329,25 @@ def render_slice(cfg: SynthConfig, i: int, j: int, phrasing: dict[str, Any] | No
                                                             nrng, lambda kept: True), suffix)]
 
     sentences: list[NegativeExpression] = []
-    draw = partial(draw_negative, facts, anat.segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"])
-    if negatives in ("each-kind", "one-kind"):
+    draw = partial(draw_negative, facts, segments, cfg.lesion_types, p.hu["liver"], p.hu["vessel"])
+    if mode in ("each-kind", "one-kind"):
         n = len(NEGATIVE_KINDS)
-        for k in sorted(range(n), key=lambda k: (k - j) % n if negatives == "one-kind" else k) if facts else ():
-            erng = slice_rng(cfg, i, j, stream=3 + k)  # one stream per kind: the same sentence in either mode
+        for k in sorted(range(n), key=lambda k: (k - turn) % n if mode == "one-kind" else k) if facts else ():
+            erng = stream_rng(stream=3 + k)  # one stream per kind: the same sentence in either mode
             neg = next((x for x in (draw(erng, NEGATIVE_KINDS[k]) for _ in range(EVAL_NEGATIVE_TRIES)) if x), None)
             sentences += express(neg, erng, f"_n_{NEGATIVE_KINDS[k]}")
-            if sentences and negatives == "one-kind":
+            if sentences and mode == "one-kind":
                 break
-    elif negatives == "share":
-        nrng = slice_rng(cfg, i, j, stream=2)
+    elif mode == "share":
+        nrng = stream_rng(stream=2)
         if facts and nrng.random() < cfg.negative_share:
             sentences += express(draw(nrng), nrng, "_n")
     else:
-        raise ValueError(f"negatives must be 'share', 'each-kind' or 'one-kind', got {negatives!r}")
-
-    # --- picture: lesions, partial-volume blur, correlated noise, scanner drift
-    img = anat.hu.copy()
-    for les in lesions:
-        render_lesion(img, les, grid)
-    img = gaussian_filter(img, PARTIAL_VOLUME_MM / grid.spacing, mode="nearest")
-    scale, offset, corr_mm = SCANNERS[p.scanner]
-    noise = gaussian_filter(rng.standard_normal(img.shape).astype(np.float32), corr_mm / grid.spacing, mode="wrap")
-    noise *= p.noise_sigma / max(float(noise.std()), 1e-6)
-    img = (img + noise) * scale + offset
-    image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
-
-    instances = np.zeros((grid.size, grid.size), dtype=np.uint8)
-    for k, les in enumerate(lesions, start=1):
-        assert les.window is not None and les.local_mask is not None
-        instances[les.window][les.local_mask] = k
-    return SliceSample(slice_id=f"p{i:04d}_s{j:02d}", patient=f"p{i:04d}", z=z, image=image, instances=instances,
-                       anatomy=anat, facts=facts, lesions=lesions, texts=texts, unique=unique, slots=slots,
-                       stated_relations=stated, all_text=all_text, variants=variants, negatives=sentences)
+        raise ValueError(f"negatives must be 'share', 'each-kind' or 'one-kind', got {mode!r}")
+    return sentences
 
 
-def _attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
+def record_attributes(f: LesionFacts, slots: dict[str, list[str]], stated: list[dict[str, Any]], spacing: float
                 ) -> dict[str, Any]:
     side = {"right": "right", "left": "left", "caudate": "middle"}[f.lobe]
     return {
@@ -323,38 +382,39 @@ def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[d
         _save_png(out / "masks" / f"{rid}.png", np.where(s.instances == f.index, 255, 0).astype(np.uint8))
         records.append({
             "id": rid, "mask": f"masks/{rid}.png", "text": texts["full"], "texts": texts, "target_instance": f.index,
-            "attributes": _attributes(f, slots, stated, spacing), "unique": unique, **common,
+            "attributes": record_attributes(f, slots, stated, spacing), "unique": unique, **common,
             **({"variants": variants} if variants else {}),
         })
     for e in s.negatives:
         rid = f"{s.slice_id}{e.suffix}"
         _save_png(out / "masks" / f"{rid}.png", np.zeros_like(s.instances))
-        attributes = _attributes(e.negative.facts, {"full": e.negative.slots}, [e.negative.relation] if
-                                 e.negative.relation else [], spacing)
-        for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
-            del attributes[key]  # the lesion does not exist: nothing measured
-        records.append({
-            "id": rid, "mask": f"masks/{rid}.png", "text": e.text, "target_instance": 0,
-            "negative": e.negative.kind, "attributes": attributes, **common,
-            **({"variants": e.variants} if e.variants else {}),
-        })
+        records.append(negative_record(rid, f"masks/{rid}.png", e, spacing, common))
     return records
+
+
+def negative_record(rid: str, mask: str, e: NegativeExpression, spacing: float, common: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The manifest record of a negative expression (empty ``mask``, ``target_instance`` 0)."""
+    attributes = record_attributes(e.negative.facts, {"full": e.negative.slots}, [e.negative.relation] if
+                                   e.negative.relation else [], spacing)
+    for key in ("area_px", "centroid", "centroid_mm", "relations_true"):
+        del attributes[key]  # the lesion does not exist: nothing measured
+    return {"id": rid, "mask": mask, "text": e.text, "target_instance": 0, "negative": e.negative.kind,
+            "attributes": attributes, **common, **({"variants": e.variants} if e.variants else {})}
 
 
 def phrasing_digest(cfg: SynthConfig) -> str:
     return hashlib.sha256(phrasing_bytes(cfg.phrasing)[0]).hexdigest()[:16]
 
 
-_OUR_DIRS = ("images", "masks", "instances", "all", "card")
-_OUR_FILES = ("manifest.jsonl", "dataset.json", "README.md")
+SLICE_DIRS = ("images", "masks", "instances", "all")  # the 2D dataset's folders
+_OUR_DIRS = (*SLICE_DIRS, "card", "volumes", "volume_masks", "dicom")
+_OUR_FILES = ("manifest.jsonl", "volumes.jsonl", "dataset.json", "README.md")
 
 
-def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Generates the whole dataset into ``out`` and returns the summary written to ``dataset.json``."""
-    from lsms.synth.card import write_card
-
-    out = Path(out)
-    ph = load_phrasing(cfg.phrasing)
+def prepare_output(out: Path, overwrite: bool, dirs: tuple[str, ...] = SLICE_DIRS) -> None:
+    """Makes ``out`` with ``dirs``; a folder that is not empty is refused unless ``overwrite``, which removes
+    what an earlier ``lsms synth`` wrote there (2D or volumes) and nothing else."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
@@ -364,8 +424,26 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
             shutil.rmtree(out / d, ignore_errors=True)
         for f in _OUR_FILES:
             (out / f).unlink(missing_ok=True)
-    for d in _OUR_DIRS[:-1]:
+    for d in dirs:
         (out / d).mkdir(parents=True, exist_ok=True)
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON object per line (sorted keys), written to a temporary file and then ``os.replace``d."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Generates the whole dataset into ``out`` and returns the summary written to ``dataset.json``."""
+    from lsms.synth.card import write_card
+
+    out = Path(out)
+    ph = load_phrasing(cfg.phrasing)
+    prepare_output(out, overwrite)
     splits = split_of_patients(cfg)
     total = cfg.patients * cfg.slices_per_patient
     bar = None
@@ -386,20 +464,25 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
                 bar.update(1)
     if bar is not None:
         bar.close()
-    tmp = out / "manifest.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, out / "manifest.jsonl")
+    write_jsonl(out / "manifest.jsonl", records)
+    summary = dataset_summary(cfg, records, lesion_counts, splits)
+    (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_card(out, cfg, records, summary)
+    return summary
+
+
+def dataset_summary(cfg: SynthConfig, records: list[dict[str, Any]], lesion_counts: list[int], splits: list[str]
+                    ) -> dict[str, Any]:
+    """What ``dataset.json`` says of a 2D dataset: settings, seed, phrasing digest and counts."""
     from lsms import __version__
 
     counts = np.bincount(lesion_counts, minlength=cfg.max_lesions + 1)
-    summary = {
+    return {
         "name": "RefLiver-Synth", "format_version": FORMAT_VERSION, "lsms_version": __version__,
         "settings": cfg.to_dict(), "seed": cfg.seed, "phrasing_sha256": phrasing_digest(cfg),
         "spacing_mm": cfg.spacing_mm, "convention": "radiological: image left = patient's right, top = anterior",
         "counts": {
-            "patients": cfg.patients, "slices": total, "expressions": len(records),
+            "patients": cfg.patients, "slices": len(lesion_counts), "expressions": len(records),
             "negative_expressions": sum("negative" in r for r in records),
             "slices_by_lesion_count": {str(k): int(c) for k, c in enumerate(counts)},
             "multi_lesion_share": float((np.asarray(lesion_counts) >= 2).mean()) if lesion_counts else 0.0,
@@ -407,9 +490,6 @@ def generate_dataset(cfg: SynthConfig, out: str | Path, *, overwrite: bool = Fal
                             "expressions": sum(r["split"] == sp for r in records)} for sp in ("train", "val", "test")},
         },
     }
-    (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_card(out, cfg, records, summary)
-    return summary
 
 
 def facts_of(attributes: dict[str, Any], index: int) -> LesionFacts:

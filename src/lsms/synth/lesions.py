@@ -9,7 +9,9 @@ width encodes the boundary (clear ~0.3 mm, blurred ~2.5 mm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
@@ -46,10 +48,28 @@ class Lesion:
     params: dict[str, float] = field(default_factory=dict)
     window: tuple[slice, slice] | None = None
     local_mask: np.ndarray | None = None  # bool mask within ``window``
+    z: float = 0.0  # volumes: centre along the slice axis (mm from the centre of slice 0)
+    half_z: float = 0.0  # volumes: half the extent along the slice axis (mm); 0 for a lesion of one slice
 
     @property
     def max_radius(self) -> float:
         return self.radius * max(np.sqrt(self.elong), 1.0) * (1.0 + float(np.abs(self.harmonics[:, 1]).sum()))
+
+    @property
+    def bound(self) -> float:
+        """Radius (mm) of a ball about the centre holding the whole 3D body (see :meth:`section`)."""
+        return max(self.max_radius, self.half_z)
+
+    def section(self, z_mm: float) -> Lesion | None:
+        """The body's cross-section at ``z_mm`` (volumes): the same outline scaled by ``sqrt(1 - t^2)``,
+        ``t = (z_mm - z) / half_z``, so the body is a stretched, lobulated ellipsoid; None outside it.
+
+        A point of the section lies within ``max_radius * sqrt(1 - t^2)`` of the axis, so within
+        :attr:`bound` of the centre in 3D."""
+        t = (z_mm - self.z) / self.half_z if self.half_z > 0 else float("inf")
+        if abs(t) >= 1.0:
+            return None
+        return replace(self, radius=self.radius * float(np.sqrt(1.0 - t * t)), window=None, local_mask=None)
 
     def frame(self, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Normalised frame of pixel offsets: (rho, theta, u, v); ``rho < 1`` is inside the outline."""
@@ -139,6 +159,18 @@ def sample_diameter(kind: str, rng: np.random.Generator, lo: float, hi: float) -
     return float(np.exp(rng.uniform(np.log(a), np.log(b))))
 
 
+def _shrink_to_fit(les: Lesion, candidates: Callable[[Lesion], np.ndarray], min_diameter: float) -> np.ndarray | None:
+    """Where ``les`` may go (``candidates(les)``, flat indices), shrinking it by 15 % steps while nowhere fits;
+    None when it would have to shrink below ``min_diameter``."""
+    while True:
+        cand = candidates(les)
+        if cand.size:
+            return cand
+        if 2 * les.radius * 0.85 < min_diameter:
+            return None
+        les.radius *= 0.85
+
+
 def place_lesions(lesions: list[Lesion], liver: np.ndarray, grid: Grid, rng: np.random.Generator,
                   min_diameter: float) -> list[Lesion]:
     """Places lesions (largest first) inside the liver, disjoint, shrinking those that do not fit.
@@ -148,30 +180,73 @@ def place_lesions(lesions: list[Lesion], liver: np.ndarray, grid: Grid, rng: np.
     edt = distance_transform_edt(liver, sampling=grid.spacing)
     X, Y = grid.x, grid.y
     placed: list[Lesion] = []
+    def candidates(les: Lesion) -> np.ndarray:
+        need = les.max_radius + EDGE_MARGIN_MM
+        ok = edt >= need
+        for q in placed:
+            ok &= np.hypot(X - q.x, Y - q.y) >= need + q.max_radius + GAP_MM
+        return np.flatnonzero(ok)
+
     for les in sorted(lesions, key=lambda l_: -l_.radius):
-        while True:
-            need = les.max_radius + EDGE_MARGIN_MM
-            ok = edt >= need
-            for q in placed:
-                ok &= np.hypot(X - q.x, Y - q.y) >= need + q.max_radius + GAP_MM
-            cand = np.flatnonzero(ok)
-            if cand.size:
-                break
-            if 2 * les.radius * 0.85 < min_diameter:
-                cand = None
-                break
-            les.radius *= 0.85
+        cand = _shrink_to_fit(les, candidates, min_diameter)
         if cand is None:
             continue
         r, c = divmod(int(cand[int(rng.integers(cand.size))]), grid.size)
         les.x, les.y = grid.to_mm(r, c)
-        win, dx, dy = grid.local(les.x, les.y, les.max_radius + 4.0)
-        rho, _, _, _ = les.frame(dx, dy)
-        les.window, les.local_mask = win, rho < 1.0
+        les.window, les.local_mask = section_mask(les, grid)
         if les.local_mask.sum() < 3:
             continue
         placed.append(les)
     return placed
+
+
+def place_lesions_3d(lesions: list[Lesion], liver: np.ndarray, grid: Grid, slice_mm: float,
+                     rng: np.random.Generator, min_diameter: float, same_level_p: float = 0.0) -> list[Lesion]:
+    """Places 3D lesion bodies (largest first) inside the liver volume ``liver`` (Z, H, W), disjoint, shrinking
+    those that do not fit (as :func:`place_lesions` does on a slice).
+
+    Each body gets a z half-extent of 0.75..1.25 times its mean radius. Its centre is a voxel whose 3D distance
+    to the nearest non-liver voxel (or beyond the first / last slice) is at least :attr:`Lesion.bound` +
+    :data:`EDGE_MARGIN_MM`, and whose distance to every placed centre leaves :data:`GAP_MM` between their
+    bounding balls: so every voxel of the body is liver and no two bodies touch. With probability
+    ``same_level_p`` a lesion after the first is centred within the first one's z-extent where it fits there
+    (so that slices show several lesions), else anywhere.
+    """
+    padded = np.pad(liver, ((1, 1), (0, 0), (0, 0)))  # the volume ends: outside is not liver
+    edt = distance_transform_edt(padded, sampling=(slice_mm, grid.spacing, grid.spacing))[1:-1]
+    placed: list[Lesion] = []
+    def candidates(les: Lesion, ratio: float) -> np.ndarray:
+        les.half_z = les.radius * ratio
+        cand = np.flatnonzero(edt >= les.bound + EDGE_MARGIN_MM)
+        if cand.size and placed:
+            k, r, c = np.unravel_index(cand, liver.shape)
+            x, y, z = grid.x[0, c], grid.y[r, 0], k * slice_mm
+            ok = np.ones(cand.size, dtype=bool)
+            for q in placed:
+                ok &= np.sqrt((x - q.x) ** 2 + (y - q.y) ** 2 + (z - q.z) ** 2) >= les.bound + q.bound + GAP_MM
+            cand = cand[ok]
+        return cand
+
+    for les in sorted(lesions, key=lambda l_: -l_.radius):
+        cand = _shrink_to_fit(les, partial(candidates, ratio=rng.uniform(0.75, 1.25)), min_diameter)
+        if cand is None:
+            continue
+        if placed and rng.random() < same_level_p:
+            first = placed[0]
+            level = np.abs(np.unravel_index(cand, liver.shape)[0] * slice_mm - first.z) < first.half_z
+            cand = cand[level] if level.any() else cand
+        k, r, c = (int(v) for v in np.unravel_index(int(cand[int(rng.integers(cand.size))]), liver.shape))
+        les.x, les.y = grid.to_mm(r, c)
+        les.z = k * slice_mm
+        placed.append(les)
+    return placed
+
+
+def section_mask(les: Lesion, grid: Grid) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The pixels of a (placed) lesion's outline: its window and the bool mask within it."""
+    win, dx, dy = grid.local(les.x, les.y, les.max_radius + 4.0)
+    rho, _, _, _ = les.frame(dx, dy)
+    return win, rho < 1.0
 
 
 def render_lesion(img: np.ndarray, les: Lesion, grid: Grid) -> None:

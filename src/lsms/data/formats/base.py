@@ -24,7 +24,8 @@ class ImageTooLargeError(ImageReadError):
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """Sizes a file may declare; checked against its header before any pixel is allocated.
+    """Sizes a file may declare, checked against its header before any pixel is allocated, and the memory a setting
+    may ask for, checked against an estimate before the network runs.
 
     Each limit is a setting: pass a ``ReadLimits`` to :func:`~lsms.data.read_image`, or set the environment
     variable named in :data:`LIMIT_ENV` (read at every call, so it also reaches DataLoader workers and the
@@ -38,11 +39,16 @@ class ReadLimits:
         max_file_bytes: size of a file that is parsed whole (PNG/JPEG/BMP/GIF, DICOM, ``.npz``). NIfTI,
             ``.npy`` and TIFF are read one slice or page at a time and are not bounded by it. Default 2**30
             (1 GiB).
+        max_tensor_bytes: the network's activations for one step at the image size and batch a setting or a
+            checkpoint asks for, as :func:`lsms.model.activation_bytes` estimates them (``lsms train``,
+            ``evaluate``, ``predict``, ``serve``, ``export``, ``profile``). Default 2**31 (2 GiB); on a CUDA
+            device, when the environment variable is not set, the device's memory instead.
     """
 
     max_image_pixels: int = 2**25
     max_volume_voxels: int = 2**28
     max_file_bytes: int = 2**30
+    max_tensor_bytes: int = 2**31
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -52,7 +58,8 @@ class ReadLimits:
 
     @classmethod
     def from_env(cls) -> ReadLimits:
-        """The defaults, overridden by ``LSMS_MAX_IMAGE_PIXELS``, ``LSMS_MAX_VOLUME_VOXELS``, ``LSMS_MAX_FILE_BYTES``."""
+        """The defaults, overridden by ``LSMS_MAX_IMAGE_PIXELS``, ``LSMS_MAX_VOLUME_VOXELS``, ``LSMS_MAX_FILE_BYTES``,
+        ``LSMS_MAX_TENSOR_BYTES``."""
         values: dict[str, int] = {}
         for name, var in LIMIT_ENV.items():
             raw = os.environ.get(var)
@@ -67,13 +74,15 @@ class ReadLimits:
             values[name] = int(number)
         return cls(**values)
 
-    def check(self, path: Path, name: str, amount: int, what: str) -> None:
-        """Raise :class:`ImageTooLargeError` when ``amount`` exceeds the limit ``name``."""
+    def check(self, path: Path | str, name: str, amount: int, what: str,
+              fix: str = "if the file is genuine, raise the limit") -> None:
+        """Raise :class:`ImageTooLargeError` when ``amount`` exceeds the limit ``name``; the message starts with
+        ``path`` (the file, or the setting) and ends with ``fix`` and the environment variable that raises it."""
         limit = getattr(self, name)
         if amount > limit:
             raise ImageTooLargeError(
-                f"{path}: {what} = {amount:,}, above the limit {name} = {limit:,}; if the file is genuine, raise "
-                f"the limit (environment variable {LIMIT_ENV[name]}, see docs/reliability.md)"
+                f"{path}: {what} = {amount:,}, above the limit {name} = {limit:,}; {fix} "
+                f"(environment variable {LIMIT_ENV[name]}, see docs/reliability.md)"
             )
 
 
@@ -81,6 +90,7 @@ LIMIT_ENV = {
     "max_image_pixels": "LSMS_MAX_IMAGE_PIXELS",
     "max_volume_voxels": "LSMS_MAX_VOLUME_VOXELS",
     "max_file_bytes": "LSMS_MAX_FILE_BYTES",
+    "max_tensor_bytes": "LSMS_MAX_TENSOR_BYTES",
 }
 
 

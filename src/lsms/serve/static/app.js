@@ -48,6 +48,11 @@ function addSentence(text) {
   t.className = "sentence";
   t.placeholder = state.info.model.uses_text ? "e.g. the larger cyst in segment VI" : "(this model ignores text)";
   t.value = text || "";
+  t.rows = 1;
+  t.addEventListener("input", () => fitHeight(t));
+  const swatch = document.createElement("span");
+  swatch.className = "swatch";
+  swatch.title = "this sentence's colour in the results";
   const x = document.createElement("button");
   x.type = "button";
   x.textContent = "×";
@@ -55,14 +60,21 @@ function addSentence(text) {
   x.addEventListener("click", () => {
     if (document.querySelectorAll("textarea.sentence").length > 1) { row.remove(); colourSentences(); }
   });
-  row.append(t, x);
+  row.append(swatch, t, x);
   $("texts").append(row);
+  fitHeight(t);
   colourSentences();
 }
 
+// a sentence box is as tall as its text: a long sentence shows whole, never cut
+function fitHeight(t) {
+  t.style.height = "auto";
+  t.style.height = (t.scrollHeight + t.offsetHeight - t.clientHeight) + "px";
+}
+
 function colourSentences() {
-  document.querySelectorAll("textarea.sentence").forEach((t, i) => {
-    t.style.borderColor = state.info.colours[i % state.info.colours.length];
+  document.querySelectorAll(".sentence-row .swatch").forEach((s, i) => {
+    s.style.background = state.info.colours[i % state.info.colours.length];
   });
   $("add-sentence").disabled = document.querySelectorAll("textarea.sentence").length >= state.info.limits.sentences;
 }
@@ -92,9 +104,10 @@ async function opened(info) {
   $("progress").value = 0;
   $("progress-text").textContent = "";
   if (info.texts && info.texts.length) setSentences(info.texts);
-  $("panels").replaceChildren(imagePanel());
+  showPanels([imagePanel()]);
   $("settings-link").hidden = true;
-  say(`Opened ${info.name}. Type a sentence and press Segment.`);
+  say(info.texts && info.texts.length ? `Opened ${info.name} with its reference sentences: press Segment, or edit them.`
+                                       : `Opened ${info.name}. Type a sentence and press Segment.`);
 }
 
 function imageUrl() {
@@ -103,7 +116,7 @@ function imageUrl() {
 
 function imagePanel() {
   const p = document.createElement("div");
-  p.className = "panel";
+  p.className = "panel image-only";
   const img = new Image();
   img.src = imageUrl();
   img.alt = "image";
@@ -145,7 +158,7 @@ async function segment() {
     const out = await api("POST", "/api/predict", req);
     showResults(out, req);
     state.predicted = true;
-    say(`${out.results.length} sentence(s) on slice ${out.slice} in ${out.seconds.toFixed(2)} s.`);
+    say(out.message);
   } catch (err) {
     say(err.message, true);
   } finally {
@@ -160,12 +173,14 @@ function showResults(out, req) {
   const panels = out.results.map((r, i) => {
     const colour = state.info.colours[i % state.info.colours.length];
     const p = document.createElement("div");
-    p.className = "panel";
+    p.className = "panel result";
     p.dataset.index = String(i);
     const cap = document.createElement("div");
     cap.className = "caption";
-    cap.style.borderColor = colour;
-    cap.textContent = r.text || "(no text)";
+    const dot = document.createElement("span");
+    dot.className = "swatch";
+    dot.style.background = colour;
+    cap.append(dot, r.text || "(no text)");
     const pair = document.createElement("div");
     pair.className = "pair";
     const left = document.createElement("div");
@@ -178,7 +193,6 @@ function showResults(out, req) {
     left.append(stack, l1);
     const right = document.createElement("div");
     const prob = new Image(); prob.src = r.probability; prob.className = "probability"; prob.alt = "probability";
-    prob.style.width = "100%";
     const l2 = document.createElement("small"); l2.textContent = "probability (0 dark .. 1 yellow)";
     right.append(prob, l2);
     pair.append(left, right);
@@ -187,11 +201,15 @@ function showResults(out, req) {
     stats.innerHTML = "";
     const area = document.createElement("span"); area.className = "area"; area.textContent = String(r.area_px);
     stats.append("area ", area, ` px, max probability ${r.max_probability.toFixed(3)}`);
-    if (r.found === false) {  // under the model's existence threshold: the described lesion is not here
-      const nf = document.createElement("strong"); nf.className = "not-found";
-      nf.textContent = ` — not found (existence ${r.existence.toFixed(3)})`;
-      stats.append(nf);
-    }
+    // the existence score beside the model's threshold: under it the described lesion is not here (no mask)
+    const ex = document.createElement("div");
+    ex.className = "existence";
+    const verdict = document.createElement("strong");
+    verdict.className = r.found ? "found" : "not-found";
+    verdict.textContent = r.found ? "found" : "not found";
+    ex.append(`existence score ${r.existence.toFixed(2)} ` + (out.existence_threshold === null ?
+      "(no existence threshold: never withheld): " : `(threshold ${out.existence_threshold.toFixed(2)}): `), verdict);
+    stats.append(ex);
     if (r.warning) {  // lsms serve --allow-modality-mismatch: not the kind of image the model reads
       const w = document.createElement("strong"); w.className = "not-found";
       w.textContent = ` — ${r.warning}`;
@@ -217,10 +235,12 @@ function showResults(out, req) {
       nii.title = "every slice segmented so far with this sentence and threshold (all, after Whole volume)";
       links.append(nii);
     }
-    p.append(cap, pair, stats, links);
+    // the numbers and the verdict above the pictures, in view without scrolling; five rows in every panel, so
+    // that side-by-side panels line their pictures up (style.css: subgrid)
+    const f = document.createElement("div");
+    f.className = "features";
+    p.append(cap, stats, pair, links, f);
     if (r.features) {
-      const f = document.createElement("div");
-      f.className = "features";
       r.features.forEach((src, s) => {
         const d = document.createElement("div");
         const im = new Image(); im.src = src; im.alt = `F${s + 1}`;
@@ -228,11 +248,10 @@ function showResults(out, req) {
         d.append(im, l);
         f.append(d);
       });
-      p.append(f);
     }
     return p;
   });
-  $("panels").replaceChildren(...panels);
+  showPanels(panels);
   const link = $("settings-link");
   const params = new URLSearchParams({ sid: state.sid, slice: req.slice, threshold: out.threshold,
                                        window: req.window, name: "settings.json" });
@@ -240,6 +259,12 @@ function showResults(out, req) {
   link.href = "/api/settings.json?" + params.toString();
   link.download = "settings.json";
   link.hidden = false;
+}
+
+// one panel: the whole width; several: two columns (the images scale to the space, see style.css)
+function showPanels(panels) {
+  $("panels").style.setProperty("--columns", String(Math.min(panels.length, 2)));
+  $("panels").replaceChildren(...panels);
 }
 
 // ------------------------------------------------------------------ whole volume
@@ -289,9 +314,7 @@ async function start() {
     $("example").disabled = $("open-example").disabled = true;
   }
   setSentences([]);
-  $("open-example").addEventListener("click", async () => {
-    try { await opened(await api("POST", "/api/example", { id: $("example").value })); } catch (err) { say(err.message, true); }
-  });
+  $("open-example").addEventListener("click", openExample);
   $("file").addEventListener("change", (e) => openFiles(e.target.files));
   $("folder").addEventListener("change", (e) => openFiles(e.target.files));
   $("add-sentence").addEventListener("click", () => addSentence(""));
@@ -302,21 +325,26 @@ async function start() {
   });
   $("threshold").addEventListener("change", () => { if (state.predicted) segment(); });
   $("window").addEventListener("change", () => {
-    if (state.predicted) segment(); else if (state.image) $("panels").replaceChildren(imagePanel());
+    if (state.predicted) segment(); else if (state.image) showPanels([imagePanel()]);
   });
   $("features").addEventListener("change", () => { if (state.predicted) segment(); });
   $("slice").addEventListener("input", () => {
     $("slice-value").textContent = $("slice").value;
     clearTimeout(sliceTimer);
     sliceTimer = setTimeout(() => {
-      if (state.predicted) segment(); else $("panels").replaceChildren(imagePanel());
+      if (state.predicted) segment(); else showPanels([imagePanel()]);
     }, 120);
   });
   document.addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) segment(); });
   setInterval(() => api("POST", "/api/ping").catch((err) => say(err.message, true)), 60000);
   window.addEventListener("pagehide", () => navigator.sendBeacon("/api/close?sid=" + encodeURIComponent(state.sid)));
-  say("Open a bundled slice or a file.");
+  if (state.info.examples.length) await openExample();
+  else say("Open an image file.");
   document.body.dataset.ready = "1";
+}
+
+async function openExample() {
+  try { await opened(await api("POST", "/api/example", { id: $("example").value })); } catch (err) { say(err.message, true); }
 }
 
 start();

@@ -1,0 +1,288 @@
+"""RefLiver-Synth volumes: 3 patients x 16 slices of 64 px (10 mm apart), re-derived from the written files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from lsms.synth import SynthConfig, VolumeConfig, generate_volume_dataset, load_phrasing, render_volume
+from lsms.synth.anatomy import SEGMENTS
+from lsms.synth.expressions import LesionFacts, confusable, true_relations
+from lsms.synth.generate import facts_of, negative_mode, split_of_patients
+from lsms.synth.lesions import section_mask
+from lsms.synth.negatives import Negative, describes_nothing
+
+SMALL = dict(patients=3, image_size=64, variants=1)
+VCFG = VolumeConfig(slices=16, slice_mm=10.0, dicom=True)
+SEG_RE = re.compile(r"segment (IVa|IVb|VIII|VII|VI|V|III|II|I|4a|4b|[1-8])\b")
+ARABIC = {"1": "I", "2": "II", "3": "III", "4a": "IVa", "4b": "IVb", "5": "V", "6": "VI", "7": "VII", "8": "VIII"}
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) (mm|cm)\b")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _nifti(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj).transpose(2, 1, 0)  # (col, row, slice) -> (Z, H, W)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        d = tmp_path_factory.mktemp(f"volumes_{name}")
+        generate_volume_dataset(SynthConfig(seed=seed, **SMALL), VCFG, d, progress=False)
+        out[name] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def volumes(sets: dict[str, Path]) -> dict[str, object]:
+    """Set "a"'s volumes re-rendered (liver, segment map, organs, lesion bodies), by volume id."""
+    cfg = SynthConfig(seed=1, **SMALL)
+    splits = split_of_patients(cfg)
+    vs = [render_volume(cfg, VCFG, i, load_phrasing(), [], negative_mode(cfg, splits[i])) for i in range(cfg.patients)]
+    return {v.volume_id: v for v in vs}
+
+
+def test_same_seed_byte_identical_other_seed_differs(sets: dict[str, Path]) -> None:
+    a, b, c = _files(sets["a"]), _files(sets["b"]), _files(sets["c"])
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    assert any(k.startswith("dicom/") for k in a) and any(k.endswith(".nii.gz") for k in a)
+    assert a["volumes.jsonl"] != c["volumes.jsonl"] and a["volumes/p0000.nii.gz"] != c["volumes/p0000.nii.gz"]
+
+
+def test_manifests_load_and_name_their_files(sets: dict[str, Path]) -> None:
+    from lsms.data import load_manifest, load_samples
+
+    root = sets["a"]
+    vol = load_manifest(root / "volumes.jsonl")
+    flat = load_samples(root)  # the 2D set: what `lsms train OUT` reads (volumes.jsonl is not picked up)
+    assert vol and flat and all(r.image.endswith(".npy") for r in flat)
+    assert len(flat) == len(_jsonl(root / "manifest.jsonl"))
+    for r in _jsonl(root / "volumes.jsonl"):
+        for key in ("image", "mask", "instances", "all_mask", "dicom"):
+            assert (root / r[key]).exists(), (r["id"], key)
+        assert r["spacing"] == [350 / 64] * 2 and r["slice_mm"] == 10.0 and r["depth"] == 16
+    assert sum("negative" in r for r in _jsonl(root / "volumes.jsonl")) > 0
+
+
+def test_slices_are_the_volumes_slices(sets: dict[str, Path]) -> None:
+    root = sets["a"]
+    vols = {}
+    for r in _jsonl(root / "manifest.jsonl"):
+        v = r["volume"]
+        if v not in vols:
+            vols[v] = (_nifti(root / f"volumes/{v}.nii.gz"), _nifti(root / f"volumes/{v}_instances.nii.gz"))
+        image, inst = vols[v]
+        k = r["volume_slice"]
+        assert np.array_equal(np.load(root / r["image"]), image[k])
+        assert np.array_equal(np.asarray(Image.open(root / r["instances"])), inst[k])
+        mask = np.asarray(Image.open(root / r["mask"])) > 0
+        assert np.array_equal(mask, inst[k] == r["target_instance"] if r["target_instance"] else np.zeros_like(mask))
+    assert len(vols) == 3
+
+
+def test_masks_are_their_instance_inside_liver_disjoint_bodies(sets: dict[str, Path], volumes: dict) -> None:
+    root = sets["a"]
+    for r in _jsonl(root / "volumes.jsonl"):
+        v = volumes[r["volume_id"]]
+        inst = _nifti(root / r["instances"])
+        assert np.array_equal(inst, v.instances)
+        mask = _nifti(root / r["mask"]) > 0
+        k = r["target_instance"]
+        assert np.array_equal(mask, inst == k) if k else not mask.any()
+        assert np.array_equal(_nifti(root / r["all_mask"]) > 0, inst > 0)
+        if k:
+            zs = np.flatnonzero(mask.any(axis=(1, 2)))
+            assert r["attributes"]["z_extent"] == [zs[0], zs[-1]] and len(zs) >= 2  # a body over several slices
+    grid_size = SMALL["image_size"]
+    for v in volumes.values():
+        assert not (v.instances > 0)[~v.liver].any()  # inside the liver
+        bodies = []
+        for les in v.lesions:  # each body on its own, from its geometry: none overlaps another
+            body = np.zeros(v.instances.shape, dtype=bool)
+            for z in range(VCFG.slices):
+                sec = les.section(z * VCFG.slice_mm)
+                if sec is not None:
+                    from lsms.synth.geometry import Grid
+
+                    win, m = section_mask(sec, Grid(grid_size, 350 / grid_size))
+                    body[z][win] |= m
+            bodies.append(body)
+        assert (np.sum(bodies, axis=0) <= 1).all() if bodies else True
+        for label, body in enumerate(bodies, start=1):
+            assert np.array_equal(body, v.instances == label)
+
+
+def _brute_diameter(mask: np.ndarray, spacing: tuple[float, ...]) -> float:
+    pts = np.argwhere(mask) * np.asarray(spacing)
+    return float(np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1).max()))
+
+
+def _brute_distance(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
+    if not b.any():
+        return float("inf")
+    pa, pb = np.argwhere(a) * np.asarray(spacing), np.argwhere(b) * np.asarray(spacing)
+    return float(np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1).min()))
+
+
+def _refacts(inst: np.ndarray, segments: np.ndarray, gb: np.ndarray, ivc: np.ndarray, spacing: tuple[float, ...],
+             kinds: dict[int, str], looks: dict[int, dict]) -> list[LesionFacts]:
+    """Facts re-measured from an instance map (2D or 3D) and the re-rendered anatomy, by brute force."""
+    out = []
+    for k in sorted(int(x) for x in np.unique(inst) if x):
+        m = inst == k
+        c = np.argwhere(m).mean(0)
+        seg = SEGMENTS[int(segments[tuple(int(round(x)) for x in c)]) - 1]
+        d = _brute_diameter(m, spacing) if m.ndim == 3 else 2 * np.sqrt(m.sum() * spacing[0] ** 2 / np.pi)
+        far = 25.0 if m.ndim == 3 else float("inf")  # volumes report organ distances beyond 25 mm as inf
+        dist = [x if x <= far else float("inf") for x in (_brute_distance(m, gb, spacing), _brute_distance(m, ivc, spacing))]
+        lk = looks.get(k, {"shape": "", "boundary": "", "density": "", "enhancement": ""})
+        out.append(LesionFacts(index=k, kind=kinds[k], segment=seg, lobe="", diameter_mm=round(d, 1),
+                               area_px=int(m.sum()), centroid=(float(c[-2]), float(c[-1])), dist_gallbladder_mm=dist[0],
+                               dist_ivc_mm=dist[1], **lk))
+    for a, f in enumerate(out):
+        f.relations = true_relations(out, a, spacing[-1])
+    return out
+
+
+def _check_group(group: list[dict], facts: list[LesionFacts]) -> int:
+    """Every lesion sentence of a volume / slice is true of its lesion (segment, size, relations re-derived) and
+    unique; every negative matches none. Returns the number of relations that hold."""
+    by_label = {f.index: a for a, f in enumerate(facts)}
+    n_rel = 0
+    for r in group:
+        a, text = r["attributes"], r["text"]
+        if "negative" in r:
+            neg = Negative(r["negative"], facts_of(a, 0), a["slots"]["full"], (a["relations"] or [None])[0])
+            assert describes_nothing(facts, neg), (r["id"], text)
+            continue
+        i = by_label[r["target_instance"]]
+        f = facts[i]
+        assert a["segment"] == f.segment and abs(a["diameter_mm"] - f.diameter_mm) <= 0.05 + 1e-9, (r["id"], a, f)
+        said = SEG_RE.findall(text)
+        assert said and {ARABIC.get(x, x) for x in said} == {f.segment}, text
+        val, unit = SIZE_RE.findall(text)[0]
+        assert abs(float(val) * (10 if unit == "cm" else 1) - f.diameter_mm) <= 0.55, (text, f.diameter_mm)
+        assert a["relations_true"] == f.relations, (text, a["relations_true"], f.relations)  # every one that holds
+        n_rel += len(f.relations)
+        for rel in a["relations"]:
+            assert rel in f.relations, (text, rel, f.relations)
+        if not a["relations"]:
+            assert confusable(facts, i, a["slots"]["full"]) == [], text
+        assert r["unique"]["full"]
+    return n_rel
+
+
+def test_volume_sentences_true_unique_negatives_absent(sets: dict[str, Path], volumes: dict) -> None:
+    root = sets["a"]
+    recs = _jsonl(root / "volumes.jsonl")
+    n_rel = 0
+    for vid, v in volumes.items():
+        group = [r for r in recs if r["volume_id"] == vid]
+        lesions = [r for r in group if "negative" not in r]
+        kinds = {k: les.kind for k, les in enumerate(v.lesions, start=1)}
+        looks = {r["target_instance"]: {s: r["attributes"][s] for s in ("shape", "boundary", "density", "enhancement")}
+                 for r in lesions}
+        facts = _refacts(v.instances, v.segments, v.gallbladder, v.ivc, (10.0, 350 / 64, 350 / 64), kinds, looks)
+        assert len(lesions) == len(facts) == group[0]["n_lesions"]
+        n_rel += _check_group(group, facts)
+    assert n_rel > 0
+
+
+def test_slice_sentences_true_of_what_the_slice_shows(sets: dict[str, Path], volumes: dict) -> None:
+    root = sets["a"]
+    by_slice: dict[str, list[dict]] = {}
+    for r in _jsonl(root / "manifest.jsonl"):
+        by_slice.setdefault(r["slice_id"], []).append(r)
+    n_rel = 0
+    for group in by_slice.values():
+        v, k = volumes[group[0]["volume"]], group[0]["volume_slice"]
+        inst = np.asarray(Image.open(root / group[0]["instances"]))
+        kinds = {j: les.kind for j, les in enumerate(v.lesions, start=1)}
+        looks = {j: {s: getattr(les, s) for s in ("shape", "boundary", "density", "enhancement")}
+                 for j, les in enumerate(v.lesions, start=1)}
+        facts = _refacts(inst, v.segments[k], v.gallbladder[k], v.ivc[k], (350 / 64, 350 / 64), kinds, looks)
+        assert group[0]["n_lesions"] == len(facts)
+        n_rel += _check_group(group, facts)
+    assert len(by_slice) > 5 and n_rel > 0
+
+
+def test_nifti_geometry_and_lsms_reader(sets: dict[str, Path]) -> None:
+    from lsms.data import read_image
+
+    root = sets["a"]
+    img = nib.load(root / "volumes/p0001.nii.gz")
+    s = 350 / 64
+    assert img.shape == (64, 64, 16) and np.allclose(img.header.get_zooms(), (s, s, 10.0))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")  # columns to the patient's left, rows posterior, slices up
+    expected = np.array([[-s, 0, 0, (32 - 0.5) * s], [0, -s, 0, (32 - 0.5) * s], [0, 0, 10, -75.0], [0, 0, 0, 1]])
+    assert np.allclose(img.affine, expected) and np.allclose(img.get_qform(), expected)
+    assert int(img.header["qform_code"]) == int(img.header["sform_code"]) == 1
+    vol = _nifti(root / "volumes/p0001.nii.gz")
+    assert vol.dtype == np.int16
+    for k in (0, 9, 15):
+        data = read_image(root / "volumes/p0001.nii.gz", slice_index=k)
+        assert np.array_equal(data.array, vol[k]) and np.allclose(data.spacing, (s, s))
+
+
+def test_dicom_series_same_geometry(sets: dict[str, Path]) -> None:
+    from lsms.data import read_volume
+
+    root = sets["a"]
+    vol = _nifti(root / "volumes/p0002.nii.gz")
+    files = [pydicom.dcmread(p) for p in sorted((root / "dicom/p0002").glob("*.dcm"))]
+    files.sort(key=lambda d: int(d.InstanceNumber))
+    assert len(files) == 16
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        assert len({str(getattr(d, key)) for d in files}) == 1
+    assert len({str(d.SOPInstanceUID) for d in files}) == 16
+    nii = nib.load(root / "volumes/p0002.nii.gz").affine
+    for k, d in enumerate(files):
+        assert d.Modality == "CT" and d.SOPClassUID == pydicom.uid.CTImageStorage
+        hu = d.pixel_array.astype(np.int32) * int(d.RescaleSlope) + int(d.RescaleIntercept)
+        assert np.array_equal(hu, vol[k])
+        assert [float(x) for x in d.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert np.allclose([float(x) for x in d.PixelSpacing], [350 / 64] * 2) and float(d.SliceThickness) == 10.0
+        ras = nii @ np.array([0, 0, k, 1.0])  # voxel (col 0, row 0, slice k) in RAS; DICOM is LPS
+        assert np.allclose([float(x) for x in d.ImagePositionPatient], [-ras[0], -ras[1], ras[2]], atol=1e-5)
+    series = read_volume(root / "dicom/p0002")
+    assert series.depth == 16
+    for k in (0, 7, 15):  # the lsms reader sorts along the normal: the NIfTI's slice order
+        assert np.array_equal(series.slice(k).array, vol[k])
+
+
+def test_splits_by_patient(sets: dict[str, Path]) -> None:
+    root = sets["a"]
+    split_of: dict[str, set[str]] = {}
+    for r in _jsonl(root / "volumes.jsonl") + _jsonl(root / "manifest.jsonl"):
+        split_of.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of.values())
+    assert {next(iter(s)) for s in split_of.values()} == {"train", "val", "test"}
+
+
+def test_cli_volumes(tmp_path: Path) -> None:
+    from lsms.cli import main
+
+    out = tmp_path / "vol"
+    assert main(["synth", str(out), "--volumes", "--patients", "1", "--image-size", "64", "--volume-slices", "8",
+                 "--slice-mm", "10", "--no-progress", "--variants", "0"]) == 0
+    assert (out / "volumes.jsonl").is_file() and _nifti(out / "volumes/p0000.nii.gz").shape == (8, 64, 64)
+    assert json.loads((out / "dataset.json").read_text())["volumes"]["settings"]["slices"] == 8
+    assert main(["synth", str(tmp_path / "flat"), "--dicom"]) == 2  # volume options need --volumes
+    with pytest.raises(ValueError, match="--slice-mm"):
+        VolumeConfig(slice_mm=0.1)
