@@ -114,3 +114,82 @@ def test_cli_json_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert _run([str(ok)]) == 0
     text = capsys.readouterr().out
     assert "train: 3" in text and "OK: 0 error(s)" in text and "none (classical segmentation)" in text
+
+
+def _records_dataset(root: Path) -> Path:
+    """Records whose files break the dataset and sample rules: a patient and a byte-identical image in two splits,
+    a target_instance absent from its map, one contradicted by an empty mask, a negative with lesion pixels."""
+    rng = np.random.default_rng(1)
+    inst = np.zeros((8, 8), np.uint8)
+    inst[2:5, 2:5] = 1
+    m = (inst * 255).astype(np.uint8)
+    for name in ("a", "b", "c", "d", "e", "f"):
+        _png(root / f"img/{name}.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    (root / "img/a_copy.png").write_bytes((root / "img/a.png").read_bytes())
+    _png(root / "msk/m.png", m)
+    _png(root / "msk/empty.png", np.zeros((8, 8), np.uint8))
+    _png(root / "inst/i.png", inst)
+    rows = [
+        dict(id="a", image="img/a.png", split="train", patient="p1"),
+        dict(id="copy", image="img/a_copy.png", split="test", patient="p9"),  # the same bytes as a.png
+        dict(id="b", image="img/b.png", split="val", patient="p1"),  # p1 is in train too
+        dict(id="absent", image="img/c.png", split="train", patient="p2", instances="inst/i.png", target_instance=2),
+        dict(id="emptied", image="img/d.png", split="train", patient="p3", instances="inst/i.png", target_instance=1,
+             mask="msk/empty.png"),
+        dict(id="negative", image="img/e.png", split="train", patient="p4", instances="inst/i.png", target_instance=0),
+        dict(id="good", image="img/f.png", split="train", patient="p5", instances="inst/i.png", target_instance=1),
+    ]
+    lines = [json.dumps({"mask": "msk/m.png", "text": "a lesion", **r}) for r in rows]
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_leaks_and_instances_are_one_rule_for_check_load_and_training(tmp_path: Path) -> None:
+    from lsms.data import DataConfig, SampleError, SegmentationDataset, default_preprocessing, load_samples
+    from lsms.data.loaders import build_datasets
+
+    root = _records_dataset(tmp_path / "d")
+    report = check_dataset(root, workers=1)
+    msg = {(p.code, p.id): p.message for p in report.errors}
+    assert set(msg) == {("split-leak", "a"), ("missing-instance", "absent"), ("missing-instance", "emptied"),
+                        ("mask-mismatch", "negative")}
+    leaks = [p.message for p in report.errors if p.code == "split-leak"]
+    assert any("manifest.jsonl:1: field 'patient' 'p1': the same patient appears in splits ['train', 'val'] "
+               "(train: " in m and "manifest.jsonl:3)" in m for m in leaks)
+    assert any("manifest.jsonl:1: field 'image' (img/a.png): the same image file (or a byte-identical copy) appears "
+               "in splits ['train', 'test']" in m and "manifest.jsonl:2" in m for m in leaks)
+    assert "manifest.jsonl:4: field 'target_instance': 2 does not occur in the instance map" in msg[("missing-instance", "absent")]
+    assert "manifest.jsonl:5: field 'target_instance': 1 names a lesion but the mask" in msg[("missing-instance", "emptied")]
+    assert "manifest.jsonl:6: field 'target_instance': 0 marks a negative" in msg[("mask-mismatch", "negative")]
+
+    # loading (any split) refuses the leak with check's message; training refuses before any step
+    for split in ("train", "val", "test"):
+        with pytest.raises(ValueError, match=r"manifest\.jsonl:1: field '(patient|image)'.*--allow-split-leak"):
+            load_samples(root, split=split)
+    with pytest.raises(ValueError, match=r"split-leak|appears in splits"):
+        build_datasets(DataConfig(path=str(root), image_size=64), seed=0)
+    train = load_samples(root, split="train", allow_split_leak=True)
+    preprocessing, train_set, val_set = build_datasets(DataConfig(path=str(root), image_size=64, allow_split_leak=True), 0)
+    assert val_set is not None and [r.id for r in val_set.records] == ["b"]
+
+    # the sample rules: the torch dataset refuses what check calls an error, naming line and field
+    ds = SegmentationDataset(train, default_preprocessing(None, 64))
+    by_id = {r.id: i for i, r in enumerate(train)}
+    for rid, line in (("absent", 4), ("emptied", 5), ("negative", 6)):
+        with pytest.raises(SampleError, match=rf"sample '{rid}' \(train\): .*manifest\.jsonl:{line}: field 'target_instance'"):
+            ds.load(by_id[rid])
+    assert ds.load(by_id["good"])["target_instance"] == 1
+
+
+def test_duplicates_are_refused_at_load_as_check_reports(tmp_path: Path) -> None:
+    from lsms.data import load_samples
+
+    root = _records_dataset(tmp_path / "d")
+    good = json.dumps({"id": "good", "image": "img/f.png", "mask": "msk/m.png", "text": "x", "split": "train"})
+    (root / "manifest.jsonl").write_text(good + "\n" + good + "\n" + good.replace('"text"', '"id": "z", "text"') + "\n")
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: field 'id' 'good' repeats line 1.*and 1 more error"):
+        load_samples(root)
+    found = {(p.code, p.message.split(": ", 1)[0].rsplit("/", 1)[-1]) for p in check_dataset(root, workers=1).errors}
+    assert found == {("duplicate-id", "manifest.jsonl:2"), ("invalid-record", "manifest.jsonl:3")}
+    assert "field 'id' appears twice" in next(p.message for p in check_dataset(root, workers=1).errors
+                                             if p.code == "invalid-record")

@@ -29,7 +29,7 @@ def test_round_trip_keeps_optional_and_unknown_fields(tmp_path: Path) -> None:
         attributes={"type": "cyst", "diameter_mm": 7.5}, spacing=[0.7, 0.7], patient="p1", modality="CT",
         unique={"half": True}, all_mask="masks/a_all.png", all_text="two cysts",
     )
-    _write(tmp_path / "d", [full, _line(id="b", text="a lesion", split="val")])
+    _write(tmp_path / "d", [full, _line(id="b", image="images/b.npy", text="a lesion", split="val")])
     recs = load_manifest(tmp_path / "d")
     assert [r.id for r in recs] == ["a", "b"]
     a = recs[0]

@@ -307,7 +307,7 @@ def test_series_slice_with_2d_png_mask_and_volume_mask(tmp_path: Path) -> None:
     _nifti(tmp_path / "ds" / "mvol.nii.gz", vol, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     lines = [
         {"id": "a", "image": "series", "mask": "m.png", "text": "", "split": "train", "slice_index": 1, "modality": "CT"},
-        {"id": "b", "image": "series", "mask": "mvol.nii.gz", "text": "", "split": "val", "slice_index": 2},
+        {"id": "b", "image": "series", "mask": "mvol.nii.gz", "text": "", "split": "train", "slice_index": 2},  # one scan: one split
     ]
     (tmp_path / "ds" / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     recs = load_manifest(tmp_path / "ds")

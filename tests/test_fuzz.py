@@ -300,3 +300,42 @@ def test_sample_ids_become_safe_file_names() -> None:
 
     a, b = file_stem("x" * 10_000), file_stem("x" * 9_999 + "y")
     assert len(a) <= 120 and a != b and file_stem("../../etc/passwd") == "_.._etc_passwd"
+
+
+def test_a_bad_manifest_line_never_ends_the_check(tmp_path, capsys) -> None:
+    """Each hostile line is reported with its file:line (and field), the others are still checked, and loading
+    for training refuses with the same message."""
+    from lsms.data import load_samples
+
+    root = tmp_path / "ds"
+    (root / "masks").mkdir(parents=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(root / "good.png")
+    Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(root / "mask.png")
+    good = {"id": "good", "image": "good.png", "mask": "mask.png", "text": "a lesion", "split": "train"}
+    hostile = [  # (manifest line, what its message must say)
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (json.dumps({**good, "id": "nul", "image": "good\x00.png"}), "field 'image' holds a NUL character"),
+        (json.dumps({**good, "id": "nul-mask", "mask": "mask.png\x00../x"}), "field 'mask' holds a NUL character"),
+        ('{"id": "digits", "slice_index": ' + "9" * 5000 + "}", "a number has more digits"),
+        (json.dumps({**good, "id": "huge", "instances": "mask.png", "target_instance": 2**70}),
+         "field 'target_instance' must be"),
+        (json.dumps(["not", "an", "object"]), "each line must be a JSON object, got list"),
+        ('{"id": "twice", "id": "again", "image": "good.png"}', "field 'id' appears twice"),
+        (json.dumps({**good, "id": "dir-mask", "mask": "masks"}), "field 'mask': " + str(root / "masks") + " is a folder"),
+        (json.dumps({**good, "id": "up", "image": "../../etc/passwd"}), "field 'image' (../../etc/passwd) resolves to"),
+        (json.dumps({**good, "id": "fifo", "mask": "fifo.png"}), "fifo.png is neither a file nor a folder"),
+    ]
+    os.mkfifo(root / "fifo.png")  # inside the dataset: opening it would block the check
+    lines = [json.dumps(good), *(line for line, _ in hostile)]
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["check", str(root), "--json", "--no-text-check", "--workers", "1"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    messages = [p["message"] for p in report["problems"] if p["severity"] == "error"]
+    for number, (_, expected) in enumerate(hostile, start=2):
+        assert any(f"manifest.jsonl:{number}: " in m and expected in m for m in messages), (number, expected, messages)
+    assert not any(p["id"] == "good" for p in report["problems"])  # the good line was checked and passed
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:2: the JSON is nested too deeply.*and \d+ more error"):
+        load_samples(root)
+    assert main(["train", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress", "--preset", "tiny",
+                 "--image-size", "64", "--batch-size", "2"]) == 2
+    assert "manifest.jsonl:2: the JSON is nested too deeply" in capsys.readouterr().err

@@ -33,7 +33,8 @@ def test_predict_png_writes_mask_of_input_size(ckpt, tmp_path):
     Image.fromarray(rng.integers(0, 255, (33, 41, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
     out = tmp_path / "out"
     assert main(["predict", str(ckpt), str(tmp_path / "x.png"), str(tmp_path / "rgb.png"), "--text",
-                 "a cyst in segment VI", "--out", str(out), "--probability", "--features", "--device", "cpu"]) == 0
+                 "a cyst in segment VI", "--out", str(out), "--probability", "--features", "--device", "cpu",
+                 "--allow-modality-mismatch"]) == 0  # rgb.png is a photo for a CT model: marked, not refused
     mask = np.array(Image.open(out / "x_mask.png"))
     assert mask.shape == (50, 70) and set(np.unique(mask)) <= {0, 255}
     assert np.array(Image.open(out / "rgb_mask.png")).shape == (33, 41)
@@ -41,6 +42,7 @@ def test_predict_png_writes_mask_of_input_size(ckpt, tmp_path):
         assert (out / name).is_file(), name
     rows = _rows(out)
     assert len(rows) == 2 and rows[0]["text"] == "a cyst in segment VI"
+    assert rows[0]["warning"] == "" and rows[1]["warning"].startswith("MEANINGLESS: the model reads CT")
     assert int(rows[0]["area_px"]) == int((mask > 0).sum())
 
 
@@ -181,3 +183,48 @@ def test_repeated_text_asks_each_sentence_of_every_image(ckpt, tmp_path):
     rows = _rows(out)
     assert [r["text"] for r in rows] == ["the left cyst", "the right cyst"]
     assert len({r["mask"] for r in rows}) == 2 and all(Path(r["mask"]).is_file() for r in rows)
+
+
+def test_an_image_of_another_kind_is_refused_unless_allowed(ckpt, tmp_path, capsys):
+    """A CT model (liver window, 1 channel) given an RGB photo or an MR DICOM: lsms predict and the Predictor refuse
+    it naming the model's input contract and the input; with the override the result is marked meaningless. A
+    model of other images given a CT DICOM alike; a CT DICOM for the CT model passes."""
+    from fuzz_inputs import dicom_bytes
+    from lsms.data import read_image
+    from lsms.predict import InputMismatchError, Predictor
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "frame.jpg")
+    stored = rng.integers(900, 1200, (40, 48)).astype(np.uint16)
+    (tmp_path / "mr.dcm").write_bytes(dicom_bytes(stored, Modality="MR"))
+    (tmp_path / "ct.dcm").write_bytes(dicom_bytes(stored))
+    out = tmp_path / "out"
+    assert main(["predict", str(ckpt), str(tmp_path / "frame.jpg"), str(tmp_path / "mr.dcm"), str(tmp_path / "ct.dcm"),
+                 "--text", "the cyst", "--out", str(out), "--existence-threshold", "0", "--device", "cpu"]) == 1
+    rows = {Path(r["input"]).name: r for r in _rows(out)}
+    contract = "the model reads CT (modality CT, 1 channel, HU through the liver window W 150 L 30)"
+    assert rows["frame.jpg"]["error"].startswith(f"{tmp_path / 'frame.jpg'}: {contract} but this is a colour (RGB) JPEG")
+    assert "--allow-modality-mismatch" in rows["frame.jpg"]["error"] and not (out / "frame_mask.png").exists()
+    assert f"{contract} but this is a DICOM image of modality MR" in rows["mr.dcm"]["error"]
+    assert rows["ct.dcm"]["error"] == "" and rows["ct.dcm"]["warning"] == ""
+
+    allowed = tmp_path / "allowed"
+    assert main(["predict", str(ckpt), str(tmp_path / "frame.jpg"), "--text", "the cyst", "--out", str(allowed),
+                 "--existence-threshold", "0", "--device", "cpu", "--allow-modality-mismatch"]) == 0
+    row = _rows(allowed)[0]
+    assert row["error"] == "" and row["warning"].startswith(f"MEANINGLESS: {contract} but this is a colour (RGB)")
+    assert "WARNING: 1 prediction(s) of images the model was not trained on" in capsys.readouterr().out
+
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    with pytest.raises(InputMismatchError, match=r"frame\.jpg: the model reads CT .* colour \(RGB\) JPEG"):
+        predictor.predict(read_image(tmp_path / "frame.jpg"), "the cyst")
+    with pytest.raises(InputMismatchError, match=r"colour \(RGB\) image"):  # a raw array: its shape tells
+        predictor.predict(np.zeros((40, 48, 3), np.float32), "the cyst")
+    assert predictor.predict(read_image(tmp_path / "ct.dcm"), "the cyst").warning is None
+    marked = Predictor.from_checkpoint(ckpt, "cpu", allow_modality_mismatch=True)
+    assert "modality MR" in marked.predict(read_image(tmp_path / "mr.dcm"), "the cyst").warning
+
+    photo_model = make_untrained_checkpoint(tmp_path / "photo.pt", in_channels=3, ct=False)
+    with pytest.raises(InputMismatchError, match=r"reads images other than CT \(3 channels, each scaled by its "
+                                                 r"percentiles\) but this is a CT DICOM image"):
+        Predictor.from_checkpoint(photo_model, "cpu").predict(read_image(tmp_path / "ct.dcm"), "the cyst")

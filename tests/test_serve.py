@@ -139,8 +139,19 @@ def test_colour_image_and_3d_array(viewer, tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
     info = viewer.open_upload(sid, [("photo.png", _png_bytes(rgb))])
     assert info["ct"] is False and info["windows"] == ["model input", "full range"] and info["shape"] == [24, 32, 3]
-    out = viewer.predict(sid, 0, ["the polyp"], 0.5, window="full range", features=True)
-    assert len(out["results"][0]["features"]) == 4
+    status, message = _status(viewer.predict, sid, 0, ["the polyp"], 0.5, "full range", True)  # a photo, a CT model
+    assert status == 400 and "the model reads CT (modality CT, 1 channel, HU through the liver window" in message
+    assert "but this is a colour (RGB) PNG image" in message and "--allow-modality-mismatch" in message
+    assert "sessions" not in message  # the upload folder stays hidden
+    allowed = Viewer(Predictor.from_checkpoint(viewer.checkpoint, "cpu", allow_modality_mismatch=True),
+                     checkpoint=viewer.checkpoint, root=tmp_path)
+    sid2 = allowed.new_session()["sid"]
+    allowed.open_upload(sid2, [("photo.png", _png_bytes(rgb))])
+    out = allowed.predict(sid2, 0, ["the polyp"], 0.5, window="full range", features=True)
+    assert len(out["results"][0]["features"]) == 4 and out["results"][0]["warning"].startswith("MEANINGLESS: ")
+    settings = allowed.settings(sid2, 0, ["the polyp"], 0.5, "full range")
+    assert settings["sentences"][0]["warning"] and "--allow-modality-mismatch" in settings["same_with_lsms_predict"][0]
+    allowed.close()
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(1).normal(0, 1, (3, 16, 20)).astype(np.float32))
     info = viewer.open_upload(sid, [("stack.npy", buf.getvalue())])

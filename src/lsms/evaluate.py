@@ -192,7 +192,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
                     levels: tuple[str, ...] = TEXT_LEVELS, batch_size: int = 8, device: str = "auto",
                     num_workers: int = 0, env: DistEnv | None = None, progress: bool = False,
                     on_batch: Callable | None = None, prefer: str = "best",
-                    empty_policy: str = "one", allow_outside_root: bool = False,
+                    empty_policy: str = "one", allow_outside_root: bool = False, allow_split_leak: bool = False,
                     backend: str | None = None, negatives_at: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
     """A trained or exported model on ``data``/``split`` at each text level, loaded once: {level: result}.
 
@@ -205,7 +205,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
         raise ValueError(f"text levels must be among {', '.join(TEXT_LEVELS)}, got {unknown}")
     env = env or DistEnv(device=pick_device(device))
     model = load_backend(run_or_checkpoint, backend, str(env.device), prefer=prefer, batch=batch_size)
-    records = load_samples(data, split=split, allow_outside_root=allow_outside_root)
+    records = load_samples(data, split=split, allow_outside_root=allow_outside_root, allow_split_leak=allow_split_leak)
     results = {}
     for level in levels:
         chosen = records if negatives_at is None or level in negatives_at else \
@@ -301,6 +301,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "existence per volume; docs/volumes.md)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
+    p.add_argument("--allow-split-leak", action="store_true",
+                   help="evaluate a dataset whose splits share a patient or an image, with a warning (off by default: "
+                        "an error, as lsms check reports it)")
     add_backend_argument(p)
 
 
@@ -374,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.data, args.split, args.text_level, batch_size=args.batch_size, device=args.device,
             num_workers=args.num_workers, env=env, progress=env.is_main, on_batch=on_batch, prefer=args.checkpoint,
             empty_policy=args.empty_policy, allow_outside_root=args.allow_outside_root, backend=args.backend,
+            allow_split_leak=args.allow_split_leak,
         )
         if env.is_main:
             summary = {"checkpoint": result["checkpoint"], "data": str(args.data), "split": args.split,

@@ -28,6 +28,12 @@ probability of the model's existence head, or for a model without one the highes
 model's grid). Below the model's existence threshold (chosen on the validation split
 during training, when it held negative expressions; ``--existence-threshold`` overrides it) the mask is
 withheld (empty), ``predictions.csv`` says ``found`` False and the overlay's caption says "not found".
+
+The wrong kind of image: an input that is clearly not what the model was trained on (a colour photo, or a DICOM
+of another modality, given to a CT model; a CT image given to a model of other images:
+:func:`lsms.data.intensity.input_mismatch`) is refused, naming the model's input contract and the input.
+``--allow-modality-mismatch`` predicts it anyway; its row's ``warning`` column and its overlay's caption then
+say that the result is meaningless.
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class Prediction:
         existence: the score that the described lesion is in the image (the existence head's probability, or
             the highest mask probability).
         found: False when ``existence`` is under the existence threshold: then ``mask`` is empty.
+        warning: set when the image is not what the model was trained on and the predictor was told to predict
+            anyway (``allow_modality_mismatch``): why the result is meaningless.
     """
 
     mask: np.ndarray
@@ -90,6 +98,11 @@ class Prediction:
     features: list[np.ndarray] | None = None
     existence: float = 1.0
     found: bool = True
+    warning: str | None = None
+
+
+class InputMismatchError(ValueError):
+    """The image is clearly not what the model was trained on (:func:`lsms.data.intensity.input_mismatch`)."""
 
 
 class Predictor(WithSpec):
@@ -108,10 +121,14 @@ class Predictor(WithSpec):
         threshold: probability above which a pixel is lesion (default: the spec's, 0.5).
         existence_threshold: existence score below which the mask is withheld ("not found"); default the
             spec's (chosen on the validation split during training; None there: never withheld); 0: never.
+        allow_modality_mismatch: predict an image that is clearly not what the model was trained on (a colour
+            photo for a CT model, ...), marking the prediction's ``warning``, instead of raising
+            :class:`InputMismatchError`.
     """
 
     def __init__(self, model, spec: ModelSpec | None = None, device: torch.device | str = "cpu",
-                 threshold: float | None = None, existence_threshold: float | None = None):
+                 threshold: float | None = None, existence_threshold: float | None = None,
+                 allow_modality_mismatch: bool = False):
         if threshold is not None:
             check_threshold(threshold)
         if existence_threshold is not None:
@@ -122,15 +139,16 @@ class Predictor(WithSpec):
             model = TorchBackend(model, spec, device)
         overrides = {"threshold": threshold, "existence_threshold": existence_threshold}
         self.backend = model
+        self.allow_modality_mismatch = allow_modality_mismatch
         self.spec = dataclasses.replace(model.spec, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_checkpoint(cls, run_or_checkpoint: str | Path, device: str = "auto", threshold: float | None = None,
                         prefer: str = "best", backend: str | None = None,
-                        existence_threshold: float | None = None) -> Predictor:
+                        existence_threshold: float | None = None, allow_modality_mismatch: bool = False) -> Predictor:
         """From a run folder, checkpoint or ``lsms export`` file; ``backend`` as in :func:`lsms.backends.load_backend`."""
         return cls(load_backend(run_or_checkpoint, backend, device, prefer=prefer, threshold=threshold),
-                   existence_threshold=existence_threshold)
+                   existence_threshold=existence_threshold, allow_modality_mismatch=allow_modality_mismatch)
 
     @property
     def uses_text(self) -> bool:
@@ -145,7 +163,7 @@ class Predictor(WithSpec):
             text: the referring expression (ignored, with a warning, by a model trained without text).
             features: also return the stage feature maps as heat maps (PyTorch backend only).
         """
-        (H, W), inputs = self._inputs(image, text)
+        (H, W), inputs, warning = self._inputs(image, text)
         maps = None
         if features:
             out = self.backend.forward_features(*inputs)
@@ -158,7 +176,30 @@ class Predictor(WithSpec):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)  # (1, 1, H, W)
         prob = torch.sigmoid(logits)[0, 0].numpy()
         mask = threshold_mask(prob, self.threshold) if found else np.zeros(prob.shape, dtype=bool)
-        return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found)
+        return Prediction(mask=mask, probability=prob, text=text, features=maps, existence=existence, found=found,
+                          warning=warning)
+
+    def check_input(self, image) -> str | None:
+        """Whether ``image`` is the kind of image the model was trained on (:func:`input_mismatch`).
+
+        Returns:
+            None, or with ``allow_modality_mismatch`` the warning that the prediction of it is meaningless.
+
+        Raises:
+            InputMismatchError: it is not, naming the model's input contract and the image.
+        """
+        data = image if isinstance(image, ImageData) else None
+        array = data.array if data is not None else np.asarray(image)
+        mismatch = input_mismatch(array, data.modality if data else None, self.preprocessing,
+                                  data.format if data else None)
+        if mismatch is None:
+            return None
+        where = f"{data.path}: " if data is not None else ""
+        if self.allow_modality_mismatch:
+            return f"MEANINGLESS: {mismatch} (predicted anyway: --allow-modality-mismatch)"
+        raise InputMismatchError(f"{where}{mismatch}; give an image of the kind the model was trained on, or pass "
+                                 "--allow-modality-mismatch (Predictor(allow_modality_mismatch=True)) to predict it "
+                                 "anyway, marked as meaningless")
 
     def predict_volume(self, volume: Volume, slices: list[int], texts: list[str], batch_size: int = 8,
                        progress: Callable[[int], Any] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -189,9 +230,9 @@ class Predictor(WithSpec):
             if start == 0:
                 H, W = images[0].shape
                 answers = [(np.empty((len(slices), H, W), np.float32), np.empty(len(slices))) for _ in texts]
-                mismatch = input_mismatch(images[0].array, images[0].modality, self.preprocessing)
-                if mismatch:
-                    log.warning("%s: %s", volume.path, mismatch)
+                warning = self.check_input(images[0])  # the wrong kind of image: refused (or marked) at once
+                if warning:
+                    log.warning("%s: %s", volume.path, warning)
             x = torch.stack([preprocess_image(im.array, self.preprocessing) for im in images])  # (B, C, h, w)
             B = len(images)
             for (ids, attn), (prob, existence) in zip(tokens, answers, strict=True):
@@ -209,14 +250,16 @@ class Predictor(WithSpec):
         return self.backend.forward_features(*self._inputs(image, text)[1]).stages
 
     def _inputs(self, image, text: str):
-        """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask))."""
+        """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask), the
+        warning of :meth:`check_input`)."""
         if isinstance(image, (str, Path)):
             image = read_image(image)
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
         if array.ndim not in (2, 3):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
+        warning = self.check_input(image)
         x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
-        return array.shape[:2], (x, *self._tokens(text))
+        return array.shape[:2], (x, *self._tokens(text)), warning
 
     def _tokens(self, text: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The sentence's (input_ids, attention_mask), each (1, T); (None, None) for a model without text."""
@@ -370,7 +413,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "series input); repeat for both")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which checkpoint of a run folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_mismatch_argument(p)
     add_backend_argument(p)
+
+
+def add_mismatch_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow-modality-mismatch``, for ``lsms predict`` and ``lsms serve``."""
+    p.add_argument("--allow-modality-mismatch", action="store_true",
+                   help="predict images that are clearly not what the model was trained on (a colour photo or a "
+                        "DICOM of another modality for a CT model, a CT image for a model of other images) instead "
+                        "of refusing them; their results are meaningless and marked so")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -385,7 +437,8 @@ def run(args: argparse.Namespace) -> int:
         check_dicom_series(jobs)
     writable_folder(Path(args.out), "--out")
     predictor = Predictor.from_checkpoint(args.model, args.device, args.threshold, prefer=args.checkpoint,
-                                          backend=args.backend, existence_threshold=args.existence_threshold)
+                                          backend=args.backend, existence_threshold=args.existence_threshold,
+                                          allow_modality_mismatch=args.allow_modality_mismatch)
     if args.features:
         predictor.backend.check_features()  # once, before any input
     if any(job.slices is not None and len(job.slices) > 1 for job in jobs):
@@ -404,6 +457,10 @@ def run(args: argparse.Namespace) -> int:
             where = r["input"] if r["slice"] == "" else f"{r['input']} slice {r['slice']}"
             print(f"not found: {r['text']!r} in {where} (existence {r['existence']:.3f} < "
                   f"{predictor.existence_threshold:.3f}): no mask drawn")
+    marked = [r for r in rows if r.get("warning")]
+    if marked:
+        print(f"WARNING: {len(marked)} prediction(s) of images the model was not trained on (the 'warning' column of "
+              f"{listing}): their masks are meaningless. First: {marked[0]['warning']}")
     if failed:
         print(f"{len(failed)} input(s) failed and were skipped; predictions.csv lists each with its error")
         return 1
@@ -509,7 +566,7 @@ def _volume_answers(predictor: Predictor, job: Job, volume: Volume, stem: str, o
 
     assert job.slices is not None
     first = volume.slice(job.slices[0])
-    geometry = first.geometry
+    geometry, warning = first.geometry, predictor.check_input(first)
     ReadLimits.from_env().check(job.path, "max_volume_voxels", len(job.slices) * first.shape[0] * first.shape[1],
                                 f"voxels of the probability volume of {len(job.slices)} slices")
     with tqdm(total=len(job.slices), unit="slice", desc=stem, leave=False, dynamic_ncols=True,
@@ -527,10 +584,11 @@ def _volume_answers(predictor: Predictor, job: Job, volume: Volume, stem: str, o
             image = volume.slice(k) if covered else None
             name = f"{stem}_z{k:04d}" if len(job.texts) == 1 else f"{stem}_z{k:04d}_t{j}"
             slice_rows.append(_slice_row(predictor, job, image, k, text, answer.mask[i], prob[i], float(existence[i]),
-                                         found, name, out, files.get("mask", files.get("seg")), covered, **options))
+                                         found, name, out, files.get("mask", files.get("seg")), covered, **options,
+                                         warning=warning))
         summary = answer.summary(geometry.spacing if geometry is not None else None)
         volume_rows.append({"input": str(job.path), "slices": f"{job.slices[0]}:{job.slices[-1] + 1}", "text": text,
-                            "mode": mode, **summary, **files})
+                            "warning": warning or "", "mode": mode, **summary, **files})
         del answer
     return slice_rows, volume_rows
 
@@ -559,27 +617,25 @@ def _write_volume_answer(mask: np.ndarray, job: Job, geometry: Geometry | None, 
 def _image_rows(predictor: Predictor, job: Job, image: ImageData, stem: str, out: Path,
                 probability: bool, features: bool) -> list[dict[str, Any]]:
     """A 2D image with every sentence of ``job``: its rows, with its files written."""
-    mismatch = input_mismatch(image.array, image.modality, predictor.preprocessing)
-    if mismatch:
-        log.warning("%s: %s", image.path, mismatch)
     rows = []
     for j, text in enumerate(job.texts):
         pred = predictor.predict(image, text, features=features)
         name = stem if len(job.texts) == 1 else f"{stem}_t{j}"
         rows.append(_slice_row(predictor, job, image, None, text, pred.mask, pred.probability, pred.existence, pred.found,
-                               name, out, None, True, probability, features, pred.features))
+                               name, out, None, True, probability, features, pred.features, pred.warning))
     return rows
 
 
 def _slice_row(predictor: Predictor, job: Job, image: ImageData | None, k: int | None, text: str, mask: np.ndarray,
                prob: np.ndarray, existence: float, found: bool, name: str, out: Path, mask_file: str | None,
-               drawn: bool, probability: bool, features: bool, maps: list[np.ndarray] | None = None
-               ) -> dict[str, Any]:
+               drawn: bool, probability: bool, features: bool, maps: list[np.ndarray] | None = None,
+               warning: str | None = None) -> dict[str, Any]:
     """One image (or slice ``k``) and sentence: the row of ``predictions.csv``, its files written (the mask as PNG
-    unless ``mask_file`` holds it; the overlay and feature maps where ``drawn``)."""
+    unless ``mask_file`` holds it; the overlay and feature maps where ``drawn``). ``warning``: the input is not
+    the kind of image the model reads (:meth:`Predictor.check_input`), said in the row and the overlay."""
     row: dict[str, Any] = {"input": str(job.path), "slice": "" if k is None else k, "text": text,
                            "area_px": int(mask.sum()), "max_probability": float(prob.max()),
-                           "existence": round(existence, 4), "found": found}
+                           "existence": round(existence, 4), "found": found, "warning": warning or ""}
     if mask_file is not None:
         row["mask"] = mask_file
     else:
@@ -591,6 +647,8 @@ def _slice_row(predictor: Predictor, job: Job, image: ImageData | None, k: int |
     if image is None or not drawn:
         return row
     caption = text if found else f"{text} (not found: existence {existence:.2f})"
+    if warning:
+        caption = f"MEANINGLESS (not the kind of image the model reads): {caption}"
     row["overlay"] = str(save_overlay(image.array, predictor.preprocessing, [mask], [caption],
                                       out / f"{name}_overlay.png"))
     if features:
@@ -606,9 +664,9 @@ def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
     return [{"input": str(job.path), "slice": "" if k is None else k, "text": t, "error": message} for t in job.texts]
 
 
-PREDICTION_COLUMNS = ["input", "slice", "text", "found", "existence", "mask", "overlay", "probability", "features",
+PREDICTION_COLUMNS = ["input", "slice", "text", "warning", "found", "existence", "mask", "overlay", "probability", "features",
                       "area_px", "max_probability", "error"]
-VOLUME_COLUMNS = ["input", "slices", "text", "mode", "present", "score", "voxels", "volume_ml", "components", "kept",
+VOLUME_COLUMNS = ["input", "slices", "text", "warning", "mode", "present", "score", "voxels", "volume_ml", "components", "kept",
                   "mask", "seg", "error"]
 
 

@@ -506,6 +506,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per validation forward pass (default: --batch-size)")
     g.add_argument("--allow-outside-root", dest="data.allow_outside_root", action="store_const", const=True, default=S,
                    help="read files the dataset names outside its folder (off by default: an error)")
+    g.add_argument("--allow-split-leak", dest="data.allow_split_leak", action="store_const", const=True, default=S,
+                   help="train on a dataset whose splits share a patient or an image, with a warning (off by default: "
+                        "an error; validation numbers would overstate the model)")
     g = p.add_argument_group("optimisation")
     o = d.optim
     g.add_argument("--epochs", dest="optim.epochs", type=int, default=S, help=f"(default {o.epochs})")

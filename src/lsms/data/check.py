@@ -1,10 +1,13 @@
-"""Dataset integrity checks behind ``lsms check``.
+"""Dataset integrity checks behind ``lsms check``: every rule of :mod:`lsms.data.manifest` (the lines) and
+:mod:`lsms.data.rules` (the dataset and each sample's files, shared with loading), over every record, and
+what only a full read can tell: images of identical decoded pixels in two splits, and text length.
 
 Errors (exit status 1): invalid manifest line (bad JSON, not UTF-8, bad field), missing or unreadable file
 (damaged, truncated, above a size limit of :class:`lsms.data.readers.ReadLimits`, zero spacing, RescaleSlope
 0), a file outside the dataset folder, image/mask (or instance map) size mismatch, NaN/inf pixels, duplicate
-ids, empty text in a dataset that has text, the same image (same decoded pixels) in two splits, a
-``target_instance`` absent from its instance map, two modalities in one dataset, an empty dataset.
+ids, empty text in a dataset that has text, a split leak (a patient, a file, a byte-identical copy or the same
+decoded pixels in two splits), a ``target_instance`` absent from its instance map or contradicted by its mask,
+two modalities in one dataset, an empty dataset.
 Warnings: non-binary mask (e.g. lossy JPEG masks; read as "above half the maximum"), empty mask, constant
 image, text longer than the tokenizer keeps (it would be truncated), images without text rows or masks,
 a modality set on some records only, a modality read after normalising (``"CT "``, ``"ct"``).
@@ -26,7 +29,7 @@ import numpy as np
 from lsms.data.layouts import scan_samples
 from lsms.data.manifest import SPLITS, Record, empty_text_problems, expressions
 from lsms.data.problems import Problem
-from lsms.data.readers import read_image, read_label_map, read_mask_image
+from lsms.data.rules import file_keys, read_sample, split_leaks
 
 
 @dataclass
@@ -99,66 +102,14 @@ class CheckReport:
 
 
 def _check_record(r: Record) -> tuple[list[Problem], str | None]:
-    """Read one record's files; returns its problems and a hash of the decoded image pixels."""
-    problems: list[Problem] = []
-
-    def add(severity: str, code: str, message: str, file: Path) -> None:
-        problems.append(Problem(severity, code, message, str(file), r.id, r.split))
-
-    image = None
-    digest = None
-    try:
-        image = read_image(r.image_path, slice_index=r.slice_index)
-    except FileNotFoundError as err:
-        add("error", "missing-file", str(err), r.image_path)
-    except (ValueError, OSError) as err:
-        add("error", "unreadable", str(err), r.image_path)
-    if image is not None:
-        a = image.array
-        digest = hashlib.blake2b(np.ascontiguousarray(a).tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
-        finite = np.isfinite(a)
-        if not finite.all():
-            add("error", "nan-inf", f"{r.image_path}: {int((~finite).sum())} NaN/inf pixel value(s)", r.image_path)
-        elif float(a.max()) == float(a.min()):
-            add("warning", "constant-image", f"{r.image_path}: every pixel is {float(a.min()):g}", r.image_path)
-    mask = None
-    try:
-        mask = read_mask_image(r.mask_path, slice_index=r.slice_index)
-    except FileNotFoundError as err:
-        add("error", "missing-file", str(err), r.mask_path)
-    except (ValueError, OSError) as err:
-        add("error", "unreadable", str(err), r.mask_path)
-    if mask is not None:
-        m = mask.array.max(axis=-1) if mask.array.ndim == 3 else mask.array
-        if not np.isfinite(m).all():
-            add("error", "nan-inf", f"{r.mask_path}: the mask holds NaN/inf", r.mask_path)
-        else:
-            top = float(m.max())
-            if top <= 0 and r.target_instance != 0:  # target_instance 0: a negative, empty on purpose
-                add("warning", "empty-mask", f"{r.mask_path}: the mask has no lesion pixel", r.mask_path)
-            grey = int(((m != 0) & (m != top)).sum())
-            if grey:
-                add("warning", "non-binary-mask", f"{r.mask_path}: {grey} pixel(s) are neither 0 nor {top:g}; "
-                    f"{'JPEG masks are read as > 127' if mask.format == 'jpeg' else 'any non-zero pixel counts as lesion'}; "
-                    "save masks as 0/255 PNG", r.mask_path)
-        if image is not None and mask.shape != image.shape:
-            add("error", "size-mismatch", f"{r.mask_path}: mask size {mask.shape} differs from image size {image.shape} "
-                f"({r.image_path.name}); masks must match their image pixel for pixel", r.mask_path)
-    if r.instances_path is not None:
-        try:
-            inst = read_label_map(r.instances_path, slice_index=r.slice_index)
-        except FileNotFoundError as err:
-            add("error", "missing-file", str(err), r.instances_path)
-        except (ValueError, OSError) as err:
-            add("error", "unreadable", str(err), r.instances_path)
-        else:
-            if image is not None and inst.shape != image.shape:
-                add("error", "size-mismatch", f"{r.instances_path}: instance map size {inst.shape} differs from image "
-                    f"size {image.shape}", r.instances_path)
-            if r.target_instance is not None and not (inst == r.target_instance).any():
-                add("error", "missing-instance", f"{r.instances_path}: target_instance {r.target_instance} does not "
-                    "occur in the instance map", r.instances_path)
-    return problems, digest
+    """Read one record's files (the sample rules of :mod:`lsms.data.rules`); returns its problems and a hash of
+    the decoded image pixels."""
+    sample = read_sample(r)
+    if sample.image is None:
+        return sample.problems, None
+    a = sample.image.array
+    digest = hashlib.blake2b(np.ascontiguousarray(a).tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
+    return sample.problems, digest
 
 
 def _check_chunk(records: list[Record]) -> list[tuple[list[Problem], str | None]]:
@@ -172,6 +123,18 @@ def _check_record_safely(r: Record) -> tuple[list[Problem], str | None]:
     except Exception as err:
         message = f"{r.image_path}: checking sample {r.id!r} failed ({type(err).__name__}: {err})"
         return [Problem("error", "unreadable", message, str(r.image_path), r.id, r.split)], None
+
+
+def _pixel_leaks(records: list[Record], pixels: dict[str, str | None]) -> list[Problem]:
+    """Split leaks of images with identical decoded pixels in files that are not the same bytes (those, and
+    one file in two splits, are :func:`lsms.data.rules.leak_problems`', found at every load)."""
+    files = file_keys(records)
+    groups: dict[str, set] = defaultdict(set)
+    for r in records:
+        if pixels.get(r.id) is not None:
+            groups[pixels[r.id]].add(files[r.id])
+    copies = {rid: digest if len(groups[digest]) > 1 else None for rid, digest in pixels.items() if digest is not None}
+    return split_leaks(records, copies, "image", "the same image (identical decoded pixels)")
 
 
 def _text_problems(records: list[Record], tokenizer: Any | None
@@ -220,11 +183,6 @@ def check_dataset(
     layout, records, problems = scan_samples(path, split, allow_outside_root)
     counts = {sp: n for sp in SPLITS if (n := sum(r.split == sp for r in records))}
 
-    ids = Counter(r.id for r in records)
-    for rid, n in ids.items():
-        if n > 1:
-            problems.append(Problem("error", "duplicate-id", f"{path}: id {rid!r} is used by {n} samples; ids must be unique", str(path), rid))
-
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(records) > 64:
         size = max(16, len(records) // (workers * 4))
@@ -234,17 +192,11 @@ def check_dataset(
     else:
         results = _check_chunk(records)
 
-    by_digest: dict[str, list[Record]] = defaultdict(list)
+    pixels: dict[str, str | None] = {}
     for r, (found, digest) in zip(records, results, strict=True):
         problems.extend(found)
-        if digest is not None:
-            by_digest[digest].append(r)
-    for group in by_digest.values():
-        splits = sorted({r.split for r in group})
-        if len(splits) > 1:
-            where = ", ".join(f"{r.split}:{r.image}" for r in group[:4])
-            problems.append(Problem("error", "split-leak", f"{group[0].image_path}: the same image appears in splits "
-                                    f"{splits} ({where}); move it to one split", str(group[0].image_path), group[0].id))
+        pixels[r.id] = digest
+    problems.extend(_pixel_leaks(records, pixels))
 
     already = {(p.code, p.id) for p in problems if p.code == "empty-text"}
     text_found, has_text, token_lengths = _text_problems(records, tokenizer)

@@ -35,6 +35,7 @@ class DataConfig(DictRoundTrip):
     num_workers: int = 0
     eval_batch_size: int | None = None  # None: optim.batch_size
     allow_outside_root: bool = False  # read dataset files that resolve outside the dataset folder
+    allow_split_leak: bool = False  # train on splits sharing a patient or an image (a warning instead of an error)
 
     def __post_init__(self) -> None:
         check_image_size(self.image_size, what="data.image_size (--image-size)")

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from lsms.data.augment import Augmentation, draw
 from lsms.data.intensity import Preprocessing, input_mismatch, preprocess_image, resize_labels
 from lsms.data.manifest import TEXT_LEVELS, Record
-from lsms.data.readers import read_image, read_label_map, read_mask
+from lsms.data.readers import binary_mask
+from lsms.data.rules import read_sample
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class SegmentationDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.skipped: dict[str, str] = {}  # id -> problem, in this process
-        self._warned_mismatch = False
+        self._warned: set[str] = set()  # the warning kinds logged already (once per dataset and worker)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -104,25 +105,21 @@ class SegmentationDataset(Dataset):
         """Read and preprocess one record; raises :class:`SampleError` naming the record and file."""
         r = self.records[index]
         prep = self.preprocessing
+        sample = read_sample(r)  # the sample rules lsms check applies: an error there is an error here
+        if sample.errors:
+            raise SampleError(f"sample {r.id!r} ({r.split}): {sample.errors[0].message}")
+        self._warn_once(sample.problems)
+        image, instances = sample.image, sample.instances
+        assert image is not None and sample.mask is not None
+        mask = binary_mask(sample.mask)
+        mismatch = input_mismatch(image.array, image.modality or r.modality, prep)
+        if mismatch and "input-mismatch" not in self._warned:
+            self._warned.add("input-mismatch")  # once per dataset (and worker): the cause is the data set, not a file
+            log.warning("%s: %s (further such images are not reported)", r.image_path, mismatch)
         try:
-            image = read_image(r.image_path, slice_index=r.slice_index)
-            if not np.isfinite(image.array).all():
-                raise ValueError(f"{r.image_path}: the image holds NaN or inf values")
-            mask = read_mask(r.mask_path, slice_index=r.slice_index)
-            if mask.shape != image.shape:
-                raise ValueError(f"{r.mask_path}: mask size {mask.shape} differs from the image's {image.shape} ({r.image_path})")
-            instances = None
-            if r.instances_path is not None:
-                instances = read_label_map(r.instances_path, slice_index=r.slice_index)
-                if instances.shape != image.shape:
-                    raise ValueError(f"{r.instances_path}: instance map size {instances.shape} differs from the image's {image.shape}")
-            mismatch = input_mismatch(image.array, image.modality or r.modality, prep)
-            if mismatch and not self._warned_mismatch:
-                self._warned_mismatch = True  # once per dataset (and worker): the cause is the data set, not a file
-                log.warning("%s: %s (further such images are not reported)", r.image_path, mismatch)
             x = preprocess_image(image.array, prep)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            raise SampleError(f"sample {r.id!r} ({r.split}): {err}") from err
+        except ValueError as err:
+            raise SampleError(f"sample {r.id!r} ({r.split}): {r.source}: field 'image': {err}") from err
         m = resize_labels(torch.from_numpy(mask.astype(np.uint8)), prep.image_size)
         text = self.text_of(index)
         if instances is not None:
@@ -139,6 +136,13 @@ class SegmentationDataset(Dataset):
             if view.coords is not None:
                 item["coords"] = view.coords
         return item
+
+    def _warn_once(self, problems: list) -> None:
+        """A sample rule's warning (empty mask, ...), logged for the first sample of each kind only."""
+        for p in problems:
+            if p.code not in self._warned:
+                self._warned.add(p.code)
+                log.warning("%s (further %s warnings are not reported; lsms check lists them all)", p.message, p.code)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.on_error == "raise":

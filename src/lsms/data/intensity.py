@@ -162,16 +162,40 @@ def default_preprocessing(modality: str | None, image_size: int | tuple[int, int
     return Preprocessing(image_size=image_size, in_channels=in_channels, intensity="percentile")  # type: ignore[arg-type]
 
 
-def input_mismatch(image: np.ndarray, modality: str | None, prep: Preprocessing) -> str | None:
-    """Why ``image`` is not what a model with ``prep`` was trained on, or None. Only a CT model (HU through a
-    window) can tell: a colour image or a DICOM of another modality gives a prediction that means nothing."""
-    if prep.intensity != "window":
+def input_contract(prep: Preprocessing) -> str:
+    """What a model with ``prep`` was trained to read, in words (named in a mismatch message)."""
+    channels = f"{prep.in_channels} channel{'s' if prep.in_channels > 1 else ''}"
+    if prep.intensity == "window":
+        width, level = prep.window_width_level
+        window = f"the {prep.window} window" if prep.window else "a window"
+        return f"CT (modality CT, {channels}, HU through {window} W {width:g} L {level:g})"
+    scaling = "its percentiles" if prep.intensity == "percentile" else f"the range {prep.value_range}"
+    return f"images other than CT ({channels}, each scaled by {scaling})"
+
+
+def input_mismatch(image: np.ndarray, modality: str | None, prep: Preprocessing, fmt: str | None = None) -> str | None:
+    """Why ``image`` is clearly not what a model with ``prep`` was trained on, or None; then its prediction would
+    mean nothing. The one rule of lsms: a CT model (HU through a window) given a colour image (a photo) or an
+    image whose modality (a DICOM's Modality tag) is not CT, and a model trained on other images given a CT
+    image. A grey image without a modality (PNG, NumPy, NIfTI) may be anything, and is taken as it is.
+
+    Args:
+        image: (H, W) or (H, W, C) as read.
+        modality: the modality the file (or the record) states, if any.
+        prep: the model's preprocessing (its input contract).
+        fmt: the file format (``png``, ``dicom``, ...), named in the message.
+    """
+    ct_model = prep.intensity == "window"
+    kind = f"{fmt.upper()} " if fmt else ""
+    if ct_model and image.ndim == 3 and image.shape[-1] >= 3:
+        found = f"a colour (RGB) {kind}image, a photo rather than a CT slice in HU"
+    elif ct_model and modality is not None and modality.strip().upper() != "CT":
+        found = f"a {kind}image of modality {modality}"
+    elif not ct_model and modality is not None and modality.strip().upper() == "CT":
+        found = f"a CT {kind}image (modality CT, HU)"
+    else:
         return None
-    if image.ndim == 3:
-        return "the model was trained on CT (HU through a window) but this is a colour image"
-    if modality is not None and modality.upper() != "CT":
-        return f"the model was trained on CT (HU through a window) but this image's modality is {modality}"
-    return None
+    return f"the model reads {input_contract(prep)} but this is {found}; its masks would be meaningless"
 
 
 def scale_intensity(image: np.ndarray, prep: Preprocessing) -> np.ndarray:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from lsms.data.formats import image_stem, is_image_name, preference
 from lsms.data.manifest import MANIFEST_NAME, SPLITS, Record, manifest_path, outside_root, parse_manifest
 from lsms.data.problems import Problem, raise_first
+from lsms.data.rules import dataset_problems
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ def scan_lvit(root: str | Path, split: str | None = None) -> tuple[list[Record],
             listed.add(found)
             records.append(Record(
                 id=rid, image=f"{LVIT_FOLDERS[sp]}/img/{image_name}", mask=f"{LVIT_FOLDERS[sp]}/labelcol/{mask_name}",
-                text=text, split=sp, root=root,
+                text=text, split=sp, root=root, origin=where,
             ))
         unlisted = sorted(set(images) - listed)
         if unlisted:
@@ -289,23 +291,24 @@ def scan_samples(
 
     Records whose files resolve outside the dataset folder (absolute paths, ``..``, symbolic links to
     elsewhere) are dropped with an ``outside-root`` error unless ``allow_outside_root``; nothing outside is
-    opened. Records that mix modalities give a ``mixed-modality`` problem (error for two named modalities,
-    warning when only some records name one).
+    opened. The dataset rules of :mod:`lsms.data.rules` (modalities, split leaks) see every split, also when
+    ``split`` keeps one: a leak concerns the dataset, whichever split is asked for.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     layout = detect_layout(path)
     if layout == "manifest":
         records, problems = parse_manifest(path)
-        if split:
-            records = [r for r in records if r.split == split]
     elif layout == "lvit":
-        records, problems = scan_lvit(path, split)
+        records, problems = scan_lvit(path)
     else:
-        records, problems = scan_image_folder(path, split)
+        records, problems = scan_image_folder(path)
     if not allow_outside_root:
         records = [r for r in records if not _outside(r, layout, path, problems)]
-    problems.extend(_modality_problems(records, path))
+    problems.extend(dataset_problems(records, manifest_path(path) if layout == "manifest" else path))
+    if split:
+        records = [r for r in records if r.split == split]
+        problems = [p for p in problems if p.split in (None, split)]
     if not records and not any(p.severity == "error" for p in problems):
         where = f" in split {split!r}" if split else ""
         problems.append(Problem("error", "empty-dataset", f"{path}: no samples{where}", str(path), split=split))
@@ -317,33 +320,23 @@ def _outside(r: Record, layout: str, path: str | Path, problems: list[Problem]) 
     source = manifest_path(path) if layout == "manifest" else Path(path)
     for name, rel, real in found:
         problems.append(Problem(
-            "error", "outside-root", f"{source}: sample {r.id!r}: field {name!r} ({rel}) resolves to {real}, outside the "
+            "error", "outside-root", f"{r.origin or source}: sample {r.id!r}: field {name!r} ({rel}) resolves to {real}, outside the "
             f"dataset folder {os.path.realpath(r.root)}; move the file into the dataset, or pass --allow-outside-root "
             "if you trust this dataset", str(source), r.id, r.split,
         ))
     return bool(found)
 
 
-def _modality_problems(records: list[Record], path: str | Path) -> list[Problem]:
-    named = sorted({r.modality for r in records if r.modality})
-    if len(named) > 1:
-        counts = ", ".join(f"{m}: {sum(r.modality == m for r in records)}" for m in named)
-        return [Problem("error", "mixed-modality", f"{path}: the samples mix modalities ({counts}); one model's "
-                        "preprocessing cannot serve them all: split the dataset by modality", str(path))]
-    if named and any(not r.modality for r in records):
-        n = sum(not r.modality for r in records)
-        return [Problem("warning", "mixed-modality", f"{path}: {n} sample(s) have no modality while the others are "
-                        f"{named[0]!r}; set 'modality' on every record", str(path))]
-    return []
-
-
-def load_samples(path: str | Path, split: str | None = None, allow_outside_root: bool = False) -> list[Record]:
+def load_samples(path: str | Path, split: str | None = None, allow_outside_root: bool = False,
+                 allow_split_leak: bool = False) -> list[Record]:
     """Load a dataset in any supported layout (manifest folder, LViT, images/ + masks/).
 
     Args:
         path: the dataset folder (or its ``manifest.jsonl``).
         split: keep only ``train``, ``val`` or ``test``.
         allow_outside_root: accept files that resolve outside the dataset folder (off by default).
+        allow_split_leak: load a dataset whose splits share a patient or an image, with a warning (off by default:
+            the numbers of its validation and test splits would be dishonest).
 
     Returns:
         The records, paths resolvable through ``record.image_path`` / ``record.mask_path``.
@@ -351,14 +344,23 @@ def load_samples(path: str | Path, split: str | None = None, allow_outside_root:
     Raises:
         FileNotFoundError: the path, or a file the layout names, is missing.
         ValueError: the layout is not recognised, a record is invalid (the message names file and line), a file
-            lies outside the dataset folder, or the records mix modalities.
+            lies outside the dataset folder, the records mix modalities, or a patient or an image is in two splits.
     """
     _, records, problems = scan_samples(path, split, allow_outside_root)
+    problems = [_leak_at_load(p, allow_split_leak) if p.code == "split-leak" else p for p in problems]
     _log_warnings(problems)
     raise_first(problems)
     if not records:
         raise ValueError(f"{manifest_path(path) if Path(path).is_file() else path}: the dataset has no samples")
     return records
+
+
+def _leak_at_load(p: Problem, allowed: bool) -> Problem:
+    if allowed:
+        return dataclasses.replace(p, severity="warning", message=f"{p.message} (loaded anyway: allow_split_leak; the "
+                                   "validation and test numbers of this dataset overstate the model)")
+    return dataclasses.replace(p, message=f"{p.message}; or load it anyway with --allow-split-leak (lsms train, "
+                               "lsms evaluate)")
 
 
 def _log_warnings(problems: list[Problem]) -> None:

@@ -25,9 +25,10 @@ def build_datasets(cfg: DataConfig, seed: int, preprocessing: Preprocessing | No
     """(preprocessing, train dataset, val dataset or None). A resumed run passes its saved ``preprocessing``."""
     if not cfg.path:
         raise ValueError("no training data: give DATA (a manifest folder, LViT-layout folder or images/ + masks/)")
-    train_records = load_samples(cfg.path, split=cfg.train_split, allow_outside_root=cfg.allow_outside_root)
+    allowed = {"allow_outside_root": cfg.allow_outside_root, "allow_split_leak": cfg.allow_split_leak}
+    train_records = load_samples(cfg.path, split=cfg.train_split, **allowed)
     try:
-        val_records = load_samples(cfg.path, split=cfg.val_split, allow_outside_root=cfg.allow_outside_root)
+        val_records = load_samples(cfg.path, split=cfg.val_split, **allowed)
     except ValueError as err:
         if "no samples" not in str(err):
             raise

@@ -49,6 +49,7 @@ class Record:
         slice_index: slice of a 3D NIfTI volume or a DICOM series.
         extra: unknown manifest fields, kept and written back unchanged.
         root: the dataset folder the paths are relative to.
+        origin: where the record was read (``manifest.jsonl:12``, ``Train_text.xlsx row 5``); not written.
     """
 
     id: str
@@ -66,6 +67,12 @@ class Record:
     slice_index: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path)
+    origin: str = field(default="", compare=False, repr=False)
+
+    @property
+    def source(self) -> str:
+        """Where the record was read, for messages: its manifest line (or spreadsheet row), else its image."""
+        return self.origin or str(self.image_path)
 
     @property
     def image_path(self) -> Path:
@@ -121,6 +128,42 @@ def normalize_modality(value: str | None) -> str | None:
     return "CT" if value.upper() == "CT" else value
 
 
+MAX_INDEX = 2**31 - 1  # the largest slice index or instance label a record may name (a label map is int32 at most)
+PATH_FIELDS = ("image", "mask", "instances")
+
+
+def _check_index(line: dict[str, Any], name: str, where: str, what: str) -> int | None:
+    value = line.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX):
+        raise ValueError(f"{where}: field {name!r} must be {what} (0..{MAX_INDEX}), got {value!r}")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice in one object is an error (JSON keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"field {key!r} appears twice in the object; keep one")
+        out[key] = value
+    return out
+
+
+def parse_line(raw: str, where: str) -> Any:
+    """One manifest line as JSON; every way a line can be malformed (bad JSON, nesting too deep for the parser,
+    a number too long to read, a repeated key) is a ``ValueError`` naming ``where``."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the JSON is nested too deeply to read; a record is one flat object") from None
+    except ValueError as err:  # a repeated key (the hook's message), or an integer of thousands of digits
+        if "digits" in str(err):
+            err = ValueError(f"a number has more digits than JSON numbers are read with ({str(err).split(';')[0]})")
+        raise ValueError(f"{where}: {err}") from None
+
+
 def _encodable(value: Any) -> bool:
     """Whether every string in a parsed JSON value is valid Unicode (JSON allows lone surrogates, UTF-8 does not)."""
     if isinstance(value, str):
@@ -160,6 +203,9 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     for name, value in (("image", image), ("mask", mask)):
         if not value:
             raise ValueError(f"{where}: field {name!r} is empty; give a path relative to the dataset folder")
+    for name in PATH_FIELDS:
+        if "\x00" in (line.get(name) or ""):
+            raise ValueError(f"{where}: field {name!r} holds a NUL character, which no file name can; fix the path")
     if split not in SPLITS:
         raise ValueError(f"{where}: field 'split' must be one of {', '.join(SPLITS)}, got {split!r}")
     texts = line.get("texts")
@@ -173,10 +219,8 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
     if variants is not None and (not isinstance(variants, list) or not all(isinstance(v, str) and v for v in variants)):
         raise ValueError(f"{where}: field 'variants' must be a list of non-empty strings (paraphrases of 'text')")
     instances = _check_str(line, "instances", where, False)
-    target = line.get("target_instance")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 0):
-        raise ValueError(f"{where}: field 'target_instance' must be a positive integer label (0: the expression "
-                         f"refers to no lesion of the image, a negative), got {target!r}")
+    target = _check_index(line, "target_instance", where, "a positive integer label (0: the expression refers to no "
+                          "lesion of the image, a negative)")
     if target is not None and instances is None:
         raise ValueError(f"{where}: field 'target_instance' is set but 'instances' (the label map) is missing")
     attributes = line.get("attributes")
@@ -190,14 +234,12 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
         if not ok:
             raise ValueError(f"{where}: field 'spacing' must be [row_mm, col_mm] with two positive numbers, got {spacing!r}")
         spacing = (float(spacing[0]), float(spacing[1]))
-    slice_index = line.get("slice_index")
-    if slice_index is not None and (isinstance(slice_index, bool) or not isinstance(slice_index, int) or slice_index < 0):
-        raise ValueError(f"{where}: field 'slice_index' must be a non-negative integer, got {slice_index!r}")
+    slice_index = _check_index(line, "slice_index", where, "a non-negative integer")
     return Record(
         id=rid, image=image, mask=mask, text=text, split=split, texts=texts, instances=instances,
         target_instance=target, attributes=attributes, spacing=spacing,
         patient=_check_str(line, "patient", where, False), modality=normalize_modality(_check_str(line, "modality", where, False)),
-        slice_index=slice_index, extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root,
+        slice_index=slice_index, extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root, origin=where,
     )
 
 
@@ -257,14 +299,14 @@ def parse_manifest(folder: str | Path) -> tuple[list[Record], list[Problem]]:
             if not raw.strip():
                 continue
             try:
-                line = json.loads(raw)
-            except json.JSONDecodeError as err:
-                problems.append(Problem("error", "invalid-record", f"{where}: not valid JSON ({err.msg} at column {err.colno})", str(path)))
-                continue
-            try:
+                line = parse_line(raw, where)
                 record = record_from_json(line, path.parent, where)
             except ValueError as err:
                 problems.append(Problem("error", "invalid-record", str(err), str(path)))
+                continue
+            except Exception as err:  # a line nobody foresaw is reported against its line, never ending the read
+                problems.append(Problem("error", "invalid-record", f"{where}: cannot read the record "
+                                        f"({type(err).__name__}: {err})", str(path)))
                 continue
             if record.id in seen:
                 problems.append(Problem(

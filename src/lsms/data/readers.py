@@ -39,7 +39,7 @@ from lsms.data.formats.base import (
 
 __all__ = [
     "LIMIT_ENV", "Geometry", "ImageData", "ImageReadError", "ImageTooLargeError", "ReadLimits", "Volume",
-    "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
+    "binary_mask", "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
 ]
 
 
@@ -159,7 +159,11 @@ def read_mask(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     Returns:
         bool (H, W).
     """
-    img = read_mask_image(path, slice_index)
+    return binary_mask(read_mask_image(path, slice_index))
+
+
+def binary_mask(img: ImageData) -> np.ndarray:
+    """The bool (H, W) lesion mask of a mask image as :func:`read_mask` reads it."""
     a = img.array
     if a.ndim == 3:
         a = a.max(axis=-1)

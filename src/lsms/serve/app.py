@@ -367,7 +367,7 @@ class Viewer:
                 pred = self._prediction(s, k, image, text, features)
                 mask, found, answer = self._shown(s, k, text, threshold, pred)
                 r = {"text": text, "area_px": int(mask.sum()), "max_probability": round(float(pred.probability.max()), 4),
-                     "existence": round(pred.existence, 4), "found": found,
+                     "existence": round(pred.existence, 4), "found": found, "warning": pred.warning,
                      "overlay": data_url(overlay_rgba(mask, COLOURS[i % len(COLOURS)])),
                      "probability": data_url(colormap(pred.probability, "viridis"))}
                 if answer is not None:  # Whole volume ran with this sentence: the slice of its one 3D answer
@@ -531,12 +531,13 @@ class Viewer:
                 pred = self._prediction(s, k, image, text, False)
                 mask = self._shown(s, k, text, threshold, pred)[0]
                 rows.append({"text": text, "area_px": int(mask.sum()),
-                             "max_probability": round(float(pred.probability.max()), 6)})
+                             "max_probability": round(float(pred.probability.max()), 6), "warning": pred.warning})
         model = self.checkpoint or self.model_name
         slices = f" --slices {k}" if opened.depth > 1 else ""
+        allow = " --allow-modality-mismatch" if self.predictor.allow_modality_mismatch else ""
         sha256 = opened.source_sha256 or (files_sha256(opened.files) if opened.files else None)
         commands = [f"lsms predict {shlex.quote(str(model))} {shlex.quote(opened.source)}{slices} --text "
-                    f"{shlex.quote(t)} --threshold {threshold:g} --out OUT" for t in texts]
+                    f"{shlex.quote(t)} --threshold {threshold:g}{allow} --out OUT" for t in texts]
         return {
             "lsms_version": __version__,
             "model": {"given": self.model_name, "checkpoint": str(self.checkpoint) if self.checkpoint else None,

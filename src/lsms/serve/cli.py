@@ -12,6 +12,7 @@ import signal
 import time
 import webbrowser
 
+from lsms.predict import add_mismatch_argument
 from lsms.serve.app import MAX_UPLOAD_MB
 
 log = logging.getLogger("lsms.serve")
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"largest upload accepted (default {MAX_UPLOAD_MB})")
     p.add_argument("--open", action="store_true", help="open the page in the default web browser")
+    add_mismatch_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(args.model, prefer=args.checkpoint)
-    predictor = Predictor.from_checkpoint(checkpoint, args.device)
+    predictor = Predictor.from_checkpoint(checkpoint, args.device, allow_modality_mismatch=args.allow_modality_mismatch)
     viewer = Viewer(predictor, model_name=str(args.model), checkpoint=checkpoint,
                     max_megapixels=args.max_megapixels, max_upload_mb=args.max_upload_mb)
     if not is_loopback(args.host):

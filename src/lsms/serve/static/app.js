@@ -210,6 +210,11 @@ function showResults(out, req) {
     ex.append(`existence score ${r.existence.toFixed(2)} ` + (out.existence_threshold === null ?
       "(no existence threshold: never withheld): " : `(threshold ${out.existence_threshold.toFixed(2)}): `), verdict);
     stats.append(ex);
+    if (r.warning) {  // lsms serve --allow-modality-mismatch: not the kind of image the model reads
+      const w = document.createElement("strong"); w.className = "not-found";
+      w.textContent = ` — ${r.warning}`;
+      stats.append(w);
+    }
     const links = document.createElement("div");
     links.className = "links";
     const stem = (state.image.name.replace(/\.(nii\.gz|nii|png|jpe?g|tiff?|npy|npz|dcm|zip)$/i, "") +
