@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds
+from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds, split_leak_flag
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
@@ -28,12 +28,17 @@ def train_command(data: str, run: Path, budget_min: float, image_size: int, epoc
     return ["lsms", "train", data, "--out", str(run), "--preset", "tiny", "--text", "--image-size", str(image_size),
             "--time-limit", f"{budget_min:g}", "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3",
             "--warmup-steps", "50", "--freeze-text", "--max-tokens", "32", "--val-every", "100000", "--seed", "0",
-            "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10"]
+            "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *split_leak_flag("btxrd")]
+
+
+def resume_command(run: Path, minutes: float) -> list[str]:
+    return ["lsms", "train", "--resume", str(run), "--time-limit", f"{minutes:g}", "--no-progress",
+            *split_leak_flag("btxrd")]
 
 
 def eval_command(data: str, run: Path, level: str) -> list[str]:
     return ["lsms", "evaluate", str(run), data, "--split", "val", "--text-level", level, "--device", "cpu",
-            "--json", str(run / f"eval-val-{level}.json")]
+            "--json", str(run / f"eval-val-{level}.json"), *split_leak_flag("btxrd")]
 
 
 def markdown(r: dict) -> str:
@@ -99,7 +104,7 @@ def main() -> None:
         if (run / "last.pt").exists():
             left = max(args.budget_min - spent_seconds(run) / 60, 0.05)
             say(f"resuming {run} with {left:.2f} min left")
-            todo = ["lsms", "train", "--resume", str(run), "--time-limit", f"{left:g}", "--no-progress"]
+            todo = resume_command(run, left)
         else:
             say(f"training {run} for {args.budget_min:g} min")
             todo = cmd

@@ -1,6 +1,7 @@
 """Evaluate one trained run at several text levels in one process (the model is loaded once).
 
     python benchmarks/evaluate_levels.py RUN DATA --split test --levels full half quarter none
+    python benchmarks/evaluate_levels.py RUN DATA --split val --allow-split-leak   # a dataset with a known leak
 
 Each level gives exactly what ``lsms evaluate RUN DATA --split SPLIT --text-level LEVEL --json PATH`` gives (the
 same function: :func:`lsms.evaluate.evaluate_levels`); the JSON goes to RUN/eval-SPLIT-LEVEL.json (or
@@ -19,9 +20,10 @@ from lsms.evaluate import evaluate_levels, write_per_sample_csv
 
 
 def write_levels(run: str, data: str, split: str, levels: list[str], out_dir: Path, batch_size: int = 8,
-                 prefer: str = "best", device: str = "cpu") -> dict:
+                 prefer: str = "best", device: str = "cpu", allow_split_leak: bool = False) -> dict:
     out = {}
-    results = evaluate_levels(run, data, split, tuple(levels), batch_size=batch_size, device=device, prefer=prefer)
+    results = evaluate_levels(run, data, split, tuple(levels), batch_size=batch_size, device=device, prefer=prefer,
+                              allow_split_leak=allow_split_leak)
     for level, result in results.items():
         summary = {"checkpoint": result["checkpoint"], "data": str(data), "split": split, "text_level": level,
                    **result["summary"]}
@@ -43,9 +45,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--prefer", default="best", choices=("best", "last"), help="which checkpoint of RUN (default best.pt)")
+    parser.add_argument("--allow-split-leak", action="store_true",
+                        help="evaluate a dataset whose splits share a patient or an image, with a warning (as "
+                             "lsms evaluate --allow-split-leak; off by default: an error)")
     args = parser.parse_args()
     write_levels(args.run, args.data, args.split, args.levels, Path(args.json_dir or args.run), args.batch_size,
-                 args.prefer, args.device)
+                 args.prefer, args.device, args.allow_split_leak)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown
+from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, split_leak_flag
 from real_data import read_curve
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
@@ -46,7 +46,7 @@ def train_command(key: str, data: Path, run: Path, args: argparse.Namespace) -> 
            "--text" if text else "--no-text", "--image-size", str(IMAGE_SIZE[recipe][dataset]),
            "--device", args.device, "--amp", args.amp, "--time-limit", f"{args.budget_min:g}",
            "--epochs", str(args.epochs), "--seed", "0", "--no-progress", "--log-every", "20", "--max-tokens", "48",
-           "--num-workers", str(args.workers)]
+           "--num-workers", str(args.workers), *split_leak_flag(dataset)]
     if recipe == "real":
         cmd += ["--lr", "1e-3", "--batch-size", "16"]
     if args.toy:
@@ -55,9 +55,10 @@ def train_command(key: str, data: Path, run: Path, args: argparse.Namespace) -> 
 
 
 def eval_command(key: str, data: Path, run: Path, args: argparse.Namespace) -> list[str]:
-    levels = ["full", "none"] if ROWS[key][0] == "btxrd" else ["full"]
+    dataset = ROWS[key][0]
+    levels = ["full", "none"] if dataset == "btxrd" else ["full"]
     return ["python", str(Path(__file__).with_name("evaluate_levels.py")), str(run), str(data), "--split", "val",
-            "--prefer", "last", "--device", args.device, "--levels", *levels]
+            "--prefer", "last", "--device", args.device, "--levels", *levels, *split_leak_flag(dataset)]
 
 
 def main() -> None:

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, train_or_resume
+from accuracy import (
+    DEFAULT_CACHE,
+    SHARED_DATA,
+    allows_split_leak,
+    run_logged,
+    say,
+    shown,
+    split_leak_flag,
+    train_or_resume,
+)
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
@@ -89,18 +98,26 @@ def data_path(row: Row) -> Path:
     return SHARED_DATA / DATASETS[row.dataset].path
 
 
+def val_records(row: Row) -> list[Any]:
+    """The val records of a row's dataset, loaded as its commands load them (a known split leak allowed)."""
+    from lsms.data import load_samples
+
+    return load_samples(data_path(row), split="val", allow_split_leak=allows_split_leak(row.dataset))
+
+
 def train_command(key: str, s: Settings, time_limit: float | None = None, resume: bool = False) -> list[str]:
     row, ds = ROWS[key], DATASETS[ROWS[key].dataset]
     run = run_dir(key, s)
     limit = f"{time_limit if time_limit is not None else s.budget_min:g}"
     schedule = ["--epochs", str(row.epochs or ds.epochs), "--time-limit", limit]
     if resume:  # the schedule is given again, so that it follows DATASETS
-        return ["lsms", "train", "--resume", str(run), *schedule, "--no-progress"]
+        return ["lsms", "train", "--resume", str(run), *schedule, "--no-progress", *split_leak_flag(row.dataset)]
     return ["lsms", "train", str(data_path(row)), "--out", str(run), "--recipe", "real", "--preset", row.preset,
             "--text" if row.text else "--no-text", "--image-size", str(ds.image_size),
             *schedule, "--val-every", str(ds.val_every),
             "--freeze-text", "--max-tokens", "48", "--seed", str(s.seed), "--threads", str(s.threads),
-            "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *row.extra]
+            "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *split_leak_flag(row.dataset),
+            *row.extra]
 
 
 def levels(row: Row) -> list[str]:
@@ -110,7 +127,7 @@ def levels(row: Row) -> list[str]:
 def eval_command(key: str, s: Settings) -> list[str]:
     row = ROWS[key]
     return ["python", str(Path(__file__).with_name("evaluate_levels.py")), str(run_dir(key, s)), str(data_path(row)),
-            "--split", "val", "--prefer", "last", "--levels", *levels(row)]
+            "--split", "val", "--prefer", "last", "--levels", *levels(row), *split_leak_flag(row.dataset)]
 
 
 def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
@@ -242,12 +259,12 @@ def dice_by_lesion_size(results: list[dict[str, Any]], cache: Path) -> list[str]
     """Markdown rows: val Dice of each BTXRD row by lesion size (share of the image, terciles of the val masks)."""
     import numpy as np
 
-    from lsms.data import load_samples, read_mask
+    from lsms.data import read_mask
 
     rows = [r for r in results if r["dataset"] == "btxrd"]
     if not rows:
         return []
-    area = {r.id: float(read_mask(r.mask_path).mean()) for r in load_samples(data_path(ROWS[rows[0]["row"]]), split="val")}
+    area = {r.id: float(read_mask(r.mask_path).mean()) for r in val_records(ROWS[rows[0]["row"]])}
     edges = np.quantile(list(area.values()), [1 / 3, 2 / 3])
     names = [f"< {edges[0]:.2%}", f"{edges[0]:.2%} - {edges[1]:.2%}", f">= {edges[1]:.2%}"]
     lines = ["| row | seed | " + " | ".join(f"Dice, lesion {n} of the image" for n in names) + " |",
@@ -302,14 +319,14 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     import torch
 
     from lsms.checkpoint import load_trained
-    from lsms.data import SegmentationDataset, load_samples
+    from lsms.data import SegmentationDataset
 
     run = cache / "real" / result["row"] / f"seed{result['seed']}"
     with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
         scored = sorted((float(r["dice"]), r["id"]) for r in csv.DictReader(f) if r["dice"] not in ("", "None"))
     picks = [("best", d, i) for d, i in scored[::-1][:n]] + [("worst", d, i) for d, i in scored[:n]]
     model, spec, _ = load_trained(run, "cpu", prefer="last")
-    records = {r.id: r for r in load_samples(data_path(ROWS[result["row"]]), split="val")}
+    records = {r.id: r for r in val_records(ROWS[result["row"]])}
     fig, axes = plt.subplots(2, n, figsize=(4 * n, 10.5))
     for ax, (kind, dice, rid) in zip(axes.flat, picks):
         item = SegmentationDataset([records[rid]], spec.preprocessing)[0]

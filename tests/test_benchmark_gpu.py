@@ -8,16 +8,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lsms.data import load_samples
+
 from toy_data import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _leaky_toy(root: Path) -> Path:
+    """A toy dataset whose last val image belongs to a training patient: a split leak, as in the shared BTXRD."""
+    data = make_toy_dataset(root, n_images=4, n_val=2)
+    lines = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["split"] == "val" and line["image"] == lines[-1]["image"]:
+            line["patient"] = lines[0]["patient"]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return data
+
+
 def test_gpu_script_at_toy_size(tmp_path):
-    data = make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)
+    # BTXRD rows must load a leaking dataset (their commands allow it); Kvasir rows get a clean one and no allowance
+    btxrd, kvasir = _leaky_toy(tmp_path / "leaky"), make_toy_dataset(tmp_path / "toy", n_images=4, n_val=2)
+    with pytest.raises(ValueError, match="--allow-split-leak"):
+        load_samples(btxrd, split="val")
     out = tmp_path / "gpu"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--toy", "--device", "cpu", "--btxrd", str(data),
-           "--kvasir", str(data), "--rows", "btxrd/paper", "kvasir/real", "--cache", str(tmp_path / "cache"),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--toy", "--device", "cpu", "--btxrd", str(btxrd),
+           "--kvasir", str(kvasir), "--rows", "btxrd/paper", "kvasir/real", "--cache", str(tmp_path / "cache"),
            "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -38,3 +56,8 @@ def test_gpu_script_at_toy_size(tmp_path):
     assert paper["run"]["optim"]["lr"] == 3e-5 and paper["spec"]["model"]["preset"] == "base"
     assert not paper["run"]["data"]["augment"]
     assert "| btxrd/paper |" in out.with_suffix(".md").read_text()
+    assert paper["run"]["data"]["allow_split_leak"] and not config["run"]["data"]["allow_split_leak"]
+    for command in rows["btxrd/paper"]["commands"].values():
+        assert "--allow-split-leak" in command.split()
+    for command in rows["kvasir/real"]["commands"].values():
+        assert "--allow-split-leak" not in command
