@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -286,3 +287,121 @@ def test_cli_volumes(tmp_path: Path) -> None:
     assert main(["synth", str(tmp_path / "flat"), "--dicom"]) == 2  # volume options need --volumes
     with pytest.raises(ValueError, match="--slice-mm"):
         VolumeConfig(slice_mm=0.1)
+
+
+# --- off-slice negatives: a slice paired with the volume sentence of a lesion that is not on it ---------------
+
+VCFG_OFF = replace(VCFG, off_slice_negatives=2)
+
+
+@pytest.fixture(scope="module")
+def off_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, vcfg in (("k2", VCFG_OFF), ("k2b", VCFG_OFF), ("k0", replace(VCFG, off_slice_negatives=0))):
+        d = tmp_path_factory.mktemp(f"volumes_{name}")
+        generate_volume_dataset(SynthConfig(seed=1, **SMALL), vcfg, d, progress=False)
+        out[name] = d
+    return out
+
+
+def test_off_slice_zero_is_the_default_and_k_is_deterministic(sets: dict[str, Path], off_sets: dict[str, Path]) -> None:
+    default, k0 = _files(sets["a"]), _files(off_sets["k0"])
+    assert default.keys() == k0.keys() and [k for k in default if default[k] != k0[k]] == []
+    assert "off_slice" not in default["dataset.json"].decode() and b"off_slice" not in default["manifest.jsonl"]
+    a, b = _files(off_sets["k2"]), _files(off_sets["k2b"])
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+def test_off_slice_adds_records_and_changes_nothing_else(sets: dict[str, Path], off_sets: dict[str, Path]) -> None:
+    before, after = _files(sets["a"]), _files(off_sets["k2"])
+    changed = [k for k in before if before[k] != after[k]]
+    assert sorted(changed) == ["README.md", "dataset.json", "manifest.jsonl"]
+    added = set(after) - set(before)
+    assert "masks/empty.png" in added and all(re.fullmatch(r"(images|instances|all)/p\d{4}_z\d{3}\.(npy|png)|masks/empty\.png", k)
+                                              for k in added), added
+    old, new = _jsonl(sets["a"] / "manifest.jsonl"), _jsonl(off_sets["k2"] / "manifest.jsonl")
+    off = [r for r in new if r.get("negative") == "off_slice"]
+    assert [r for r in new if r.get("negative") != "off_slice"] == old  # same records, same order
+    assert off and {r["split"] for r in off} == {"train", "val"}  # the test split is untouched
+    assert [r for r in new if r["split"] == "test"] == [r for r in old if r["split"] == "test"]
+    assert all(len([r for r in off if r["slice_id"] == s]) <= 2 for s in {r["slice_id"] for r in off})  # K per slice
+    summary = json.loads(after["dataset.json"])["volumes"]
+    assert summary["settings"]["off_slice_negatives"] == 2
+    assert sum(summary["off_slice"]["records"].values()) == len(off)
+    assert f"train {summary['off_slice']['records']['train']}" in after["README.md"].decode()
+
+
+def test_off_slice_lesion_absent_mask_empty_sentence_of_the_volume(off_sets: dict[str, Path]) -> None:
+    from lsms.data import load_samples
+
+    root = off_sets["k2"]
+    volume_records = {r["id"]: r for r in _jsonl(root / "volumes.jsonl")}
+    records = _jsonl(root / "manifest.jsonl")
+    off = [r for r in records if r.get("negative") == "off_slice"]
+    instances = {v: _nifti(root / f"volumes/{v}_instances.nii.gz") for v in {r["volume"] for r in off}}
+    images = {v: _nifti(root / f"volumes/{v}.nii.gz") for v in instances}
+    blank = set()
+    for r in off:
+        v, k, vr = r["volume"], r["volume_slice"], volume_records[r["off_slice_of"]]
+        label = vr["target_instance"]
+        assert vr["volume_id"] == v and label > 0
+        assert not (instances[v][k] == label).any(), r["id"]  # the paired lesion has no voxel on the slice
+        assert (instances[v] == label).any()  # ... but is in the volume
+        assert r["target_instance"] == 0 and not np.asarray(Image.open(root / r["mask"])).any()
+        assert r["text"] == vr["texts"]["full"] and all(vr["texts"][lvl] == t for lvl, t in r["texts"].items())
+        assert all(vr["unique"][lvl] for lvl in r["texts"])  # only levels that single the lesion out in the volume
+        assert np.array_equal(np.load(root / r["image"]), images[v][k])
+        assert np.array_equal(np.asarray(Image.open(root / r["instances"])), instances[v][k])
+        if not instances[v][k].any():
+            blank.add(r["slice_id"])
+            assert r["n_lesions"] == 0 and r["all_text"] == ""
+            assert len([x for x in records if x["slice_id"] == r["slice_id"]]) == min(2, vr["n_lesions"])
+    assert blank and len({r["mask"] for r in off}) == 1  # lesion-free slices appear; one shared empty mask
+    assert len(load_samples(root)) == len(records)  # the 2D set loads with the dataset rules
+
+
+def test_off_slice_does_not_read_as_a_visible_lesion(off_sets: dict[str, Path], volumes: dict) -> None:
+    """The paired sentence's type and location fit no lesion section on the slice (facts re-derived)."""
+    root = off_sets["k2"]
+    for r in _jsonl(root / "manifest.jsonl"):
+        if r.get("negative") != "off_slice":
+            continue
+        v, k = volumes[r["volume"]], r["volume_slice"]
+        inst = np.asarray(Image.open(root / r["instances"]))
+        kinds = {j: les.kind for j, les in enumerate(v.lesions, start=1)}
+        facts = _refacts(inst, v.segments[k], v.gallbladder[k], v.ivc[k], (350 / 64, 350 / 64), kinds, {})
+        a = r["attributes"]
+        assert describes_nothing(facts, Negative("off_slice", facts_of(a, 0), a["slots"]["full"], None)), r["id"]
+
+
+def test_off_slice_option_checked(tmp_path: Path) -> None:
+    from lsms.cli import main
+
+    assert main(["synth", str(tmp_path / "flat"), "--off-slice-negatives", "1"]) == 2  # needs --volumes
+    with pytest.raises(ValueError, match="--off-slice-negatives"):
+        VolumeConfig(off_slice_negatives=-1)
+    assert VolumeConfig.from_dict(VolumeConfig(off_slice_negatives=3).to_dict()).off_slice_negatives == 3
+    assert "off_slice_negatives" not in VolumeConfig().to_dict()
+
+
+def test_draw_off_slice_pairs_only_absent_lesions_that_read_as_nothing_visible() -> None:
+    from lsms.synth.off_slice import blank_slices, draw_off_slice
+
+    def facts(index: int, kind: str, segment: str) -> LesionFacts:
+        return LesionFacts(index=index, kind=kind, segment=segment, lobe="right", diameter_mm=20.0, area_px=10,
+                           centroid=(1.0, 1.0), shape="round", boundary="clear", density="fluid", enhancement="none",
+                           dist_gallbladder_mm=float("inf"), dist_ivc_mm=float("inf"))
+
+    volume = [facts(1, "cyst", "VI"), facts(2, "cyst", "VI"), facts(3, "hcc", "VII")]
+    slots = [["type", "location", "size"]] * 3
+    section = np.zeros((8, 8), dtype=np.uint8)
+    section[2:4, 2:4] = 2  # lesion 2 is on the slice, its section reads "a cyst in segment VI"
+    rng = np.random.default_rng(0)
+    assert draw_off_slice(volume, slots, section, [facts(2, "cyst", "VI")], 5, rng) == [3]  # 1 reads as lesion 2
+    assert draw_off_slice(volume, slots, section, [facts(2, "cyst", "V")], 5, rng) == [1, 3]
+    assert len(draw_off_slice(volume, slots, np.zeros_like(section), [], 2, rng)) == 2  # at most K
+    inst = np.zeros((10, 4, 4), dtype=np.uint8)
+    inst[[3, 5], 1, 1] = 1
+    liver = np.zeros((10, 4, 4), dtype=bool)
+    liver[1:9] = True
+    assert blank_slices(inst, liver) == [1, 7]  # lesion-free slices 1, 2, 4, 6, 7, 8 of the liver: every 4th

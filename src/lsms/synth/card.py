@@ -141,13 +141,23 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def _off_slice_line(off: dict[str, Any] | None) -> str:
+    """What the card says of the off-slice negatives (nothing without them)."""
+    if not off:
+        return ""
+    return (f", and {off['lesion_free_slices']} lesion-free slices of the liver's z-range; off-slice negatives (a "
+            "volume sentence on a slice its lesion is not on, empty target): "
+            + ", ".join(f"{sp} {c}" for sp, c in off["records"].items())
+            + f", {off['on_lesion_free_slices']} of them on lesion-free slices")
+
+
 def volume_card_lines(summary: dict[str, Any], records: list[dict[str, Any]], extents: list[int]) -> list[str]:
     """The card's section on the volumes: geometry, counts, lesions per volume, z-extents and 3D diameters."""
     v = summary["volumes"]
     z, h, w = v["shape"]
     dz, s, _ = v["spacing_mm"]
     lesions = [r for r in records if "negative" not in r]
-    n_slices = summary["counts"]["slices"]
+    n_slices = summary["counts"]["slices"] - (v.get("off_slice") or {}).get("lesion_free_slices", 0)
     lines = [
         "## Volumes", "",
         f"- {v['volumes']} volumes (one per patient) of {z} x {h} x {w} voxels, {s:.3f} mm in-plane and {dz:g} mm "
@@ -157,7 +167,8 @@ def volume_card_lines(summary: dict[str, Any], records: list[dict[str, Any]], ex
         f"- `volumes.jsonl`: {v['expressions']} volume expressions: {len(lesions)} of lesions, "
         f"{v['negative_expressions']} negative; by split " + ", ".join(f"{k} {c}" for k, c in v["splits"].items()),
         f"- `manifest.jsonl`: the {n_slices} slices of the volumes that show a described lesion, as the 2D "
-        f"dataset above (of {v['volumes'] * z} slices in all)",
+        f"dataset above (of {v['volumes'] * z} slices in all)"
+        + _off_slice_line(v.get("off_slice")),
         f"- a lesion spans {v['lesion_slices']['min']}..{v['lesion_slices']['max']} slices (median "
         f"{v['lesion_slices']['median']:g})", "",
     ]

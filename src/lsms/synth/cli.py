@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-mm", type=float, default=dv.slice_mm,
                         help="with --volumes: slice spacing and thickness in mm (default %(default)s)")
     parser.add_argument("--dicom", action="store_true", help="with --volumes: also write each volume as a DICOM CT series")
+    parser.add_argument("--off-slice-negatives", type=int, default=dv.off_slice_negatives, metavar="K",
+                        help="with --volumes: pair each slice of the train and val volumes' 2D set (and every 4th "
+                             "lesion-free slice within the liver) with up to K volume sentences of lesions NOT on "
+                             "that slice, empty target, so that a 2D model learns to answer 'not here' on the slices "
+                             "a volume sentence is run on (default %(default)s: none)")
     parser.add_argument("--val-share", type=float, default=d.val_share, help="share of patients in val (default %(default)s)")
     parser.add_argument("--test-share", type=float, default=d.test_share, help="share of patients in test (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous dataset in OUT")
@@ -89,12 +94,14 @@ def run(args: argparse.Namespace) -> int:
     if args.volumes:
         from lsms.synth.volumes import generate_volume_dataset
 
-        vcfg = VolumeConfig(slices=args.volume_slices, slice_mm=args.slice_mm, dicom=args.dicom)
+        vcfg = VolumeConfig(slices=args.volume_slices, slice_mm=args.slice_mm, dicom=args.dicom,
+                            off_slice_negatives=args.off_slice_negatives)
         summary = generate_volume_dataset(cfg, vcfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
         log.info("wrote %d volumes / %d volume expressions to %s/volumes.jsonl", cfg.patients,
                  summary["volumes"]["expressions"], args.out)
-    elif args.dicom or args.volume_slices != dv.slices or args.slice_mm != dv.slice_mm:
-        raise ValueError("--volume-slices, --slice-mm and --dicom need --volumes")
+    elif (args.dicom or args.volume_slices != dv.slices or args.slice_mm != dv.slice_mm
+          or args.off_slice_negatives != dv.off_slice_negatives):
+        raise ValueError("--volume-slices, --slice-mm, --dicom and --off-slice-negatives need --volumes")
     else:
         summary = generate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     c = summary["counts"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lsms.settings import DictRoundTrip
 
@@ -124,6 +124,10 @@ class VolumeConfig(DictRoundTrip):
         slices: slices per volume.
         slice_mm: distance between slice centres and slice thickness (mm).
         dicom: also write each volume as a DICOM CT series (``dicom/<patient>/``).
+        off_slice_negatives: up to this many *off-slice negatives* per slice of the train and val volumes: the
+            slice paired with the volume sentence of a lesion of the volume that has no voxel on it, with an
+            empty target, on the 2D set's slices and on every 4th lesion-free slice of the liver's z-range
+            (:mod:`lsms.synth.off_slice`). 0: none (the output is what it was before the setting existed).
     """
 
     settings_name: ClassVar[str] = "volume settings"
@@ -131,10 +135,21 @@ class VolumeConfig(DictRoundTrip):
     slices: int = 64
     slice_mm: float = 2.5
     dicom: bool = False
+    off_slice_negatives: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slice_mm", float(self.slice_mm))
+        if not 0 <= self.off_slice_negatives <= 16:
+            raise ValueError(f"--off-slice-negatives must be between 0 and 16, got {self.off_slice_negatives}")
         if not 4 <= self.slices <= 512:
             raise ValueError(f"--volume-slices must be between 4 and 512, got {self.slices}")
         if not 0.5 <= self.slice_mm <= 10.0:
             raise ValueError(f"--slice-mm must be between 0.5 and 10 mm, got {self.slice_mm}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings; ``off_slice_negatives`` is left out at 0, so ``dataset.json`` of a volume set without
+        them reads as before the setting existed (``from_dict`` restores the default)."""
+        d = super().to_dict()
+        if not self.off_slice_negatives:
+            del d["off_slice_negatives"]
+        return d

@@ -371,10 +371,7 @@ def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[d
     np.save(out / "images" / f"{s.slice_id}.npy", s.image, allow_pickle=False)
     _save_png(out / "instances" / f"{s.slice_id}.png", s.instances)
     _save_png(out / "all" / f"{s.slice_id}.png", np.where(s.instances > 0, 255, 0).astype(np.uint8))
-    common = {"image": f"images/{s.slice_id}.npy", "instances": f"instances/{s.slice_id}.png",
-              "spacing": [spacing, spacing], "patient": s.patient, "modality": "CT", "split": split,
-              "all_mask": f"all/{s.slice_id}.png", "all_text": s.all_text, "slice_id": s.slice_id,
-              "slice_level": round(s.z, 4), "n_lesions": len(s.facts)}
+    common = slice_common(s, split, spacing)
     records = []
     for f, texts, unique, slots, stated, variants in zip(s.facts, s.texts, s.unique, s.slots, s.stated_relations,
                                                           s.variants, strict=True):
@@ -390,6 +387,21 @@ def write_slice(out: Path, s: SliceSample, split: str, spacing: float) -> list[d
         _save_png(out / "masks" / f"{rid}.png", np.zeros_like(s.instances))
         records.append(negative_record(rid, f"masks/{rid}.png", e, spacing, common))
     return records
+
+
+def slice_common(s: SliceSample, split: str, spacing: float) -> dict[str, Any]:
+    """The fields every manifest record of slice ``s`` shares (its files, patient, split, level)."""
+    return {"image": f"images/{s.slice_id}.npy", "instances": f"instances/{s.slice_id}.png",
+            "spacing": [spacing, spacing], "patient": s.patient, "modality": "CT", "split": split,
+            "all_mask": f"all/{s.slice_id}.png", "all_text": s.all_text, "slice_id": s.slice_id,
+            "slice_level": round(s.z, 4), "n_lesions": len(s.facts)}
+
+
+def write_empty_mask(out: Path, size: int) -> str:
+    """Writes ``masks/empty.png`` (``size`` x ``size``, all 0), the one mask the records that share an empty
+    target point at; returns its path relative to ``out``."""
+    _save_png(out / EMPTY_MASK, np.zeros((size, size), dtype=np.uint8))
+    return EMPTY_MASK
 
 
 def negative_record(rid: str, mask: str, e: NegativeExpression, spacing: float, common: dict[str, Any]
@@ -408,6 +420,7 @@ def phrasing_digest(cfg: SynthConfig) -> str:
 
 
 SLICE_DIRS = ("images", "masks", "instances", "all")  # the 2D dataset's folders
+EMPTY_MASK = "masks/empty.png"  # one empty target shared by records that point at it (volumes' off-slice negatives)
 _OUR_DIRS = (*SLICE_DIRS, "card", "volumes", "volume_masks", "dicom")
 _OUR_FILES = ("manifest.jsonl", "volumes.jsonl", "dataset.json", "README.md")
 

@@ -9,12 +9,13 @@ LIVER_HEIGHT_MM`` (0 dome .. 1 tip, as :func:`render_anatomy` takes it) and is r
 Determinism: the patient is ``SeedSequence(seed, spawn_key=(i,))`` as in 2D; slice ``k``'s anatomy and noise
 draw from ``(i, k + 1)``; the volume's lesions and expressions from ``(i, 0)``, its variants and negatives from
 ``(i, 0, stream)``; the 2D expressions of slice ``k`` from ``(i, 0, SLICE_STREAM + k)`` and its variants and
-negatives from ``(i, 0, SLICE_STREAM + k, stream)``.
+negatives from ``(i, 0, SLICE_STREAM + k, stream)``; the off-slice negatives of slice ``k`` from
+``(i, 0, OFF_SLICE_STREAM, k)`` (:mod:`lsms.synth.off_slice`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from lsms.synth.card import volume_card_lines, write_card
 from lsms.synth.config import SynthConfig, VolumeConfig
 from lsms.synth.expressions import LesionFacts, load_phrasing, render_all_text, true_relations
 from lsms.synth.generate import (
+    EMPTY_MASK,
     SLICE_DIRS,
     Expressions,
     NegativeExpression,
@@ -42,14 +44,24 @@ from lsms.synth.generate import (
     patient_rng,
     prepare_output,
     record_attributes,
+    slice_common,
     slice_rng,
     split_of_patients,
     undescribable,
+    write_empty_mask,
     write_jsonl,
     write_slice,
 )
 from lsms.synth.geometry import Grid
 from lsms.synth.lesions import Lesion, place_lesions_3d, render_lesion, section_mask
+from lsms.synth.off_slice import (
+    OFF_SLICE,
+    OFF_SLICE_SPLITS,
+    OFF_SLICE_STREAM,
+    blank_slices,
+    draw_off_slice,
+    off_slice_record,
+)
 from lsms.synth.volume_files import save_nifti, write_dicom_series
 
 LIVER_HEIGHT_MM = 160.0  # cranio-caudal span of the liver levels 0 (dome) .. 1 (tip)
@@ -75,6 +87,8 @@ class VolumeSample:
     all_text: str
     negatives: list[NegativeExpression]
     slices: list[tuple[int, SliceSample]]  # (k, 2D sample) for the slices that show a described lesion
+    blank: list[tuple[int, SliceSample]] = field(default_factory=list)  # lesion-free slices with off-slice negatives
+    off_slice: dict[int, list[int]] = field(default_factory=dict)  # slice k -> labels of its off-slice negatives
 
 
 def volume_levels(vcfg: VolumeConfig) -> np.ndarray:
@@ -166,11 +180,12 @@ def _sections(lesions: list[Lesion], vcfg: VolumeConfig, grid: Grid
 
 
 def render_volume(cfg: SynthConfig, vcfg: VolumeConfig, i: int, ph: dict[str, Any], phs: list[dict[str, Any]],
-                  negatives: str = "share") -> VolumeSample:
+                  negatives: str = "share", off_slice: int = 0) -> VolumeSample:
     """Renders patient ``i``'s volume, its volume-level expressions and its 2D slice samples.
 
     ``ph`` / ``phs``: the loaded phrasing files (:func:`load_phrasing`, :func:`load_paraphrasings`);
-    ``negatives``: as :func:`render_slice`'s, for the volume and each of its slices.
+    ``negatives``: as :func:`render_slice`'s, for the volume and each of its slices; ``off_slice``: up to this
+    many off-slice negatives per slice (:mod:`lsms.synth.off_slice`; 0: none).
     """
     p = draw_patient(i, patient_rng(cfg, i), cfg.noise_hu)
     grid = Grid(cfg.image_size, cfg.spacing_mm)
@@ -215,9 +230,32 @@ def render_volume(cfg: SynthConfig, vcfg: VolumeConfig, i: int, ph: dict[str, An
         s = _slice_sample(cfg, i, k, anat, p, image[k], instances[k], lesions, ph, phs, negatives)
         if s is not None:
             slices.append((k, s))
-    return VolumeSample(volume_id=f"p{i:04d}", patient=f"p{i:04d}", levels=levels, image=image, instances=instances,
-                        liver=liver, segments=segments, gallbladder=gallbladder, ivc=ivc, lesions=lesions,
-                        expressions=ex, all_text=all_text, negatives=sentences, slices=slices)
+    v = VolumeSample(volume_id=f"p{i:04d}", patient=f"p{i:04d}", levels=levels, image=image, instances=instances,
+                     liver=liver, segments=segments, gallbladder=gallbladder, ivc=ivc, lesions=lesions,
+                     expressions=ex, all_text=all_text, negatives=sentences, slices=slices)
+    if off_slice:
+        _add_off_slice(cfg, i, v, anats, off_slice)
+    return v
+
+
+def _add_off_slice(cfg: SynthConfig, i: int, v: VolumeSample, anats: list[Anatomy], most: int) -> None:
+    """Fills ``v.blank`` (the lesion-free slices paired too) and ``v.off_slice`` (:mod:`lsms.synth.off_slice`)."""
+    if not v.expressions.facts:
+        return
+    for k in blank_slices(v.instances, v.liver):
+        v.blank.append((k, SliceSample(
+            slice_id=f"{v.patient}_z{k:03d}", patient=v.patient, z=anats[k].z, image=v.image[k],
+            instances=v.instances[k], anatomy=anats[k], facts=[], lesions=[], texts=[], unique=[], slots=[],
+            stated_relations=[], all_text="", variants=[])))
+    full_slots = [slots["full"] for slots in v.expressions.slots]
+    for k, _ in sorted(v.slices + v.blank, key=lambda ks: ks[0]):
+        section = v.instances[k]
+        visible = [lesion_facts(label, v.lesions[label - 1], section == label, anats[k], cfg.spacing_mm)
+                   for label in (int(x) for x in np.unique(section) if x)]
+        labels = draw_off_slice(v.expressions.facts, full_slots, section, visible, most,
+                                volume_rng(cfg, i, OFF_SLICE_STREAM, k))
+        if labels:
+            v.off_slice[k] = labels
 
 
 def _slice_sample(cfg: SynthConfig, i: int, k: int, anat: Anatomy, p: Patient, image: np.ndarray, instances: np.ndarray,
@@ -291,9 +329,13 @@ def write_volume(out: Path, v: VolumeSample, split: str, cfg: SynthConfig, vcfg:
         rid = f"{vid}{e.suffix}"
         save_nifti(out / "volume_masks" / f"{rid}.nii.gz", np.zeros_like(v.instances), spacing)
         records.append(negative_record(rid, f"volume_masks/{rid}.nii.gz", e, cfg.spacing_mm, common))
+    by_label = {r["target_instance"]: r for r in records if r["target_instance"]}
     slice_records = []
-    for k, s in v.slices:
-        for r in write_slice(out, s, split, cfg.spacing_mm):
+    for k, s in sorted(v.slices + v.blank, key=lambda ks: ks[0]):
+        rs = write_slice(out, s, split, cfg.spacing_mm)
+        rs += [off_slice_record(by_label[label], slice_common(s, split, cfg.spacing_mm), EMPTY_MASK)
+               for label in v.off_slice.get(k, ())]
+        for r in rs:
             r.update({"volume": vid, "volume_slice": k, "n_lesions": int(len(np.unique(s.instances)) - 1)})
             slice_records.append(r)
     return records, slice_records
@@ -319,12 +361,17 @@ def generate_volume_dataset(cfg: SynthConfig, vcfg: VolumeConfig, out: str | Pat
     lesion_counts: list[int] = []
     per_volume: list[int] = []
     extents: list[int] = []
+    n_blank = 0
+    if vcfg.off_slice_negatives:
+        write_empty_mask(out, cfg.image_size)
     for i in range(cfg.patients):
-        v = render_volume(cfg, vcfg, i, ph, phs, negative_mode(cfg, splits[i]))
+        off_slice = vcfg.off_slice_negatives if splits[i] in OFF_SLICE_SPLITS else 0
+        v = render_volume(cfg, vcfg, i, ph, phs, negative_mode(cfg, splits[i]), off_slice)
         vrec, srec = write_volume(out, v, splits[i], cfg, vcfg)
         volume_records += vrec
         slice_records += srec
-        lesion_counts += [int(len(np.unique(s.instances)) - 1) for _, s in v.slices]
+        lesion_counts += [int(len(np.unique(s.instances)) - 1) for _, s in v.slices + v.blank]
+        n_blank += len(v.blank)
         per_volume.append(len(v.lesions))
         extents += [r["attributes"]["slices"] for r in vrec if "negative" not in r]
         if bar is not None:
@@ -345,6 +392,13 @@ def generate_volume_dataset(cfg: SynthConfig, vcfg: VolumeConfig, out: str | Pat
                           "max": max(extents, default=0)},
         "splits": {sp: sum(r["split"] == sp for r in volume_records) for sp in ("train", "val", "test")},
     }
+    if vcfg.off_slice_negatives:
+        off = [r for r in slice_records if r.get("negative") == OFF_SLICE]
+        summary["volumes"]["off_slice"] = {
+            "records": {sp: sum(r["split"] == sp for r in off) for sp in OFF_SLICE_SPLITS},
+            "on_lesion_free_slices": sum(r["n_lesions"] == 0 for r in off),
+            "lesion_free_slices": n_blank,
+        }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_card(out, replace(cfg, slices_per_patient=vcfg.slices), slice_records, summary,
                extra=volume_card_lines(summary, volume_records, extents))
