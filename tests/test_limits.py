@@ -66,6 +66,9 @@ def test_the_estimate_is_linear_in_pixels_and_batch_and_grows_with_the_model() -
     limit = ReadLimits().max_tensor_bytes
     assert activation_bytes(tiny, 128, 128, 8, training=True) < limit
     assert activation_bytes(tiny, 224, 224, 8, training=True) < limit
+    # and so do the plain defaults of lsms train (tiny at 256, batch 8), also with --preset small
+    assert activation_bytes(tiny, 256, 256, 8, training=True) < limit
+    assert activation_bytes(model_config("small"), 256, 256, 8, training=True) < limit
     assert activation_bytes(base, 480, 480, 1) < limit
 
 
@@ -74,7 +77,7 @@ def test_train_refuses_an_image_size_beyond_the_limit(tmp_path, capsys) -> None:
     err = _refused(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "100000", "--device", "cpu"],
                    capsys)
     assert "--image-size 100000 with --batch-size 8: the estimated memory of the network's training activations" in err
-    assert "above the limit max_tensor_bytes = 2,147,483,648; use a smaller --image-size or --batch-size" in err
+    assert "above the limit max_tensor_bytes = 4,294,967,296; use a smaller --image-size or --batch-size" in err
     assert "LSMS_MAX_TENSOR_BYTES" in err and not (tmp_path / "run").exists()
     err = _refused(["train", str(data), "--out", str(tmp_path / "run"), "--image-size", "256", "--batch-size", "4096",
                     "--device", "cpu"], capsys)

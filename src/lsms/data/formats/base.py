@@ -41,14 +41,15 @@ class ReadLimits:
             (1 GiB).
         max_tensor_bytes: the network's activations for one step at the image size and batch a setting or a
             checkpoint asks for, as :func:`lsms.model.activation_bytes` estimates them (``lsms train``,
-            ``evaluate``, ``predict``, ``serve``, ``export``, ``profile``). Default 2**31 (2 GiB); on a CUDA
-            device, when the environment variable is not set, the device's memory instead.
+            ``evaluate``, ``predict``, ``serve``, ``export``, ``profile``). Default 2**32 (4 GiB: the default
+            training settings, ``tiny`` at 256 px in batches of 8, are estimated at 2.2 GiB); on a CUDA device,
+            when the environment variable is not set, the device's memory instead.
     """
 
     max_image_pixels: int = 2**25
     max_volume_voxels: int = 2**28
     max_file_bytes: int = 2**30
-    max_tensor_bytes: int = 2**31
+    max_tensor_bytes: int = 2**32
 
     def __post_init__(self) -> None:
         for f in fields(self):
