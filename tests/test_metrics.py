@@ -303,7 +303,7 @@ VOL_INSTANCES[1, :, 2] = 2
 
 
 def test_volume_scores_golden():
-    from lsms.metrics import volume_dice, volume_referred_hit, volume_scores
+    from lsms.metrics import volume_scores
 
     # P = lesion 1's slice-0 voxels + one voxel of lesion 2: |P| = 3, |G1| = 3, I = 2 -> Dice 4/6, IoU 2/4
     pred = np.zeros((2, 2, 3), dtype=bool)
@@ -314,16 +314,17 @@ def test_volume_scores_golden():
         "v1", 2, 4, 3, 3, 2)
     assert r["dice"] == pytest.approx(4 / 6) and r["iou"] == pytest.approx(0.5)
     assert r["referred_hit"] is True  # 2 voxels of lesion 1 against 1 of lesion 2
-    assert volume_referred_hit(pred, VOL_INSTANCES, 2) is False  # lesion 2 gets 1, lesion 1 more
-    assert volume_dice(pred, VOL_INSTANCES, 2) == pytest.approx(2 * 1 / (3 + 2))
+    assert volume_scores(pred, VOL_INSTANCES, 2)["referred_hit"] is False  # lesion 2 gets 1, lesion 1 more
+    assert volume_scores(pred, VOL_INSTANCES, 2)["dice"] == pytest.approx(2 * 1 / (3 + 2))
     tie = np.zeros_like(pred)
     tie[0, 0, 0] = tie[1, 0, 2] = True  # one voxel each: no hit for either
-    assert volume_referred_hit(tie, VOL_INSTANCES, 1) is False and volume_referred_hit(tie, VOL_INSTANCES, 2) is False
-    assert volume_referred_hit(np.zeros_like(pred), VOL_INSTANCES, 1) is False
+    assert volume_scores(tie, VOL_INSTANCES, 1)["referred_hit"] is False
+    assert volume_scores(tie, VOL_INSTANCES, 2)["referred_hit"] is False
+    assert volume_scores(np.zeros_like(pred), VOL_INSTANCES, 1)["referred_hit"] is False
     # a negative (target 0): no hit counted; empty prediction -> Dice undefined, a drawn one -> 0
     neg = volume_scores(np.zeros_like(pred), VOL_INSTANCES, 0)
     assert neg["dice"] is None and neg["referred_hit"] is None and neg["target_area"] == 0
-    assert volume_dice(pred, VOL_INSTANCES, 0) == 0.0
+    assert volume_scores(pred, VOL_INSTANCES, 0)["dice"] == 0.0
     # summarize counts referring accuracy over volumes with 2+ lesions in ..._multi
     one = np.where(VOL_INSTANCES == 2, 0, VOL_INSTANCES)
     recs = [volume_scores(pred, VOL_INSTANCES, 1, "a"), volume_scores(pred, VOL_INSTANCES, 2, "b"),

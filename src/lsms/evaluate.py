@@ -236,7 +236,7 @@ def evaluate_volumes(run_or_checkpoint: str | Path, data: str | Path, split: str
     import tempfile
 
     from lsms.data.manifest import load_manifest
-    from lsms.data.readers import open_volume_unpacked, read_volume
+    from lsms.data.readers import open_volume_unpacked
     from lsms.predict import Predictor
 
     path = Path(data) / VOLUME_RECORDS
@@ -252,12 +252,12 @@ def evaluate_volumes(run_or_checkpoint: str | Path, data: str | Path, split: str
     predictor = Predictor.from_checkpoint(run_or_checkpoint, device, prefer=prefer, backend=backend)
     records: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for image, chosen in tqdm(by_volume.items(), desc=f"{split} volumes", unit="volume", disable=not progress):
-        with tempfile.TemporaryDirectory(prefix="lsms-volume-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="lsms-volume-") as scratch:  # each .nii.gz decompressed once
             volume = open_volume_unpacked(image, Path(scratch))
             answers = predictor.predict_volume(volume, list(range(volume.depth)),
                                                [r.text_at(text_level) for r in chosen], batch_size)
-        labels = read_volume(chosen[0].instances_path)
-        instances = np.stack([np.rint(labels.slice(k).array) for k in range(labels.depth)]).astype(np.int32)
+            labels = open_volume_unpacked(chosen[0].instances_path, Path(scratch))
+            instances = np.stack([np.rint(labels.slice(k).array) for k in range(labels.depth)]).astype(np.int32)
         for r, (prob, existence) in zip(chosen, answers, strict=True):
             for mode in modes:
                 answer = assemble(prob, existence, predictor.threshold, None, mode)

@@ -69,9 +69,7 @@ __all__ = [
     "existence_summary",
     "sample_scores",
     "summarize",
-    "volume_dice",
     "volume_existence",
-    "volume_referred_hit",
     "volume_scores",
 ]
 
@@ -371,17 +369,6 @@ def volume_scores(pred: np.ndarray, instances: np.ndarray, target_instance: int,
     return SampleRecord(id=id, dice=2 * inter / (pred_area + target_area) if union else None,
                         iou=inter / union if union else None, intersection=inter, union=union, pred_area=pred_area,
                         target_area=target_area, n_instances=len(labels), referred_hit=hit)
-
-
-def volume_dice(pred: np.ndarray, instances: np.ndarray, target_instance: int) -> float | None:
-    """3D Dice of the prediction and the referred lesion (:func:`volume_scores`); None when both are empty."""
-    return volume_scores(pred, instances, target_instance)["dice"]
-
-
-def volume_referred_hit(pred: np.ndarray, instances: np.ndarray, target_instance: int) -> bool | None:
-    """Whether the prediction overlaps the referred lesion more than any other lesion of the volume
-    (:func:`volume_scores`); None for a negative. Referring accuracy counts it on volumes with 2+ lesions."""
-    return volume_scores(pred, instances, target_instance)["referred_hit"]
 
 
 def volume_existence(slice_scores: Sequence[float] | np.ndarray) -> float:

@@ -453,9 +453,8 @@ def run(args: argparse.Namespace) -> int:
     if any(job.slices is not None for job in jobs):
         _print_volumes(Path(args.out) / "volumes.csv", predictor.existence_threshold)
     for r in rows:
-        if r.get("found") is False and r["slice"] == "":
-            where = r["input"] if r["slice"] == "" else f"{r['input']} slice {r['slice']}"
-            print(f"not found: {r['text']!r} in {where} (existence {r['existence']:.3f} < "
+        if r.get("found") is False and r["slice"] == "":  # a volume's verdicts are printed per volume above
+            print(f"not found: {r['text']!r} in {r['input']} (existence {r['existence']:.3f} < "
                   f"{predictor.existence_threshold:.3f}): no mask drawn")
     marked = [r for r in rows if r.get("warning")]
     if marked:
