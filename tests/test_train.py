@@ -137,6 +137,45 @@ def test_time_limit_counts_cpu_time_with_the_cpu_clock(toy, tmp_path, monkeypatc
         tiny_run_config(toy, tmp_path / "x", time_clock="gpu")
 
 
+def test_time_limit_and_time_schedule_count_over_a_resume(toy, tmp_path, monkeypatch):
+    """A run killed mid-way and resumed stops at the step an uninterrupted run stops at, with the same learning
+    rates on its time schedule: the checkpoint carries the time spent (a fake CPU clock, 10 s per step)."""
+    import lsms.train as T
+
+    now = {"t": 0.0}
+    step_once = T.train_step
+
+    def ten_seconds_step(*args, **kwargs):
+        now["t"] += 10.0
+        return step_once(*args, **kwargs)
+
+    monkeypatch.setitem(T.CLOCKS, "cpu", lambda: now["t"])
+    monkeypatch.setattr(T, "train_step", ten_seconds_step)
+    settings = dict(optim={"epochs": 4, "warmup_steps": 1, "schedule": "time"}, save_every=2,
+                    time_limit_minutes=1.25, time_clock="cpu")  # 75 s: steps 1-8 (80 s > 75)
+    full = train(tiny_run_config(toy, tmp_path / "full", **settings))
+    assert full["stopped_early"] and full["step"] == 8 and full["cpu_s"] == pytest.approx(80.0)
+
+    def die_after_step_5(step):
+        if step == 5:
+            raise Killed  # newest checkpoint: step 4, 40 s spent
+
+    now["t"] = 0.0
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):
+        train(tiny_run_config(toy, cut, **settings), on_step=die_after_step_5)
+    assert load_checkpoint(cut / "last.pt")["time_spent"]["cpu_s"] == pytest.approx(40.0)
+    now["t"] = 1000.0  # a new process: its clock has another origin
+    resumed = train(tiny_run_config(toy, cut, **settings), resume=cut)
+    assert resumed["stopped_early"] and resumed["step"] == 8 and resumed["cpu_s"] == pytest.approx(80.0)
+
+    def lrs(run):
+        return {x["step"]: x["lr"] for x in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if x.get("kind") == "step"}
+
+    assert lrs(cut)[8] == pytest.approx(lrs(tmp_path / "full")[8])
+
+
 def test_cli_train_evaluate_with_settings_file(toy, tmp_path):
     run = tmp_path / "run"
     # a settings file as lsms 0.1 wrote them (flat keys): it still loads, its keys at their new places

@@ -15,6 +15,7 @@ Layout (nanoGPT style, the config travels inside)::
         "batch_in_epoch": int,                     # batches of the current epoch already used (mid-epoch saves)
         "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
         "metrics": {...}, "best": {"metric": str, "value": float, "epoch": int},
+        "time_spent": {"wall_s": float, "cpu_s": float},   # the run's time so far, over resumes
     }
 
 The :class:`~lsms.spec.ModelSpec` (``spec_of``) holds the model config (the network is rebuilt from it), the
@@ -226,9 +227,10 @@ def make_checkpoint(model: torch.nn.Module, spec: ModelSpec, run: RunConfig, *,
                     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
                     amp: dict[str, str] | None = None, epoch: int = 0, step: int = 0, batch_in_epoch: int = 0,
                     rng: list[dict[str, Any]] | None = None, metrics: dict[str, Any] | None = None,
-                    best: dict[str, Any] | None = None) -> dict[str, Any]:
+                    best: dict[str, Any] | None = None, time_spent: dict[str, float] | None = None) -> dict[str, Any]:
     """The checkpoint dict of the layout above (weights on the CPU; ``optimizer`` None for inference-only files).
-    ``spec`` is stored with the existence thresholds of ``metrics`` (the validation it was saved after)."""
+    ``spec`` is stored with the existence thresholds of ``metrics`` (the validation it was saved after);
+    ``time_spent``: the run's wall and CPU seconds so far, over all its sessions (a resume continues them)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lsms_version": __version__,
         "spec": spec.with_thresholds(metrics or {}).to_dict(), "run": stored_run(run),
@@ -237,7 +239,7 @@ def make_checkpoint(model: torch.nn.Module, spec: ModelSpec, run: RunConfig, *,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "amp": amp or {"setting": run.amp, "dtype": "fp32", "reason": "not recorded"},
         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "rng": rng if rng is not None else [],
-        "metrics": metrics or {}, "best": best or {},
+        "metrics": metrics or {}, "best": best or {}, "time_spent": time_spent or {},
     }
 
 

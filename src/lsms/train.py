@@ -146,13 +146,15 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
             save_checkpoint(make_checkpoint(
                 model, spec, cfg, optimizer=optimizer if kind == "last" else None, scaler=scaler, amp=amp,
                 epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, rng=rng, metrics=metrics, best=best,
+                time_spent=budget.spent(),
             ), out / f"{kind}.pt")
         D.barrier(env)
 
     sampler = train_sampler(train_set, cfg.data, o.batch_size, env, cfg.seed)
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
-    budget, time_up, last_metrics = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env), False, {}
+    budget = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env, checkpoint and checkpoint.get("time_spent"))
+    time_up, last_metrics = False, {}
     nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
 
     def time_fraction() -> float:
@@ -245,29 +247,40 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class TimeBudget:
-    """The run's time limit (``time_limit_minutes``, 0: none) on its clock (``time_clock``), from its start."""
+    """The run's time limit (``time_limit_minutes``, 0: none) on its clock (``time_clock``), counted from the
+    run's start over all its sessions: ``spent`` (a checkpoint's ``time_spent``) is the time of the sessions
+    before a resume, so a resumed run stops, and its time schedule ends, where one uninterrupted run would."""
 
-    def __init__(self, limit_minutes: float, clock: str, env: D.DistEnv):
-        self.limit_minutes, self.clock_name, self.clock, self.env = limit_minutes, clock, CLOCKS[clock], env
-        self.started, self.wall0, self.cpu0 = self.clock(), time.perf_counter(), time.process_time()
+    def __init__(self, limit_minutes: float, clock: str, env: D.DistEnv, spent: dict[str, float] | None = None):
+        self.limit_minutes, self.clock_name, self.env = limit_minutes, clock, env
+        self.before = {"wall_s": 0.0, "cpu_s": 0.0, **(spent or {})}
+        self.wall0, self.cpu0 = CLOCKS["wall"](), CLOCKS["cpu"]()
+
+    def used_s(self) -> float:
+        """Seconds on the run's clock so far, earlier sessions included."""
+        return self.wall_s() if self.clock_name == "wall" else self.cpu_s()
 
     def fraction(self) -> float:
         """The share of the limit used (the mean over ranks: the same on every rank)."""
-        return D.all_reduce_mean(min(1.0, (self.clock() - self.started) / (60 * self.limit_minutes)), self.env)
+        return D.all_reduce_mean(min(1.0, self.used_s() / (60 * self.limit_minutes)), self.env)
 
     def is_up(self, step: int) -> bool:
         """Whether the limit has passed on any rank; says so (rank 0)."""
-        up = bool(self.limit_minutes) and D.any_rank(self.clock() - self.started > 60 * self.limit_minutes, self.env)
+        up = bool(self.limit_minutes) and D.any_rank(self.used_s() > 60 * self.limit_minutes, self.env)
         if up and self.env.is_main:
             log.warning("time limit of %.1f %s minutes reached at step %d; stopping", self.limit_minutes,
                         "CPU" if self.clock_name == "cpu" else "wall-clock", step)
         return up
 
     def wall_s(self) -> float:
-        return time.perf_counter() - self.wall0
+        return self.before["wall_s"] + CLOCKS["wall"]() - self.wall0
 
     def cpu_s(self) -> float:
-        return time.process_time() - self.cpu0
+        return self.before["cpu_s"] + CLOCKS["cpu"]() - self.cpu0
+
+    def spent(self) -> dict[str, float]:
+        """What a checkpoint stores as ``time_spent``."""
+        return {"wall_s": self.wall_s(), "cpu_s": self.cpu_s()}
 
 
 def validate(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: torch.dtype | None,
@@ -552,7 +565,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=S, help="also save last.pt every N steps (0 = epoch ends)")
     g.add_argument("--log-every", type=int, default=S, help="log train losses every N steps")
     g.add_argument("--time-limit", dest="time_limit_minutes", type=float, default=S,
-                   help="stop after this many minutes of training (validate and save first); --time-clock says which")
+                   help="stop after this many minutes of training (validate and save first), counted over --resume: "
+                        "a resumed run gets what is left; --time-clock says which minutes")
     g.add_argument("--time-clock", dest="time_clock", choices=("wall", "cpu"), default=S,
                    help="what --time-limit (and --schedule time) counts: 'wall' (default) or 'cpu', this process's CPU "
                         "time over all its threads, so that runs on a busy machine get equal compute")
