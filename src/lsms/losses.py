@@ -53,6 +53,11 @@ class LossConfig(DictRoundTrip):
         max_negative: at most this many negative (background) pixels are sampled per image.
         existence_weight: weight of the existence loss (**[addition]**; only for a model with an existence
             head, see :class:`LSMSLoss`).
+        empty_target_dice: whether images with an empty target (negative expressions) enter the Dice term
+            (**[addition]**; the paper has no negatives). Their Dice loss is ``sum p / (sum p + s)``: about 1 for
+            any mask drawn, so with many negatives in a batch predicting nothing everywhere is the cheapest
+            answer early in training. False: the Dice term is the mean over the images with a lesion only, and
+            negatives are taught by the focal term (and the existence head).
     """
 
     settings_name: ClassVar[str] = "loss settings"
@@ -67,6 +72,7 @@ class LossConfig(DictRoundTrip):
     max_positive: int = 256
     max_negative: int = 512
     existence_weight: float = 1.0
+    empty_target_dice: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focal_alpha <= 1.0:
@@ -151,6 +157,7 @@ def boundary_weighted_dice_loss(
     boundary_lambda: float = 1.2,
     kernel: int = 3,
     smooth: float = 1.0,
+    skip_empty: bool = False,
 ) -> Tensor:
     """Boundary-weighted Dice loss (paper Eq. 13, second term; spec 2.6).
 
@@ -164,6 +171,7 @@ def boundary_weighted_dice_loss(
         boundary_lambda: weight of band pixels (other pixels weigh 1).
         kernel: odd side of the structuring element of the band.
         smooth: ``s``, keeps the ratio defined (and equal to 1) for an empty target and empty prediction.
+        skip_empty: the mean over the images with a non-empty target only (0 when there are none).
 
     Returns:
         Scalar loss.
@@ -176,6 +184,9 @@ def boundary_weighted_dice_loss(
     intersection = (weight * p * target).sum(dims)  # (B,)
     denominator = (weight * p).sum(dims) + (weight * target).sum(dims)  # (B,)
     dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    if skip_empty:
+        has_target = target.flatten(1).any(1)
+        return (1.0 - dice)[has_target].sum() / has_target.sum().clamp(min=1)
     return (1.0 - dice).mean()
 
 
@@ -310,6 +321,7 @@ class LSMSLoss(nn.Module):
             boundary_lambda=cfg.boundary_lambda,
             kernel=cfg.boundary_kernel,
             smooth=cfg.dice_smooth,
+            skip_empty=not cfg.empty_target_dice,
         )
         if features is None or text_embedding is None:
             contrastive = logits.new_zeros((), dtype=torch.float32)
