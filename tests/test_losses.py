@@ -111,6 +111,23 @@ def test_dice_is_mean_over_images():
     assert boundary_weighted_dice_loss(logits, target).item() == pytest.approx(sum(per_image).item() / 2)
 
 
+def test_dice_can_leave_out_empty_targets():
+    """``skip_empty`` (``LossConfig.empty_target_dice=False``): the mean over images with a lesion only; a drawn
+    mask on an empty target costs about 1 by default and nothing then; a batch of negatives only gives 0 with a
+    gradient path."""
+    target = torch.cat([_mask([[1, 0], [0, 0]]), _mask([[0, 0], [0, 0]])])
+    logits = torch.zeros(2, 1, 2, 2)
+    lesion_only = boundary_weighted_dice_loss(logits[:1], target[:1])
+    assert boundary_weighted_dice_loss(logits, target, skip_empty=True).item() == pytest.approx(lesion_only.item())
+    assert boundary_weighted_dice_loss(logits, target).item() == pytest.approx((lesion_only.item() + 2 / 3) / 2)
+    empty = torch.zeros(1, 1, 2, 2, requires_grad=True)
+    loss = boundary_weighted_dice_loss(empty, torch.zeros(1, 1, 2, 2), skip_empty=True)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad is not None
+    on, off = (LSMSLoss(LossConfig(empty_target_dice=flag))(logits, target)["dice"] for flag in (True, False))
+    assert on.item() > off.item() == pytest.approx(lesion_only.item())
+
+
 def test_dice_perfect_prediction_is_zero():
     target = torch.zeros(2, 1, 8, 8)
     target[0, :, 2:6, 1:5] = 1
