@@ -36,7 +36,8 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "ablations"
 
-# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings), what the
+# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings, "loss": of the
+# loss settings), what the
 # paper's Table III reports: (Dice, mIoU) on RefHL-Seg val, or None)
 ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
@@ -44,6 +45,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                           "w/o the existence head (the existence score is the highest mask probability)"),
     "negatives-0.5": ({"demo": {"negative_share": 0.5}}, None,
                       "half of the training slices with a negative sentence (the recipe: 0.2)"),
+    "negatives-0.5-lesion-dice": ({"demo": {"negative_share": 0.5}, "loss": {"empty_target_dice": False}}, None,
+                                  "negatives-0.5, with the Dice term over the sentences of lesions only"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -57,7 +60,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 # the row a row is compared with at the same seeds (default "full")
 REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
-SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head"}
+SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head", "negatives-0.5": "no-existence-head",
+              "negatives-0.5-lesion-dice": "no-existence-head"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -84,11 +88,13 @@ def run_one(row: str, seed: int, out: Path) -> None:
     overrides = dict(overrides)
     # the reserve these runs were made with (the demo's default is now 1.5: they ended at 15.2-15.4 minutes)
     cfg = DemoConfig(out=str(out), eval_reserve_minutes=1.0, **overrides.pop("demo", {}))
+    loss = dataclasses.replace(cfg.train.loss, **overrides.pop("loss", {}))
     if row == "fp32":
         overrides["existence_head"] = False
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model,
+                                                             loss=loss))
     steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
     if row in SAME_STEPS and steps_of.is_file():  # a step schedule over those steps, no time limit
         optim = dataclasses.replace(cfg.train.optim, max_steps=json.loads(steps_of.read_text())["train_summary"]["step"])

@@ -75,6 +75,10 @@ def test_run_folder_contents(toy, tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert {"train_loss", "train_contrastive", "lr", "val_Dice", "val_mIoU", "val_referring_accuracy"} <= set(rows[0])
+    # the run's CPU seconds and how open the language gates are, per stage (they open from 0 as it trains)
+    assert float(rows[1]["cpu_s"]) >= float(rows[0]["cpu_s"]) > 0
+    gates = [float(rows[-1][f"language_gate_{i}"]) for i in range(1, 5)]
+    assert all(g > 0 for g in gates)
     ckpt = load_checkpoint(run / "last.pt")
     assert "config" not in ckpt and ckpt["format_version"] == 3
     assert set(ckpt["run"]) >= {"data", "optim", "loss"} and "model" not in ckpt["run"]

@@ -48,6 +48,31 @@ def test_param_groups_split_decay_and_text_lr():
     assert len(opt.param_groups) == 2
 
 
+def test_language_gates_get_their_own_rate_and_are_read_per_stage():
+    """``gate_lr_scale``: the gates (w_f's InstanceNorm scales) in a group of their own at lr x scale (at the
+    default 1.0 no extra group: earlier checkpoints' optimiser states still fit); ``language_gates`` reads how
+    open the branch is per stage, 0 at the closed start."""
+    from lsms.model import build_model
+    from lsms.model.encoder import LanguageGuidedBranch
+
+    from conftest import tiny_model_kwargs
+
+    model = build_model("tiny", **tiny_model_kwargs())
+    branches = [m for m in model.modules() if isinstance(m, LanguageGuidedBranch)]
+    assert len(branches) == sum(model.config.depths) and model.encoder.language_gates() == [0.0] * 4
+    assert {g["name"] for g in param_groups(model, OptimConfig())} == {"visual", "visual_no_decay", "text",
+                                                                        "text_no_decay"}
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(gate_lr_scale=10.0))}
+    assert set(groups) == {"visual", "visual_no_decay", "gate_no_decay", "text", "text_no_decay"}
+    assert groups["gate_no_decay"]["lr_scale"] == 10.0 and groups["gate_no_decay"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["gate_no_decay"]["params"]} == {id(b.gate) for b in branches}
+    with torch.no_grad():
+        branches[0].gate.fill_(-0.6)  # the first block of stage 1 (of depths[0] blocks)
+    assert model.encoder.language_gates() == pytest.approx([0.6 / model.config.depths[0], 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="optim.gate_lr_scale must be > 0"):
+        OptimConfig(gate_lr_scale=0.0)
+
+
 def test_run_config_validation_and_round_trip():
     cfg = RunConfig.from_dict({"data": {"path": "d"}, "optim": {"epochs": 3, "betas": [0.9, 0.99]},
                                "model": {"preset": "small", "decoder": "last"}, "loss": {"tau": 0.2}})

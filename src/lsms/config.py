@@ -60,6 +60,9 @@ class OptimConfig(DictRoundTrip):
     lr: float = 1e-3
     text_lr: float | None = None  # text-encoder lr; None: lr * text_lr_scale
     text_lr_scale: float = 0.1
+    # learning rate of the language gates (the scale of w_f's InstanceNorm, which starts at
+    # model.language_gate_init) as a multiple of lr: how fast the language branch can open
+    gate_lr_scale: float = 1.0
     weight_decay: float = 0.01
     no_decay_norm_bias: bool = True  # no weight decay on norm weights and biases (1-D parameters)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -77,7 +80,7 @@ class OptimConfig(DictRoundTrip):
             raise ValueError(f"optim.schedule must be 'steps' or 'time', got {self.schedule!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"optim.max_steps must be >= 1 (or null: epochs x steps per epoch), got {self.max_steps}")
-        for name in ("lr", "text_lr_scale", "poly_power"):
+        for name in ("lr", "text_lr_scale", "gate_lr_scale", "poly_power"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip"):

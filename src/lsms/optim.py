@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lsms.config import OptimConfig
+from lsms.model.encoder import LanguageGuidedBranch
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, power: float = 0.9,
@@ -34,23 +35,30 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, po
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: {visual, text encoder} x {decay, no decay}; ``lr_scale`` is applied by the schedule.
+    """AdamW groups: {visual, language gates, text encoder} x {decay, no decay}; ``lr_scale`` is applied by the
+    schedule.
 
     No weight decay on norm weights and biases (every 1-D parameter) when ``no_decay_norm_bias`` is set;
-    the text encoder (parameters under ``text_encoder``) gets ``text_lr`` (or ``lr * text_lr_scale``).
+    the text encoder (parameters under ``text_encoder``) gets ``text_lr`` (or ``lr * text_lr_scale``), the
+    language gates (:attr:`~lsms.model.encoder.LanguageGuidedBranch.gate`) ``lr * gate_lr_scale``.
     """
     text_scale = (cfg.text_lr / cfg.lr) if cfg.text_lr is not None else cfg.text_lr_scale
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    gates = {id(m.gate) for m in model.modules() if isinstance(m, LanguageGuidedBranch)}
+    scales = {"visual": 1.0, "gate": cfg.gate_lr_scale, "text": text_scale}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_text = name.startswith("text_encoder.") or ".text_encoder." in name
+        # the gates get their own group only when their rate differs: the default keeps the groups (and so the
+        # optimiser states of earlier checkpoints) as they were
+        kind = "text" if is_text else "gate" if id(p) in gates and cfg.gate_lr_scale != 1.0 else "visual"
         no_decay = cfg.no_decay_norm_bias and p.ndim <= 1
-        groups.setdefault((is_text, no_decay), []).append(p)
+        groups.setdefault((kind, no_decay), []).append(p)
     return [
-        {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-         "lr_scale": text_scale if is_text else 1.0, "name": ("text" if is_text else "visual") + ("_no_decay" if no_decay else "")}
-        for (is_text, no_decay), params in sorted(groups.items())
+        {"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scales[kind],
+         "name": kind + ("_no_decay" if no_decay else "")}
+        for (kind, no_decay), params in sorted(groups.items())
     ]
 
 

@@ -78,16 +78,19 @@ class RunLog:
         self.jsonl({"kind": "step", "epoch": epoch, "step": step, "lr": lr, **losses, "images_per_s": images_per_s})
 
     def epoch(self, epoch: int, step: int, lr: float, train_means: dict[str, float], metrics: dict[str, Any],
-              seconds: float, improved: bool) -> None:
-        """The end of an epoch: a metrics.csv row, a log.jsonl line, TensorBoard scalars, one log line."""
+              seconds: float, improved: bool, state: dict[str, float] | None = None) -> None:
+        """The end of an epoch: a metrics.csv row, a log.jsonl line, TensorBoard scalars, one log line.
+        ``state``: more columns of the row (the run's CPU seconds, how open the language gates are)."""
         if not self.enabled:
             return
         row = {"epoch": epoch, "step": step, "lr": lr, **{f"train_{k}": v for k, v in train_means.items()},
-               **{f"val_{k}": v for k, v in metrics.items() if k != "empty_policy"}, "time_s": round(seconds, 1)}
+               **{f"val_{k}": v for k, v in metrics.items() if k != "empty_policy"}, "time_s": round(seconds, 1),
+               **(state or {})}
         self.epoch_row(row)
         self.jsonl({"kind": "epoch", **row})
         self.scalars("train_epoch", train_means, step)
         self.scalars("val", metrics, step)
+        self.scalars("state", state or {}, step)
         if metrics:
             log.info("epoch %d step %d: val Dice %.4f mIoU %.4f%s", epoch, step, _num(metrics.get("Dice")),
                      _num(metrics.get("mIoU")), " (best)" if improved else "")

@@ -205,7 +205,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
         last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
-        logs.epoch(epoch, step, last_lr, train_means, metrics, budget.wall_s(), improved)
+        logs.epoch(epoch, step, last_lr, train_means, metrics, budget.wall_s(), improved, epoch_state(model, budget))
         save("last", metrics)
         if improved:
             save("best", metrics)
@@ -218,6 +218,15 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
 
 
 # --------------------------------------------------------------------------- the loop's helpers
+
+
+def epoch_state(model: nn.Module, budget: TimeBudget) -> dict[str, float]:
+    """The metrics.csv columns beside the losses: the run's CPU seconds so far and, for a text model, how open
+    the language gates are per stage (:meth:`~lsms.model.encoder.LanguageGuidedEncoder.language_gates`)."""
+    read = getattr(getattr(model, "encoder", None), "language_gates", None)  # LSMS only, not the U-Nets
+    gates = read() if read is not None else None
+    return {"cpu_s": round(budget.cpu_s(), 1),
+            **{f"language_gate_{i}": round(g, 5) for i, g in enumerate(gates or [], start=1)}}
 
 
 def step_counts(samples: int, o: Any, world_size: int) -> tuple[int, int]:
@@ -536,6 +545,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-lr", dest="optim.text_lr", type=float, default=S,
                    help="text-encoder learning rate (default lr x --text-lr-scale)")
     g.add_argument("--text-lr-scale", dest="optim.text_lr_scale", type=float, default=S, help=f"(default {o.text_lr_scale})")
+    g.add_argument("--gate-lr-scale", dest="optim.gate_lr_scale", type=float, default=S,
+                   help=f"learning rate of the language gates as a multiple of --lr: how fast the language branch "
+                        f"opens from its closed start (default {o.gate_lr_scale})")
     g.add_argument("--weight-decay", dest="optim.weight_decay", type=float, default=S,
                    help=f"AdamW weight decay (default {o.weight_decay})")
     g.add_argument("--no-decay-norm-bias", dest="optim.no_decay_norm_bias", action="store_const", const=True, default=S,

@@ -103,6 +103,11 @@ class LanguageGuidedBranch(nn.Module):
         nn.init.constant_(self.w_f[1].weight, gate_init)
         self.scale = 1.0 / math.sqrt(text_channels)
 
+    @property
+    def gate(self) -> nn.Parameter:
+        """The scale of w_f's InstanceNorm: how strongly Att_L reaches the block (``optim.gate_lr_scale``)."""
+        return self.w_f[1].weight
+
     def forward(self, v_pre: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """v_pre (B, C, H, W), text (B, T, C_l), text_mask (B, T) 1 = real token -> Att_L (B, C, H, W)."""
         H, W = v_pre.shape[-2:]
@@ -251,6 +256,13 @@ class LanguageGuidedEncoder(nn.Module):
             x = stage(x, text, text_mask, coords)
             features.append(x)
         return features
+
+    def language_gates(self) -> list[float] | None:
+        """How open the language-guided branch is, per stage: the mean |scale| of w_f's InstanceNorm over the
+        stage's blocks (0 at the closed start, 1 PyTorch's default scale); None for the no-text model."""
+        gates = [[block.svla.language.gate.detach().abs().mean().item() for block in stage.blocks
+                  if block.svla.language is not None] for stage in self.stages]
+        return [sum(g) / len(g) for g in gates] if all(gates) else None
 
 
 __all__ = ["LanguageGuidedEncoder", "SVLA", "ConvUnit", "EncoderBlock", "coordinate_grid"]
