@@ -191,7 +191,7 @@ def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
     train_or_resume(run, key, s.budget_min, s.threads, ledger, ledger_path,
                     lambda limit: train_command(key, s, time_limit=limit, resume=True), lambda: train_command(key, s),
                     clock=row.clock)
-    if any(not (run / f"eval-val-{lv}.json").exists() for lv in levels(row)):
+    if not all(evaluated(run, lv) for lv in levels(row)):
         cmd = eval_command(key, s)
         usage = run_logged(cmd, log, s.threads)
         ledger["evaluation"] = {"command": shown(cmd, s.threads), **usage}
@@ -214,6 +214,13 @@ def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
     say(f"{key} seed {s.seed}: {summary['step']} steps, val Dice {evals['full']['Dice']:.4f}"
         + (f" (empty sentence {evals['none']['Dice']:.4f})" if "none" in evals else ""))
     return result
+
+
+def evaluated(run: Path, level: str) -> bool:
+    """Whether RUN holds the row's evaluation at ``level``: of its last.pt (one of best.pt, say made by hand, is
+    made again)."""
+    path = run / f"eval-val-{level}.json"
+    return path.exists() and Path(json.loads(path.read_text()).get("checkpoint") or "").name == "last.pt"
 
 
 def read_ledger(key: str, s: Settings) -> dict[str, Any]:

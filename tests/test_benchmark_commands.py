@@ -1,5 +1,6 @@
 """The benchmark scripts' commands: BTXRD (whose shared copy has a split leak) is loaded with ``--allow-split-leak``
-in every command and load, the other datasets never."""
+in every command and load, the other datasets never; lsms's parser reads the training commands; the real-data CPU
+rows count CPU minutes and resume with the same limit; a finished run made by hand is taken as it is."""
 
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def made_by_hand(run: Path, text: bool, clock: str = "cpu") -> None:
     (run / "metrics.csv").write_text("epoch,step,train_loss,time_s,val_Dice\n1,163,0.93,766.5,\n"
                                      "2,326,0.91,2074.9,0.121\n")
     for level, dice in (("full", 0.226), ("none", 0.141)):
-        (run / f"eval-val-{level}.json").write_text(json.dumps({"checkpoint": "last.pt", "Dice": dice, "mIoU": 0.1}))
+        (run / f"eval-val-{level}.json").write_text(json.dumps({"checkpoint": str(run / "last.pt"), "Dice": dice,
+                                                                "mIoU": 0.1}))
 
 
 def test_real_data_adopts_a_run_made_by_hand(tmp_path):
@@ -147,6 +149,8 @@ def test_real_data_adopts_a_run_made_by_hand(tmp_path):
     assert [c["val_dice"] for c in result["curve"]] == [None, 0.121]
     assert "by hand" in real_data.session_text(session, result)
     assert real_data.budget_text(result) == "`real-cpu`, 60 CPU-min"
+    (run / "eval-val-none.json").write_text(json.dumps({"checkpoint": str(run / "best.pt"), "Dice": 0.2}))
+    assert real_data.evaluated(run, "full") and not real_data.evaluated(run, "none")  # best.pt's: made again
 
     other = real_data.run_dir("btxrd/cpu/lsms-tiny-notext", s)
     made_by_hand(other, text=True, clock="wall")
