@@ -257,7 +257,7 @@ def run_logged(cmd: list[str], log: Path, threads: int) -> dict[str, float]:
 
 def spent_seconds(run: Path) -> float:
     """Training seconds behind RUN/last.pt: the sum over sessions of each session's last time_s in metrics.csv
-    (time_s restarts at 0 in a resumed session)."""
+    (time_s restarted at 0 in a resumed session before checkpoints recorded the time spent)."""
     path = run / "metrics.csv"
     if not path.exists():
         return 0.0
@@ -279,22 +279,40 @@ def spent_seconds(run: Path) -> float:
     return total + max(prev, 0.0)
 
 
+def resume_limit(run: Path, budget_min: float, clock: str = "wall") -> float:
+    """The ``--time-limit`` that resumes RUN/last.pt within ``budget_min`` minutes on ``clock``: the budget itself
+    when the checkpoint records the time spent (``lsms train`` counts the limit over ``--resume``), else (a
+    checkpoint of an older lsms) the wall minutes left by metrics.csv."""
+    from lsms.checkpoint import load_checkpoint
+
+    if load_checkpoint(run / "last.pt").get("time_spent") is not None:
+        return budget_min
+    if clock != "wall":
+        raise SystemExit(f"{run / 'last.pt'} does not record the time spent (written by an lsms that did not count "
+                         f"the time over --resume), so its {clock} minutes left are unknown: resume it by hand with "
+                         f"'lsms train --resume {run} --time-limit MINUTES_LEFT --time-clock {clock}', or start the "
+                         "row again with --fresh")
+    return max(budget_min - spent_seconds(run) / 60, 0.05)
+
+
 def train_or_resume(run: Path, key: str, budget_min: float, threads: int, ledger: dict[str, Any], ledger_path: Path,
-                    resume_command: Callable[[float], list[str]], start_command: Callable[[], list[str]]) -> None:
-    """Train RUN unless it finished: resume its last.pt with the minutes left of ``budget_min``, or start it
-    afresh; append the session (command, wall and CPU seconds, load before/after) to the ledger."""
+                    resume_command: Callable[[float], list[str]], start_command: Callable[[], list[str]],
+                    clock: str = "wall") -> None:
+    """Train RUN unless it finished: resume its last.pt within ``budget_min`` minutes on ``clock`` (the time
+    limit :func:`resume_limit` gives), or start it afresh; append the session (command, wall and CPU seconds,
+    load before/after) to the ledger."""
     if (run / "summary.json").exists():
         return
     load_before = os.getloadavg()[0]
     if (run / "last.pt").exists():
-        left = max(budget_min - spent_seconds(run) / 60, 0.05)
-        cmd = resume_command(left)
-        say(f"{key}: resuming with {left:.2f} of {budget_min:g} min left")
+        limit = resume_limit(run, budget_min, clock)
+        cmd = resume_command(limit)
+        say(f"{key}: resuming with --time-limit {limit:.2f} (budget {budget_min:g} {clock} min)")
     else:
         if run.exists():
             shutil.rmtree(run)
         cmd = start_command()
-        say(f"{key}: training for {budget_min:g} min")
+        say(f"{key}: training for {budget_min:g} {clock} min")
     usage = run_logged(cmd, run / "bench.log", threads)
     ledger["sessions"].append({"command": shown(cmd, threads), **usage,
                                "loadavg_1min_before_after": [load_before, os.getloadavg()[0]]})

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, spent_seconds, split_leak_flag
+from accuracy import DEFAULT_CACHE, SHARED_DATA, resume_limit, run_logged, say, shown, split_leak_flag
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
@@ -102,9 +102,9 @@ def main() -> None:
     cmd = train_command(args.data, run, args.budget_min, args.image_size, args.epochs)
     if not (run / "summary.json").exists():
         if (run / "last.pt").exists():
-            left = max(args.budget_min - spent_seconds(run) / 60, 0.05)
-            say(f"resuming {run} with {left:.2f} min left")
-            todo = resume_command(run, left)
+            limit = resume_limit(run, args.budget_min)
+            say(f"resuming {run} with --time-limit {limit:.2f}")
+            todo = resume_command(run, limit)
         else:
             say(f"training {run} for {args.budget_min:g} min")
             todo = cmd

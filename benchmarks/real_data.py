@@ -1,15 +1,21 @@
-"""Real images with the real-data recipe (``lsms train --recipe real``): BTXRD (radiographs + sentences) and
-Kvasir-SEG (endoscopy, no text), LSMS tiny against MONAI's U-Net and the FiLM text U-Net, on the CPU.
+"""Real images with the real-data recipes: BTXRD (radiographs + sentences) and Kvasir-SEG (endoscopy, no text),
+LSMS tiny against MONAI's U-Net and the FiLM text U-Net, on the CPU.
 
-    python benchmarks/real_data.py --rows btxrd/lsms-tiny-text kvasir/lsms-tiny-notext   # train + evaluate rows
+    python benchmarks/real_data.py --rows btxrd/cpu/lsms-tiny-text --seed 0   # train + evaluate rows
+    python benchmarks/real_data.py --rows kvasir/cpu/unet --seed 1
     python benchmarks/real_data.py --report          # docs/results/real-data-runs.{md,json} + plots from all rows
 
-Every row is ``lsms train DATA --recipe real ... --time-limit BUDGET`` followed by an evaluation of the run's
-last.pt on the val split (BTXRD text rows: with the sentence and with an empty sentence, same weights). A row's
-folder (CACHE/real/<row>/seed<k>) is reused: a finished row is only evaluated again if an evaluation is missing,
-an interrupted one resumes from its last.pt with the time it has left. Each row records wall and CPU seconds and
-the machine load before and after, and ``--report`` writes docs/results/real-data-runs.{json,md} with the table, the
-learning curves, Dice against minutes and overlays of good and bad BTXRD cases with their sentences.
+Two kinds of rows. The CPU rows (``<dataset>/cpu/<model>``) are ``lsms train DATA --recipe real-cpu --schedule
+time --time-limit BUDGET --time-clock cpu ...``: the budget (``--budget-min``) is CPU minutes, so rows trained
+on a busy machine get the same compute, and the learning rate decays over it. The older rows (``--recipe real``)
+have a wall-clock budget. Each training is followed by an evaluation of the run's last.pt on the val split (text
+rows: with the sentence and with an empty sentence, same weights). A row's folder (CACHE/real/<row>/seed<k>) is
+reused: a finished row is only evaluated again if an evaluation is missing; an interrupted one resumes from its
+last.pt (``lsms train`` counts the time limit over ``--resume``, so it gets what is left); a finished run made by
+hand with the row's command (summary.json, no bench-ledger.json) is taken as it is, its times from its summary.json.
+Each row records wall and CPU seconds and the machine load before and after, and ``--report`` writes
+docs/results/real-data-runs.{json,md} with the table, the learning curves, Dice against minutes and overlays of good
+and bad BTXRD cases with their sentences.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 @dataclass(frozen=True)
 class Dataset:
     path: str  # under SHARED_DATA
+    # the rest is for the `real` rows; the `real-cpu` recipe sets its image size and the CPU rows their epochs
     image_size: int  # whole-image size (inference); patches come from the recipe (224)
     epochs: int  # poly-schedule length of LSMS rows, so that the schedule ends near the budget (rows may differ)
     val_every: int
@@ -60,6 +67,19 @@ class Row:
     label: str
     extra: tuple[str, ...] = field(default_factory=tuple)  # more `lsms train` flags (ablations)
     epochs: int | None = None  # None: the dataset's; faster models fit more epochs in the same minutes
+    recipe: str = "real"  # real: a wall-clock budget; real-cpu: a CPU-minute budget (--time-clock cpu)
+
+    @property
+    def clock(self) -> str:
+        """What the row's budget counts (``lsms train --time-clock``)."""
+        return "cpu" if self.recipe == "real-cpu" else "wall"
+
+
+def cpu_row(dataset: str, preset: str, text: bool, label: str, epochs: int) -> Row:
+    """A row of the CPU recipe; ``epochs`` only bounds the run (the time schedule ends it), so it is chosen to
+    outlast 60 CPU-minutes: BTXRD has 163 steps per epoch, Kvasir-SEG 87; an LSMS tiny step takes 1.5 (Kvasir-SEG)
+    to 2 (BTXRD, with the sentence) CPU-s in bf16, a U-Net step about half."""
+    return Row(dataset, preset, text, label, epochs=epochs, recipe="real-cpu")
 
 
 # --recipe real at whole 224 px images without patches or scale/rotation: exactly the settings of --recipe real-cpu
@@ -79,7 +99,14 @@ ROWS = {
                                            "light aug.", WHOLE_224, epochs=3),
     "kvasir/lsms-tiny-notext": Row("kvasir", "tiny", False, "LSMS tiny, no text"),
     "kvasir/unet": Row("kvasir", "unet", False, "U-Net (MONAI)", epochs=20),
+    "btxrd/cpu/lsms-tiny-text": cpu_row("btxrd", "tiny", True, "LSMS tiny, sentence", 30),
+    "btxrd/cpu/lsms-tiny-notext": cpu_row("btxrd", "tiny", False, "LSMS tiny, no-text model", 30),
+    "btxrd/cpu/unet": cpu_row("btxrd", "unet", False, "U-Net (MONAI), no text", 80),
+    "btxrd/cpu/film-unet": cpu_row("btxrd", "film-unet", True, "FiLM U-Net, sentence", 80),
+    "kvasir/cpu/lsms-tiny-notext": cpu_row("kvasir", "tiny", False, "LSMS tiny, no text", 40),
+    "kvasir/cpu/unet": cpu_row("kvasir", "unet", False, "U-Net (MONAI)", 120),
 }
+CPU_VAL_EVERY = 2  # the CPU rows validate every second epoch
 
 
 @dataclass
@@ -90,8 +117,12 @@ class Settings:
     seed: int
 
 
+def row_folder(cache: Path, key: str, seed: int) -> Path:
+    return cache / "real" / key / f"seed{seed}"
+
+
 def run_dir(key: str, s: Settings) -> Path:
-    return s.cache / "real" / key / f"seed{s.seed}"
+    return row_folder(s.cache, key, s.seed)
 
 
 def data_path(row: Row) -> Path:
@@ -106,6 +137,10 @@ def val_records(row: Row) -> list[Any]:
 
 
 def train_command(key: str, s: Settings, time_limit: float | None = None, resume: bool = False) -> list[str]:
+    """The row's ``lsms train`` command: the start, or (``resume``) the resume of its last.pt with ``time_limit``
+    minutes (default: the budget)."""
+    if ROWS[key].recipe == "real-cpu":
+        return cpu_train_command(key, s, time_limit, resume)
     row, ds = ROWS[key], DATASETS[ROWS[key].dataset]
     run = run_dir(key, s)
     limit = f"{time_limit if time_limit is not None else s.budget_min:g}"
@@ -118,6 +153,20 @@ def train_command(key: str, s: Settings, time_limit: float | None = None, resume
             "--freeze-text", "--max-tokens", "48", "--seed", str(s.seed), "--threads", str(s.threads),
             "--device", "cpu", "--amp", "off", "--no-progress", "--log-every", "10", *split_leak_flag(row.dataset),
             *row.extra]
+
+
+def cpu_train_command(key: str, s: Settings, time_limit: float | None = None, resume: bool = False) -> list[str]:
+    """A CPU row's command: the recipe and ``--amp auto`` decide image size and precision; the time schedule and
+    the CPU-minute limit end the run (the same limit on resume: the checkpoint counts the time spent)."""
+    row, run = ROWS[key], run_dir(key, s)
+    budget = ["--time-limit", f"{time_limit if time_limit is not None else s.budget_min:g}", "--time-clock", "cpu"]
+    if resume:
+        return ["lsms", "train", "--resume", str(run), *budget, "--no-progress", *split_leak_flag(row.dataset)]
+    preset = [] if row.preset == "tiny" else ["--preset", row.preset]
+    return ["lsms", "train", str(data_path(row)), "--out", str(run), "--recipe", row.recipe,
+            "--text" if row.text else "--no-text", *preset, "--epochs", str(row.epochs), "--schedule", "time",
+            *budget, "--threads", str(s.threads), "--seed", str(s.seed), "--val-every", str(CPU_VAL_EVERY),
+            "--no-progress", *split_leak_flag(row.dataset), *row.extra]
 
 
 def levels(row: Row) -> list[str]:
@@ -138,23 +187,23 @@ def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
         shutil.rmtree(run)
     log = run / "bench.log"
     ledger_path = run / "bench-ledger.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"sessions": []}
+    ledger = read_ledger(key, s)
     train_or_resume(run, key, s.budget_min, s.threads, ledger, ledger_path,
-                    lambda left: train_command(key, s, time_limit=left, resume=True), lambda: train_command(key, s))
-    if any(not (run / f"eval-val-{lv}.json").exists() for lv in levels(row)):
+                    lambda limit: train_command(key, s, time_limit=limit, resume=True), lambda: train_command(key, s),
+                    clock=row.clock)
+    if not all(evaluated(run, lv) for lv in levels(row)):
         cmd = eval_command(key, s)
         usage = run_logged(cmd, log, s.threads)
         ledger["evaluation"] = {"command": shown(cmd, s.threads), **usage}
         write_json(ledger_path, ledger)
     summary = json.loads((run / "summary.json").read_text())
     evals = {lv: json.loads((run / f"eval-val-{lv}.json").read_text()) for lv in levels(row)}
+    wall_s, cpu_s = training_seconds(row, summary, ledger)
     result = {
         "row": key, "label": row.label, "dataset": row.dataset, "preset": row.preset, "text": row.text,
-        "seed": s.seed, "budget_min": s.budget_min, "threads": s.threads,
+        "recipe": row.recipe, "clock": row.clock, "seed": s.seed, "budget_min": s.budget_min, "threads": s.threads,
         "commands": {"train": shown(train_command(key, s), s.threads), "evaluate": shown(eval_command(key, s), s.threads)},
-        "training": {"steps": summary["step"], "epochs_done": summary["epoch"],
-                     "train_s": sum(x["wall_s"] for x in ledger["sessions"]),
-                     "cpu_s": sum(x["cpu_s"] for x in ledger["sessions"]),
+        "training": {"steps": summary["step"], "epochs_done": summary["epoch"], "train_s": wall_s, "cpu_s": cpu_s,
                      "sessions": ledger["sessions"], "stopped_by_time_limit": summary.get("stopped_early")},
         "evaluation": ledger.get("evaluation"),
         "eval": {lv: {k: v for k, v in e.items() if k not in ("checkpoint", "data")} for lv, e in evals.items()},
@@ -167,8 +216,63 @@ def run_row(key: str, s: Settings, fresh: bool = False) -> dict[str, Any]:
     return result
 
 
+def evaluated(run: Path, level: str) -> bool:
+    """Whether RUN holds the row's evaluation at ``level``: of its last.pt (one of best.pt, say made by hand, is
+    made again)."""
+    path = run / f"eval-val-{level}.json"
+    return path.exists() and Path(json.loads(path.read_text()).get("checkpoint") or "").name == "last.pt"
+
+
+def read_ledger(key: str, s: Settings) -> dict[str, Any]:
+    """The row's bench-ledger.json; for a finished run made by hand (summary.json, no ledger) a new one with that
+    run as one session, its seconds from summary.json."""
+    run = run_dir(key, s)
+    path = run / "bench-ledger.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if not (run / "summary.json").exists():
+        return {"sessions": []}
+    check_made_by_hand(key, s)
+    summary = json.loads((run / "summary.json").read_text())
+    ledger = {"sessions": [{"command": None, "note": "run by hand: see config.json", "wall_s": summary["time_s"],
+                            "cpu_s": summary["cpu_s"], "loadavg_1min_before_after": [None, None]}]}
+    write_json(path, ledger)
+    say(f"{key} seed {s.seed}: a finished run made by hand; taken as it is")
+    return ledger
+
+
+def check_made_by_hand(key: str, s: Settings) -> None:
+    """A run folder made by hand holds the row's run: its config.json has the row's model, budget and seed."""
+    row, path = ROWS[key], run_dir(key, s) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        run, model = config["run"], config["spec"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not the config.json of an lsms run ({type(err).__name__}: {err}); the folder has a "
+                         "summary.json but no bench-ledger.json, so it was taken for a run made by hand") from None
+    want = {"preset": row.preset, "use_text": row.text, "time_limit_minutes": s.budget_min,
+            "time_clock": row.clock, "seed": s.seed}
+    have = {"preset": model.get("preset"), "use_text": model.get("use_text"),
+            "time_limit_minutes": run.get("time_limit_minutes"), "time_clock": run.get("time_clock", "wall"),
+            "seed": run.get("seed")}
+    wrong = [f"{k} is {have[k]!r}, the row's is {v!r}" for k, v in want.items() if have[k] != v]
+    if wrong:
+        raise SystemExit(f"{path}: this run is not row {key} seed {s.seed} with --budget-min {s.budget_min:g} ("
+                         + "; ".join(wrong) + "); move the folder away, or give the --seed / --budget-min it was "
+                         f"run with. The row's command: {shown(train_command(key, s))}")
+
+
+def training_seconds(row: Row, summary: dict[str, Any], ledger: dict[str, Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of a row's training: for the CPU rows the run's own count over all its sessions
+    (summary.json, what the budget counted), for the others the sum over the ledger's sessions."""
+    if row.clock == "cpu":
+        return summary["time_s"], summary["cpu_s"]
+    return sum(x["wall_s"] for x in ledger["sessions"]), sum(x["cpu_s"] for x in ledger["sessions"])
+
+
 def read_curve(run: Path) -> list[dict[str, float]]:
-    """(minutes, step, train loss, val Dice) per epoch row of metrics.csv; time restarts in resumed sessions."""
+    """(minutes, step, train loss, val Dice) per epoch row of metrics.csv (time restarted in resumed sessions of
+    runs from before checkpoints recorded the time spent)."""
     rows, offset, prev = [], 0.0, 0.0
     with open(run / "metrics.csv", encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f):
@@ -185,14 +289,39 @@ def read_curve(run: Path) -> list[dict[str, float]]:
 
 
 def collect(cache: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((cache / "real").glob("*/*/seed*/result.json"))]
+    """Every row's result (CACHE/real/<row>/seed<k>/result.json; a row's key may hold slashes)."""
+    return [json.loads(p.read_text()) for p in sorted((cache / "real").rglob("seed*/result.json"))]
+
+
+def result_folder(result: dict[str, Any], cache: Path) -> Path:
+    return row_folder(cache, result["row"], result["seed"])
+
+
+def budget_text(result: dict[str, Any]) -> str:
+    """The recipe and the budget on its clock, e.g. "`real-cpu`, 60 CPU-min" (results from before the CPU rows:
+    `real`, wall minutes)."""
+    clock = "CPU" if result.get("clock", "wall") == "cpu" else "wall"
+    return f"`{result.get('recipe', 'real')}`, {result['budget_min']:g} {clock}-min"
 
 
 def mean_spread(values: list[float]) -> str:
+    """Mean (min-max) over seeds."""
     if len(values) == 1:
         return f"{values[0]:.3f} (1 seed)"
-    mean = sum(values) / len(values)
-    return f"{mean:.3f} (min {min(values):.3f}, max {max(values):.3f}; {len(values)} seeds)"
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
+
+
+def mean_table(results: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows: each row's val Dice (and Dice with an empty sentence) over its seeds, per budget."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["row"], budget_text(r)), []).append(r)
+    lines = ["| row | recipe, budget | val Dice | Dice, empty sentence |", "|---|---|---|---|"]
+    for (key, budget), rs in groups.items():
+        full = mean_spread([r["eval"]["full"]["Dice"] for r in rs])
+        none = mean_spread([r["eval"]["none"]["Dice"] for r in rs]) if "none" in rs[0]["eval"] else "-"
+        lines.append(f"| {key} | {budget} | {full} | {none} |")
+    return lines
 
 
 def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, float]:
@@ -202,7 +331,7 @@ def cost(result: dict[str, Any], cache: Path, size: int = 224) -> tuple[float, f
     from lsms.checkpoint import load_trained
     from lsms.profile import count_flops, profile_inputs
 
-    model, _, _ = load_trained(cache / "real" / result["row"] / f"seed{result['seed']}", "cpu", prefer="last")
+    model, _, _ = load_trained(result_folder(result, cache), "cpu", prefer="last")
     with torch.no_grad():
         flops = count_flops(model.forward_features, *profile_inputs(model, size, 1, torch.device("cpu")))
     return sum(p.numel() for p in model.parameters()) / 1e6, flops / 2e9
@@ -214,15 +343,18 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
         "# Real images: BTXRD and Kvasir-SEG, the runs (CPU)",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, no GPU, torch {m['torch']}. Each row trains from scratch "
-        "(random visual weights; LSMS and FiLM U-Net read the sentence through the frozen packaged MiniLM) with "
-        "`lsms train --recipe real` (and the row's changes, in its commands) for the time budget given, then evaluates the run's last.pt on the val split. "
+        "(random visual weights; LSMS and FiLM U-Net read the sentence through the packaged MiniLM, frozen in the "
+        "`real` rows, trained at a tenth of the learning rate in the `real-cpu` rows) with its "
+        "recipe (and the row's changes, in its commands) for the time budget given, then evaluates the run's "
+        "last.pt on the val split. `real` rows have a budget of wall minutes; `real-cpu` rows one of CPU minutes "
+        "(`--time-clock cpu`, the time schedule ending with it), so that a busy machine does not shorten them. "
         "Dice and mIoU are means over the val images of the per-image Dice / IoU (`lsms evaluate`).",
         "",
         "Cost: parameters (with the text encoder) and GMACs of one 224 px forward (a training patch) from the code "
         "(`lsms.profile.count_flops`). Load: the 1-minute load average before/after each training session (the "
         "machine was shared with other work; CPU minutes say how much the row got).",
         "",
-        "| dataset | row | seed | params (M) | GMACs @224 | budget (min x threads) | steps | CPU min | load before/after | val Dice | Dice, empty sentence | mIoU |",
+        "| dataset | row | seed | params (M) | GMACs @224 | recipe, budget (x threads) | steps | CPU min | load before/after | val Dice | Dice, empty sentence | mIoU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -232,27 +364,28 @@ def markdown(results: list[dict[str, Any]], cache: Path) -> str:
         none = f"{e['none']['Dice']:.4f}" if "none" in e else "-"
         params, gmacs = cost(r, cache)
         lines.append(f"| {r['dataset']} | {r['label']} | {r['seed']} | {params:.1f} | {gmacs:.2f} | "
-                     f"{r['budget_min']:g} x {r['threads']} | "
+                     f"{budget_text(r)} x {r['threads']} | "
                      f"{t['steps']} | {t['cpu_s'] / 60:.1f} | {loads} | {e['full']['Dice']:.4f} | {none} | "
                      f"{e['full']['mIoU']:.4f} |")
-    by_row: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_row.setdefault(r["row"], []).append(r)
-    lines += ["", "Mean over seeds:", "", "| row | val Dice | Dice, empty sentence |", "|---|---|---|"]
-    for key, rs in by_row.items():
-        full = mean_spread([r["eval"]["full"]["Dice"] for r in rs])
-        none = mean_spread([r["eval"]["none"]["Dice"] for r in rs]) if "none" in rs[0]["eval"] else "-"
-        lines.append(f"| {key} | {full} | {none} |")
+    lines += ["", "Mean (min-max) over seeds:", "", *mean_table(results)]
     by_size = dice_by_lesion_size(results, cache)
     if by_size:
         lines += ["", "BTXRD val Dice by lesion size (terciles of the val masks' area; images per bucket in brackets):",
                   "", *by_size]
     lines += ["", "Commands (from the repository root; CACHE = " + str(cache) + "):", ""]
     for r in results:  # the commands as run (a row resumed after a stop has one per session)
-        sessions = [f"  `{x['command']}`" + (f" ({x['note']})" if x.get("note") else "") for x in r["training"]["sessions"]]
+        sessions = [f"  {session_text(x, r)}" for x in r["training"]["sessions"]]
         lines += [f"- `{r['row']}` seed {r['seed']}:", *sessions, f"  then `{r['commands']['evaluate']}`"]
     lines += ["", f"Made by `{command_line()}`.", ""]
     return "\n".join(lines)
+
+
+def session_text(session: dict[str, Any], result: dict[str, Any]) -> str:
+    """A training session as the report names it: its command and note, or for a run made by hand its note and
+    the row's command."""
+    if session["command"] is None:
+        return f"{session['note']} (the row's command: `{result['commands']['train']}`)"
+    return f"`{session['command']}`" + (f" ({session['note']})" if session.get("note") else "")
 
 
 def dice_by_lesion_size(results: list[dict[str, Any]], cache: Path) -> list[str]:
@@ -270,7 +403,7 @@ def dice_by_lesion_size(results: list[dict[str, Any]], cache: Path) -> list[str]
     lines = ["| row | seed | " + " | ".join(f"Dice, lesion {n} of the image" for n in names) + " |",
              "|---|---|---|---|---|"]
     for r in rows:
-        run = cache / "real" / r["row"] / f"seed{r['seed']}"
+        run = result_folder(r, cache)
         buckets: list[list[float]] = [[], [], []]
         with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
             for rec in csv.DictReader(f):
@@ -293,7 +426,8 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
             for r in (r for r in results if r["dataset"] == dataset):
                 pts = [(c[x], c[y]) for c in r["curve"] if c[y] is not None]
                 if pts:
-                    ax.plot(*zip(*pts), marker=marker, label=f"{r['label']} (seed {r['seed']})")
+                    ax.plot(*zip(*pts), marker=marker,
+                            label=f"{r['label']}, {r.get('recipe', 'real')} (seed {r['seed']})")
             ax.set(title=f"{dataset}: {title}", xlabel=xlabel, ylabel=ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -321,7 +455,7 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     from lsms.checkpoint import load_trained
     from lsms.data import SegmentationDataset
 
-    run = cache / "real" / result["row"] / f"seed{result['seed']}"
+    run = result_folder(result, cache)
     with open(run / "eval-val-full.csv", encoding="utf-8", newline="") as f:
         scored = sorted((float(r["dice"]), r["id"]) for r in csv.DictReader(f) if r["dice"] not in ("", "None"))
     picks = [("best", d, i) for d, i in scored[::-1][:n]] + [("worst", d, i) for d, i in scored[:n]]
@@ -352,11 +486,16 @@ def overlays(result: dict[str, Any], cache: Path, out: Path, n: int = 4) -> str:
     return path.name
 
 
+OVERLAY_ROWS = ("btxrd/cpu/lsms-tiny-text", "btxrd/lsms-tiny-text")  # the overlays' row: the first that has results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to train and evaluate, in order")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budget-min", type=float, default=60.0, help="training minutes per row (default 60)")
+    parser.add_argument("--budget-min", type=float, default=60.0,
+                        help="training minutes per row (default 60): CPU minutes for the CPU rows, wall minutes for "
+                             "the others")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row (default 1)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE))
     parser.add_argument("--fresh", action="store_true", help="discard the rows' previous run folders")
@@ -374,7 +513,7 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         figures = plots(results, out)
-        text_rows = [r for r in results if r["row"] == "btxrd/lsms-tiny-text"]
+        text_rows = [r for key in OVERLAY_ROWS for r in results if r["row"] == key]
         if text_rows:
             figures.append(overlays(text_rows[0], s.cache, out))
         write_json(out.with_suffix(".json"), {"machine": machine(), "rows": results, "figures": figures})
