@@ -154,8 +154,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
     budget = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env, checkpoint and checkpoint.get("time_spent"))
-    time_up, last_metrics = False, {}
-    nonfinite: dict[int, int] = {}  # epoch -> validation samples with inf/NaN logits
+    time_up, last_metrics, nonfinite = False, {}, {}  # nonfinite: epoch -> val samples with inf/NaN logits
 
     def time_fraction() -> float:
         """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
