@@ -385,6 +385,35 @@ def test_channels_last_layers_match_their_reference():
         torch.testing.assert_close(grad_got.double(), grad_want.double(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("kernel,size", [((1, 7), (9, 13)), ((1, 11), (9, 7)), ((7, 1), (9, 13)), (5, (9, 8)),
+                                         (3, (9, 8))])
+def test_depthwise_convolution_matches_the_plain_one_in_every_path(kernel, size):
+    """Depthwise's fast paths (a 1 x k strip over the transposed map when k fits the width; 5 x 5 in fp32 under
+    bf16 autocast) give the plain convolution's outputs and gradients, in the input's memory format and dtype."""
+    from lsms.model.layers import Depthwise
+
+    torch.manual_seed(0)
+    depthwise = Depthwise(6, kernel)
+    plain = nn.Conv2d(6, 6, depthwise.kernel_size, padding=depthwise.padding, groups=6)
+    plain.load_state_dict(depthwise.state_dict())
+    x = torch.randn(2, 6, *size).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 6, *size)
+    outputs = []
+    for conv in (depthwise, plain):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        (y * grad_out).sum().backward()
+        outputs.append((y, xi.grad, conv.weight.grad, conv.bias.grad))
+    assert outputs[0][0].is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, reference = depthwise(x), plain(x)
+    assert fast.dtype == reference.dtype == torch.bfloat16
+    # bf16 rounding of the inputs and of the output: a few units in the last place of bf16 (2^-8 relative)
+    torch.testing.assert_close(fast.float(), plain(x), atol=0.05, rtol=0.02)
+
+
 def test_group_norm_blocks_are_the_default_and_the_paper_recipe_keeps_batch_norm():
     from importlib.resources import files
 

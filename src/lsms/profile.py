@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lsms.model import MODELS, build, check_image_size, count_parameters, model_config
-from lsms.spec import check_memory
 from lsms.text import DEFAULT_TEXT_ENCODER
 
 # The one built-in random encoder: BERT-base sizes (the paper's text encoder), for counting without weights.
@@ -443,6 +442,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: benchmarks/throughput.py loads this module beside the package of an older commit
+    from lsms.spec import check_memory
+
     if args.threads:
         torch.set_num_threads(args.threads)
     for size in args.image_size:

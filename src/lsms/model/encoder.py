@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig
-from lsms.model.layers import GroupNorm, Pointwise, from_pixel_rows, per_pixel_rows
+from lsms.model.layers import Depthwise, GroupNorm, Pointwise, from_pixel_rows, per_pixel_rows
 
 
 def coordinate_grid(batch: int, height: int, width: int, device: torch.device | None = None,
@@ -62,8 +62,8 @@ class ConvUnit(nn.Module):
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
-        self.conv_w = nn.Conv2d(channels, channels, (1, kernel), padding=(0, kernel // 2), groups=channels)
-        self.conv_h = nn.Conv2d(channels, channels, (kernel, 1), padding=(kernel // 2, 0), groups=channels)
+        self.conv_w = Depthwise(channels, (1, kernel))
+        self.conv_h = Depthwise(channels, (kernel, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
@@ -132,7 +132,7 @@ class SVLA(nn.Module):
     def __init__(self, channels: int, text_channels: int | None, kernels: tuple[int, ...], pixel_map: bool,
                  gate_init: float = 0.0):
         super().__init__()
-        self.conv5x5 = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)  # [decision] depthwise
+        self.conv5x5 = Depthwise(channels, 5)  # [decision] depthwise
         self.conv_units = nn.ModuleList(ConvUnit(channels, k) for k in kernels)
         self.language = LanguageGuidedBranch(channels, text_channels, pixel_map, gate_init) if text_channels else None
         self.mix = Pointwise(channels, channels)
@@ -155,7 +155,7 @@ class FFN(nn.Module):
         super().__init__()
         hidden = channels * ratio
         self.fc1 = Pointwise(channels, hidden)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.dwconv = Depthwise(hidden, 3)
         self.act = nn.GELU()
         self.fc2 = Pointwise(hidden, channels)
 

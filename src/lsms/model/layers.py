@@ -1,4 +1,5 @@
-"""Layers for channels-last maps: the 1x1 convolution as one matrix product, and a GroupNorm that stays exact.
+"""Layers for channels-last maps: the 1x1 convolution as one matrix product, depthwise convolutions run the fastest
+measured way, and a GroupNorm that stays exact.
 
 PyTorch runs a 1x1 convolution with a batch under 16 on one CPU thread through its fallback
 ``_slow_conv2d`` (a third of the LSMS training step, docs/results/throughput.md). Over channels-last
@@ -10,6 +11,11 @@ PyTorch's channels-last GroupNorm kernel on the CPU computes each group's varian
 (E[x^2] - E[x]^2): on a map whose mean is 40 times its spread it is off by 4e-3 where the contiguous kernel is
 off by 2e-6. :class:`GroupNorm` subtracts each group's mean first, which GroupNorm ignores, so it gives the
 same outputs and gradients, exact again.
+
+oneDNN's depthwise kernels on channels-last CPU maps (docs/model.md, "The training step on CPUs", measured forward +
+backward at LSMS tiny's shapes): a horizontal strip (1 x k) is 2-4x slower than the vertical one (k x 1) on the
+same map, so :class:`Depthwise` runs it as a vertical strip over the transposed map (two copies, same result); a
+5 x 5 kernel is 1.6-2x slower in bf16 than in fp32, so under CPU bf16 autocast it runs in fp32.
 """
 
 from __future__ import annotations
@@ -35,6 +41,41 @@ class Pointwise(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> (B, C_out, H, W)."""
         return pointwise(x, self.weight, self.bias)
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+class Depthwise(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)`` (same parameters and
+    state-dict keys) computed the fastest measured way on channels-last CPU maps:
+
+    - a horizontal strip (1 x k) as the vertical strip (k x 1) over the transposed map, when k is at most the
+      map's width (with a kernel wider than the map the vertical kernel is the slower one);
+    - a square kernel larger than 3 x 3 in fp32 under bf16 autocast (the output is bf16 as autocast's would be).
+
+    Elsewhere (other devices, contiguous maps, and while tracing for export) it is the plain convolution.
+    """
+
+    def __init__(self, channels: int, kernel: int | tuple[int, int]):
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        super().__init__(channels, channels, (kh, kw), padding=(kh // 2, kw // 2), groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        kh, kw = self.kernel_size
+        if (x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last)
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return super().forward(x)
+        if kh == 1 and 1 < kw <= x.shape[-1]:
+            x = x.transpose(2, 3).contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x, self.weight.transpose(2, 3), self.bias, padding=(kw // 2, 0), groups=self.groups)
+            return y.transpose(2, 3).contiguous(memory_format=torch.channels_last)
+        if kh == kw > 3 and _cpu_bf16_autocast():
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float()).to(torch.bfloat16)
+        return super().forward(x)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -67,4 +108,4 @@ def from_pixel_rows(rows: Tensor, height: int, width: int) -> Tensor:
     return rows.view(rows.shape[0], height, width, rows.shape[2]).permute(0, 3, 1, 2)
 
 
-__all__ = ["GroupNorm", "Pointwise", "from_pixel_rows", "per_pixel_rows", "pointwise"]
+__all__ = ["Depthwise", "GroupNorm", "Pointwise", "from_pixel_rows", "per_pixel_rows", "pointwise"]
