@@ -244,14 +244,15 @@ def vision_language_contrastive_loss(
         Scalar loss.
     """
     b, c, h, w = features.shape
-    feats = F.normalize(features.float().flatten(2), dim=1).transpose(1, 2)  # (B, hw, C)
+    pixels = features.flatten(2).transpose(1, 2)  # (B, hw, C): a view of a channels-last map
     text = F.normalize(text_embedding.float(), dim=1)  # (B, C)
     inside = F.interpolate(target.float(), size=(h, w), mode="area").flatten(1) > 0.5  # (B, hw)
 
     pos_idx, pos_valid = _sample_indices(inside, max_positive, generator)  # (B, Kp)
     neg_idx, neg_valid = _sample_indices(~inside, max_negative, generator)  # (B, Kn)
-    pos = feats.gather(1, pos_idx.unsqueeze(-1).expand(-1, -1, c))  # (B, Kp, C)
-    neg = feats.gather(1, neg_idx.unsqueeze(-1).expand(-1, -1, c))  # (B, Kn, C)
+    # only the sampled pixels are normalised (in fp32): the whole map would cost a tenth of a CPU training step
+    pos = F.normalize(pixels.gather(1, pos_idx.unsqueeze(-1).expand(-1, -1, c)).float(), dim=-1)  # (B, Kp, C)
+    neg = F.normalize(pixels.gather(1, neg_idx.unsqueeze(-1).expand(-1, -1, c)).float(), dim=-1)  # (B, Kn, C)
 
     s_pos = torch.einsum("bkc,bc->bk", pos, text) / tau  # (B, Kp)
     s_neg = torch.einsum("bkc,bjc->bkj", pos, neg) / tau  # (B, Kp, Kn)
