@@ -43,10 +43,6 @@ class Pointwise(nn.Conv2d):
         return pointwise(x, self.weight, self.bias)
 
 
-def _cpu_bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
 class Depthwise(nn.Conv2d):
     """``nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)`` (same parameters and
     state-dict keys) computed the fastest measured way on channels-last CPU maps:
@@ -72,7 +68,7 @@ class Depthwise(nn.Conv2d):
             x = x.transpose(2, 3).contiguous(memory_format=torch.channels_last)
             y = F.conv2d(x, self.weight.transpose(2, 3), self.bias, padding=(kw // 2, 0), groups=self.groups)
             return y.transpose(2, 3).contiguous(memory_format=torch.channels_last)
-        if kh == kw > 3 and _cpu_bf16_autocast():
+        if kh == kw > 3 and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float()).to(torch.bfloat16)
         return super().forward(x)
