@@ -125,20 +125,20 @@ def launch(row: str, seed: int, cache: Path, threads: int) -> None:
     print(f"{row} seed {seed}: {status}", flush=True)
 
 
-def rescore_existence(run_dir: Path) -> dict[str, Any]:
+def rescore_existence(run_dir: Path, model: str = "run", cached: str = "existence.json") -> dict[str, Any]:
     """The existence metrics of a finished run with today's code and data: the run's dataset generated again
     with today's generator where it is older (the same images and lesion sentences, today's negatives: one of
     each kind on every val and test slice), the thresholds chosen on its val split, the metrics on its test
-    split at full text (:func:`lsms.evaluate.existence_metrics`). Cached in ``existence.json`` (with the test
+    split at full text (:func:`lsms.evaluate.existence_metrics`). Cached in ``cached`` (with the test
     split's negative count); the report prefers it to the run's own, so that runs made before a change of the
-    existence rule or of the negatives are scored alike."""
+    existence rule or of the negatives are scored alike. ``model``: the run's folder (or :func:`refit_run`'s)."""
     from lsms.synth import SynthConfig, generate_dataset
 
     data = run_dir / "data"
     settings = json.loads((data / "dataset.json").read_text())["settings"]
     if "eval_negatives" not in settings:  # made before the negatives of each kind: generate it again
         generate_dataset(SynthConfig.from_dict(settings), data, overwrite=True, progress=False)
-    path = run_dir / "existence.json"
+    path = run_dir / cached
     records = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
     negatives = sum(1 for r in records if "negative" in r and r.get("split") == "test")
     if path.is_file() and json.loads(path.read_text()).get("n_negative") == negatives:
@@ -146,12 +146,42 @@ def rescore_existence(run_dir: Path) -> dict[str, Any]:
     from lsms.evaluate import evaluate_levels, existence_metrics
 
     kw = {"levels": ("full",), "device": "cpu", "batch_size": 16, "empty_policy": "skip"}
-    val = evaluate_levels(run_dir / "run", data, "val", **kw)["full"]["records"]
-    test = evaluate_levels(run_dir / "run", data, "test", **kw)["full"]["records"]
+    val = evaluate_levels(run_dir / model, data, "val", **kw)["full"]["records"]
+    test = evaluate_levels(run_dir / model, data, "test", **kw)["full"]["records"]
     chosen = existence_metrics(val, "choose", "choose")
     out = existence_metrics(test, chosen["existence_threshold"], chosen.get("existence_threshold_max_prob"))
     write_json(path, out)
     return out
+
+
+def refit_run(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's existence head fit anew on its frozen network as training now does at its end
+    (:func:`lsms.existence.refit_existence_head`, the run's train split and the default steps), written to
+    ``run-refit/best.pt`` beside the run, and scored as :func:`rescore_existence` scores the run (cached in
+    ``existence-refit.json``); None for a run without the head. The masks are the run's own."""
+    import torch
+
+    from lsms.checkpoint import load_checkpoint, model_from_checkpoint, run_config, save_checkpoint, spec_of
+    from lsms.config import RunConfig
+    from lsms.data import SegmentationDataset, load_samples
+    from lsms.distributed import DistEnv
+    from lsms.existence import refit_existence_head
+    from lsms.train import refit_loader
+
+    target = run_dir / "run-refit" / "best.pt"
+    if not target.is_file():
+        checkpoint = load_checkpoint(run_dir / "run" / "best.pt")
+        if not spec_of(checkpoint).model.existence_head:
+            return None
+        model, cfg = model_from_checkpoint(checkpoint), run_config(checkpoint)
+        records = load_samples(run_dir / "data", split=cfg.data.train_split)
+        plain = SegmentationDataset(records, spec_of(checkpoint).preprocessing, text_level=cfg.data.text_level)
+        env = DistEnv(device=torch.device("cpu"))
+        refit_existence_head(model, refit_loader(plain, cfg, env, model.tokenizer), RunConfig().existence_refit_steps,
+                             env)
+        target.parent.mkdir(exist_ok=True)
+        save_checkpoint({**checkpoint, "model": model.state_dict()}, target)
+    return rescore_existence(run_dir, "run-refit", "existence-refit.json")
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -188,7 +218,7 @@ def versus_full(runs: dict[str, list[dict]], row: str, key: str = "test.full.Dic
     return f"{100 * statistics.fmean(d for _, d in pairs):+.1f} (seed {seeds}{against})"
 
 
-def report(cache: Path, rescore: bool = True, name: str = "demo-ablations") -> None:
+def report(cache: Path, rescore: bool = True, name: str = "demo-ablations", refit: bool = False) -> None:
     runs: dict[str, list[dict]] = {}
     for row in ROWS:
         for seed_dir in sorted((cache / row).glob("seed*")):
@@ -196,6 +226,8 @@ def report(cache: Path, rescore: bool = True, name: str = "demo-ablations") -> N
                 m = json.loads((seed_dir / "metrics.json").read_text())
                 if rescore:
                     m["test"]["full"].update(rescore_existence(seed_dir))
+                if refit and (scores := refit_run(seed_dir)):
+                    m["test"]["full"].update({f"{k}_refit": v for k, v in scores.items() if not k.endswith("_max_prob")})
                 bench = json.loads((seed_dir / "bench.json").read_text()) if (seed_dir / "bench.json").is_file() else {}
                 runs.setdefault(row, []).append({"seed": int(seed_dir.name[4:]), "metrics": m, "bench": bench})
     table = {row: {key: _stats([_get(r["metrics"], key) for r in rs]) for key, _ in COLUMNS} for row, rs in runs.items()}
@@ -238,8 +270,10 @@ def existence_lines(runs: dict[str, list[dict]]) -> list[str]:
     def has(row: str, suffix: str) -> bool:
         return any(_get(r["metrics"], f"test.full.existence_AUROC{suffix}") is not None for r in runs[row])
 
-    scores = [(row, suffix, "existence head" if has(row, "_max_prob") and not suffix else "highest mask probability")
-              for row in runs for suffix in ("", "_max_prob") if has(row, suffix)]
+    names = {"": "existence head", "_refit": "existence head fit anew after training", "_max_prob":
+             "highest mask probability"}
+    scores = [(row, suffix, names[suffix] if has(row, "_max_prob") else names["_max_prob"])
+              for row in runs for suffix in ("", "_refit", "_max_prob") if has(row, suffix)]
     if not scores:
         return []
     lines = ["## Sentences that match nothing (the test split's negatives)", "",
@@ -302,6 +336,9 @@ def main() -> int:
     p.add_argument("--no-rescore", action="store_true",
                    help="report each run's existence metrics as it wrote them (default: re-score them with today's "
                         "rule, cached in RUN/existence.json)")
+    p.add_argument("--refit", action="store_true",
+                   help="also score each run with an existence head with the head fit anew on its frozen network, as "
+                        "training does at its end since (cached in RUN/run-refit, RUN/existence-refit.json)")
     p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -314,7 +351,7 @@ def main() -> int:
         order += [(row, seed) for seed in args.seeds for row in args.rows if row != "full"]  # first seeds first
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda rs: launch(rs[0], rs[1], args.cache, threads), order))
-    report(args.cache, rescore=not args.no_rescore, name=args.out)
+    report(args.cache, rescore=not args.no_rescore, name=args.out, refit=args.refit)
     return 0
 
 

@@ -185,3 +185,73 @@ def test_an_exported_file_carries_the_head(head_run, tmp_path, fmt):
     assert torch.allclose(logits, ref_logits, atol=1e-3)
     result = evaluate_checkpoint(path, data, "val", batch_size=2)
     assert result["summary"]["existence_threshold"] == exported.existence_threshold
+
+
+def test_the_head_is_fit_anew_on_the_frozen_network_once_training_is_over(head_run):
+    import json
+
+    from lsms.checkpoint import load_trained
+    from lsms.config import RunConfig
+    from lsms.data import load_samples
+    from lsms.distributed import DistEnv
+    from lsms.existence import head_inputs
+    from lsms.train import refit_loader
+
+    data, out = head_run
+    refit = json.loads((out / "summary.json").read_text())["existence_refit"]
+    records = load_samples(data, "train")
+    negatives = sum(r.target_instance == 0 for r in records)
+    assert refit["samples"] == len(records) and refit["negatives"] == negatives > 0 and refit["steps"] == 300
+    # the saved head separates the train split's sentences it was fit on, read from the frozen network
+    model, spec, _ = load_trained(out, prefer="last")
+    from lsms.data import SegmentationDataset
+
+    train_set = SegmentationDataset(records, spec.preprocessing)
+    env = DistEnv(device=torch.device("cpu"))
+    loader = refit_loader(train_set, RunConfig(), env, model.tokenizer)
+    inputs, present = head_inputs(model, loader, env, None)
+    logits = model.existence.mlp(inputs).squeeze(1)
+    assert int((~present).sum()) == negatives and logits[present].min() > logits[~present].max()
+    # 0 steps: the head stays as trained alongside the network
+    from lsms.existence import refit_existence_head
+
+    before = {k: v.clone() for k, v in model.existence.state_dict().items()}
+    assert refit_existence_head(model, loader, 0, env) is None
+    assert all(torch.equal(before[k], v) for k, v in model.existence.state_dict().items())
+
+
+def test_fitting_the_head_is_deterministic_and_blind_to_the_scale_of_its_inputs():
+    from lsms.existence import fit_head
+    from lsms.model.decoder import ExistenceHead
+
+    g = torch.Generator().manual_seed(0)
+    present = torch.arange(40) % 3 != 0
+    x = torch.randn(40, 4 * 4 + 4, generator=g) + 2.0 * present[:, None]  # (N, 4C + 4) for C = 4
+    scale, shift = torch.rand(x.shape[1], generator=g) * 100 + 0.01, torch.randn(x.shape[1], generator=g) * 50
+    heads = [ExistenceHead(4, 8) for _ in range(3)]
+    keys = set(heads[0].state_dict())
+    state = torch.random.get_rng_state()
+    fit_head(heads[0], x, present, 100, seed=1)
+    fit_head(heads[1], x, present, 100, seed=1)
+    fit_head(heads[2], x * scale + shift, present, 100, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the training RNG streams are left alone
+    assert set(heads[2].state_dict()) == keys
+    with torch.no_grad():
+        first, again, scaled = heads[0].mlp(x), heads[1].mlp(x), heads[2].mlp(x * scale + shift)
+    assert torch.equal(first, again)
+    # the standardisation is folded into the first layer: an affine change of the inputs changes nothing
+    assert torch.allclose(first, scaled, atol=1e-3)
+    assert first[present].min() > first[~present].max()
+
+
+def test_the_head_reads_its_inputs_in_fp32_under_bf16_autocast():
+    from lsms.model.decoder import ExistenceHead
+
+    torch.manual_seed(0)
+    head = ExistenceHead(4, 8)
+    decoded, logits, text = torch.randn(2, 4, 8, 8) + 100.0, torch.randn(2, 1, 8, 8), torch.randn(2, 4)
+    with torch.no_grad():
+        fp32 = head(decoded, logits, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = head(decoded, logits, text)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, fp32, atol=1e-5)

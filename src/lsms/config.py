@@ -112,6 +112,9 @@ class RunConfig(DictRoundTrip):
     time_limit_minutes: float = 0.0  # stop (validate, save) once this much training time has passed; 0 = none
     time_clock: str = "wall"  # what time_limit_minutes counts: wall | cpu (this process's CPU time, all threads)
     progress: bool = True  # tqdm progress bars
+    # [addition] after the last step the existence head is fit anew on the frozen network for this many full-batch
+    # steps over the train split (lsms.existence); 0: keep the head as trained alongside the network
+    existence_refit_steps: int = 300
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= MAX_SEED:
@@ -121,7 +124,7 @@ class RunConfig(DictRoundTrip):
         for name in ("val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "time_limit_minutes", "threads"):
+        for name in ("save_every", "time_limit_minutes", "threads", "existence_refit_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.time_clock not in ("wall", "cpu"):

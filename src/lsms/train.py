@@ -46,9 +46,10 @@ from lsms.checkpoint import (
     stored_run,
 )
 from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
-from lsms.data import TEXT_LEVELS, Collator
+from lsms.data import TEXT_LEVELS, Collator, SegmentationDataset
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
+from lsms.existence import refit_existence_head
 from lsms.losses import LSMSLoss
 from lsms.model import MODELS, build
 from lsms.optim import (
@@ -154,11 +155,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
     val_loader = None if val_set is None else make_loader(
         val_set, cfg.data.eval_batch_size or o.batch_size, env, cfg.data.num_workers, tokenizer=model.tokenizer)
     budget = TimeBudget(cfg.time_limit_minutes, cfg.time_clock, env, checkpoint and checkpoint.get("time_spent"))
-    time_up, last_metrics, nonfinite = False, {}, {}  # nonfinite: epoch -> val samples with inf/NaN logits
-
-    def time_fraction() -> float:
-        """The share of the time limit used, for ``optim.schedule: time`` (the same on every rank)."""
-        return budget.fraction() if o.schedule == "time" else 0.0
+    time_up, last_metrics, nonfinite, refit = False, {}, {}, None  # nonfinite: epoch -> val samples with inf/NaN logits
 
     while epoch < o.epochs and step < total_steps and not time_up:
         loader = epoch_loader(train_set, sampler, collate, cfg, epoch, batch_in_epoch, steps_per_epoch, device)
@@ -167,7 +164,7 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         bar = logs.bar(total=len(loader), desc=f"epoch {epoch + 1}/{o.epochs}")
         for batch in loader:
             meter.arrived(batch)
-            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
+            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, budget.fraction(o.schedule))
             values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype)
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             images_per_s = meter.add(values, batch["image"].shape[0], step)
@@ -195,6 +192,9 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         # ---- validation: every sample exactly once over all ranks, rank 0's BatchNorm statistics
         metrics: dict[str, Any] = {}
         last = epoch >= o.epochs or step >= total_steps or time_up
+        if last:  # [addition] the existence head fit anew on the frozen network
+            refit = refit_existence_head(model, refit_loader(train_set, cfg, env, model.tokenizer), cfg.existence_refit_steps,
+                                         env, dtype)
         if val_loader is not None and (epoch % cfg.val_every == 0 or last):
             metrics = last_metrics = validate(model, val_loader, env, dtype, logs.progress)
         if metrics.get("n_nonfinite_logits"):
@@ -203,14 +203,14 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         improved = score is not None and score > best["value"]
         if improved:
             best = {"metric": cfg.best_metric, "value": float(score), "epoch": epoch}
-        last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction())
+        last_lr = lr_at(max(step - 1, 0), total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, budget.fraction(o.schedule))
         logs.epoch(epoch, step, last_lr, train_means, metrics, budget.wall_s(), improved, epoch_state(model, budget))
         save("last", metrics)
         if improved:
             save("best", metrics)
     logs.close()
     summary = {"epoch": epoch, "step": step, "best": best, "last_metrics": last_metrics, "amp": amp,
-               "nonfinite_logits_by_epoch": nonfinite,
+               "nonfinite_logits_by_epoch": nonfinite, "existence_refit": refit,
                "time_s": budget.wall_s(), "cpu_s": budget.cpu_s(),
                "out": str(out), "stopped_early": time_up}
     return finish(summary, out, env)
@@ -268,8 +268,11 @@ class TimeBudget:
         """Seconds on the run's clock so far, earlier sessions included."""
         return self.wall_s() if self.clock_name == "wall" else self.cpu_s()
 
-    def fraction(self) -> float:
-        """The share of the limit used (the mean over ranks: the same on every rank)."""
+    def fraction(self, schedule: str) -> float:
+        """The share of the limit used, for ``optim.schedule: time`` (the mean over ranks: the same on every
+        rank); 0 for another schedule."""
+        if schedule != "time":
+            return 0.0
         return D.all_reduce_mean(min(1.0, self.used_s() / (60 * self.limit_minutes)), self.env)
 
     def is_up(self, step: int) -> bool:
@@ -289,6 +292,13 @@ class TimeBudget:
     def spent(self) -> dict[str, float]:
         """What a checkpoint stores as ``time_spent``."""
         return {"wall_s": self.wall_s(), "cpu_s": self.cpu_s()}
+
+
+def refit_loader(train_set: Any, cfg: RunConfig, env: D.DistEnv, tokenizer: Any) -> DataLoader:
+    """The train split in order, without augmentation or paraphrases, for :func:`refit_existence_head`."""
+    plain = SegmentationDataset(train_set.records, train_set.preprocessing, text_level=train_set.text_level)
+    return make_loader(plain, cfg.data.eval_batch_size or cfg.optim.batch_size, env, cfg.data.num_workers,
+                       tokenizer=tokenizer)
 
 
 def validate(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: torch.dtype | None,
@@ -562,6 +572,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"max gradient norm, 0 = off (default {o.grad_clip})")
     g.add_argument("--loss", dest="loss_overrides", action="append", metavar="KEY=VALUE",
                    help="LossConfig field, repeatable: --loss contrastive_weight=0.125")
+    g.add_argument("--existence-refit-steps", dest="existence_refit_steps", type=int, default=S,
+                   help="after the last step, fit the existence head anew on the frozen network over the train split "
+                        "for N full-batch steps (default 300; 0: keep the head as trained alongside)")
     g = p.add_argument_group("running")
     g.add_argument("--seed", type=int, default=S, help="random seed, 0 to 2**63-1 (default 0)")
     g.add_argument("--device", default=S, help="auto (default), cpu, cuda, cuda:N, mps")

@@ -195,7 +195,8 @@ class ExistenceHead(nn.Module):
     segment or an organ is checked against the position). A small MLP gives the logit. It reads its inputs as
     constants (detached): the existence loss trains the head alone, so the network segments exactly as it would
     without it (trained through the features, the loss cost 5 points of Dice at the demo's steps:
-    docs/model.md).
+    docs/model.md). Once training is over the MLP is fit anew on the frozen network's inputs
+    (:func:`lsms.existence.refit_existence_head`).
 
     Args:
         channels: C_head, channels of the decoder features and of the sentence embedding.
@@ -208,6 +209,14 @@ class ExistenceHead(nn.Module):
 
     def forward(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
         """decoded (B, C, h, w), mask logits (B, 1, h, w), text embedding (B, C) -> existence logits (B,)."""
+        features = self.inputs(decoded, logits, text_embedding)
+        # in fp32 under autocast too: the refit MLP reads standardised inputs (lsms.existence), and bf16 would round
+        # away the spread of an input that varies little around a large mean
+        with torch.autocast(features.device.type, enabled=False):
+            return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)
+
+    def inputs(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
+        """What the MLP reads, (B, 4C + 4) in fp32, from :meth:`forward`'s arguments (detached)."""
         decoded, logits, text_embedding = decoded.detach(), logits.detach(), text_embedding.detach()
         h, w = decoded.shape[-2:]
         weight = torch.sigmoid(logits.float())  # (B, 1, h, w)
@@ -220,5 +229,4 @@ class ExistenceHead(nn.Module):
         area = torch.log(mass / (h * w) + 1e-4)  # (B, 1)
         peak = logits.float().flatten(1).amax(1, keepdim=True)  # (B, 1)
         text = text_embedding.float()
-        features = torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)
+        return torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
