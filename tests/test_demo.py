@@ -76,3 +76,13 @@ def test_demo_recipe_is_the_yaml_file():
     assert (o.batch_size, o.lr, o.warmup_steps, recipe.log_every) == (8, 2e-3, 30, 10)
     trained = config_from_args(build_parser().parse_args(["train", "data", "--recipe", "demo"]))
     assert trained == dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, path="data"))
+
+
+def test_the_demo_keeps_time_for_the_existence_heads_refit():
+    from lsms.demo import refit_minutes
+
+    recipe = DemoConfig().train  # the head and the default refit
+    assert refit_minutes(recipe, 170, 0.9) == pytest.approx(170 * 0.9 / 3 / 60)  # a forward: a third of a step
+    assert refit_minutes(dataclasses.replace(recipe, existence_refit_steps=0), 170, 0.9) == 0.0
+    no_head = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, existence_head=False))
+    assert refit_minutes(no_head, 170, 0.9) == 0.0

@@ -164,6 +164,15 @@ def measure_step_seconds(train_cfg: RunConfig, steps: int = 3) -> tuple[float, i
     return best[0], best[1], len(train_set) // bs, len(val_set) if val_set is not None else 0
 
 
+def refit_minutes(train_cfg: RunConfig, steps_per_epoch: int, step_seconds: float) -> float:
+    """Minutes the existence head's refit after the last step takes (:mod:`lsms.existence`: one forward pass
+    over the train split), estimated from the measured training step: **[decision]** a forward is a third of a
+    training step (forward + backward + update); 0 without the head or the refit."""
+    if not (getattr(train_cfg.model, "existence_head", False) and train_cfg.existence_refit_steps):
+        return 0.0
+    return steps_per_epoch * step_seconds / 3 / 60
+
+
 def pick_showcase(records: list[dict[str, Any]], samples: list) -> tuple[Any, Any] | None:
     """Two expressions of one multi-lesion test slice, both referred correctly, with the best worse Dice."""
     by_id = {r["id"]: r for r in records}
@@ -487,9 +496,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_cfg = train_config(cfg, data, run, time_limit_minutes=left)
     if cfg.epochs is None:  # the learning-rate schedule follows the time left, however fast the steps are
         seconds, threads, steps_per_epoch, n_val = measure_step_seconds(train_cfg)
-        left = training_minutes_left()
-        log.info("measured %.2f s per training step (%d thread(s)): about %d steps (%d per epoch) fit in %.1f min; "
-                 "the schedule decays over the time", seconds, threads, int(60 * left / seconds), steps_per_epoch, left)
+        refit = refit_minutes(train_cfg, steps_per_epoch, seconds)
+        left = training_minutes_left() - refit
+        log.info("measured %.2f s per training step (%d thread(s)): about %d steps (%d per epoch) fit in %.1f min "
+                 "(%.1f min kept for the existence head's refit); the schedule decays over the time", seconds, threads,
+                 int(60 * left / seconds), steps_per_epoch, left, refit)
         optim = dataclasses.replace(train_cfg.optim, epochs=cfg.max_epochs, schedule="time")
         train_cfg = dataclasses.replace(train_cfg, optim=optim, time_limit_minutes=max(left, 0.5), threads=threads)
         timings["calibration"] = time.perf_counter() - t
