@@ -39,8 +39,7 @@ def head_inputs(model: nn.Module, loader: DataLoader, env: D.DistEnv, dtype: tor
     for every sample of ``loader`` (this rank's shard; gathered from every rank in rank order), the network in
     eval mode."""
     captured: list[Tensor] = []
-    hook = model.existence.register_forward_hook(
-        lambda head, args, out: captured.append(head.inputs(*args).float().cpu()))
+    hook = model.existence.mlp.register_forward_pre_hook(lambda mlp, args: captured.append(args[0].float().cpu()))
     present, was_training = [], model.training
     model.eval()
     try:

@@ -209,14 +209,6 @@ class ExistenceHead(nn.Module):
 
     def forward(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
         """decoded (B, C, h, w), mask logits (B, 1, h, w), text embedding (B, C) -> existence logits (B,)."""
-        features = self.inputs(decoded, logits, text_embedding)
-        # in fp32 under autocast too: the refit MLP reads standardised inputs (lsms.existence), and bf16 would round
-        # away the spread of an input that varies little around a large mean
-        with torch.autocast(features.device.type, enabled=False):
-            return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)
-
-    def inputs(self, decoded: Tensor, logits: Tensor, text_embedding: Tensor) -> Tensor:
-        """What the MLP reads, (B, 4C + 4) in fp32, from :meth:`forward`'s arguments (detached)."""
         decoded, logits, text_embedding = decoded.detach(), logits.detach(), text_embedding.detach()
         h, w = decoded.shape[-2:]
         weight = torch.sigmoid(logits.float())  # (B, 1, h, w)
@@ -229,4 +221,8 @@ class ExistenceHead(nn.Module):
         area = torch.log(mass / (h * w) + 1e-4)  # (B, 1)
         peak = logits.float().flatten(1).amax(1, keepdim=True)  # (B, 1)
         text = text_embedding.float()
-        return torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
+        features = torch.cat([inside, pooled, inside * text, text, peak, where, area], dim=1)
+        # in fp32 under autocast too: the refit MLP reads standardised inputs (lsms.existence), and bf16 would round
+        # away the spread of an input that varies little around a large mean
+        with torch.autocast(features.device.type, enabled=False):
+            return self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(1)
