@@ -13,6 +13,7 @@ from lsms import build_model
 from lsms.model import PRESETS, LSMSConfig, model_config
 from lsms.model.decoder import NMF2D
 from lsms.model.encoder import LanguageGuidedBranch
+from lsms.model.layers import pointwise
 
 from conftest import tiny_model_kwargs
 
@@ -182,6 +183,20 @@ def test_nmf_is_deterministic_in_eval_and_low_rank():
     # the reconstruction explains most of a rank-4 non-negative matrix
     y = (torch.rand(1, 16, 4) @ torch.rand(1, 4, 64)).view(1, 16, 8, 8)
     assert (nmf(y) - y).norm() / y.norm() < 0.2
+
+
+def test_nmf_projects_its_bases_as_a_1x1_conv_projects_its_output():
+    """W (D Cf^T) computed as (W D) Cf^T: the Hamburger's output conv applied to the bases is the conv of the
+    reconstruction, forward and backward."""
+    nmf = NMF2D(16, rank=4).eval()
+    x = torch.rand(2, 16, 8, 8, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    fused, plain = nmf(x, project=w), pointwise(nmf(x), w[..., None, None])
+    assert fused.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(y.square().sum(), (x, w)) for y in (fused, plain)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_language_gate_init_is_a_config_value():

@@ -53,8 +53,11 @@ class NMF2D(nn.Module):
         denominator = coef.bmm(bases.transpose(1, 2).bmm(bases))  # (B, N, R) @ (B, R, R) -> (B, N, R)
         return coef * numerator / (denominator + self.eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, H, W), non-negative -> low-rank reconstruction (B, C, H, W).
+    def forward(self, x: Tensor, project: Tensor | None = None) -> Tensor:
+        """(B, C, H, W), non-negative -> low-rank reconstruction D Cf^T (B, C, H, W); with ``project`` (C_out, C),
+        a 1x1 convolution's weight, its projection W D Cf^T (B, C_out, H, W), computed as (W D) Cf^T: W mixes the
+        R bases instead of the N reconstructed pixels (the same result up to rounding, for R x C x C_out
+        multiply-adds instead of N x C x C_out).
 
         Computed on the transposed matrices (X^T is (N, C): the pixels as rows, a view of a channels-last map).
         """
@@ -71,8 +74,11 @@ class NMF2D(nn.Module):
                     denominator = bases.bmm(coef.transpose(1, 2).bmm(coef))  # (B, C, R) @ (B, R, R)
                     bases = bases * numerator / (denominator + self.eps)
             coef = self._update_coef(xt, bases, coef)  # the one step with gradient
-            out = torch.bmm(coef, bases.transpose(1, 2))  # (B, N, R) @ (B, R, C) -> (B, N, C) = (D Cf^T)^T
-        return from_pixel_rows(out, H, W).to(dtype)
+            if project is not None:
+                bases = project.float() @ bases  # (C_out, C) @ (B, C, R) -> (B, C_out, R) = W D
+            # the one product of N rows in the input's precision (bf16 under autocast, as a convolution's would be)
+            out = torch.bmm(coef.to(dtype), bases.transpose(1, 2).to(dtype))  # (B, N, R) @ (B, R, C) = (D Cf^T)^T
+        return from_pixel_rows(out, H, W)
 
 
 def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -83,7 +89,12 @@ def conv_gn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class Hamburger(nn.Module):
-    """ReLU(x + GN(conv1x1(NMF(ReLU(conv1x1(x)))))): global context by matrix decomposition."""
+    """ReLU(x + GN(conv1x1(NMF(ReLU(conv1x1(x)))))): global context by matrix decomposition.
+
+    The output conv1x1 (``ham_out``, no bias) is applied by the NMF to its bases (:meth:`NMF2D.forward`), not to
+    the reconstructed map: in LSMS tiny's training step that saves one (pixels x 256) @ (256 x 256) product
+    forward and two backward, about an eighth of the step's FLOPs (docs/results/throughput.md).
+    """
 
     def __init__(self, channels: int, nmf: NMF2D):
         super().__init__()
@@ -96,8 +107,8 @@ class Hamburger(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         # not in place: ham_in's output is a view (channels-last GEMM), and an in-place op on a view makes autograd
         # copy its gradient to contiguous (NCHW) memory
-        enjoy = self.nmf(F.relu(self.ham_in(x)))
-        return F.relu(x + self.norm(self.ham_out(enjoy)), inplace=True)
+        enjoy = self.nmf(F.relu(self.ham_in(x)), project=self.ham_out.weight.flatten(1))
+        return F.relu(x + self.norm(enjoy), inplace=True)
 
 
 class FullScaleDecoder(nn.Module):
