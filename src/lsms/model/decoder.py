@@ -76,7 +76,7 @@ class NMF2D(nn.Module):
             coef = self._update_coef(xt, bases, coef)  # the one step with gradient
             if project is not None:
                 bases = project.float() @ bases  # (C_out, C) @ (B, C, R) -> (B, C_out, R) = W D
-            # the one product of N rows in the input's precision (bf16 under autocast, as a convolution's would be)
+            # the output product in the input's precision (bf16 under autocast, as the 1x1 convolution's was)
             out = torch.bmm(coef.to(dtype), bases.transpose(1, 2).to(dtype))  # (B, N, R) @ (B, R, C) = (D Cf^T)^T
         return from_pixel_rows(out, H, W)
 
