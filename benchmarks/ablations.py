@@ -36,17 +36,19 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "ablations"
 
-# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings, "loss": of the
-# loss settings), what the
+# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings, "loss" and "optim":
+# of the loss and optimiser settings), what the
 # paper's Table III reports: (Dice, mIoU) on RefHL-Seg val, or None)
 ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
     "no-existence-head": ({"existence_head": False}, None,
                           "w/o the existence head (the existence score is the highest mask probability)"),
-    "negatives-0.5": ({"demo": {"negative_share": 0.5}}, None,
-                      "half of the training slices with a negative sentence (the recipe: 0.2)"),
-    "negatives-0.5-lesion-dice": ({"demo": {"negative_share": 0.5}, "loss": {"empty_target_dice": False}}, None,
-                                  "negatives-0.5, with the Dice term over the sentences of lesions only"),
+    "negatives-0.2": ({"demo": {"negative_share": 0.2}, "loss": {"empty_target_dice": True}}, None,
+                      "the recipe before: a fifth of the training slices with a negative sentence, Dice over all"),
+    "empty-target-dice": ({"loss": {"empty_target_dice": True}}, None,
+                          "the Dice term over every sentence, those that match nothing too (the recipe: lesions only)"),
+    "gate-lr-10": ({"optim": {"gate_lr_scale": 10.0}}, None,
+                   "the language gates at 10 x the learning rate (`--gate-lr-scale 10`), at the demo's steps"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -60,8 +62,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 # the row a row is compared with at the same seeds (default "full")
 REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
-SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head", "negatives-0.5": "no-existence-head",
-              "negatives-0.5-lesion-dice": "no-existence-head"}
+SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head", "negatives-0.2": "no-existence-head",
+              "empty-target-dice": "no-existence-head", "gate-lr-10": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -89,12 +91,13 @@ def run_one(row: str, seed: int, out: Path) -> None:
     # the reserve these runs were made with (the demo's default is now 1.5: they ended at 15.2-15.4 minutes)
     cfg = DemoConfig(out=str(out), eval_reserve_minutes=1.0, **overrides.pop("demo", {}))
     loss = dataclasses.replace(cfg.train.loss, **overrides.pop("loss", {}))
+    optim = dataclasses.replace(cfg.train.optim, **overrides.pop("optim", {}))
     if row == "fp32":
         overrides["existence_head"] = False
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model,
-                                                             loss=loss))
+                                                             loss=loss, optim=optim))
     steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
     if row in SAME_STEPS and steps_of.is_file():  # a step schedule over those steps, no time limit
         optim = dataclasses.replace(cfg.train.optim, max_steps=json.loads(steps_of.read_text())["train_summary"]["step"])
@@ -238,31 +241,46 @@ def report(cache: Path, rescore: bool = True, name: str = "demo-ablations", refi
     ablated = [row for row in runs if row != "full"]
     lines = ["# The demo over seeds" + (", and the paper's ablations with the demo's recipe" if ablated else ""), "",
              f"Made by `{command_line()}` from the runs in `{cache.relative_to(ROOT) if cache.is_relative_to(ROOT) else cache}`.",
-             "Each run is `lsms demo` (15-minute budget, test split, 10 held-out patients) with one model switch; "
-             "two runs shared the 2-core machine at a time (one thread each), so every run is a demo on a loaded "
-             f"machine. The rows {', '.join(f'`{r}`' for r in SAME_STEPS)} ran for the steps the same seed's "
-             "`no-existence-head` run made in its 15 minutes (a step schedule, no time limit): compared at equal "
-             "steps whatever the load. Dice / ref. acc. are over the expressions of lesions; existence over "
+             "Each run is `lsms demo` (15-minute budget, test split, 10 held-out patients) with one model switch, "
+             "with the threads and beside the machine's load its row gives (`--jobs` runs at a time). "
+             + same_steps_sentence(runs) + "Dice / ref. acc. are over the expressions of lesions; existence over "
              "lesions and negative sentences (the test split's 235-238: one of each kind per slice), at the "
              "thresholds chosen on val, re-scored with today's data and code; 'held-out wording' is the same test "
              "split reworded with `phrasings-heldout.yaml`.", ""]
     if "full" in runs:
         lines += ["## The demo (`make demo`) over seeds", "", "| seed | " + " | ".join(lab for _, lab in COLUMNS) +
-                  " | CPU min | load (1 min) |", "|---" * (len(COLUMNS) + 3) + "|"]
+                  " | threads | CPU min | load (1 min) |", "|---" * (len(COLUMNS) + 4) + "|"]
         for r in sorted(runs["full"], key=lambda r: r["seed"]):
             b = r["bench"]
             lines.append(f"| {r['seed']} | " + " | ".join(fmt(_get(r["metrics"], k)) for k, _ in COLUMNS) +
-                         f" | {b.get('cpu_s', 0) / 60:.1f} | {b.get('load_start', [0])[0]:.1f}-{b.get('load_end', [0])[0]:.1f} |")
+                         f" | {b.get('threads') or '–'} | {b.get('cpu_s', 0) / 60:.1f} | "
+                         f"{b.get('load_start', [0])[0]:.1f}-{b.get('load_end', [0])[0]:.1f} |")
         st = table["full"]
-        lines.append("| **mean** | " + " | ".join(fmt((st[k] or {}).get("mean")) for k, _ in COLUMNS) + " | | |")
+        whole = {"train_summary.step"}  # counts: no decimals
+        lines.append("| **mean** | " + " | ".join(
+            "–" if not st[k] else fmt(round(st[k]["mean"]) if k in whole else st[k]["mean"]) for k, _ in COLUMNS)
+            + " | | | |")
         lines.append("| min-max | " + " | ".join(
-            "–" if not st[k] else f"{st[k]['min']:.3f}-{st[k]['max']:.3f}" for k, _ in COLUMNS) + " | | |")
+            "–" if not st[k] else f"{fmt(st[k]['min'])}-{fmt(st[k]['max'])}" for k, _ in COLUMNS) + " | | | |")
         lines.append("")
     lines += existence_lines(runs)
     if ablated:
         lines += ablation_lines(runs, table)
     write_atomic(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def same_steps_sentence(runs: dict[str, list[dict]]) -> str:
+    """How the rows of :data:`SAME_STEPS` there are were budgeted: at the steps of their reference row's run of
+    the same seed where it was there first, else with the 15-minute budget."""
+    def sentence(rows: list[str], how: str) -> str:
+        return f"The row{'s' * (len(rows) > 1)} {', '.join(f'`{r}`' for r in rows)} ran {how}. " if rows else ""
+
+    timed = [r for r in SAME_STEPS if r in runs and SAME_STEPS[r] not in runs]
+    stepped = "".join(sentence([r], f"for the steps the same seed's `{SAME_STEPS[r]}` run made in its 15 minutes (a "
+                                    "step schedule, no time limit): compared at equal steps whatever the load")
+                      for r in SAME_STEPS if r in runs and SAME_STEPS[r] in runs)
+    return stepped + sentence(timed, "with the 15-minute budget, as `make demo` does: the steps depend on the load")
 
 
 def existence_lines(runs: dict[str, list[dict]]) -> list[str]:
