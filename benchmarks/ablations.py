@@ -8,9 +8,11 @@
 
 Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
 calibration and test-split evaluation in both wordings) with one model switch (docs/model.md, "Ablations"),
-in CACHE/<row>/seed<k>/ (a demo report folder). The rows of :data:`SAME_STEPS` (the demo itself among them)
-run for the steps the same seed's ``no-existence-head`` run made in its 15 minutes, as a step schedule without
-a time limit: the comparison is at equal steps, whatever the machine's load. A finished run (its ``metrics.json``) is reused. With
+in CACHE/<row>/seed<k>/ (a demo report folder). The rows of :data:`SAME_STEPS` run for the steps the same
+seed's run of their reference row made in its 15 minutes, where that run is there first, as a step schedule
+without a time limit: the comparison is at equal steps, whatever the machine's load (the demo and the demo
+without the head refer to each other: whichever runs first has the 15-minute budget; ``bench.json`` records
+which). A finished run (its ``metrics.json``) is reused. With
 ``--jobs 2`` two runs share the machine, one thread each: the demo calibrates its step time under that
 load. Each run also writes ``bench.json``: its CPU seconds and the machine's load average.
 
@@ -62,7 +64,7 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 # the row a row is compared with at the same seeds (default "full")
 REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
-SAME_STEPS = {"full": "no-existence-head", "fp32": "no-existence-head", "negatives-0.2": "no-existence-head",
+SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head", "negatives-0.2": "no-existence-head",
               "empty-target-dice": "no-existence-head", "gate-lr-10": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
@@ -99,7 +101,8 @@ def run_one(row: str, seed: int, out: Path) -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model,
                                                              loss=loss, optim=optim))
     steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
-    if row in SAME_STEPS and steps_of.is_file():  # a step schedule over those steps, no time limit
+    same_steps_as = SAME_STEPS[row] if row in SAME_STEPS and steps_of.is_file() else None
+    if same_steps_as:  # a step schedule over those steps, no time limit
         optim = dataclasses.replace(cfg.train.optim, max_steps=json.loads(steps_of.read_text())["train_summary"]["step"])
         cfg = dataclasses.replace(cfg, epochs=1000, budget_minutes=10 * cfg.budget_minutes,
                                   train=dataclasses.replace(cfg.train, optim=optim))
@@ -109,7 +112,8 @@ def run_one(row: str, seed: int, out: Path) -> None:
     run_demo(cfg)
     write_json(out / "bench.json", {"row": row, "seed": seed, "cpu_s": time.process_time() - cpu,
                                     "wall_s": time.perf_counter() - wall, "load_start": load,
-                                    "load_end": os.getloadavg(), "threads": os.environ.get("OMP_NUM_THREADS")})
+                                    "load_end": os.getloadavg(), "threads": os.environ.get("OMP_NUM_THREADS"),
+                                    "same_steps_as": same_steps_as})
 
 
 def launch(row: str, seed: int, cache: Path, threads: int) -> None:
@@ -272,14 +276,20 @@ def report(cache: Path, rescore: bool = True, name: str = "demo-ablations", refi
 
 def same_steps_sentence(runs: dict[str, list[dict]]) -> str:
     """How the rows of :data:`SAME_STEPS` there are were budgeted: at the steps of their reference row's run of
-    the same seed where it was there first, else with the 15-minute budget."""
+    the same seed (as each run's ``bench.json`` records; for runs older than that record, where the reference's
+    runs are there), else with the 15-minute budget."""
     def sentence(rows: list[str], how: str) -> str:
         return f"The row{'s' * (len(rows) > 1)} {', '.join(f'`{r}`' for r in rows)} ran {how}. " if rows else ""
 
-    timed = [r for r in SAME_STEPS if r in runs and SAME_STEPS[r] not in runs]
-    stepped = "".join(sentence([r], f"for the steps the same seed's `{SAME_STEPS[r]}` run made in its 15 minutes (a "
-                                    "step schedule, no time limit): compared at equal steps whatever the load")
-                      for r in SAME_STEPS if r in runs and SAME_STEPS[r] in runs)
+    def reference(row: str) -> str | None:
+        recorded = {r["bench"]["same_steps_as"] for r in runs[row] if "same_steps_as" in r["bench"]}
+        return recorded.pop() if len(recorded) == 1 else (SAME_STEPS[row] if SAME_STEPS[row] in runs else None)
+
+    rows = {r: reference(r) for r in SAME_STEPS if r in runs}
+    stepped = "".join(sentence([r], f"for the steps the same seed's `{ref}` run made in its 15 minutes (a step "
+                                    "schedule, no time limit): compared at equal steps whatever the load")
+                      for r, ref in rows.items() if ref)
+    timed = [r for r, ref in rows.items() if not ref]
     return stepped + sentence(timed, "with the 15-minute budget, as `make demo` does: the steps depend on the load")
 
 
