@@ -64,8 +64,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 # the row a row is compared with at the same seeds (default "full")
 REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
-SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head", "negatives-0.2": "no-existence-head",
-              "empty-target-dice": "no-existence-head", "gate-lr-10": "full"}
+SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
+              "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -285,11 +285,13 @@ def same_steps_sentence(runs: dict[str, list[dict]]) -> str:
         recorded = {r["bench"]["same_steps_as"] for r in runs[row] if "same_steps_as" in r["bench"]}
         return recorded.pop() if len(recorded) == 1 else (SAME_STEPS[row] if SAME_STEPS[row] in runs else None)
 
-    rows = {r: reference(r) for r in SAME_STEPS if r in runs}
-    stepped = "".join(sentence([r], f"for the steps the same seed's `{ref}` run made in its 15 minutes (a step "
-                                    "schedule, no time limit): compared at equal steps whatever the load")
-                      for r, ref in rows.items() if ref)
-    timed = [r for r, ref in rows.items() if not ref]
+    by_reference: dict[str | None, list[str]] = {}
+    for row in (r for r in SAME_STEPS if r in runs):
+        by_reference.setdefault(reference(row), []).append(row)
+    timed = by_reference.pop(None, [])
+    stepped = "".join(sentence(rows, f"for the steps the same seed's `{ref}` run made in its 15 minutes (a step "
+                                     "schedule, no time limit): compared at equal steps whatever the load")
+                      for ref, rows in by_reference.items())
     return stepped + sentence(timed, "with the 15-minute budget, as `make demo` does: the steps depend on the load")
 
 
