@@ -47,6 +47,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                           "w/o the existence head (the existence score is the highest mask probability)"),
     "negatives-0.2": ({"demo": {"negative_share": 0.2}, "loss": {"empty_target_dice": True}}, None,
                       "the recipe before: a fifth of the training slices with a negative sentence, Dice over all"),
+    "negatives-1.0": ({"demo": {"negative_share": 1.0}}, None,
+                     "a negative sentence on every training slice (the recipe: on half of them)"),
     "empty-target-dice": ({"loss": {"empty_target_dice": True}}, None,
                           "the Dice term over every sentence, those that match nothing too (the recipe: lesions only)"),
     "gate-lr-10": ({"optim": {"gate_lr_scale": 10.0}}, None,
@@ -65,7 +67,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
 REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
 SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
-              "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full"}
+              "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full",
+              "negatives-1.0": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),

@@ -335,7 +335,7 @@ def target_checks(both: dict[str, dict]) -> list[tuple[str, bool]]:
 
 def existence_table(summary: dict[str, Any]) -> str:
     """One row per existence score: the model's (the existence head's, if it has one) and, beside a head, the
-    highest mask probability."""
+    highest mask probability; then the model's score by kind of negative, where the data name the kinds."""
     keys = [("existence_threshold", "threshold (chosen on val)"), ("negative_mask_rate", "negatives with a mask"),
             ("positive_miss_rate", "positives without one"), ("Dice_positive", "Dice (positives)"),
             ("Dice_positive_at_threshold", "Dice (positives) at the threshold")]
@@ -350,9 +350,13 @@ def existence_table(summary: dict[str, Any]) -> str:
         if low is not None and high is not None:
             auroc += f" ({_fmt(low)}-{_fmt(high)})"
         rows.append(f"| {name} | {auroc} | " + " | ".join(_fmt(summary.get(k + suffix)) for k, _ in keys) + " |")
+    kinds = [k.removeprefix("n_negative_") for k in summary if k.startswith("n_negative_")]
+    by_kind = "; ".join(f"{kind} ({summary[f'n_negative_{kind}']}): AUROC {_fmt(summary.get(f'existence_AUROC_{kind}'))}, "
+                        f"{_fmt(summary.get(f'negative_mask_rate_{kind}'))} with a mask" for kind in kinds)
     return "\n".join([
         "| score | AUROC (95 % CI) | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 2) + "|", *rows,
-        "", f"{summary.get('n_positive')} positive and {summary.get('n_negative')} negative sentences."])
+        "", f"{summary.get('n_positive')} positive and {summary.get('n_negative')} negative sentences."
+        + (f" The {scores[0][1]} by kind of negative (how the sentence misses): {by_kind}." if kinds else "")])
 
 
 def write_report(report: Path, cfg: DemoConfig, train_cfg: RunConfig, data_info: dict, train_summary: dict,

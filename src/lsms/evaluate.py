@@ -133,7 +133,7 @@ def existence_metrics(records: list[dict[str, Any]], threshold: float | str | No
         if max_prob_threshold == "choose":
             max_prob_threshold = choose_existence_threshold(records, key=key)
         other = existence_summary(records, max_prob_threshold, key=key)
-        summary.update({f"{k}_max_prob": v for k, v in other.items() if k not in ("n_positive", "n_negative")})
+        summary.update({f"{k}_max_prob": v for k, v in other.items() if not k.startswith(("n_positive", "n_negative"))})
     return summary
 
 
@@ -141,8 +141,8 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any], existence: torch.T
                  ) -> list[dict[str, Any]]:
     """Per-sample metric records of a collated batch, in batch order, with each sample's ``existence`` score
     (:func:`lsms.metrics.existence_probability` of the mask logits and the existence head's logits
-    ``existence``; with the head also ``existence_max_prob``, the highest mask probability) and whether its
-    logits are all ``finite``.
+    ``existence``; with the head also ``existence_max_prob``, the highest mask probability), whether its
+    logits are all ``finite``, and for a negative expression whose record says how it misses, that ``negative`` kind.
 
     The dataset marks a record without an instance map by instances = -1 and without a referred lesion by
     target_instance = -1; such samples are scored without referring accuracy, or with the lesion under the
@@ -152,6 +152,9 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any], existence: torch.T
     finite = torch.isfinite(logits.flatten(1)).all(1).tolist()
     for r, score, ok in zip(records, existence_probability(logits, existence).tolist(), finite, strict=True):
         r["existence"], r["finite"] = score, ok
+    for r, kind in zip(records, batch.get("negative") or [""] * len(records), strict=True):
+        if kind and r["target_area"] == 0:
+            r["negative"] = kind
     if existence is not None:
         for r, score in zip(records, existence_score(logits).tolist(), strict=True):
             r["existence_max_prob"] = score

@@ -28,7 +28,8 @@ probability, or without the head the highest mask probability; docs/model.md, "N
 (negatives: the sentence describes a lesion that is not there), the ROC AUC of the score with a 95 % bootstrap
 interval, the share of
 negatives on which a mask is drawn at a threshold, the share of positives without one, and the Dice of the
-positives when masks below the threshold are withheld; :func:`choose_existence_threshold` picks the threshold
+positives when masks below the threshold are withheld, also per kind of negative where the records name it
+(``negative``: how the sentence misses); :func:`choose_existence_threshold` picks the threshold
 on a validation split (the highest that costs the positives at most half a point of Dice).
 
 Volumes (RefLiver-Synth ``volumes.jsonl``, docs/refliver-synth.md): :func:`volume_scores` scores a predicted
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypedDict, get_args
 
@@ -87,7 +89,8 @@ class SampleRecord(TypedDict):
     ``dice`` and ``iou`` are None when both the prediction and the target are empty (0/0); the empty policy
     of :func:`summarize` decides what that counts as. ``referred_hit`` is None when no instance map was given
     or the expression refers to no instance. Evaluation adds ``existence`` (float), the model's score that the
-    described lesion is present, where the model gives one.
+    described lesion is present, where the model gives one, and ``negative`` (str), how a negative expression
+    misses, where its record says so.
     """
 
     id: str | int
@@ -505,20 +508,18 @@ def existence_summary(records: Iterable[SampleRecord], threshold: float | None =
         ``existence_AUROC_low`` / ``existence_AUROC_high``, ``negative_mask_rate`` (negatives with a mask drawn),
         ``positive_miss_rate`` (positives without one), ``Dice_positive`` and ``Dice_positive_at_threshold``
         (mean Dice over positives, without and with the withholding), ``existence_threshold``, ``n_positive``,
-        ``n_negative``.
+        ``n_negative``; and for each kind ``K`` of negative the records name (their ``negative`` field: how the
+        sentence misses, e.g. RefLiver-Synth's ``type``, ``location``, ``relation``) ``existence_AUROC_K`` (its
+        negatives against every positive), ``negative_mask_rate_K`` and ``n_negative_K``.
     """
     t = floor if threshold is None else float(threshold)
     pos, neg = _split_by_target(records, key)
-    auroc = low = high = None
-    if pos and neg:
-        from scipy.stats import mannwhitneyu  # deferred on purpose: SciPy is only needed here
-
-        u = mannwhitneyu([r[key] for r in pos], [r[key] for r in neg]).statistic
-        auroc = float(u) / (len(pos) * len(neg))  # P(score of a positive > score of a negative), ties count 1/2
-        if len(pos) > 1 and len(neg) > 1:
-            low, high = auroc_interval([r[key] for r in pos], [r[key] for r in neg])
+    auroc = _auroc(pos, neg, key)
+    low = high = None
+    if auroc is not None and len(pos) > 1 and len(neg) > 1:
+        low, high = auroc_interval([r[key] for r in pos], [r[key] for r in neg])
     dice = [r["dice"] or 0.0 for r in pos]
-    return {
+    summary: dict[str, float | int | None] = {
         "existence_AUROC": auroc,
         "existence_AUROC_low": low,
         "existence_AUROC_high": high,
@@ -530,6 +531,22 @@ def existence_summary(records: Iterable[SampleRecord], threshold: float | None =
         "n_positive": len(pos),
         "n_negative": len(neg),
     }
+    for kind in sorted({r["negative"] for r in neg if r.get("negative")}):
+        of_kind = [r for r in neg if r.get("negative") == kind]
+        name = re.sub(r"\W", "_", kind)
+        summary[f"existence_AUROC_{name}"] = _auroc(pos, of_kind, key)
+        summary[f"negative_mask_rate_{name}"] = _mean([float(_drawn(r, t, key)) for r in of_kind])
+        summary[f"n_negative_{name}"] = len(of_kind)
+    return summary
+
+
+def _auroc(pos: list[SampleRecord], neg: list[SampleRecord], key: str) -> float | None:
+    """P(score of a positive > score of a negative), ties counting 1/2; None without both."""
+    if not pos or not neg:
+        return None
+    from scipy.stats import mannwhitneyu  # deferred on purpose: SciPy is only needed here
+
+    return float(mannwhitneyu([r[key] for r in pos], [r[key] for r in neg]).statistic) / (len(pos) * len(neg))
 
 
 def choose_existence_threshold(records: Iterable[SampleRecord], max_dice_loss: float = MAX_DICE_LOSS,

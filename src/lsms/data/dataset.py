@@ -11,6 +11,7 @@ Every item is a dict that PyTorch's default collation can batch:
 | ``text`` | str | the expression at ``text_level`` (possibly with left/right swapped by a flip) |
 | ``coords`` | float32 (2, H, W) | only with spatial augmentation: (x, y) in [-1, 1] of each pixel in the whole image |
 | ``id`` | str | record id |
+| ``negative`` | str | how a negative expression misses (the manifest's ``negative`` field, e.g. ``type``); else ``""`` |
 | ``skipped`` | str | ids of bad samples this item stands in for (``on_error="skip"``), comma-joined; else ``""`` |
 
 Tokenisation happens in :class:`Collator`, at batch time.
@@ -129,7 +130,7 @@ class SegmentationDataset(Dataset):
             inst = torch.full(prep.image_size, -1, dtype=torch.int64)
             target = -1
         item = {"image": x.float(), "mask": m[None].float(), "instances": inst, "target_instance": target,
-                "text": text, "id": r.id, "skipped": ""}
+                "text": text, "id": r.id, "negative": str(r.extra.get("negative") or ""), "skipped": ""}
         if self.augmentation is not None:
             view = draw(self.augmentation, self.epoch, index, x, m, inst, text)
             item.update(image=view.image.float(), mask=view.mask[None].float(), instances=view.instances, text=view.text)
@@ -192,7 +193,7 @@ class Collator:
 
     Returns (when called):
         ``image`` (B, C, H, W), ``mask`` (B, 1, H, W), ``instances`` (B, H, W), ``target_instance`` (B,),
-        ``text``/``id``/``skipped`` lists, ``coords`` (B, 2, H, W) when the items have them, and with a tokenizer ``input_ids``/``attention_mask`` (B, T) and
+        ``text``/``id``/``negative``/``skipped`` lists, ``coords`` (B, 2, H, W) when the items have them, and with a tokenizer ``input_ids``/``attention_mask`` (B, T) and
         ``truncated`` (B,).
     """
 
@@ -209,6 +210,7 @@ class Collator:
             "target_instance": torch.tensor([it["target_instance"] for it in items], dtype=torch.int64),
             "text": [it["text"] for it in items],
             "id": [it["id"] for it in items],
+            "negative": [it.get("negative", "") for it in items],
             "skipped": [it.get("skipped", "") for it in items],
         }
         if "coords" in items[0]:
