@@ -55,8 +55,19 @@ def test_slice_existence_weights_the_choice():
     existence = np.array([0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1])
     answer = assemble(prob, existence, 0.5, None)
     assert np.array_equal(answer.mask, b) and answer.score == pytest.approx(0.9)
-    answer = assemble(prob, np.full(8, 0.5), 0.5, None)  # equal existence: the integrated probability decides
+    answer = assemble(prob, np.full(8, 0.5), 0.5, None)  # equal existence and probability: the first in scan order
     assert np.array_equal(answer.mask, a)
+
+
+def test_a_large_faint_component_loses_to_a_small_sure_one():
+    """The score is the component's best slice, not a sum over its voxels: size and length do not count."""
+    prob, a, b = _blobs()
+    a[0:4, 2:8, 2:8] = True  # 144 voxels at 0.7 (100.8 summed) against b's 48 at 0.9 (43.2)
+    prob[a], prob[b] = 0.7, 0.9
+    answer = assemble(prob, np.full(8, 0.8), 0.5, None)
+    assert np.array_equal(answer.mask, b) and answer.kept == 1
+    prob[b] = 0.65  # now a is the surer one
+    assert np.array_equal(assemble(prob, np.full(8, 0.8), 0.5, None).mask, a)
 
 
 def test_components_touching_diagonally_across_slices_are_one_lesion():

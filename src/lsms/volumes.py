@@ -8,15 +8,19 @@ answer for the volume (``mode="3d"``, the default of ``lsms predict``):
 2. **Lesions.** The candidates' 3D connected components (``scipy.ndimage.label``, 26-connectivity: voxels
    touching by a face, an edge or a corner are one lesion, so a lesion whose outline shifts between thick
    slices stays one).
-3. **Which lesion the sentence refers to.** Each component ``c`` scores the probability it holds, each slice
-   weighted by that slice's existence score ``e_z`` (:func:`lsms.metrics.existence_probability`: the existence
-   head's probability, or the highest mask probability for a model without the head)::
+3. **Which lesion the sentence refers to.** Each component ``c`` is scored by its best slice: on each slice ``z``
+   it spans, the slice's existence score ``e_z`` (:func:`lsms.metrics.existence_probability`: the existence
+   head's probability, or the highest mask probability for a model without the head) times the mean
+   probability of the component's pixels there::
 
-       score(c) = sum over voxels v = (z, y, x) of c of  e_z * p(v)
+       score(c) = max over slices z of  e_z * mean of p(v) over the voxels v of c on slice z
 
-   ``e_z * p(v)`` reads as the chance that voxel ``v`` is the lesion the sentence names (the lesion is on slice
-   ``z``, and ``v`` is part of it), so ``score(c)`` is the expected number of the referred lesion's voxels in
-   ``c``. The component with the highest score is kept (a tie: the first in scan order); the others are dropped.
+   ``e_z`` reads as the chance that the named lesion is on slice ``z`` and the mean probability as how surely
+   the component's pixels there are it, so ``score(c)`` is the component's clearest single view as the named
+   lesion. The component with the highest score is kept (a tie: the first in scan order); the others are
+   dropped. The score does not grow with a component's size or length: a sum of ``e_z * p(v)`` over its voxels
+   (the rule before) let a large or long structure that the model marks faintly on many slices (another
+   lesion, the gallbladder) outweigh the named lesion (docs/volumes.md, measured).
 4. **Is it there at all?** The volume's existence score is the highest ``e_z`` over the slices the kept
    component spans (with no component at all: over every slice; :func:`lsms.metrics.volume_existence`). Below
    ``existence_threshold`` the described lesion is "not found" and the mask is withheld (empty), as for a 2D
@@ -110,7 +114,9 @@ def assemble(probability: np.ndarray, existence: np.ndarray, threshold: float = 
         lab = labels[z]
         inside = lab > 0
         if inside.any():
-            scores += existence[z] * np.bincount(lab[inside], weights=probability[z][inside], minlength=n + 1)
+            mass = np.bincount(lab[inside], weights=probability[z][inside], minlength=n + 1)
+            area = np.bincount(lab[inside], minlength=n + 1)
+            scores = np.maximum(scores, existence[z] * mass / np.maximum(area, 1))
     best = int(np.argmax(scores[1:])) + 1
     span = ndimage.find_objects(labels, max_label=best)[best - 1][0]  # the slices the component spans
     score = volume_existence(existence[span])
