@@ -47,7 +47,7 @@ def test_evaluation_reports_existence_at_the_saved_threshold(run):
     assert all(0.0 <= r["existence"] <= 1.0 for r in records.values())
     # the manifest's kind of each negative reaches its record and the summary's per-kind figures
     assert sorted(r.get("negative", "") for r in records.values()) == [""] * 6 + ["type"] * 3
-    assert s["n_negative_type"] == 3 and s["existence_AUROC_type"] == s["existence_AUROC"]
+    assert s["n_negative_of_type"] == 3 and s["existence_AUROC_of_type"] == s["existence_AUROC"]
     # a record's score is the highest probability of its logits
     predictor = Predictor.from_checkpoint(out, device="cpu", prefer="last")
     from lsms.data import load_samples, read_image

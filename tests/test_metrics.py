@@ -276,13 +276,14 @@ def test_existence_summary_per_kind_of_negative():
     records = [{**r, "negative": kinds[r["id"]]} if r["id"] in kinds else r for r in HAND]
     s = existence_summary(records)
     # type: n1 (0.8) and n3 (0.6) against p1 0.9, p2 0.7, p3 0.4: the positive higher in 2 + 1 of 6 pairs
-    assert s["existence_AUROC_type"] == pytest.approx(3 / 6) and s["n_negative_type"] == 2
-    assert s["existence_AUROC_location"] == 1.0 and s["n_negative_location"] == 1  # n2 0.3: below every positive
-    assert s["negative_mask_rate_type"] == 1.0 and s["negative_mask_rate_location"] == 0.0
+    assert s["existence_AUROC_of_type"] == pytest.approx(3 / 6) and s["n_negative_of_type"] == 2
+    assert s["existence_AUROC_of_location"] == 1.0 and s["n_negative_of_location"] == 1  # n2 0.3: below every positive
+    assert s["negative_mask_rate_of_type"] == 1.0 and s["negative_mask_rate_of_location"] == 0.0
     assert s["existence_AUROC"] == pytest.approx(6 / 9)  # the whole is unchanged
-    assert not any(k.endswith("_type") for k in existence_summary(HAND))  # no kinds named: no per-kind keys
-    odd = existence_summary([{**records[0]}, {**records[3], "negative": "off slice"}])
-    assert "existence_AUROC_off_slice" in odd  # a kind becomes a safe key
+    assert not any("_of_" in k for k in existence_summary(HAND))  # no kinds named: no per-kind keys
+    odd = existence_summary([{**records[0]}, {**records[3], "negative": "low"}, {**records[4], "negative": "off slice"}])
+    assert "existence_AUROC_of_off_slice" in odd  # a kind becomes a safe key
+    assert odd["existence_AUROC_low"] is None and odd["existence_AUROC_of_low"] == 1.0  # and never overwrites one
 
 
 def test_choose_existence_threshold_hand_case():

@@ -350,9 +350,10 @@ def existence_table(summary: dict[str, Any]) -> str:
         if low is not None and high is not None:
             auroc += f" ({_fmt(low)}-{_fmt(high)})"
         rows.append(f"| {name} | {auroc} | " + " | ".join(_fmt(summary.get(k + suffix)) for k, _ in keys) + " |")
-    kinds = [k.removeprefix("n_negative_") for k in summary if k.startswith("n_negative_")]
-    by_kind = "; ".join(f"{kind} ({summary[f'n_negative_{kind}']}): AUROC {_fmt(summary.get(f'existence_AUROC_{kind}'))}, "
-                        f"{_fmt(summary.get(f'negative_mask_rate_{kind}'))} with a mask" for kind in kinds)
+    kinds = [k.removeprefix("n_negative_of_") for k in summary if k.startswith("n_negative_of_")]
+    by_kind = "; ".join(f"{kind} ({summary[f'n_negative_of_{kind}']}): AUROC "
+                        f"{_fmt(summary.get(f'existence_AUROC_of_{kind}'))}, "
+                        f"{_fmt(summary.get(f'negative_mask_rate_of_{kind}'))} with a mask" for kind in kinds)
     return "\n".join([
         "| score | AUROC (95 % CI) | " + " | ".join(k[1] for k in keys) + " |", "|---" * (len(keys) + 2) + "|", *rows,
         "", f"{summary.get('n_positive')} positive and {summary.get('n_negative')} negative sentences."

@@ -509,8 +509,8 @@ def existence_summary(records: Iterable[SampleRecord], threshold: float | None =
         ``positive_miss_rate`` (positives without one), ``Dice_positive`` and ``Dice_positive_at_threshold``
         (mean Dice over positives, without and with the withholding), ``existence_threshold``, ``n_positive``,
         ``n_negative``; and for each kind ``K`` of negative the records name (their ``negative`` field: how the
-        sentence misses, e.g. RefLiver-Synth's ``type``, ``location``, ``relation``) ``existence_AUROC_K`` (its
-        negatives against every positive), ``negative_mask_rate_K`` and ``n_negative_K``.
+        sentence misses, e.g. RefLiver-Synth's ``type``, ``location``, ``relation``) ``existence_AUROC_of_K`` (its
+        negatives against every positive), ``negative_mask_rate_of_K`` and ``n_negative_of_K``.
     """
     t = floor if threshold is None else float(threshold)
     pos, neg = _split_by_target(records, key)
@@ -534,9 +534,9 @@ def existence_summary(records: Iterable[SampleRecord], threshold: float | None =
     for kind in sorted({r["negative"] for r in neg if r.get("negative")}):
         of_kind = [r for r in neg if r.get("negative") == kind]
         name = re.sub(r"\W", "_", kind)
-        summary[f"existence_AUROC_{name}"] = _auroc(pos, of_kind, key)
-        summary[f"negative_mask_rate_{name}"] = _mean([float(_drawn(r, t, key)) for r in of_kind])
-        summary[f"n_negative_{name}"] = len(of_kind)
+        summary[f"existence_AUROC_of_{name}"] = _auroc(pos, of_kind, key)
+        summary[f"negative_mask_rate_of_{name}"] = _mean([float(_drawn(r, t, key)) for r in of_kind])
+        summary[f"n_negative_of_{name}"] = len(of_kind)
     return summary
 
 
