@@ -76,12 +76,14 @@ def _inputs(backend, batch: int, texts=("the round lesion on the left side", "th
 
 
 def _assert_parity(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Logits within 2e-4 of the logit range (these random networks reach |logit| ~ 4, and PyTorch itself
+    """Logits within 5e-4 of the logit range (these random networks reach |logit| ~ 4, and PyTorch itself
     differs by ~1e-4 between batch sizes; GroupNorm blocks, normalising each sample by its own statistics, carry
-    rounding a little further than BatchNorm's fixed ones: 1.2e-4 seen); masks (probability > 0.5) identical wherever the logit is not within
-    that of 0 (an untrained network has pixels at |logit| ~ 1e-7, where any rounding decides)."""
+    rounding a little further than BatchNorm's fixed ones: 1.2e-4 seen on a CPU with AVX-512 BF16; on an AMD EPYC
+    without it PyTorch's batch of 5 differs from its batches of 1 by up to 1.6e-4 of the range and ONNX Runtime
+    from PyTorch by up to 4.2e-4); masks (probability > 0.5) identical wherever the logit is not within that of 0
+    (an untrained network has pixels at |logit| ~ 1e-7, where any rounding decides)."""
     assert a.shape == b.shape
-    tol = 2e-4 * max(1.0, float(b.abs().max()))
+    tol = 5e-4 * max(1.0, float(b.abs().max()))
     assert float((a - b).abs().max()) <= tol
     decided = b.abs() > tol
     assert torch.equal((a > 0)[decided], (b > 0)[decided])
@@ -156,7 +158,7 @@ def test_onnx_dynamic_batch_other_size_and_token_count(tiny_ckpt, tmp_path):
     assert metadata.spec.image_size == (96, 96) and metadata.spec.max_tokens == 12
     backend, reference = load_backend(out), load_backend(tiny_ckpt, device="cpu")
     assert backend.tokenizer.max_tokens == 12
-    image = torch.randn(5, 1, 96, 96)
+    image = torch.randn(5, 1, 96, 96, generator=torch.Generator().manual_seed(0))
     tok = backend.tokenize(["a", "the round lesion on the left side of the image, the larger one"] * 2 + ["b"])
     assert tok["input_ids"].shape == (5, 12)
     _assert_parity(backend(image, tok["input_ids"], tok["attention_mask"]),
