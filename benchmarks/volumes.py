@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lsms.evaluate import evaluate_checkpoint, evaluate_volumes
+from lsms.metrics import bands_in_order
 
 from common import RESULTS, command_line, machine, write_atomic, write_json
 
@@ -70,6 +71,15 @@ def markdown(rows: list[dict[str, Any]], run: str, data: str) -> str:
                 f"{f(s.get('referring_accuracy_multi'))} ({s.get('n_referring_multi')}) | "
                 f"{f(s.get('existence_AUROC'))} [{f(s.get('existence_AUROC_low'))}, {f(s.get('existence_AUROC_high'))}] | "
                 f"{f(s.get('negative_mask_rate'))} | {cpu:.0f} |")
+    lines += ["", "By the referred lesion's largest 3D diameter (2D row: its diameter on the slice): referring accuracy on "
+              "volumes (slices) with 2+ lesions (n), Dice of the sentences that refer to a lesion of that size (n).", "",
+              "| split | answer | " + " | ".join(bands_in_order()) + " |", "|---|---|" + "---|" * len(bands_in_order())]
+    for r in rows:
+        for key, s in [*((names[k], v) for k, v in r["volumes"].items()), ("2D slices", r["slices_2d"])]:
+            cells = [f"{f(s.get(f'referring_accuracy_multi_of_size_{b}'), 2)} ({s.get(f'n_referring_multi_of_size_{b}', 0)}), "
+                     f"Dice {f(s.get(f'Dice_positive_of_size_{b}'), 2)} ({s.get(f'n_positive_of_size_{b}', 0)})"
+                     for b in bands_in_order()]
+            lines.append(f"| {r['split']} | {key} | " + " | ".join(cells) + " |")
     loads = ", ".join(f"{r['load_after']:.1f}" for r in rows)
     lines += ["", f"Load average after each split: {loads}.", "",
               f"Made by `{command_line()}`.", ""]

@@ -368,3 +368,52 @@ def test_volume_scores_refuse_bad_input():
     assert volume_existence([0.1, 0.7, 0.3]) == pytest.approx(0.7) and volume_existence([]) == 0.0
     with pytest.raises(ValueError, match="finite"):
         volume_existence([0.1, float("nan")])
+
+
+def test_summarize_by_size_of_the_referred_lesion():
+    from lsms.metrics import bands_in_order, size_band
+
+    assert bands_in_order() == ["lt15mm", "15-25mm", "25-35mm", "ge35mm"]
+    assert [size_band(d) for d in (3.0, 15.0, 24.9, 35.0, 80.0)] == ["lt15mm", "15-25mm", "15-25mm", "ge35mm", "ge35mm"]
+
+    def rec(i, dice, hit, n_instances, diameter=None):
+        r = {"id": i, "dice": dice, "iou": dice, "intersection": 1, "union": 2, "pred_area": 1, "target_area": 1,
+             "n_instances": n_instances, "referred_hit": hit}
+        return r if diameter is None else {**r, "diameter_mm": diameter}
+
+    negative = {**rec("n", None, None, 2), "target_area": 0, "union": 0, "intersection": 0, "pred_area": 0}
+    records = [rec("a", 0.9, True, 2, 40.0), rec("b", 0.5, False, 3, 10.0), rec("c", 0.7, True, 1, 12.0),
+               rec("d", 0.2, True, 2, 50.0), negative]
+    s = summarize(records)
+    assert s["Dice_positive_of_size_lt15mm"] == pytest.approx(0.6) and s["n_positive_of_size_lt15mm"] == 2
+    assert s["referring_accuracy_multi_of_size_lt15mm"] == 0.0 and s["n_referring_multi_of_size_lt15mm"] == 1  # c: 1 lesion
+    assert s["referring_accuracy_multi_of_size_ge35mm"] == 1.0 and s["n_referring_multi_of_size_ge35mm"] == 2
+    assert s["Dice_positive_of_size_ge35mm"] == pytest.approx(0.55)
+    assert not any("15-25mm" in k or "25-35mm" in k for k in s)  # bands without a lesion get no keys
+    assert s["Dice"] == summarize([{k: v for k, v in r.items() if k != "diameter_mm"} for r in records])["Dice"]
+    assert not any("_of_size_" in k for k in summarize([rec("e", 0.9, True, 2)]))  # no diameters: no keys
+
+
+def test_record_diameter_is_the_stated_one_of_a_positive():
+    from lsms.data.manifest import Record
+
+    def record(target, attributes):
+        return Record("x", "i.png", "m.png", "t", "val", target_instance=target, attributes=attributes)
+
+    assert record(1, {"diameter_mm": 27.4}).diameter_mm == 27.4
+    assert record(None, {"diameter_mm": 12}).diameter_mm == 12.0  # no instance map: still the stated lesion's
+    assert record(0, {"diameter_mm": 27.4}).diameter_mm is None  # a negative refers to no lesion
+    for odd in (None, {}, {"diameter_mm": "27 mm"}, {"diameter_mm": True}, {"diameter_mm": float("nan")},
+                {"diameter_mm": -3.0}):
+        assert record(1, odd).diameter_mm is None
+
+
+def test_batch_scores_carry_the_referred_lesions_diameter_of_positives_only():
+    from lsms.evaluate import batch_scores
+
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, 2:5, 2:5] = 1  # the second sample is a negative (empty target)
+    batch = {"mask": mask, "id": ["p", "n"], "diameter_mm": [12.0, 30.0]}
+    records = batch_scores(torch.zeros(2, 1, 8, 8), batch)
+    assert records[0]["diameter_mm"] == 12.0 and "diameter_mm" not in records[1]
+    assert all("diameter_mm" not in r for r in batch_scores(torch.zeros(2, 1, 8, 8), {**batch, "diameter_mm": [float("nan")] * 2}))

@@ -447,6 +447,9 @@ def test_evaluate_volumes_scores_a_perfect_answer_one_in_both_modes(ckpt, volume
         assert s["n_images"] == len(records) and len(result["records"][mode]) == len(records)
         assert s["Dice"] == 1.0 and s["referring_accuracy_multi"] == 1.0
         assert s["existence_AUROC"] == 1.0 and s["n_negative"] == negatives
+        by_size = [k for k in s if k.startswith("n_positive_of_size_")]  # every positive in one size band
+        assert by_size and sum(s[k] for k in by_size) == len(records) - negatives
+        assert all(s[k.replace("n_positive", "Dice_positive")] == 1.0 for k in by_size)
 
 
 def test_evaluate_volumes_cli_writes_both_modes_and_repeats_itself(ckpt, volume_data, tmp_path, capsys):

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -155,6 +156,9 @@ def batch_scores(logits: torch.Tensor, batch: dict[str, Any], existence: torch.T
     for r, kind in zip(records, batch.get("negative") or [""] * len(records), strict=True):
         if kind and r["target_area"] == 0:
             r["negative"] = kind
+    for r, diameter in zip(records, batch.get("diameter_mm") or [math.nan] * len(records), strict=True):
+        if math.isfinite(diameter) and r["target_area"] > 0:  # NaN: the record states none
+            r["diameter_mm"] = float(diameter)
     if existence is not None:
         for r, score in zip(records, existence_score(logits).tolist(), strict=True):
             r["existence_max_prob"] = score
@@ -265,7 +269,8 @@ def evaluate_volumes(run_or_checkpoint: str | Path, data: str | Path, split: str
             for mode in modes:
                 answer = assemble(prob, existence, predictor.threshold, None, mode)
                 records[mode].append({**volume_scores(answer.mask, instances, r.target_instance or 0, r.id),
-                                      "existence": answer.score, "components": answer.components})
+                                      "existence": answer.score, "components": answer.components,
+                                      **({"diameter_mm": d} if (d := r.diameter_mm) is not None else {})})
     summary = {mode: {**summarize(rs), **existence_metrics(rs, predictor.existence_threshold)}
                for mode, rs in records.items()}
     return {"summary": summary, "records": records, "checkpoint": str(run_or_checkpoint)}

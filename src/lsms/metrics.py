@@ -78,6 +78,7 @@ __all__ = [
 EmptyPolicy = Literal["one", "skip"]
 PredKind = Literal["logits", "probs", "mask"]
 IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+SIZE_BANDS_MM: tuple[float, ...] = (15.0, 25.0, 35.0)  # edges of the by-size keys: < 15, 15-25, 25-35, >= 35 mm
 # the scores :func:`summarize` reports (higher is better): what a run may pick its best checkpoint by
 SCORE_NAMES: tuple[str, ...] = ("Dice", "mIoU", "oIoU", *(f"P@{t:g}" for t in IOU_THRESHOLDS), "referring_accuracy",
                                 "referring_accuracy_multi")
@@ -90,7 +91,8 @@ class SampleRecord(TypedDict):
     of :func:`summarize` decides what that counts as. ``referred_hit`` is None when no instance map was given
     or the expression refers to no instance. Evaluation adds ``existence`` (float), the model's score that the
     described lesion is present, where the model gives one, and ``negative`` (str), how a negative expression
-    misses, where its record says so.
+    misses, where its record says so, and ``diameter_mm`` (float), the referred lesion's largest diameter, where
+    its record says so (RefLiver-Synth's ``attributes.diameter_mm``).
     """
 
     id: str | int
@@ -275,7 +277,10 @@ def summarize(
         ``Dice``, ``mIoU``, ``oIoU`` (sum I / sum U; under ``"one"``, 1.0 when every scored image is empty in
         both), ``P@t`` for each threshold, ``referring_accuracy``, ``referring_accuracy_multi``, and the counts
         ``n_images`` (after de-duplication), ``n_scored`` (images in the means), ``n_empty_target``,
-        ``n_empty_prediction``, ``n_both_empty``, ``n_referring``, ``n_referring_multi``, plus ``empty_policy``.
+        ``n_empty_prediction``, ``n_both_empty``, ``n_referring``, ``n_referring_multi``, plus ``empty_policy``;
+        where records give the referred lesion's ``diameter_mm``, the same by size band (:func:`size_band`):
+        ``Dice_positive_of_size_B`` (mean Dice of the sentences that refer to a lesion of band ``B``),
+        ``referring_accuracy_multi_of_size_B``, ``n_positive_of_size_B`` and ``n_referring_multi_of_size_B``.
     """
     _check_choice("empty_policy", empty_policy, get_args(EmptyPolicy))
     seen: set[str | int] = set()
@@ -321,7 +326,33 @@ def summarize(
             "empty_policy": empty_policy,
         }
     )
+    sized = [r for r in unique if r.get("diameter_mm") is not None and r["target_area"] > 0]
+    bands = [size_band(r["diameter_mm"]) for r in sized]
+    for band in sorted(set(bands), key=bands_in_order().index):
+        of_band = [r for r, b in zip(sized, bands, strict=True) if b == band]
+        multi = [float(r["referred_hit"]) for r in of_band if r["referred_hit"] is not None and r["n_instances"] >= 2]
+        summary[f"Dice_positive_of_size_{band}"] = _mean([r["dice"] for r in of_band])
+        summary[f"referring_accuracy_multi_of_size_{band}"] = _mean(multi)
+        summary[f"n_positive_of_size_{band}"] = len(of_band)
+        summary[f"n_referring_multi_of_size_{band}"] = len(multi)
     return summary
+
+
+def size_band(diameter_mm: float, edges: Sequence[float] = SIZE_BANDS_MM) -> str:
+    """The name of the size band of a lesion ``diameter_mm`` across: ``lt15mm``, ``15-25mm``, ``25-35mm``,
+    ``ge35mm`` for the default ``edges`` (a diameter on an edge belongs to the band above it)."""
+    if diameter_mm < edges[0]:
+        return f"lt{edges[0]:g}mm"
+    for low, high in zip(edges, edges[1:]):
+        if diameter_mm < high:
+            return f"{low:g}-{high:g}mm"
+    return f"ge{edges[-1]:g}mm"
+
+
+def bands_in_order(edges: Sequence[float] = SIZE_BANDS_MM) -> list[str]:
+    """:func:`size_band`'s names from the smallest lesions up."""
+    return [size_band(e, edges) for e in (edges[0] - 1, *edges)]
+
 
 
 def volume_scores(pred: np.ndarray, instances: np.ndarray, target_instance: int, id: str | int = 0) -> SampleRecord:

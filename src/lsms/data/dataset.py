@@ -20,6 +20,7 @@ Tokenisation happens in :class:`Collator`, at batch time.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -130,7 +131,8 @@ class SegmentationDataset(Dataset):
             inst = torch.full(prep.image_size, -1, dtype=torch.int64)
             target = -1
         item = {"image": x.float(), "mask": m[None].float(), "instances": inst, "target_instance": target,
-                "text": text, "id": r.id, "negative": str(r.extra.get("negative") or ""), "skipped": ""}
+                "text": text, "id": r.id, "negative": str(r.extra.get("negative") or ""),
+                "diameter_mm": r.diameter_mm or math.nan, "skipped": ""}  # NaN: no diameter stated
         if self.augmentation is not None:
             view = draw(self.augmentation, self.epoch, index, x, m, inst, text)
             item.update(image=view.image.float(), mask=view.mask[None].float(), instances=view.instances, text=view.text)
@@ -211,6 +213,7 @@ class Collator:
             "text": [it["text"] for it in items],
             "id": [it["id"] for it in items],
             "negative": [it.get("negative", "") for it in items],
+            "diameter_mm": [it.get("diameter_mm", math.nan) for it in items],
             "skipped": [it.get("skipped", "") for it in items],
         }
         if "coords" in items[0]:

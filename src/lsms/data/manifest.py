@@ -86,6 +86,16 @@ class Record:
     def instances_path(self) -> Path | None:
         return None if self.instances is None else self.root / self.instances
 
+    @property
+    def diameter_mm(self) -> float | None:
+        """The referred lesion's largest diameter in mm where the record states it (``attributes.diameter_mm``, as
+        RefLiver-Synth writes it: in the slice for a 2D record, in 3D for a volume record); None for a negative
+        or where it is not given."""
+        value = (self.attributes or {}).get("diameter_mm")
+        if self.target_instance == 0 or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value) if math.isfinite(value) and value > 0 else None
+
     def text_at(self, level: str) -> str:
         """The expression at ``level`` (``full``/``half``/``quarter``/``none``); falls back to ``text``."""
         if level == "none":
