@@ -59,10 +59,12 @@ from torch import Tensor
 __all__ = [
     "IOU_THRESHOLDS",
     "SCORE_NAMES",
+    "SIZE_BANDS_MM",
     "EmptyPolicy",
     "MetricAccumulator",
     "PredKind",
     "SampleRecord",
+    "bands_in_order",
     "binarize",
     "check_threshold",
     "choose_existence_threshold",
@@ -70,6 +72,7 @@ __all__ = [
     "existence_score",
     "existence_summary",
     "sample_scores",
+    "size_band",
     "summarize",
     "volume_existence",
     "volume_scores",
@@ -352,7 +355,6 @@ def size_band(diameter_mm: float, edges: Sequence[float] = SIZE_BANDS_MM) -> str
 def bands_in_order(edges: Sequence[float] = SIZE_BANDS_MM) -> list[str]:
     """:func:`size_band`'s names from the smallest lesions up."""
     return [size_band(e, edges) for e in (edges[0] - 1, *edges)]
-
 
 
 def volume_scores(pred: np.ndarray, instances: np.ndarray, target_instance: int, id: str | int = 0) -> SampleRecord:
