@@ -304,9 +304,7 @@ def summarize(
         overall_iou = 1.0 if scored else None
 
     hits = [r["referred_hit"] for r in unique if r["referred_hit"] is not None]
-    hits_multi = [
-        r["referred_hit"] for r in unique if r["referred_hit"] is not None and r["n_instances"] >= 2
-    ]
+    hits_multi = _multi_lesion_hits(unique)
 
     summary: dict[str, float | int | str | None] = {
         "Dice": _mean(dice),
@@ -331,14 +329,19 @@ def summarize(
     )
     sized = [r for r in unique if r.get("diameter_mm") is not None and r["target_area"] > 0]
     bands = [size_band(r["diameter_mm"]) for r in sized]
-    for band in sorted(set(bands), key=bands_in_order().index):
+    for band in (b for b in bands_in_order() if b in bands):
         of_band = [r for r, b in zip(sized, bands, strict=True) if b == band]
-        multi = [float(r["referred_hit"]) for r in of_band if r["referred_hit"] is not None and r["n_instances"] >= 2]
+        multi = [float(h) for h in _multi_lesion_hits(of_band)]
         summary[f"Dice_positive_of_size_{band}"] = _mean([r["dice"] for r in of_band])
         summary[f"referring_accuracy_multi_of_size_{band}"] = _mean(multi)
         summary[f"n_positive_of_size_{band}"] = len(of_band)
         summary[f"n_referring_multi_of_size_{band}"] = len(multi)
     return summary
+
+
+def _multi_lesion_hits(records: list[SampleRecord]) -> list[bool]:
+    """``referred_hit`` of the records that refer to a lesion among 2+ (what ``referring_accuracy_multi`` averages)."""
+    return [r["referred_hit"] for r in records if r["referred_hit"] is not None and r["n_instances"] >= 2]
 
 
 def size_band(diameter_mm: float, edges: Sequence[float] = SIZE_BANDS_MM) -> str:
