@@ -52,6 +52,8 @@ def test_round_trip_keeps_optional_and_unknown_fields(tmp_path: Path) -> None:
         (_line(spacing=[0.7]), r":2: field 'spacing' must be \[row_mm, col_mm\]"),
         (_line(target_instance=1), r":2: field 'target_instance' is set but 'instances'"),
         (_line(texts={"third": "x"}), r":2: field 'texts' has unknown level"),
+        (_line(volume_image="volumes/a.nii.gz"), r":2: field 'volume_image' is set but 'volume_slice'"),
+        (_line(volume_image="volumes/a.nii.gz", volume_slice=-1), r":2: field 'volume_slice' must be a non-negative"),
         (_line(id="first"), r":2: field 'id' 'first' repeats line 1"),
         ("{not json", r":2: not valid JSON"),
     ],
@@ -110,3 +112,18 @@ def test_empty_text_is_refused_at_load_as_check_does(tmp_path: Path) -> None:
         load_manifest(tmp_path / "e")
     _write(tmp_path / "f", [_line(text=""), _line(id="b", text="")])  # no text at all: legal
     assert len(load_manifest(tmp_path / "f")) == 2
+
+
+def test_the_volume_of_a_slice_is_where_a_2_5d_model_reads_its_neighbours(tmp_path: Path) -> None:
+    """``volume_image`` + ``volume_slice`` name it; a slice of a volume image names itself; a plain 2D image none;
+    a ``volume_image`` outside the dataset folder is refused like any other file."""
+    from lsms.data.manifest import outside_root
+
+    lines = [_line(id="s", volume_image="volumes/v.nii.gz", volume_slice=4), _line(id="v", image="ct.nii.gz", slice_index=7),
+             _line(id="p"), _line(id="o", volume_image="../v.nii.gz", volume_slice=0)]
+    s, v, p, o = load_manifest(_write(tmp_path / "d", lines))
+    assert s.context_source == (tmp_path / "d" / "volumes/v.nii.gz", 4)
+    assert v.context_source == (tmp_path / "d" / "ct.nii.gz", 7) and p.context_source is None
+    assert [name for name, _, _ in outside_root(o)] == ["volume_image"] and outside_root(s) == []
+    write_manifest(tmp_path / "e", [s])
+    assert json.loads((tmp_path / "e" / "manifest.jsonl").read_text())["volume_slice"] == 4

@@ -211,6 +211,35 @@ def test_read_volume_slices_equal_read_image(tmp_path: Path) -> None:
             volume.slice(depth)
 
 
+def test_volume_cache_reads_each_volume_once_and_stacks_neighbours(tmp_path: Path, monkeypatch) -> None:
+    """2.5D input: slice k with its neighbours in slice order, the end slice repeated past either end; each volume
+    read once while it fits, the least recently used dropped beyond the limit; a pickled copy starts empty."""
+    import pickle
+
+    import SimpleITK as sitk
+
+    from lsms.data import readers
+    from lsms.data.readers import VolumeCache
+
+    for name in ("a", "b"):  # slice k holds the value k (+ 100 for b)
+        vol = (np.arange(5, dtype=np.int16)[:, None, None] + (100 if name == "b" else 0)) * np.ones((1, 4, 6), np.int16)
+        sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / f"{name}.nii.gz"))
+    reads = []
+    unpacked = readers.open_volume_unpacked
+    monkeypatch.setattr(readers, "open_volume_unpacked", lambda path, scratch: reads.append(path) or unpacked(path, scratch))
+    cache = VolumeCache(max_bytes=5 * 4 * 6 * 2)  # one volume of int16
+    a = tmp_path / "a.nii.gz"
+    assert cache.context(a, 0, 1).shape == (4, 6, 3)
+    assert [cache.context(a, k, 1)[0, 0].tolist() for k in (0, 2, 4)] == [[0, 0, 1], [1, 2, 3], [3, 4, 4]]
+    assert cache.context(a, 1, 2)[0, 0].tolist() == [0, 0, 1, 2, 3] and reads == [a]
+    assert cache.context(tmp_path / "b.nii.gz", 3, 0)[0, 0].tolist() == [103]
+    cache.context(a, 3, 1)  # b pushed a out: read again
+    assert reads == [a, tmp_path / "b.nii.gz", a]
+    assert pickle.loads(pickle.dumps(cache)).__dict__["_arrays"] == {}
+    with pytest.raises(ValueError, match="out of range"):
+        cache.context(a, 5, 1)
+
+
 def test_masks_and_label_maps(tmp_path: Path) -> None:
     m = np.zeros((6, 8), np.uint8)
     m[2:4, 2:4] = 255

@@ -90,11 +90,39 @@ def test_slices_are_the_volumes_slices(sets: dict[str, Path]) -> None:
             vols[v] = (_nifti(root / f"volumes/{v}.nii.gz"), _nifti(root / f"volumes/{v}_instances.nii.gz"))
         image, inst = vols[v]
         k = r["volume_slice"]
+        assert r["volume_image"] == f"volumes/{v}.nii.gz"  # where a 2.5D model reads the neighbouring slices
         assert np.array_equal(np.load(root / r["image"]), image[k])
         assert np.array_equal(np.asarray(Image.open(root / r["instances"])), inst[k])
         mask = np.asarray(Image.open(root / r["mask"])) > 0
         assert np.array_equal(mask, inst[k] == r["target_instance"] if r["target_instance"] else np.zeros_like(mask))
     assert len(vols) == 3
+
+
+def test_a_2_5d_item_is_its_slice_between_the_volumes_neighbouring_slices(sets: dict[str, Path]) -> None:
+    """``context_slices=1``: channels (k-1, k, k+1) of the slice's volume, each as the 2D model would see that
+    slice (the end slice repeated past either end); a record naming no volume is refused with what to give."""
+    import dataclasses
+
+    import torch
+
+    from lsms.data import SegmentationDataset, default_preprocessing, load_samples, preprocess_image
+    from lsms.data.dataset import SampleError
+
+    root = sets["a"]
+    records = load_samples(root, split="train")
+    flat = default_preprocessing("CT", 64, in_channels=1)
+    slices, items = SegmentationDataset(records, flat), SegmentationDataset(
+        records, dataclasses.replace(flat, in_channels=3, context_slices=1))
+    volumes: dict[str, np.ndarray] = {}
+    for i, r in enumerate(records):
+        vol = volumes.setdefault(r.volume_image, _nifti(root / r.volume_image))
+        x, k = items[i]["image"], r.volume_slice
+        assert x.shape == (3, 64, 64) and torch.equal(x[1], slices[i]["image"][0])
+        for channel, j in ((0, max(k - 1, 0)), (2, min(k + 1, len(vol) - 1))):
+            assert torch.allclose(x[channel], preprocess_image(vol[j], flat)[0], atol=1e-6)
+    bare = dataclasses.replace(records[0], volume_image=None, volume_slice=None)
+    with pytest.raises(SampleError, match=r"reads 3 neighbouring slices of a volume .* names no volume; give"):
+        SegmentationDataset([bare], items.preprocessing)[0]
 
 
 def test_masks_are_their_instance_inside_liver_disjoint_bodies(sets: dict[str, Path], volumes: dict) -> None:

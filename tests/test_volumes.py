@@ -259,6 +259,33 @@ def test_predict_nifti_one_3d_answer_per_sentence_in_the_input_geometry(ckpt, tm
     assert [int(r["area_px"]) for r in slices] == [int(m.sum()) for m in mask[1:5]]
 
 
+def test_a_2_5d_model_reads_each_slice_between_its_neighbours(tmp_path, monkeypatch):
+    """``context_slices=1``: the network gets slices (k-1, k, k+1) as its channels, each as a 2D model would see
+    that slice, the end slice repeated past either end of the volume; a 2D image is refused, naming what to give."""
+    import dataclasses
+
+    import torch
+
+    from lsms.data import preprocess_image
+
+    predictor = Predictor.from_checkpoint(make_untrained_checkpoint(tmp_path / "m.pt", in_channels=3, context_slices=1),
+                                          device="cpu")
+    seen = []
+    answer = predictor.backend.answer
+    monkeypatch.setattr(predictor.backend, "answer", lambda x, *a: seen.append(x) or answer(x, *a))
+    _nifti(tmp_path / "ct.nii.gz")
+    volume = read_volume(tmp_path / "ct.nii.gz")
+    predictor.predict_volume(volume, list(range(6)), ["the lesion"], batch_size=4)
+    x = torch.cat(seen)  # (6, 3, 64, 64)
+    flat = dataclasses.replace(predictor.preprocessing, in_channels=1, context_slices=0)
+    alone = [preprocess_image(volume.slice(k).array, flat)[0] for k in range(6)]
+    for k in range(6):
+        for channel, j in enumerate((max(k - 1, 0), k, min(k + 1, 5))):
+            assert torch.allclose(x[k, channel], alone[j], atol=1e-6)
+    with pytest.raises(ValueError, match="2.5D.*give it a volume"):
+        predictor.predict(volume.slice(2), "the lesion")
+
+
 def test_predict_slices_mode_is_slice_by_slice_prediction(ckpt, tmp_path):
     import SimpleITK as sitk
 
@@ -469,3 +496,29 @@ def test_evaluate_volumes_cli_writes_both_modes_and_repeats_itself(ckpt, volume_
     assert "assembled in 3D" in capsys.readouterr().out
     assert main(["evaluate", str(ckpt), str(tmp_path), "--volumes", "--out", str(tmp_path / "x")]) == 2
     assert "volumes.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_train_2_5d_on_the_slices_of_volumes_then_evaluate_the_volumes(volume_data, tmp_path, capsys):
+    """``lsms train --context-slices 1`` on a volume set's 2D slices: the checkpoint's spec reads 3 neighbouring
+    slices, its settings give the choice back, and ``lsms evaluate --volumes`` predicts through it."""
+    import json
+
+    import yaml
+
+    from lsms.checkpoint import load_checkpoint, run_config, spec_of
+
+    from toy_data import tiny_train_settings
+
+    assert main(["train", str(volume_data), "--context-slices", "1", "--in-channels", "1"]) == 2
+    assert "context_slices=1 gives 3 input channels" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_train_settings(volume_data, run, optim={"epochs": 1})))
+    assert main(["train", str(volume_data), "--config", str(tmp_path / "s.yaml"), "--context-slices", "1"]) == 0
+    checkpoint = load_checkpoint(run / "last.pt")
+    prep = spec_of(checkpoint).preprocessing
+    assert (prep.context_slices, prep.in_channels, spec_of(checkpoint).in_channels) == (1, 3, 3)
+    assert run_config(checkpoint).data.context_slices == 1
+    assert main(["evaluate", str(run), str(volume_data), "--split", "test", "--volumes", "--out", str(tmp_path / "e"),
+                 "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())["volumes"]
+    assert summary["3d"]["n_images"] == len(_volume_records(volume_data))

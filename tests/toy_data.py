@@ -100,8 +100,11 @@ def tiny_run_config(dataset: Path, out: Path, /, **overrides):
 
 
 def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size: int = 64, ct: bool = True,
-                              model=None, use_text: bool = True) -> Path:
-    """A loadable checkpoint of a tiny random model, or of ``model`` (prediction tests need no training)."""
+                              model=None, use_text: bool = True, context_slices: int = 0) -> Path:
+    """A loadable checkpoint of a tiny random model, or of ``model`` (prediction tests need no training); with
+    ``context_slices`` a 2.5D model (``2 * context_slices + 1`` channels)."""
+    import dataclasses
+
     import torch
 
     from lsms.checkpoint import make_checkpoint, save_checkpoint
@@ -114,6 +117,7 @@ def make_untrained_checkpoint(path: str | Path, in_channels: int = 1, image_size
     if model is None:
         model = build(model_config_from_dict({**tiny_model(), "in_channels": in_channels, "use_text": use_text}))
     prep = default_preprocessing("CT" if ct else None, image_size, in_channels=in_channels)
+    prep = dataclasses.replace(prep, context_slices=context_slices)
     return save_checkpoint(make_checkpoint(model, ModelSpec(model.config, prep), RunConfig(model=model.config)), path)
 
 

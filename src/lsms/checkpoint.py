@@ -50,7 +50,7 @@ from lsms.spec import ModelSpec
 
 FORMAT = "lsms-checkpoint"
 FORMAT_VERSION = 3
-SPEC_DATA_KEYS = ("image_size", "in_channels", "window")  # data settings a checkpoint keeps resolved, in its spec
+SPEC_DATA_KEYS = ("image_size", "in_channels", "window", "context_slices")  # data settings a checkpoint keeps resolved, in its spec
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # the order a run folder is searched in
 
 
@@ -271,7 +271,7 @@ def run_config(checkpoint: dict[str, Any]) -> RunConfig:
     if prep.intensity == "window":
         window = prep.window or "{:g},{:g}".format(*prep.window_width_level)
     tree["data"] = {**tree.get("data", {}), "image_size": prep.image_size[0], "in_channels": prep.in_channels,
-                    "window": window}
+                    "window": window, "context_slices": prep.context_slices}
     return RunConfig.from_dict({**tree, "model": spec.model.to_dict()}, where="checkpoint settings")
 
 

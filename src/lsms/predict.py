@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -62,6 +63,7 @@ from lsms.data.readers import (
     Geometry,
     ReadLimits,
     Volume,
+    context_stack,
     open_volume_unpacked,
     volume_depth,
     write_volume_mask,
@@ -207,7 +209,8 @@ class Predictor(WithSpec):
 
         Each slice is read once and its probabilities are computed as :meth:`predict` computes them (resized
         back to the slice's size, then the sigmoid); nothing is thresholded here (:func:`lsms.volumes.assemble`
-        does that).
+        does that). A 2.5D model (``context_slices``) gets each slice with its neighbours as channels
+        (:func:`~lsms.data.readers.context_stack`).
 
         Args:
             volume: from :func:`~lsms.data.readers.read_volume`.
@@ -225,15 +228,19 @@ class Predictor(WithSpec):
             raise ValueError(f"{volume.path}: no slices to predict")
         tokens = [self._tokens(t) for t in texts]
         answers: list[tuple[np.ndarray, np.ndarray]] = []
+        context = self.preprocessing.context_slices
+        read = functools.lru_cache(maxsize=batch_size + 2 * context)(volume.slice)  # 2.5D: each slice read once
         for start in range(0, len(slices), batch_size):
-            images = [volume.slice(k) for k in slices[start:start + batch_size]]
+            images = [read(k) for k in slices[start:start + batch_size]]
             if start == 0:
                 H, W = images[0].shape
                 answers = [(np.empty((len(slices), H, W), np.float32), np.empty(len(slices))) for _ in texts]
                 warning = self.check_input(images[0])  # the wrong kind of image: refused (or marked) at once
                 if warning:
                     log.warning("%s: %s", volume.path, warning)
-            x = torch.stack([preprocess_image(im.array, self.preprocessing) for im in images])  # (B, C, h, w)
+            arrays = [context_stack(lambda j: read(j).array, k, volume.depth, context) if context else im.array
+                      for k, im in zip(slices[start:start + batch_size], images, strict=True)]
+            x = torch.stack([preprocess_image(a, self.preprocessing) for a in arrays])  # (B, C, h, w)
             B = len(images)
             for (ids, attn), (prob, existence) in zip(tokens, answers, strict=True):
                 ids, attn = (None, None) if ids is None else (ids.expand(B, -1), attn.expand(B, -1))
@@ -257,6 +264,10 @@ class Predictor(WithSpec):
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
         if array.ndim not in (2, 3):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
+        if self.preprocessing.context_slices:
+            raise ValueError(f"this model reads each slice with its neighbouring slices ({self.preprocessing.in_channels} "
+                             "slices of a volume, 2.5D); give it a volume (a NIfTI file or a DICOM series) instead of "
+                             "a 2D image")
         warning = self.check_input(image)
         x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
         return array.shape[:2], (x, *self._tokens(text)), warning

@@ -71,7 +71,7 @@ from lsms.text import resolve_text_encoder
 log = logging.getLogger(__name__)
 
 # settings a resumed run cannot change: its checkpoint's model and preprocessing embody them
-FIXED_ON_RESUME = ("model", "data.image_size", "data.in_channels", "data.window")
+FIXED_ON_RESUME = ("model", "data.image_size", "data.in_channels", "data.window", "data.context_slices")
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None, on_step: Callable[[int], None] | None = None,
@@ -449,7 +449,7 @@ def check_model_settings(cfg: RunConfig) -> None:
         hf_config = AutoConfig.from_pretrained(resolve_text_encoder(text.encoder)).to_diff_dict()
         model = dataclasses.replace(model, text=dataclasses.replace(text, pretrained=False, hf_config=hf_config))
     with torch.device("meta"):
-        build(dataclasses.replace(model, in_channels=cfg.data.in_channels or model.in_channels))  # only a check
+        build(dataclasses.replace(model, in_channels=cfg.data.channels or model.in_channels))  # only a check
 
 
 def check_training_memory(cfg: RunConfig, device: torch.device | str) -> None:
@@ -518,6 +518,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model input side in pixels, a multiple of 32, at least 64 (default {d.data.image_size})")
     g.add_argument("--in-channels", dest="data.in_channels", type=int, default=S, choices=(1, 3),
                    help="input channels (default 1 for CT, else 3)")
+    g.add_argument("--context-slices", dest="data.context_slices", type=int, default=S, metavar="N",
+                   help="2.5D: give the model each slice with N neighbouring slices of its volume on each side as "
+                        "channels (2N+1 channels; the records must name their volume, as lsms synth --volumes "
+                        "writes them); 0: 2D (default)")
     g.add_argument("--window", dest="data.window", default=S,
                    help="CT intensity window: a name (liver, abdomen, ...) or WIDTH,LEVEL in HU")
     g.add_argument("--train-split", dest="data.train_split", default=S, help=f"(default {d.data.train_split})")

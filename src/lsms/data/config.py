@@ -22,6 +22,9 @@ class DataConfig(DictRoundTrip):
     image_size: int = 256
     in_channels: int | None = None  # None: 1 for CT manifests, 3 otherwise; the model gets the same number
     window: str | None = None  # CT only: a named window (liver, abdomen, ...) or "WIDTH,LEVEL" in HU; None: liver
+    # 2.5D: the image with this many neighbouring slices of its volume on each side as channels (in_channels
+    # 2 * context_slices + 1); the records must name their volume (Record.context_source). 0: 2D
+    context_slices: int = 0
     train_split: str = "train"
     val_split: str = "val"
     text_level: str = "full"  # full | half | quarter | none  (training expressions)
@@ -47,10 +50,21 @@ class DataConfig(DictRoundTrip):
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.augmentation.seed != 0:
             raise ValueError("data.augmentation.seed: the augmentation draws from the run's seed; set 'seed' instead")
-        if self.in_channels not in (None, 1, 3):
+        if isinstance(self.context_slices, bool) or not isinstance(self.context_slices, int) or self.context_slices < 0:
+            raise ValueError(f"data.context_slices must be a non-negative integer, got {self.context_slices!r}")
+        if self.context_slices and self.in_channels not in (None, self.channels):
+            raise ValueError(f"data.context_slices={self.context_slices} gives {self.channels} input channels (the slice "
+                             f"and its neighbours); leave in_channels unset or make it {self.channels}, got {self.in_channels}")
+        if not self.context_slices and self.in_channels not in (None, 1, 3):
             raise ValueError(f"data.in_channels must be 1, 3 or null (from the modality), got {self.in_channels}")
         if self.window is not None:
             parse_window(self.window)  # a bad window is an error now, not after the data are read
+
+    @property
+    def channels(self) -> int | None:
+        """The input channels these settings fix: ``2 * context_slices + 1`` for 2.5D, else ``in_channels`` (None:
+        from the modality)."""
+        return 2 * self.context_slices + 1 if self.context_slices else self.in_channels
 
 
 __all__ = ["DataConfig"]

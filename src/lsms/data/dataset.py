@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from lsms.data.augment import Augmentation, draw
 from lsms.data.intensity import Preprocessing, input_mismatch, preprocess_image, resize_labels
 from lsms.data.manifest import TEXT_LEVELS, Record
-from lsms.data.readers import binary_mask
+from lsms.data.readers import ImageReadError, VolumeCache, binary_mask
 from lsms.data.rules import read_sample
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class SegmentationDataset(Dataset):
         self.epoch = 0
         self.skipped: dict[str, str] = {}  # id -> problem, in this process
         self._warned: set[str] = set()  # the warning kinds logged already (once per dataset and worker)
+        self._volumes = VolumeCache()  # 2.5D input (preprocessing.context_slices): the volumes the slices are from
 
     def __len__(self) -> int:
         return len(self.records)
@@ -118,8 +119,9 @@ class SegmentationDataset(Dataset):
         if mismatch and "input-mismatch" not in self._warned:
             self._warned.add("input-mismatch")  # once per dataset (and worker): the cause is the data set, not a file
             log.warning("%s: %s (further such images are not reported)", r.image_path, mismatch)
+        array = self._context(r, image.array) if prep.context_slices else image.array
         try:
-            x = preprocess_image(image.array, prep)
+            x = preprocess_image(array, prep)
         except ValueError as err:
             raise SampleError(f"sample {r.id!r} ({r.split}): {r.source}: field 'image': {err}") from err
         m = resize_labels(torch.from_numpy(mask.astype(np.uint8)), prep.image_size)
@@ -139,6 +141,28 @@ class SegmentationDataset(Dataset):
             if view.coords is not None:
                 item["coords"] = view.coords
         return item
+
+    def _context(self, r: Record, centre: np.ndarray) -> np.ndarray:
+        """The 2.5D input of record ``r`` (H, W, 2c + 1): its image with its volume's neighbouring slices
+        (:func:`lsms.data.readers.context_stack`); the record's own image is the middle channel."""
+        c = self.preprocessing.context_slices
+        where = f"sample {r.id!r} ({r.split})"
+        source = r.context_source
+        if source is None:
+            raise SampleError(f"{where}: the model reads {2 * c + 1} neighbouring slices of a volume (context_slices="
+                              f"{c}) but the record names no volume; give 'slice_index' into a volume image, or "
+                              "'volume_image' and 'volume_slice' (lsms synth --volumes writes them)")
+        path, k = source
+        try:
+            stack = self._volumes.context(path, k, c)
+        except (ImageReadError, FileNotFoundError) as err:
+            raise SampleError(f"{where}: {r.source}: the volume of its slice: {err}") from err
+        if stack.shape[:2] != centre.shape:
+            raise SampleError(f"{where}: slice {k} of {path} is {stack.shape[:2]} pixels but the record's image is "
+                              f"{centre.shape}; 'volume_image' must be the volume the image was taken from")
+        stack = stack.astype(np.result_type(stack, centre), copy=False)
+        stack[..., c] = centre
+        return stack
 
     def _warn_once(self, problems: list) -> None:
         """A sample rule's warning (empty mask, ...), logged for the first sample of each kind only."""

@@ -70,6 +70,9 @@ class Preprocessing(DictRoundTrip):
         value_range: (min, max) mapped to 0/1 for ``range``.
         mean: subtracted after scaling to [0, 1] (one value per channel, or one for all).
         std: divided after subtracting ``mean``.
+        context_slices: 2.5D input: this many neighbouring slices of the volume on each side of the slice, stacked
+            with it as the channels in slice order (:func:`lsms.data.readers.context_stack`); ``in_channels`` is
+            then ``2 * context_slices + 1``. 0: the slice alone (2D).
     """
 
     settings_name: ClassVar[str] = "preprocessing settings"
@@ -84,13 +87,19 @@ class Preprocessing(DictRoundTrip):
     value_range: tuple[float, float] = (0.0, 255.0)
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    context_slices: int = 0
 
     def __post_init__(self) -> None:
         size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
         object.__setattr__(self, "image_size", tuple(int(s) for s in size))  # frozen: normalised once, here
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise ValueError(f"image_size must be a positive int or (H, W), got {self.image_size}")
-        if self.in_channels not in (1, 3):
+        if isinstance(self.context_slices, bool) or not isinstance(self.context_slices, int) or self.context_slices < 0:
+            raise ValueError(f"context_slices must be a non-negative integer, got {self.context_slices!r}")
+        if self.context_slices and self.in_channels != 2 * self.context_slices + 1:
+            raise ValueError(f"context_slices={self.context_slices} stacks {2 * self.context_slices + 1} slices as "
+                             f"channels, so in_channels must be {2 * self.context_slices + 1}, got {self.in_channels}")
+        if not self.context_slices and self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
@@ -165,6 +174,8 @@ def default_preprocessing(modality: str | None, image_size: int | tuple[int, int
 def input_contract(prep: Preprocessing) -> str:
     """What a model with ``prep`` was trained to read, in words (named in a mismatch message)."""
     channels = f"{prep.in_channels} channel{'s' if prep.in_channels > 1 else ''}"
+    if prep.context_slices:
+        channels = f"{prep.in_channels} neighbouring slices of a volume as channels"
     if prep.intensity == "window":
         width, level = prep.window_width_level
         window = f"the {prep.window} window" if prep.window else "a window"

@@ -41,8 +41,9 @@ def build_datasets(cfg: DataConfig, seed: int, preprocessing: Preprocessing | No
                              "one preprocessing cannot serve them all")
         modality = named[0] if named else None  # records without one are taken to share it (lsms check warns)
         is_ct = modality is not None and modality.upper() == "CT"
-        channels = cfg.in_channels or (1 if is_ct else 3)
+        channels = cfg.channels or (1 if is_ct else 3)
         preprocessing = default_preprocessing(modality, cfg.image_size, in_channels=channels)
+        preprocessing = dataclasses.replace(preprocessing, context_slices=cfg.context_slices)
         if cfg.window is not None:
             if not is_ct:
                 raise ValueError(f"--window applies to CT data (modality CT); {cfg.path} has modality {modality!r}")

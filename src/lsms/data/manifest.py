@@ -22,7 +22,7 @@ WRITTEN_LEVELS = ("full", "half", "quarter")  # the expressions a manifest recor
 TEXT_LEVELS = (*WRITTEN_LEVELS, "none")  # what a model can be given: "none" is an empty sentence
 _KNOWN = (
     "id", "image", "mask", "text", "split", "texts", "instances", "target_instance", "attributes",
-    "spacing", "patient", "modality", "slice_index",
+    "spacing", "patient", "modality", "slice_index", "volume_image", "volume_slice",
 )
 
 
@@ -47,6 +47,9 @@ class Record:
         patient: patient id (splits are by patient).
         modality: ``CT``, ``XR``, ``endoscopy``, ... (chooses the default preprocessing).
         slice_index: slice of a 3D NIfTI volume or a DICOM series.
+        volume_image: the volume a 2D slice image was taken from (a 2.5D model reads the neighbouring slices
+            there); with ``volume_slice``, which slice it is.
+        volume_slice: the slice's index in its volume.
         extra: unknown manifest fields, kept and written back unchanged.
         root: the dataset folder the paths are relative to.
         origin: where the record was read (``manifest.jsonl:12``, ``Train_text.xlsx row 5``); not written.
@@ -65,6 +68,8 @@ class Record:
     patient: str | None = None
     modality: str | None = None
     slice_index: int | None = None
+    volume_image: str | None = None
+    volume_slice: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     root: Path = field(default_factory=Path)
     origin: str = field(default="", compare=False, repr=False)
@@ -85,6 +90,17 @@ class Record:
     @property
     def instances_path(self) -> Path | None:
         return None if self.instances is None else self.root / self.instances
+
+    @property
+    def context_source(self) -> tuple[Path, int] | None:
+        """(volume file, slice index) a 2.5D model reads the neighbouring slices from: ``volume_image`` and
+        ``volume_slice`` where set, else the image itself when ``slice_index`` picks a slice of it; None for a 2D
+        image without a volume."""
+        if self.volume_image is not None and self.volume_slice is not None:
+            return self.root / self.volume_image, self.volume_slice
+        if self.slice_index is not None:
+            return self.image_path, self.slice_index
+        return None
 
     @property
     def diameter_mm(self) -> float | None:
@@ -245,11 +261,16 @@ def record_from_json(line: dict[str, Any], root: Path, where: str) -> Record:
             raise ValueError(f"{where}: field 'spacing' must be [row_mm, col_mm] with two positive numbers, got {spacing!r}")
         spacing = (float(spacing[0]), float(spacing[1]))
     slice_index = _check_index(line, "slice_index", where, "a non-negative integer")
+    volume_image = _check_str(line, "volume_image", where, False)
+    volume_slice = _check_index(line, "volume_slice", where, "a non-negative integer")
+    if volume_image is not None and volume_slice is None:
+        raise ValueError(f"{where}: field 'volume_image' is set but 'volume_slice' (which slice of it) is missing")
     return Record(
         id=rid, image=image, mask=mask, text=text, split=split, texts=texts, instances=instances,
         target_instance=target, attributes=attributes, spacing=spacing,
         patient=_check_str(line, "patient", where, False), modality=normalize_modality(_check_str(line, "modality", where, False)),
-        slice_index=slice_index, extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root, origin=where,
+        slice_index=slice_index, volume_image=volume_image, volume_slice=volume_slice,
+        extra={k: v for k, v in line.items() if k not in _KNOWN}, root=root, origin=where,
     )
 
 
@@ -379,7 +400,7 @@ def outside_root(record: Record) -> list[tuple[str, str, Path]]:
     """
     root = Path(os.path.realpath(record.root))
     found = []
-    for name in ("image", "mask", "instances"):
+    for name in ("image", "mask", "instances", "volume_image"):
         rel = getattr(record, name)
         if rel is None:
             continue

@@ -21,6 +21,9 @@ rows follow the volume's y axis, columns its x axis, with no flipping.
 
 from __future__ import annotations
 
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +37,13 @@ from lsms.data.formats.base import (
     ImageTooLargeError,
     ReadLimits,
     Volume,
+    check_index,
     first_line,
 )
 
 __all__ = [
     "LIMIT_ENV", "Geometry", "ImageData", "ImageReadError", "ImageTooLargeError", "ReadLimits", "Volume",
-    "binary_mask", "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
+    "VolumeCache", "binary_mask", "context_stack", "read_image", "read_label_map", "read_mask", "read_mask_image", "read_volume", "volume_depth", "write_mask_like",
 ]
 
 
@@ -138,6 +142,58 @@ def open_volume_unpacked(path: str | Path, scratch: Path) -> Volume:
     limit = ReadLimits.from_env().max_volume_voxels * 8  # bytes: the largest voxel type, float64
     plain = reader.uncompressed(path, limit, scratch) if reader is not None and path.is_file() else None
     return read_volume(plain or path)
+
+
+def context_stack(read: Callable[[int], np.ndarray], index: int, depth: int, context: int) -> np.ndarray:
+    """The 2.5D input of slice ``index`` of a volume of ``depth`` slices: the slice and ``context`` neighbours on
+    each side, in slice order, as the channels of one image (H, W, 2 * context + 1); past either end of the volume
+    the end slice stands in. ``read(k)`` gives slice k as a grey (H, W) array."""
+    slices = [read(min(max(k, 0), depth - 1)) for k in range(index - context, index + context + 1)]
+    shapes = {a.shape for a in slices}
+    if len(shapes) != 1 or slices[0].ndim != 2:
+        raise ImageReadError(f"slices {index - context}..{index + context} of the volume are not grey images of one "
+                             f"size (shapes {sorted(shapes)}); 2.5D input stacks grey slices")
+    return np.stack(slices, axis=-1)
+
+
+class VolumeCache:
+    """Whole volumes, each read once and kept, for the neighbouring slices of many slices (2.5D training and
+    evaluation read each volume once, not once per slice: a ``.nii.gz`` is decompressed from its start for every
+    slice read). Beyond ``max_bytes`` the least recently used volume is dropped. Local to a process: a copy sent to
+    a DataLoader worker starts empty."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = max_bytes
+        self._arrays: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_bytes"])  # type: ignore[misc]
+
+    def volume(self, path: str | Path) -> np.ndarray:
+        """The volume at ``path`` as (Z, H, W), read through :func:`open_volume_unpacked` (bounded reading)."""
+        path = Path(path)
+        if path in self._arrays:
+            self._arrays.move_to_end(path)
+            return self._arrays[path]
+        with tempfile.TemporaryDirectory(prefix="lsms-volume-") as scratch:
+            volume = open_volume_unpacked(path, Path(scratch))
+            array = np.stack([np.asarray(volume.slice(k).array) for k in range(volume.depth)])
+        if array.ndim != 3:
+            raise ImageReadError(f"{path}: its slices are not grey images (shape {array.shape}); 2.5D input stacks "
+                                 "grey slices")
+        self._arrays[path] = array
+        while len(self._arrays) > 1 and sum(a.nbytes for a in self._arrays.values()) > self.max_bytes:
+            self._arrays.popitem(last=False)
+        return array
+
+    def context(self, path: str | Path, index: int, context: int) -> np.ndarray:
+        """:func:`context_stack` of slice ``index`` of the volume at ``path``."""
+        array = self.volume(path)
+        check_index(Path(path), index, len(array))
+        return context_stack(array.__getitem__, index, len(array), context)
 
 
 def _holds_volume(path: Path, limits: ReadLimits) -> bool:

@@ -336,7 +336,8 @@ def write_volume(out: Path, v: VolumeSample, split: str, cfg: SynthConfig, vcfg:
         rs += [off_slice_record(by_label[label], slice_common(s, split, cfg.spacing_mm), EMPTY_MASK)
                for label in v.off_slice.get(k, ())]
         for r in rs:
-            r.update({"volume": vid, "volume_slice": k, "n_lesions": int(len(np.unique(s.instances)) - 1)})
+            r.update({"volume": vid, "volume_image": common["image"], "volume_slice": k,
+                      "n_lesions": int(len(np.unique(s.instances)) - 1)})
             slice_records.append(r)
     return records, slice_records
 
