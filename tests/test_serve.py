@@ -228,6 +228,34 @@ def test_nifti_volume_slices_and_whole_volume_match_lsms_predict(viewer, ckpt, t
     assert status == 413 and message.startswith("ct.nii.gz: voxels of the mask volume") and "= 100;" in message
 
 
+def test_a_2_5d_model_in_the_viewer_reads_each_slice_with_its_neighbours(tmp_path):
+    """A slice of a volume gets the same probabilities as the whole-volume path (both stack the neighbouring
+    slices); a 2D image is refused with what the model needs."""
+    import SimpleITK as sitk
+
+    from lsms.data.readers import read_volume
+
+    ckpt = make_untrained_checkpoint(tmp_path / "m.pt", in_channels=3, context_slices=1)
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    viewer = Viewer(predictor, model_name=str(ckpt), checkpoint=ckpt, root=tmp_path / "sessions")
+    (tmp_path / "sessions").mkdir()
+    try:
+        vol = np.random.default_rng(2).normal(60, 40, (4, 40, 48)).astype(np.int16)
+        sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "ct.nii.gz"))
+        sid = viewer.new_session()["sid"]
+        viewer.open_upload(sid, [("ct.nii.gz", (tmp_path / "ct.nii.gz").read_bytes())])
+        viewer.predict(sid, 3, ["the lesion"], 0.5)
+        served = viewer.sessions[sid].cache[(3, "the lesion")].probability
+        ((whole, _),) = predictor.predict_volume(read_volume(tmp_path / "ct.nii.gz"), [2, 3], ["the lesion"])
+        np.testing.assert_allclose(served, whole[1], atol=1e-6)
+        flat = viewer.new_session()["sid"]
+        viewer.open_upload(flat, [("a.png", _png_bytes(np.full((32, 32), 90, np.uint8)))])
+        status, message = _status(viewer.predict, flat, 0, ["the lesion"], 0.5)
+        assert status == 400 and "give it a volume" in message
+    finally:
+        viewer.close()
+
+
 def test_dicom_series_as_zip_and_mixed_series_refused(viewer, tmp_path):
     def series_zip(uids: list[str]) -> bytes:
         buf = io.BytesIO()

@@ -156,7 +156,7 @@ class Predictor(WithSpec):
     def uses_text(self) -> bool:
         return self.backend.uses_text
 
-    def predict(self, image, text: str = "", features: bool = False) -> Prediction:
+    def predict(self, image, text: str = "", features: bool = False, context: np.ndarray | None = None) -> Prediction:
         """Segment what ``text`` refers to in ``image``.
 
         Args:
@@ -164,8 +164,10 @@ class Predictor(WithSpec):
                 array (H, W) / (H, W, C) in the file's units (HU for CT).
             text: the referring expression (ignored, with a warning, by a model trained without text).
             features: also return the stage feature maps as heat maps (PyTorch backend only).
+            context: for a 2.5D model (``context_slices`` c) only, and needed there: ``image`` (a slice) with its
+                volume's neighbouring slices, (H, W, 2c + 1) from :func:`~lsms.data.readers.context_stack`.
         """
-        (H, W), inputs, warning = self._inputs(image, text)
+        (H, W), inputs, warning = self._inputs(image, text, context)
         maps = None
         if features:
             out = self.backend.forward_features(*inputs)
@@ -256,7 +258,7 @@ class Predictor(WithSpec):
         """The raw encoder stage outputs F1..F4, each (1, C_i, h_i, w_i), for ``image`` and ``text``."""
         return self.backend.forward_features(*self._inputs(image, text)[1]).stages
 
-    def _inputs(self, image, text: str):
+    def _inputs(self, image, text: str, context: np.ndarray | None = None):
         """Checked, preprocessed model inputs -> ((H, W) of the input, (image (1, C, h, w), ids, mask), the
         warning of :meth:`check_input`)."""
         if isinstance(image, (str, Path)):
@@ -264,12 +266,12 @@ class Predictor(WithSpec):
         array = image.array if isinstance(image, ImageData) else np.asarray(image, dtype=np.float32)
         if array.ndim not in (2, 3):
             raise ValueError(f"image must be (H, W) or (H, W, C), got shape {array.shape}")
-        if self.preprocessing.context_slices:
-            raise ValueError(f"this model reads each slice with its neighbouring slices ({self.preprocessing.in_channels} "
-                             "slices of a volume, 2.5D); give it a volume (a NIfTI file or a DICOM series) instead of "
-                             "a 2D image")
+        channels = self.preprocessing.in_channels
+        if self.preprocessing.context_slices and (context is None or context.shape != (*array.shape, channels)):
+            raise ValueError(f"this model reads each slice with its neighbouring slices ({channels} slices of a "
+                             "volume, 2.5D); give it a volume (a NIfTI file or a DICOM series) instead of a 2D image")
         warning = self.check_input(image)
-        x = preprocess_image(array, self.preprocessing)[None]  # (1, C, h, w)
+        x = preprocess_image(array if context is None else context, self.preprocessing)[None]  # (1, C, h, w)
         return array.shape[:2], (x, *self._tokens(text)), warning
 
     def _tokens(self, text: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from lsms.data import CT_WINDOWS, ImageData
 from lsms.data.formats import READERS, is_series_file, reader_for
-from lsms.data.readers import ImageTooLargeError, ReadLimits, Volume, write_volume_mask
+from lsms.data.readers import ImageTooLargeError, ReadLimits, Volume, context_stack, write_volume_mask
 from lsms.metrics import check_threshold
 from lsms.pictures import (
     COLOURS,
@@ -407,7 +407,7 @@ class Viewer:
         if pred is None or (features and pred.features is None):
             with self.model_lock:
                 try:
-                    pred = self.predictor.predict(image, text, features=features)
+                    pred = self.predictor.predict(image, text, features=features, context=self._context(s, k))
                 except (ValueError, TypeError, RuntimeError) as err:  # e.g. an image the model cannot take
                     raise ServeError(400, f"the model cannot segment this image: {hide_folder(str(err), s.folder)}") \
                         from None
@@ -416,6 +416,14 @@ class Viewer:
                 s.cache.popitem(last=False)
         s.cache.move_to_end(key)
         return pred
+
+    def _context(self, s: Session, k: int) -> np.ndarray | None:
+        """Slice ``k`` with its neighbours for a 2.5D model (:func:`~lsms.data.readers.context_stack`); None for a
+        2D model or a 2D image (which a 2.5D model refuses, naming what it needs)."""
+        c = self.predictor.preprocessing.context_slices
+        if not c or s.opened is None or s.opened.depth == 1:
+            return None
+        return context_stack(lambda j: self._image(s, j).array, k, s.opened.depth, c)
 
     def _shown(self, s: Session, k: int, text: str, threshold: float, pred: Prediction
                ) -> tuple[np.ndarray, bool, VolumeAnswer | None]:
