@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, command_line, machine, write_atomic, write_json
+from common import RESULTS, command_line, machine, report_path, write_atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "bench"
@@ -623,10 +623,10 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, s
     for key in sorted(results, key=lambda k: order.index(k) if k in order else len(order)):
         report["rows"][key] = results[key]
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), report)
-    write_atomic(out.with_suffix(".md"), markdown(report))
+    write_json(report_path(out, ".json"), report)
+    write_atomic(report_path(out, ".md"), markdown(report))
     written = plots(report, s.cache, out)
-    say(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {', '.join(written)}")
+    say(f"wrote {report_path(out, '.json')}, {report_path(out, '.md')}, {', '.join(written)}")
 
 
 def select(patterns: list[str] | None) -> list[Row]:

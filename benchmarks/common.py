@@ -38,3 +38,11 @@ def command_line() -> str:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def report_path(out: str | Path, extension: str) -> Path:
+    """A benchmark's ``--out`` (a path without extension) with ``extension`` (``".md"``, ``".json"``) added, whatever
+    dots the name holds: ``volumes-2.5d`` gives ``volumes-2.5d.json`` (``Path.with_suffix`` would give
+    ``volumes-2.json``, and two reports would overwrite each other)."""
+    out = Path(out)
+    return out.with_name(out.name + extension)

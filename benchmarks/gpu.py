@@ -27,7 +27,7 @@ from pathlib import Path
 from accuracy import DEFAULT_CACHE, SHARED_DATA, run_logged, say, shown, split_leak_flag
 from real_data import read_curve
 
-from common import RESULTS, command_line, machine, write_atomic, write_json
+from common import RESULTS, command_line, machine, report_path, write_atomic, write_json
 
 ROWS = {
     "btxrd/paper": ("btxrd", "paper"), "btxrd/real": ("btxrd", "real"),
@@ -104,7 +104,7 @@ def main() -> None:
         })
         say(f"{key}: {summary['step']} steps, val Dice {results[-1]['dice']}")
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    write_json(report_path(out, ".json"), {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
                                           "command": command_line(), "toy": args.toy, "rows": results})
     lines = ["# GPU run: paper recipe and real-data recipe", "", f"Machine: {machine()}. Made by `{command_line()}`.",
              "", "| row | steps | train min | val Dice | Dice, empty sentence | mIoU |", "|---|---|---|---|---|---|"]
@@ -113,7 +113,7 @@ def main() -> None:
         lines.append(f"| {r['row']} | {r['steps']} | {r['train']['wall_s'] / 60:.1f} | {r['dice']['full']:.4f} | "
                      f"{none} | {r['mIoU']['full']:.4f} |")
     lines += ["", "Commands:", ""] + [f"- `{r['commands']['train']}` then `{r['commands']['evaluate']}`" for r in results]
-    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_atomic(report_path(out, ".md"), "\n".join(lines) + "\n")
     say(f"wrote {out}.md")
 
 

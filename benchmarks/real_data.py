@@ -40,7 +40,7 @@ from accuracy import (
     train_or_resume,
 )
 
-from common import RESULTS, command_line, machine, write_atomic, write_json
+from common import RESULTS, command_line, machine, report_path, write_atomic, write_json
 
 
 @dataclass(frozen=True)
@@ -516,8 +516,8 @@ def main() -> None:
         text_rows = [r for key in OVERLAY_ROWS for r in results if r["row"] == key]
         if text_rows:
             figures.append(overlays(text_rows[0], s.cache, out))
-        write_json(out.with_suffix(".json"), {"machine": machine(), "rows": results, "figures": figures})
-        write_atomic(out.with_suffix(".md"), markdown(results, s.cache))
+        write_json(report_path(out, ".json"), {"machine": machine(), "rows": results, "figures": figures})
+        write_atomic(report_path(out, ".md"), markdown(results, s.cache))
         say(f"wrote {out}.md")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from lsms.evaluate import evaluate_checkpoint, evaluate_volumes
 from lsms.metrics import bands_in_order
 
-from common import RESULTS, command_line, machine, write_atomic, write_json
+from common import RESULTS, command_line, machine, report_path, write_atomic, write_json
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float, float]:
@@ -96,8 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(args.run, args.data, split, args.batch_size) for split in args.splits]
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), {"machine": machine(), "command": command_line(), "rows": rows})
-    write_atomic(out.with_suffix(".md"), markdown(rows, args.run, args.data))
+    write_json(report_path(out, ".json"), {"machine": machine(), "command": command_line(), "rows": rows})
+    write_atomic(report_path(out, ".md"), markdown(rows, args.run, args.data))
     print(f"wrote {out}.md")
 
 

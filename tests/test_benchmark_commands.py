@@ -173,3 +173,11 @@ def test_btxrd_script_commands(tmp_path):
     assert FLAG in btxrd.train_command("data", tmp_path, 30.0, 224, 3)
     assert FLAG in btxrd.resume_command(tmp_path, 5.0)
     assert all(FLAG in btxrd.eval_command("data", tmp_path, lv) for lv in ("full", "none"))
+
+
+def test_report_names_keep_their_dots():
+    """``--out docs/results/volumes-2.5d`` writes volumes-2.5d.md and .json (with_suffix would write volumes-2.*, and
+    two reports with such names would overwrite each other)."""
+    common = importlib.import_module("common")
+    assert common.report_path("docs/results/volumes-2.5d", ".json") == Path("docs/results/volumes-2.5d.json")
+    assert common.report_path(Path("r/volumes"), ".md") == Path("r/volumes.md")
