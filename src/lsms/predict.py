@@ -271,7 +271,7 @@ class Predictor(WithSpec):
             raise ValueError(f"this model reads each slice with its neighbouring slices ({channels} slices of a "
                              "volume, 2.5D); give it a volume (a NIfTI file or a DICOM series) instead of a 2D image")
         warning = self.check_input(image)
-        x = preprocess_image(array if context is None else context, self.preprocessing)[None]  # (1, C, h, w)
+        x = preprocess_image(context if self.preprocessing.context_slices else array, self.preprocessing)[None]
         return array.shape[:2], (x, *self._tokens(text)), warning
 
     def _tokens(self, text: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

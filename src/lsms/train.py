@@ -47,6 +47,7 @@ from lsms.checkpoint import (
 )
 from lsms.config import PAPER_LR, RunConfig, chosen_settings, short_metavars
 from lsms.data import TEXT_LEVELS, Collator, SegmentationDataset
+from lsms.data.config import DataConfig
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.existence import refit_existence_head
@@ -513,37 +514,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE",
                    help="any field of the model's config, repeatable: --model decoder=last --model conv_kernels=[11] "
                         "--model text.freeze=true")
-    g = p.add_argument_group("data")
-    g.add_argument("--image-size", dest="data.image_size", type=int, default=S,
-                   help=f"model input side in pixels, a multiple of 32, at least 64 (default {d.data.image_size})")
-    g.add_argument("--in-channels", dest="data.in_channels", type=int, default=S, choices=(1, 3),
-                   help="input channels (default 1 for CT, else 3)")
-    g.add_argument("--context-slices", dest="data.context_slices", type=int, default=S, metavar="N",
-                   help="2.5D: give the model each slice with N neighbouring slices of its volume on each side as "
-                        "channels (2N+1 channels; the records must name their volume, as lsms synth --volumes "
-                        "writes them); 0: 2D (default)")
-    g.add_argument("--window", dest="data.window", default=S,
-                   help="CT intensity window: a name (liver, abdomen, ...) or WIDTH,LEVEL in HU")
-    g.add_argument("--train-split", dest="data.train_split", default=S, help=f"(default {d.data.train_split})")
-    g.add_argument("--val-split", dest="data.val_split", default=S, help=f"(default {d.data.val_split})")
-    g.add_argument("--text-level", dest="data.text_level", default=S, choices=TEXT_LEVELS, help="training expressions")
-    g.add_argument("--augment", dest="data.augment", action=argparse.BooleanOptionalAction, default=S,
-                   help="training augmentation (paper: none)")
-    g.add_argument("--augmentation", dest="augmentation_overrides", action="append", metavar="KEY=VALUE",
-                   help="Augmentation field, repeatable: --augmentation patch_size=224 --augmentation text_flip=swap "
-                        "(fields: hflip_p, vflip_p, text_flip, patch_size, foreground_p, spatial_p, scale, rotation, "
-                        "contrast, brightness, gamma, noise)")
-    g.add_argument("--num-workers", dest="data.num_workers", type=int, default=S,
-                   help="data-loading processes per training process")
-    g.add_argument("--group-by-image", dest="data.group_by_image", action=argparse.BooleanOptionalAction, default=S,
-                   help="put the expressions of one image in the same batch (same image, different sentences)")
-    g.add_argument("--eval-batch-size", dest="data.eval_batch_size", type=int, default=S,
-                   help="images per validation forward pass (default: --batch-size)")
-    g.add_argument("--allow-outside-root", dest="data.allow_outside_root", action="store_const", const=True, default=S,
-                   help="read files the dataset names outside its folder (off by default: an error)")
-    g.add_argument("--allow-split-leak", dest="data.allow_split_leak", action="store_const", const=True, default=S,
-                   help="train on a dataset whose splits share a patient or an image, with a warning (off by default: "
-                        "an error; validation numbers would overstate the model)")
+    _data_arguments(p.add_argument_group("data"), d.data)
     g = p.add_argument_group("optimisation")
     o = d.optim
     g.add_argument("--epochs", dest="optim.epochs", type=int, default=S, help=f"(default {o.epochs})")
@@ -600,6 +571,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time over all its threads, so that runs on a busy machine get equal compute")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help="tqdm progress bars")
     short_metavars(p)
+
+
+def _data_arguments(g: argparse._ArgumentGroup, dd: DataConfig) -> None:
+    """The data group of :func:`add_arguments` (``dd``: the defaults)."""
+    S = argparse.SUPPRESS
+    g.add_argument("--image-size", dest="data.image_size", type=int, default=S,
+                   help=f"model input side in pixels, a multiple of 32, at least 64 (default {dd.image_size})")
+    g.add_argument("--in-channels", dest="data.in_channels", type=int, default=S, choices=(1, 3),
+                   help="input channels (default 1 for CT, else 3)")
+    g.add_argument("--context-slices", dest="data.context_slices", type=int, default=S, metavar="N",
+                   help="2.5D: give the model each slice with N neighbouring slices of its volume on each side as "
+                        "channels (2N+1; the records name their volume, as lsms synth --volumes writes them; default "
+                        "0: 2D)")
+    g.add_argument("--window", dest="data.window", default=S,
+                   help="CT intensity window: a name (liver, abdomen, ...) or WIDTH,LEVEL in HU")
+    g.add_argument("--train-split", dest="data.train_split", default=S, help=f"(default {dd.train_split})")
+    g.add_argument("--val-split", dest="data.val_split", default=S, help=f"(default {dd.val_split})")
+    g.add_argument("--text-level", dest="data.text_level", default=S, choices=TEXT_LEVELS, help="training expressions")
+    g.add_argument("--augment", dest="data.augment", action=argparse.BooleanOptionalAction, default=S,
+                   help="training augmentation (paper: none)")
+    g.add_argument("--augmentation", dest="augmentation_overrides", action="append", metavar="KEY=VALUE",
+                   help="Augmentation field, repeatable: --augmentation patch_size=224 --augmentation text_flip=swap "
+                        "(fields: hflip_p, vflip_p, text_flip, patch_size, foreground_p, spatial_p, scale, rotation, "
+                        "contrast, brightness, gamma, noise)")
+    g.add_argument("--num-workers", dest="data.num_workers", type=int, default=S,
+                   help="data-loading processes per training process")
+    g.add_argument("--group-by-image", dest="data.group_by_image", action=argparse.BooleanOptionalAction, default=S,
+                   help="put the expressions of one image in the same batch (same image, different sentences)")
+    g.add_argument("--eval-batch-size", dest="data.eval_batch_size", type=int, default=S,
+                   help="images per validation forward pass (default: --batch-size)")
+    g.add_argument("--allow-outside-root", dest="data.allow_outside_root", action="store_const", const=True, default=S,
+                   help="read files the dataset names outside its folder (off by default: an error)")
+    g.add_argument("--allow-split-leak", dest="data.allow_split_leak", action="store_const", const=True, default=S,
+                   help="train on a dataset whose splits share a patient or an image, with a warning (off by default: "
+                        "an error; validation numbers would overstate the model)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
