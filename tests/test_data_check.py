@@ -48,6 +48,8 @@ def make_bad(root: Path) -> Path:
         ("grey", "img/other.png", "msk/grey.png", "word " * 40, "test"),
     ]
     lines = [json.dumps({"id": i, "image": a, "mask": b, "text": t, "split": s}) for i, a, b, t, s in rows]
+    lines.append(json.dumps({"id": "slice", "image": "img/other.png", "mask": "msk/m.png", "text": "a lesion",
+                             "split": "test", "volume_image": "vol/gone.nii.gz", "volume_slice": 3}))
     lines.append(json.dumps({"id": "good", "image": "img/good.png", "mask": "msk/m.png", "text": "x", "split": "train"}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root
@@ -73,7 +75,7 @@ def test_every_problem_is_found_and_named(tmp_path: Path) -> None:
         ("unreadable", "cut"), ("missing-file", "gone"), ("empty-text", "notext"),
     }
     assert expected_errors <= found
-    assert {("empty-mask", "empty"), ("non-binary-mask", "grey"), ("long-text", "grey")} <= found
+    assert {("empty-mask", "empty"), ("non-binary-mask", "grey"), ("long-text", "grey"), ("missing-volume", "slice")} <= found
     lengths = report.token_lengths
     assert lengths["over"] >= 1 and lengths["max"] > 32 >= lengths["median"] and lengths["texts"] >= lengths["over"]
     assert f"max_tokens 32 cuts {lengths['over']}: raise --max-tokens to {lengths['max']}" in report.format_text()
@@ -84,8 +86,9 @@ def test_every_problem_is_found_and_named(tmp_path: Path) -> None:
     assert "gone.png: image file not found" in msg["missing-file"]
     assert "sample 'notext' has an empty text" in msg["empty-text"]
     assert "42 tokens, the tokenizer keeps 32" in msg["long-text"]
-    assert "manifest.jsonl:10: field 'id' 'good' repeats line 1" in msg["duplicate-id"]
-    assert not report.ok and report.counts == {"train": 6, "val": 1, "test": 2}
+    assert "manifest.jsonl:11: field 'id' 'good' repeats line 1" in msg["duplicate-id"]
+    assert "vol/gone.nii.gz not found: a 2.5D model (--context-slices) cannot read" in msg["missing-volume"]
+    assert not report.ok and report.counts == {"train": 6, "val": 1, "test": 3}
     assert all(p.severity == "error" for p in report.problems[: len(report.errors)])  # errors first
 
 
@@ -101,7 +104,7 @@ def test_cli_json_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[
     bad = make_bad(tmp_path / "bad")
     assert _run([str(bad), "--json", "--no-text-check", "--workers", "1"]) == 1
     out = json.loads(capsys.readouterr().out)
-    assert out["counts"] == {"train": 6, "val": 1, "test": 2} and out["ok"] is False
+    assert out["counts"] == {"train": 6, "val": 1, "test": 3} and out["ok"] is False
     assert out["errors"] == len([p for p in out["problems"] if p["severity"] == "error"]) >= 7
     assert {"severity", "code", "message", "file", "id", "split"} == set(out["problems"][0])
 

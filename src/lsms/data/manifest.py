@@ -92,12 +92,16 @@ class Record:
         return None if self.instances is None else self.root / self.instances
 
     @property
+    def volume_image_path(self) -> Path | None:
+        return None if self.volume_image is None else self.root / self.volume_image
+
+    @property
     def context_source(self) -> tuple[Path, int] | None:
         """(volume file, slice index) a 2.5D model reads the neighbouring slices from: ``volume_image`` and
         ``volume_slice`` where set, else the image itself when ``slice_index`` picks a slice of it; None for a 2D
         image without a volume."""
-        if self.volume_image is not None and self.volume_slice is not None:
-            return self.root / self.volume_image, self.volume_slice
+        if self.volume_image_path is not None and self.volume_slice is not None:
+            return self.volume_image_path, self.volume_slice
         if self.slice_index is not None:
             return self.image_path, self.slice_index
         return None

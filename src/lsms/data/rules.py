@@ -165,6 +165,9 @@ def read_sample(r: Record) -> SampleFiles:
             add("error", "nan-inf", "image", f"{r.image_path}: {int((~finite).sum())} NaN/inf pixel value(s)")
         elif float(a.max()) == float(a.min()):
             add("warning", "constant-image", "image", f"{r.image_path}: every pixel is {float(a.min()):g}")
+    if r.volume_image_path is not None and not r.volume_image_path.exists():
+        add("warning", "missing-volume", "volume_image", f"{r.volume_image_path} not found: a 2.5D model "
+            "(--context-slices) cannot read this slice's neighbours (2D training does not need it)")
     out.mask = _read(r, "mask", lambda p: read_mask_image(p, slice_index=r.slice_index), add)
     if r.instances_path is not None:
         out.instances = _read(r, "instances", lambda p: read_label_map(p, slice_index=r.slice_index), add)
