@@ -433,3 +433,43 @@ def test_draw_off_slice_pairs_only_absent_lesions_that_read_as_nothing_visible()
     liver = np.zeros((10, 4, 4), dtype=bool)
     liver[1:9] = True
     assert blank_slices(inst, liver) == [1, 7]  # lesion-free slices 1, 2, 4, 6, 7, 8 of the liver: every 4th
+
+
+# --- on-slice sentences: a slice paired with the volume sentence of a lesion it shows, its section the target ------
+
+
+def test_on_slice_sentences_target_the_lesions_section(sets: dict[str, Path], tmp_path: Path) -> None:
+    from lsms.cli import main
+    from lsms.data import load_samples
+
+    root = tmp_path / "on"
+    generate_volume_dataset(SynthConfig(seed=1, **SMALL), replace(VCFG, on_slice_sentences=True), root, progress=False)
+    before, after = _files(sets["a"]), _files(root)
+    assert after.keys() == before.keys()  # no new file: the targets are the slices' own masks
+    assert sorted(k for k in before if before[k] != after[k]) == ["README.md", "dataset.json", "manifest.jsonl"]
+    old, new = _jsonl(sets["a"] / "manifest.jsonl"), _jsonl(root / "manifest.jsonl")
+    on = [r for r in new if "on_slice_of" in r]
+    assert [r for r in new if "on_slice_of" not in r] == old  # the other records as they were, in order
+    assert on and {r["split"] for r in on} == {"train", "val"}  # the test split is untouched
+    volume_records = {r["id"]: r for r in _jsonl(root / "volumes.jsonl")}
+    by_slice: dict[str, list[dict]] = {}
+    for r in old:
+        by_slice.setdefault(r["slice_id"], []).append(r)
+    for r in on:
+        vr = volume_records[r["on_slice_of"]]
+        label = vr["target_instance"]
+        assert r["target_instance"] == label > 0 and "negative" not in r and vr["volume_id"] == r["volume"]
+        assert r["text"] == vr["texts"]["full"] and all(vr["unique"][lvl] for lvl in r["texts"])
+        section = np.asarray(Image.open(root / r["instances"])) == label
+        assert section.any() and np.array_equal(np.asarray(Image.open(root / r["mask"])) > 0, section)
+        # the slice's own sentence about the same lesion is there too, with the same target
+        assert [x["mask"] for x in by_slice[r["slice_id"]] if x["target_instance"] == label] == [r["mask"]]
+    # every lesion a train/val slice describes, and that has a volume sentence, gets one
+    described = {(r["slice_id"], r["target_instance"]) for r in old if r["split"] != "test" and r["target_instance"]
+                 and f"{r['volume']}_l{r['target_instance']}" in volume_records}
+    assert {(r["slice_id"], r["target_instance"]) for r in on} == described
+    summary = json.loads((root / "dataset.json").read_text())["volumes"]
+    assert summary["settings"]["on_slice_sentences"] is True and sum(summary["on_slice"]["records"].values()) == len(on)
+    assert "on_slice_sentences" not in VolumeConfig().to_dict()
+    assert len(load_samples(root)) == len(new)
+    assert main(["synth", str(tmp_path / "flat"), "--on-slice-sentences"]) == 2  # needs --volumes

@@ -91,7 +91,8 @@ def write_card(out: Path, cfg: SynthConfig, records: list[dict[str, Any]], summa
     """Writes ``README.md`` and ``card/contact_sheet.png`` next to the data; ``extra``: more lines of Markdown
     (the volumes' section) before the examples."""
     negatives = [r for r in records if "negative" in r]
-    records = [r for r in records if "negative" not in r]
+    # the slices' own lesion sentences (a volume sentence paired with a slice, "on_slice_of", is a volume's)
+    records = [r for r in records if "negative" not in r and "on_slice_of" not in r]
     sheet = write_contact_sheet(out, records)
     c = summary["counts"]
     types = Counter(r["attributes"]["type"] for r in records)

@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lesion-free slice within the liver) with up to K volume sentences of lesions NOT on "
                              "that slice, empty target, so that a 2D model learns to answer 'not here' on the slices "
                              "a volume sentence is run on (default %(default)s: none)")
+    parser.add_argument("--on-slice-sentences", action="store_true",
+                        help="with --volumes: pair each slice of the train and val volumes' 2D set with the volume "
+                             "sentence of every lesion it describes too, that lesion's section as the target (the "
+                             "sentences a volume is queried with, on the slices that answer them)")
     parser.add_argument("--val-share", type=float, default=d.val_share, help="share of patients in val (default %(default)s)")
     parser.add_argument("--test-share", type=float, default=d.test_share, help="share of patients in test (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous dataset in OUT")
@@ -95,13 +99,14 @@ def run(args: argparse.Namespace) -> int:
         from lsms.synth.volumes import generate_volume_dataset
 
         vcfg = VolumeConfig(slices=args.volume_slices, slice_mm=args.slice_mm, dicom=args.dicom,
-                            off_slice_negatives=args.off_slice_negatives)
+                            off_slice_negatives=args.off_slice_negatives, on_slice_sentences=args.on_slice_sentences)
         summary = generate_volume_dataset(cfg, vcfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
         log.info("wrote %d volumes / %d volume expressions to %s/volumes.jsonl", cfg.patients,
                  summary["volumes"]["expressions"], args.out)
     elif (args.dicom or args.volume_slices != dv.slices or args.slice_mm != dv.slice_mm
-          or args.off_slice_negatives != dv.off_slice_negatives):
-        raise ValueError("--volume-slices, --slice-mm, --dicom and --off-slice-negatives need --volumes")
+          or args.off_slice_negatives != dv.off_slice_negatives or args.on_slice_sentences):
+        raise ValueError("--volume-slices, --slice-mm, --dicom, --off-slice-negatives and --on-slice-sentences need "
+                         "--volumes")
     else:
         summary = generate_dataset(cfg, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     c = summary["counts"]

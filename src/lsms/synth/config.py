@@ -128,6 +128,9 @@ class VolumeConfig(DictRoundTrip):
             slice paired with the volume sentence of a lesion of the volume that has no voxel on it, with an
             empty target, on the 2D set's slices and on every 4th lesion-free slice of the liver's z-range
             (:mod:`lsms.synth.off_slice`). 0: none (the output is what it was before the setting existed).
+        on_slice_sentences: each slice of the train and val volumes' 2D set also gets, for every lesion it
+            describes, that lesion's volume sentence with its section on the slice as the target (the sentences
+            a volume is queried with, where the slice has an answer). False: none (the output as before).
     """
 
     settings_name: ClassVar[str] = "volume settings"
@@ -136,6 +139,7 @@ class VolumeConfig(DictRoundTrip):
     slice_mm: float = 2.5
     dicom: bool = False
     off_slice_negatives: int = 0
+    on_slice_sentences: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slice_mm", float(self.slice_mm))
@@ -147,9 +151,11 @@ class VolumeConfig(DictRoundTrip):
             raise ValueError(f"--slice-mm must be between 0.5 and 10 mm, got {self.slice_mm}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings; ``off_slice_negatives`` is left out at 0, so ``dataset.json`` of a volume set without
-        them reads as before the setting existed (``from_dict`` restores the default)."""
+        """The settings; ``off_slice_negatives`` at 0 and ``on_slice_sentences`` off are left out, so
+        ``dataset.json`` of a volume set without them reads as before the settings existed (``from_dict``
+        restores the defaults)."""
         d = super().to_dict()
-        if not self.off_slice_negatives:
-            del d["off_slice_negatives"]
+        for name in ("off_slice_negatives", "on_slice_sentences"):
+            if not d[name]:
+                del d[name]
         return d

@@ -15,6 +15,11 @@ Which pairs (``VolumeConfig.off_slice_negatives`` = K, train and val volumes onl
   (:func:`lsms.synth.negatives.describes_nothing` on the slice's sections: the sentence must not read as the
   description of a lesion the slice shows);
 * slice ``k`` draws from its own stream ``(i, 0, OFF_SLICE_STREAM, k)``, so nothing else in the output changes.
+
+Their counterpart (``VolumeConfig.on_slice_sentences``): each slice of the train and val volumes' 2D set paired
+with the volume sentence of every lesion it describes, that lesion's section on the slice as the target, so
+that the 2D model is trained on the sentences it is run with on a volume, on the slices where they have an
+answer as well as on those where they have none.
 """
 
 from __future__ import annotations
@@ -59,15 +64,20 @@ def draw_off_slice(facts: list[LesionFacts], full_slots: list[list[str]], sectio
     return sorted(candidates[int(a)] for a in picked)
 
 
-def off_slice_record(volume_record: dict[str, Any], common: dict[str, Any], mask: str) -> dict[str, Any]:
+def volume_sentence_record(volume_record: dict[str, Any], common: dict[str, Any], mask: str, target: int = 0
+                           ) -> dict[str, Any]:
     """The 2D record pairing a slice (``common``: its shared fields) with a volume lesion's record: its full
     sentence as ``text``, its levels that single the lesion out in the volume as ``texts`` (with their
-    ``slots``), its paraphrases; ``target_instance`` 0, the empty ``mask``, ``negative`` "off_slice" and
-    ``off_slice_of`` the volume record's id; ``attributes`` are the volume record's (3D measures)."""
+    ``slots``), its paraphrases; ``attributes`` are the volume record's (3D measures).
+
+    ``target`` 0: an off-slice negative (the lesion has no voxel on the slice): ``target_instance`` 0, the empty
+    ``mask``, ``negative`` "off_slice" and ``off_slice_of`` the volume record's id. Else the lesion's label on a
+    slice that shows it (``VolumeConfig.on_slice_sentences``): ``mask`` its section on the slice, ``on_slice_of``
+    the volume record's id."""
     v = volume_record
     levels = [lvl for lvl in v["texts"] if lvl == "full" or v["unique"][lvl]]
     attributes = {**v["attributes"], "slots": {lvl: v["attributes"]["slots"][lvl] for lvl in levels}}
-    return {"id": f"{common['slice_id']}_o{v['target_instance']}", "mask": mask, "text": v["text"],
-            "texts": {lvl: v["texts"][lvl] for lvl in levels}, "target_instance": 0, "negative": OFF_SLICE,
-            "off_slice_of": v["id"], "attributes": attributes, **common,
-            **({"variants": v["variants"]} if v.get("variants") else {})}
+    of = {"on_slice_of": v["id"]} if target else {"negative": OFF_SLICE, "off_slice_of": v["id"]}
+    return {"id": f"{common['slice_id']}_{'v' if target else 'o'}{v['target_instance']}", "mask": mask,
+            "text": v["text"], "texts": {lvl: v["texts"][lvl] for lvl in levels}, "target_instance": target, **of,
+            "attributes": attributes, **common, **({"variants": v["variants"]} if v.get("variants") else {})}

@@ -60,7 +60,7 @@ from lsms.synth.off_slice import (
     OFF_SLICE_STREAM,
     blank_slices,
     draw_off_slice,
-    off_slice_record,
+    volume_sentence_record,
 )
 from lsms.synth.volume_files import save_nifti, write_dicom_series
 
@@ -333,8 +333,11 @@ def write_volume(out: Path, v: VolumeSample, split: str, cfg: SynthConfig, vcfg:
     slice_records = []
     for k, s in sorted(v.slices + v.blank, key=lambda ks: ks[0]):
         rs = write_slice(out, s, split, cfg.spacing_mm)
-        rs += [off_slice_record(by_label[label], slice_common(s, split, cfg.spacing_mm), EMPTY_MASK)
-               for label in v.off_slice.get(k, ())]
+        shared = slice_common(s, split, cfg.spacing_mm)
+        if vcfg.on_slice_sentences and split in OFF_SLICE_SPLITS:
+            rs += [volume_sentence_record(by_label[r["target_instance"]], shared, r["mask"], r["target_instance"])
+                   for r in list(rs) if r["target_instance"] in by_label and "negative" not in r]
+        rs += [volume_sentence_record(by_label[label], shared, EMPTY_MASK) for label in v.off_slice.get(k, ())]
         for r in rs:
             r.update({"volume": vid, "volume_image": common["image"], "volume_slice": k,
                       "n_lesions": int(len(np.unique(s.instances)) - 1)})
@@ -400,6 +403,9 @@ def generate_volume_dataset(cfg: SynthConfig, vcfg: VolumeConfig, out: str | Pat
             "on_lesion_free_slices": sum(r["n_lesions"] == 0 for r in off),
             "lesion_free_slices": n_blank,
         }
+    if vcfg.on_slice_sentences:
+        on = [r for r in slice_records if "on_slice_of" in r]
+        summary["volumes"]["on_slice"] = {"records": {sp: sum(r["split"] == sp for r in on) for sp in OFF_SLICE_SPLITS}}
     (out / "dataset.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_card(out, replace(cfg, slices_per_patient=vcfg.slices), slice_records, summary,
                extra=volume_card_lines(summary, volume_records, extents))
