@@ -336,7 +336,7 @@ def write_volume(out: Path, v: VolumeSample, split: str, cfg: SynthConfig, vcfg:
         shared = slice_common(s, split, cfg.spacing_mm)
         if vcfg.on_slice_sentences and split in OFF_SLICE_SPLITS:
             rs += [volume_sentence_record(by_label[r["target_instance"]], shared, r["mask"], r["target_instance"])
-                   for r in list(rs) if r["target_instance"] in by_label and "negative" not in r]
+                   for r in rs if r["target_instance"] in by_label]  # the slice's lesion records (negatives: 0)
         rs += [volume_sentence_record(by_label[label], shared, EMPTY_MASK) for label in v.off_slice.get(k, ())]
         for r in rs:
             r.update({"volume": vid, "volume_image": common["image"], "volume_slice": k,
