@@ -4,6 +4,7 @@
     python benchmarks/ablations.py --jobs 2     # the demo with seeds 0, 1, 2, then every other row with 0 and 1
     python benchmarks/ablations.py --rows full --demo-seeds 3 4            # more seeds of the demo
     python benchmarks/ablations.py --rows fp32 --seeds 0 1 2               # fp32 at the same steps
+    python benchmarks/ablations.py --rows full other-lesions-20 --demo-seeds 1 --seeds 1 --steps 818  # 818 steps each
     python benchmarks/ablations.py --report                                # tables from the runs there are
 
 Every (row, seed) is ``lsms demo`` (:func:`lsms.demo.run_demo`: the same data, recipe, 15-minute budget,
@@ -53,6 +54,10 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                           "the Dice term over every sentence, those that match nothing too (the recipe: lesions only)"),
     "gate-lr-10": ({"optim": {"gate_lr_scale": 10.0}}, None,
                    "the language gates at 10 x the learning rate (`--gate-lr-scale 10`), at the demo's steps"),
+    "other-lesions-5": ({"loss": {"other_lesion_weight": 5.0}}, None,
+                        "the pixels of the lesions a sentence does not name weigh 5 in the focal term"),
+    "other-lesions-20": ({"loss": {"other_lesion_weight": 20.0}}, None,
+                         "the pixels of the lesions a sentence does not name weigh 20 in the focal term"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -68,7 +73,7 @@ REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
 SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
               "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full",
-              "negatives-1.0": "full"}
+              "negatives-1.0": "full", "other-lesions-5": "full", "other-lesions-20": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -83,8 +88,9 @@ COLUMNS = [  # (key in metrics.json, label)
 ]
 
 
-def run_one(row: str, seed: int, out: Path) -> None:
-    """One demo run with the row's model switch (in this process)."""
+def run_one(row: str, seed: int, out: Path, steps: int | None = None) -> None:
+    """One demo run with the row's model switch (in this process); ``steps``: a step schedule over that many
+    steps instead of the row's reference (:data:`SAME_STEPS`) or the 15-minute budget."""
     import dataclasses
     import logging
 
@@ -104,9 +110,10 @@ def run_one(row: str, seed: int, out: Path) -> None:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model,
                                                              loss=loss, optim=optim))
     steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
-    same_steps_as = SAME_STEPS[row] if row in SAME_STEPS and steps_of.is_file() else None
-    if same_steps_as:  # a step schedule over those steps, no time limit
-        optim = dataclasses.replace(cfg.train.optim, max_steps=json.loads(steps_of.read_text())["train_summary"]["step"])
+    same_steps_as = SAME_STEPS[row] if row in SAME_STEPS and steps_of.is_file() and steps is None else None
+    if same_steps_as or steps:  # a step schedule over those steps, no time limit
+        steps = steps or json.loads(steps_of.read_text())["train_summary"]["step"]
+        optim = dataclasses.replace(cfg.train.optim, max_steps=steps)
         cfg = dataclasses.replace(cfg, epochs=1000, budget_minutes=10 * cfg.budget_minutes,
                                   train=dataclasses.replace(cfg.train, optim=optim))
     if row == "fp32":
@@ -116,10 +123,10 @@ def run_one(row: str, seed: int, out: Path) -> None:
     write_json(out / "bench.json", {"row": row, "seed": seed, "cpu_s": time.process_time() - cpu,
                                     "wall_s": time.perf_counter() - wall, "load_start": load,
                                     "load_end": os.getloadavg(), "threads": os.environ.get("OMP_NUM_THREADS"),
-                                    "same_steps_as": same_steps_as})
+                                    "same_steps_as": same_steps_as, "steps": steps})
 
 
-def launch(row: str, seed: int, cache: Path, threads: int) -> None:
+def launch(row: str, seed: int, cache: Path, threads: int, steps: int | None = None) -> None:
     out = cache / row / f"seed{seed}"
     if (out / "metrics.json").is_file() and (out / "bench.json").is_file():
         print(f"{row} seed {seed}: cached", flush=True)
@@ -129,7 +136,8 @@ def launch(row: str, seed: int, cache: Path, threads: int) -> None:
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     print(f"{row} seed {seed}: running in {out}", flush=True)
     with open(out / "run.log", "w") as log:
-        rc = subprocess.run([sys.executable, __file__, "--one", row, str(seed), "--cache", str(cache)],
+        rc = subprocess.run([sys.executable, __file__, "--one", row, str(seed), "--cache", str(cache),
+                             *(["--steps", str(steps)] if steps else [])],
                             env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     status = "done" if rc == 0 else f"FAILED (rc {rc}, see {out / 'run.log'})"
     print(f"{row} seed {seed}: {status}", flush=True)
@@ -252,7 +260,8 @@ def report(cache: Path, rescore: bool = True, name: str = "demo-ablations", refi
              "with the threads and beside the machine's load its row gives (`--jobs` runs at a time). "
              + same_steps_sentence(runs) + "Dice / ref. acc. are over the expressions of lesions; existence over "
              "lesions and negative sentences (the test split's 235-238: one of each kind per slice), at the "
-             "thresholds chosen on val, re-scored with today's data and code; 'held-out wording' is the same test "
+             "thresholds chosen on val" + (", re-scored with today's data and code" if rescore else ", as each run "
+                                           "scored them") + "; 'held-out wording' is the same test "
              "split reworded with `phrasings-heldout.yaml`.", ""]
     if "full" in runs:
         lines += ["## The demo (`make demo`) over seeds", "", "| seed | " + " | ".join(lab for _, lab in COLUMNS) +
@@ -288,13 +297,18 @@ def same_steps_sentence(runs: dict[str, list[dict]]) -> str:
         recorded = {r["bench"]["same_steps_as"] for r in runs[row] if "same_steps_as" in r["bench"]}
         return recorded.pop() if len(recorded) == 1 else (SAME_STEPS[row] if SAME_STEPS[row] in runs else None)
 
+    fixed = sorted({r["bench"]["steps"] for rs in runs.values() for r in rs
+                    if r["bench"].get("steps") and not r["bench"].get("same_steps_as")})
     by_reference: dict[str | None, list[str]] = {}
-    for row in (r for r in SAME_STEPS if r in runs):
+    for row in (r for r in SAME_STEPS if r in runs and not any(x["bench"].get("steps") for x in runs[r])):
         by_reference.setdefault(reference(row), []).append(row)
     timed = by_reference.pop(None, [])
     stepped = "".join(sentence(rows, f"for the steps the same seed's `{ref}` run made in its 15 minutes (a step "
                                      "schedule, no time limit): compared at equal steps whatever the load")
                       for ref, rows in by_reference.items())
+    stepped += "".join(sentence(sorted(r for r, rs in runs.items() if any(x["bench"].get("steps") == n and not
+                                                                      x["bench"].get("same_steps_as") for x in rs)),
+                                f"on a step schedule over {n} steps (`--steps {n}`, no time limit)") for n in fixed)
     return stepped + sentence(timed, "with the 15-minute budget, as `make demo` does: the steps depend on the load")
 
 
@@ -372,18 +386,21 @@ def main() -> int:
     p.add_argument("--refit", action="store_true",
                    help="also score each run with an existence head with the head fit anew on its frozen network, as "
                         "training does at its end since (cached in RUN/run-refit, RUN/existence-refit.json)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="every row (the demo's too) on a step schedule over N steps, no time limit (default: the "
+                        "rows of SAME_STEPS for the steps of their reference's run, the others in 15 minutes)")
     p.add_argument("--one", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         row, seed = args.one[0], int(args.one[1])
-        run_one(row, seed, args.cache / row / f"seed{seed}")
+        run_one(row, seed, args.cache / row / f"seed{seed}", args.steps)
         return 0
     if not args.report:
         threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
         order = [("full", seed) for seed in args.demo_seeds if "full" in args.rows]
         order += [(row, seed) for seed in args.seeds for row in args.rows if row != "full"]  # first seeds first
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda rs: launch(rs[0], rs[1], args.cache, threads), order))
+            list(pool.map(lambda rs: launch(rs[0], rs[1], args.cache, threads, args.steps), order))
     report(args.cache, rescore=not args.no_rescore, name=args.out, refit=args.refit)
     return 0
 

@@ -13,6 +13,7 @@ from lsms.losses import (
     _sample_indices,
     boundary_band,
     boundary_weighted_dice_loss,
+    other_lesions,
     sigmoid_focal_loss,
     vision_language_contrastive_loss,
 )
@@ -262,6 +263,30 @@ def test_lsms_loss_without_text():
     assert out["loss"].item() == pytest.approx(0.15625 * LN2 + 2.4 / 4.6, rel=1e-6)
 
 
+def test_other_lesions_are_the_lesions_the_sentence_does_not_name():
+    instances = torch.tensor([[[0, 1, 2, -1]], [[0, 1, 2, -1]], [[0, 1, 2, -1]], [[-1, -1, -1, -1]]])  # (4, 1, 4)
+    target = torch.tensor([1, 2, 0, -1])  # lesion 1, lesion 2, a sentence that names none, no label map
+    others = other_lesions(instances, target)
+    assert others.shape == (4, 1, 1, 4) and others.dtype == torch.bool
+    assert others[:, 0, 0].tolist() == [[False, False, True, False], [False, True, False, False],
+                                        [False, True, True, False], [False, False, False, False]]
+
+
+def test_other_lesions_weigh_in_the_focal_term_only():
+    # two lesions, the sentence names the left one; the mask is drawn on both
+    target, others = _mask([[1, 0, 0, 0]]), _mask([[0, 0, 1, 0]]).bool()
+    logits = torch.tensor([[[[4.0, -4.0, 4.0, -4.0]]]])
+    plain = LSMSLoss(LossConfig())(logits, target, others=others)
+    weighted = LSMSLoss(LossConfig(other_lesion_weight=5.0))(logits, target, others=others)
+    assert weighted["dice"].item() == plain["dice"].item()
+    # the focal mean over 4 pixels gains 4 x the other lesion's pixel term: 0.75 * sigmoid(4)^2 * softplus(4) / 4
+    other_pixel = 0.75 * torch.sigmoid(torch.tensor(4.0)) ** 2 * torch.nn.functional.softplus(torch.tensor(4.0)) / 4
+    assert weighted["focal"].item() == pytest.approx(plain["focal"].item() + 4 * other_pixel.item(), rel=1e-5)
+    # without others (no instance map), or at weight 1, the paper's loss
+    assert LSMSLoss(LossConfig(other_lesion_weight=5.0))(logits, target)["loss"].item() == plain["loss"].item()
+    assert plain["focal"].item() == sigmoid_focal_loss(logits, target).item()
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -275,6 +300,7 @@ def test_lsms_loss_without_text():
         ({"tau": 0.0}, "tau"),
         ({"max_positive": 0}, "max_positive"),
         ({"max_negative": 0}, "max_negative"),
+        ({"other_lesion_weight": -1.0}, "other_lesion_weight"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
@@ -309,10 +335,11 @@ def test_losses_run_in_float32_outside_autocast():
     seen: dict[str, object] = {}
 
     class Spy(LSMSLoss):
-        def forward(self, logits, mask, features=None, text_embedding=None, existence=None):
+        def forward(self, logits, mask, features=None, text_embedding=None, existence=None, others=None):
             seen["autocast"] = torch.is_autocast_enabled("cpu")
             seen["similarity"] = torch.einsum("bc,bc->b", features.mean((2, 3)), text_embedding).dtype
-            return super().forward(logits, mask, features=features, text_embedding=text_embedding, existence=existence)
+            return super().forward(logits, mask, features=features, text_embedding=text_embedding, existence=existence,
+                                   others=others)
 
     model = build_model("tiny", **tiny_model_kwargs())
     tok = model.tokenize(["a cyst", "a nodule"])
@@ -322,3 +349,28 @@ def test_losses_run_in_float32_outside_autocast():
         losses = TrainingStep(model, Spy())(image, mask, tok["input_ids"], tok["attention_mask"])
     assert seen == {"autocast": False, "similarity": torch.float32}
     assert all(v.dtype == torch.float32 for v in losses.values())
+
+
+def test_train_step_gives_the_loss_the_other_lesions_of_the_batch():
+    from lsms.optim import train_step
+
+    seen = {}
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, image, mask, input_ids, attention_mask, coords=None, others=None):
+            seen["others"] = others
+            return {"loss": self.w * image.mean()}
+
+    step = Step()
+    optimizer = torch.optim.SGD([{"params": step.parameters(), "lr_scale": 1.0}], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = {"image": torch.ones(2, 1, 1, 3), "mask": torch.zeros(2, 1, 1, 3),
+             "instances": torch.tensor([[[0, 1, 2]], [[0, 1, 2]]]), "target_instance": torch.tensor([2, 0])}
+    train_step(step, optimizer, scaler, batch, lr=0.1)
+    assert seen["others"][:, 0, 0].tolist() == [[False, True, False], [False, True, True]]
+    train_step(step, optimizer, scaler, {"image": batch["image"], "mask": batch["mask"]}, lr=0.1)
+    assert seen["others"] is None  # a batch without instance maps (a plain segmentation dataset)

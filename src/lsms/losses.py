@@ -9,6 +9,9 @@
 - :func:`vision_language_contrastive_loss`: pixel-to-text InfoNCE on the decoder features, tau 0.1. **[decision]**
   the printed Eq. 14 has no log; the InfoNCE (log) form is used.
 - :class:`LSMSLoss` combines them with the weight alpha = 0.125 (``LossConfig.contrastive_weight``).
+- **[addition]** ``other_lesion_weight``: in the focal term, the pixels of the lesions the sentence does *not* name
+  (from the instance label map) weigh this much (:func:`other_lesions`). A sentence picks one lesion of several;
+  a mask on a neighbour of the same type is the referring error the plain loss counts like any background pixel.
 - **[addition]** with a model that has an existence head (``existence_head``), a class-balanced binary
   cross-entropy (:func:`balanced_bce`) of its logit against "the target is not empty", weight
   ``LossConfig.existence_weight``; a model without the head trains with the paper's loss.
@@ -31,6 +34,7 @@ __all__ = [
     "balanced_bce",
     "boundary_band",
     "boundary_weighted_dice_loss",
+    "other_lesions",
     "sigmoid_focal_loss",
     "vision_language_contrastive_loss",
 ]
@@ -58,6 +62,10 @@ class LossConfig(DictRoundTrip):
             any mask drawn, so with many negatives in a batch predicting nothing everywhere is the cheapest
             answer early in training. False: the Dice term is the mean over the images with a lesion only, and
             negatives are taught by the focal term (and the existence head).
+        other_lesion_weight: weight, in the focal term, of the pixels of lesions other than the referred one
+            (**[addition]**; needs the instance label map of a referring dataset, ignored without one; 1: every
+            background pixel alike, the paper's loss). For a sentence that matches nothing, every lesion on the
+            image is such a pixel.
     """
 
     settings_name: ClassVar[str] = "loss settings"
@@ -73,6 +81,7 @@ class LossConfig(DictRoundTrip):
     max_negative: int = 512
     existence_weight: float = 1.0
     empty_target_dice: bool = True
+    other_lesion_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focal_alpha <= 1.0:
@@ -94,6 +103,8 @@ class LossConfig(DictRoundTrip):
             raise ValueError(f"max_negative must be >= 1, got {self.max_negative}")
         if self.existence_weight < 0:
             raise ValueError(f"existence_weight must be >= 0, got {self.existence_weight}")
+        if self.other_lesion_weight < 0:
+            raise ValueError(f"other_lesion_weight must be >= 0, got {self.other_lesion_weight}")
 
 
 def _check_kernel(kernel: int) -> None:
@@ -101,23 +112,25 @@ def _check_kernel(kernel: int) -> None:
         raise ValueError(f"boundary_kernel must be a positive odd int (3, 5, ...), got {kernel!r}")
 
 
-def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       weight: Tensor | None = None) -> Tensor:
     """Sigmoid focal loss, mean over all pixels (paper Eq. 13, first term).
 
     ``FL = -a_t (1 - p_t)^gamma log(p_t)`` with ``p = sigmoid(logits)``, ``p_t = p`` where the target is 1 and
     ``1 - p`` where it is 0, ``a_t = alpha`` on positives and ``1 - alpha`` on negatives.
 
-    The definition is exactly that of ``monai.losses.FocalLoss(gamma=gamma, alpha=alpha, use_softmax=False,
-    reduction="mean")`` on a single-channel binary target (and of ``torchvision.ops.sigmoid_focal_loss`` with
-    ``reduction="mean"``); ``tests/test_losses.py`` checks the equality. It is written out here (same stable
-    formulation as MONAI's) because ``import monai`` costs seconds (it pulls in its network zoo and
-    transformers) and the formula is four lines.
+    Without ``weight`` the definition is exactly that of ``monai.losses.FocalLoss(gamma=gamma, alpha=alpha,
+    use_softmax=False, reduction="mean")`` on a single-channel binary target (and of
+    ``torchvision.ops.sigmoid_focal_loss`` with ``reduction="mean"``); ``tests/test_losses.py`` checks the
+    equality. It is written out here (same stable formulation as MONAI's) because ``import monai`` costs seconds
+    (it pulls in its network zoo and transformers) and the formula is four lines.
 
     Args:
         logits: raw scores, (B, 1, H, W).
         target: binary mask of the same shape.
         alpha: weight of the positive class.
         gamma: focusing exponent.
+        weight: per-pixel weights broadcastable to ``logits`` (None: all 1); the mean stays over all pixels.
 
     Returns:
         Scalar loss.
@@ -127,7 +140,16 @@ def sigmoid_focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamm
     # (1 - p_t)^gamma = exp(gamma * log sigmoid(-x)) on positives, exp(gamma * log sigmoid(x)) on negatives
     modulating = torch.exp(gamma * F.logsigmoid(-logits * (2.0 * target - 1.0)))
     alpha_t = alpha * target + (1.0 - alpha) * (1.0 - target)
+    if weight is not None:
+        alpha_t = alpha_t * weight
     return (alpha_t * modulating * bce).mean()
+
+
+def other_lesions(instances: Tensor, target_instance: Tensor) -> Tensor:
+    """Where the lesions the sentence does not name are: instance label map (B, H, W) (0 background, k lesion k,
+    -1 unknown or outside the image) and the referred label per sample (B,) (0: the sentence names none, -1: no
+    map) -> bool (B, 1, H, W)."""
+    return ((instances > 0) & (instances != target_instance.view(-1, 1, 1))).unsqueeze(1)
 
 
 def boundary_band(target: Tensor, kernel: int = 3) -> Tensor:
@@ -297,6 +319,7 @@ class LSMSLoss(nn.Module):
         text_embedding: Tensor | None = None,
         generator: torch.Generator | None = None,
         existence: Tensor | None = None,
+        others: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """(B,1,H,W) logits and target [+ (B,C,h,w) features, (B,C) text, (B,) existence] -> dict of scalar losses.
 
@@ -308,6 +331,8 @@ class LSMSLoss(nn.Module):
             text_embedding: projected text vector, (B, C).
             generator: CPU random generator for the contrastive pixel sampling.
             existence: the existence head's logits (B,); None: no existence term (a model without the head).
+            others: where the lesions the sentence does not name are, bool (B, 1, H, W) (:func:`other_lesions`);
+                their pixels weigh ``other_lesion_weight`` in the focal term. None: no such weighting.
 
         Returns:
             ``{"loss", "focal", "dice", "contrastive", "existence"}``; ``loss = focal + dice + contrastive_weight
@@ -315,7 +340,10 @@ class LSMSLoss(nn.Module):
         """
         cfg = self.config
         self._check_inputs(logits, target, features, text_embedding)
-        focal = sigmoid_focal_loss(logits, target, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        weight = None
+        if others is not None and cfg.other_lesion_weight != 1.0:
+            weight = 1.0 + (cfg.other_lesion_weight - 1.0) * others.to(torch.float32)
+        focal = sigmoid_focal_loss(logits, target, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, weight=weight)
         dice = boundary_weighted_dice_loss(
             logits,
             target,

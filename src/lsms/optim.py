@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lsms.config import OptimConfig
+from lsms.losses import other_lesions
 from lsms.model.encoder import LanguageGuidedBranch
 
 
@@ -189,9 +190,10 @@ class TrainingStep(nn.Module):
         self.criterion = criterion
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None,
-                attention_mask: torch.Tensor | None, coords: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """image (B, C, H, W), mask (B, 1, H, W), ids/mask (B, T), coords (B, 2, H, W) of training patches
-        -> the loss dict of :class:`LSMSLoss`."""
+                attention_mask: torch.Tensor | None, coords: torch.Tensor | None = None,
+                others: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """image (B, C, H, W), mask (B, 1, H, W), ids/mask (B, T), coords (B, 2, H, W) of training patches,
+        others (B, 1, H, W) the lesions the sentence does not name -> the loss dict of :class:`LSMSLoss`."""
         out = self.model.forward_features(image, input_ids, attention_mask, coords)
         use_contrastive = out.text_embedding is not None and self.criterion.config.contrastive_weight > 0
         with torch.autocast(device_type=image.device.type, enabled=False):
@@ -199,7 +201,7 @@ class TrainingStep(nn.Module):
                 out.logits.float(), mask,
                 features=out.decoder.float() if use_contrastive else None,
                 text_embedding=out.text_embedding.float() if use_contrastive else None,
-                existence=out.existence.float() if out.existence is not None else None,
+                existence=out.existence.float() if out.existence is not None else None, others=others,
             )
 
 
@@ -214,9 +216,11 @@ def train_step(step_module: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
     image = batch["image"]
+    instances, target = batch.get("instances"), batch.get("target_instance")
+    others = None if instances is None or target is None else other_lesions(instances, target)
     with autocast(image.device, dtype):
         losses = step_module(image, batch["mask"], batch.get("input_ids"), batch.get("attention_mask"),
-                             batch.get("coords"))
+                             batch.get("coords"), others)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     if grad_clip > 0:
