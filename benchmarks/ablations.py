@@ -297,17 +297,18 @@ def same_steps_sentence(runs: dict[str, list[dict]]) -> str:
         recorded = {r["bench"]["same_steps_as"] for r in runs[row] if "same_steps_as" in r["bench"]}
         return recorded.pop() if len(recorded) == 1 else (SAME_STEPS[row] if SAME_STEPS[row] in runs else None)
 
-    fixed = sorted({r["bench"]["steps"] for rs in runs.values() for r in rs
-                    if r["bench"].get("steps") and not r["bench"].get("same_steps_as")})
+    def given(r: dict) -> int | None:  # the steps of `--steps N` (a SAME_STEPS run records its reference's too)
+        return None if r["bench"].get("same_steps_as") else r["bench"].get("steps")
+
+    fixed = sorted({n for rs in runs.values() for r in rs if (n := given(r))})
     by_reference: dict[str | None, list[str]] = {}
-    for row in (r for r in SAME_STEPS if r in runs and not any(x["bench"].get("steps") for x in runs[r])):
+    for row in (r for r in SAME_STEPS if r in runs and not any(given(x) for x in runs[r])):
         by_reference.setdefault(reference(row), []).append(row)
     timed = by_reference.pop(None, [])
     stepped = "".join(sentence(rows, f"for the steps the same seed's `{ref}` run made in its 15 minutes (a step "
                                      "schedule, no time limit): compared at equal steps whatever the load")
                       for ref, rows in by_reference.items())
-    stepped += "".join(sentence(sorted(r for r, rs in runs.items() if any(x["bench"].get("steps") == n and not
-                                                                      x["bench"].get("same_steps_as") for x in rs)),
+    stepped += "".join(sentence(sorted(r for r, rs in runs.items() if any(given(x) == n for x in rs)),
                                 f"on a step schedule over {n} steps (`--steps {n}`, no time limit)") for n in fixed)
     return stepped + sentence(timed, "with the 15-minute budget, as `make demo` does: the steps depend on the load")
 
