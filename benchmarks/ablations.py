@@ -58,6 +58,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                         "the pixels of the lesions a sentence does not name weigh 5 in the focal term"),
     "other-lesions-20": ({"loss": {"other_lesion_weight": 20.0}}, None,
                          "the pixels of the lesions a sentence does not name weigh 20 in the focal term"),
+    "coord-embed": ({"coord_embed": True}, None,
+                    "the pixel positions (x, y) added to each encoder stage's input (`--model coord_embed=true`)"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -73,7 +75,8 @@ REFERENCE = {"fp32": "no-existence-head"}
 # rows run for the steps the same seed's run of this row made (a step schedule over them, no time limit)
 SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
               "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full",
-              "negatives-1.0": "full", "other-lesions-5": "full", "other-lesions-20": "full"}
+              "negatives-1.0": "full", "other-lesions-5": "full", "other-lesions-20": "full",
+              "coord-embed": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),

@@ -10,6 +10,8 @@ before and after.
     python benchmarks/throughput.py --sizes 224 --threads 1 --steps 4 --before 0fbbc10
     python benchmarks/throughput.py --sizes 480 --models tiny unet --threads 1 --steps 3 --before 0fbbc10 --append
     python benchmarks/throughput.py --sizes 224 --models tiny unet --threads 2 --steps 4 --before 0fbbc10 --append
+    # greyscale images (CT): docs/results/throughput-one-channel.md
+    python benchmarks/throughput.py --channels 1 --models tiny --sizes 128 224 --threads 1 --precisions fp32 --steps 5 --before 0d121c8 --out throughput-one-channel
 
 Each row runs in its own process (clean thread settings and memory; ``--before`` rows import the package from a
 ``git archive`` of that commit; both are timed by this checkout's :func:`lsms.profile.time_training_step`). Batch
@@ -51,16 +53,19 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     profile_now = sys.modules["profile_now"] = importlib.util.module_from_spec(loader)  # dataclasses need it there
     loader.loader.exec_module(profile_now)
     return profile_now.time_training_step(spec["model"], spec["size"], spec["text"], BATCH, spec["precision"],
-                                          spec["steps"], operators=15 if spec.get("profile") else 0)
+                                          spec["steps"], in_channels=spec.get("channels", 3),
+                                          operators=15 if spec.get("profile") else 0)
 
 
-def matmul_peaks(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """GFLOP per CPU second of the fastest of ``repeats`` n^3 matmuls, fp32 and bf16, with ``threads`` threads."""
+def matmul_peaks(threads: int, precisions: list[str], n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP per CPU second of the fastest of ``repeats`` n^3 matmuls in each of ``precisions`` (fp32, bf16), with
+    ``threads`` threads."""
     import torch
 
     torch.set_num_threads(threads)
     peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
         times = []
@@ -105,7 +110,7 @@ def rows_wanted(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for threads in args.threads:
                     for precision in args.precisions:
                         rows.append({"model": model, "text": text, "size": size, "threads": threads,
-                                     "precision": precision, "steps": args.steps})
+                                     "precision": precision, "steps": args.steps, "channels": args.channels})
     return rows
 
 
@@ -121,9 +126,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Took {result['minutes']:.1f} min.",
         "",
         "Matmul peaks measured in this run (2048^3, fastest of 5, GFLOP per CPU second): "
-        + "; ".join(f"{t} thread(s): fp32 {p['fp32']:.0f}, bf16 {p['bf16']:.0f}" for t, p in peaks.items()) + ".",
+        + "; ".join(f"{t} thread(s): " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) for t, p in peaks.items())
+        + ".",
         "",
-        f"One step = forward + backward + AdamW on a batch of {BATCH} (random images and masks; text models: one "
+        f"One step = forward + backward + AdamW on a batch of {BATCH} (random images of "
+        f"{result.get('channels', 3)} channel(s) and masks; text models: one "
         "32-token sentence per image, text encoder trained). CPU s: median CPU seconds of this process per step "
         "(with 2 threads, the CPU time of both). GFLOP: 3 x the forward's counted FLOPs. % peak: achieved GFLOP "
         "per CPU second over the peak of the same precision and thread count. "
@@ -157,6 +164,8 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up)")
+    parser.add_argument("--channels", type=int, default=3,
+                        help="channels of the random images (1: a greyscale image such as CT; default 3)")
     parser.add_argument("--before", metavar="COMMIT", help="also time the rows with the package of this commit")
     parser.add_argument("--before-threads", nargs="+", type=int, default=[1],
                         help="thread counts whose rows get a --before measurement (default 1)")
@@ -180,18 +189,21 @@ def main() -> None:
     result: dict[str, Any] = {
         "machine": {**machine(), "bf16": ("native, " if native else "emulated, ") + evidence},
         "commands": [command_line()], "date": time.strftime("%Y-%m-%d"), "before": args.before,
-        "loadavg_start": load0, "peaks": {}, "rows": [], "operators": {},
+        "loadavg_start": load0, "peaks": {}, "rows": [], "operators": {}, "channels": args.channels,
     }
     if args.append:
         earlier = json.loads((RESULTS / f"{args.out}.json").read_text())
-        if earlier["machine"]["cpu"] != result["machine"]["cpu"] or earlier["before"] != args.before:
+        if (earlier["machine"]["cpu"] != result["machine"]["cpu"] or earlier["before"] != args.before
+                or earlier.get("channels", 3) != args.channels):
             raise SystemExit(f"{args.out}.json was measured on {earlier['machine']['cpu']} against "
-                             f"{earlier['before']}: append only rows of the same machine and --before")
+                             f"{earlier['before']} with {earlier.get('channels', 3)}-channel images: append only "
+                             "rows of the same machine, --before and --channels")
         result = {**earlier, "commands": earlier["commands"] + result["commands"], "minutes_done": earlier["minutes"]}
-    result["peaks"].update({str(t): matmul_peaks(t) for t in args.threads})
+    result["peaks"].update({str(t): matmul_peaks(t, args.precisions) for t in args.threads})
     with tempfile.TemporaryDirectory() as tmp:
         source = checkout(args.before, Path(tmp)) if args.before else None
-        probe = {"model": "tiny", "text": False, "size": 224, "threads": 1, "steps": 1, "profile": True}
+        probe = {"model": "tiny", "text": False, "size": 224, "threads": 1, "steps": 1, "profile": True,
+                 "channels": args.channels}
         if source is not None and not args.append:
             result["operators"][f"before ({args.before}), fp32"] = in_process({**probe, "precision": "fp32"}, source)["ops"]
         for precision in args.precisions if not args.append else ():

@@ -173,6 +173,23 @@ def test_any_number_of_input_channels():
     assert model(image, ids, mask).shape == (1, 1, SIZE, SIZE)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_network_runs_channels_last_from_any_image(channels):
+    """A contiguous one-channel image already counts as channels-last, and a convolution reads its strides as NCHW
+    (the stem, then every depthwise convolution, would run NCHW): the encoder copies it into channels-last strides,
+    so every convolution of the encoder puts out a channels-last map, as with RGB."""
+    model = build_model("tiny", **tiny_model_kwargs(in_channels=channels)).eval()
+    image, ids, mask = _inputs(model, ["a cyst"], channels=channels)
+    strides = []
+    for conv in model.encoder.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.register_forward_hook(lambda m, i, out: strides.append((type(m).__name__, out.stride())))
+    with torch.no_grad():
+        model(image.contiguous(), ids, mask)
+    assert len(strides) > 40
+    assert [s for s in strides if s[1][1] != 1] == []
+
+
 def test_nmf_is_deterministic_in_eval_and_low_rank():
     nmf = NMF2D(16, rank=4).eval()
     x = torch.rand(2, 16, 8, 8)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsms.model.config import LSMSConfig
-from lsms.model.layers import Depthwise, GroupNorm, Pointwise, from_pixel_rows, per_pixel_rows
+from lsms.model.layers import Depthwise, GroupNorm, Pointwise, channels_last, from_pixel_rows, per_pixel_rows
 
 
 def coordinate_grid(batch: int, height: int, width: int, device: torch.device | None = None,
@@ -251,7 +251,7 @@ class LanguageGuidedEncoder(nn.Module):
         if coords is None and self.stages[0].position is not None:
             coords = coordinate_grid(image.shape[0], *image.shape[-2:], device=image.device, dtype=image.dtype)
         # channels-last from here on: every convolution's fast CPU path, no per-layer copies (lsms.model.layers)
-        features, x = [], image.contiguous(memory_format=torch.channels_last)
+        features, x = [], channels_last(image)
         for stage in self.stages:
             x = stage(x, text, text_mask, coords)
             features.append(x)

@@ -94,6 +94,16 @@ class GroupNorm(nn.GroupNorm):
         return F.group_norm(x - mean, self.num_groups, self.weight, self.bias, self.eps)
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` (B, C, H, W) with channels-last strides. ``x.contiguous(memory_format=torch.channels_last)`` keeps
+    the strides of a one-channel map (it already counts as channels-last), and a convolution reads those strides
+    as NCHW: a greyscale image (CT) would then run the whole network in NCHW, 16 % slower per LSMS tiny training
+    step (docs/model.md, "The training step on CPUs"). A one-channel map is copied into channels-last strides."""
+    if x.shape[1] == 1 and x.stride(1) != 1:
+        return x.clone(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def per_pixel_rows(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, H*W, C): the pixels as rows (a view when ``x`` is channels-last)."""
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
@@ -104,4 +114,4 @@ def from_pixel_rows(rows: Tensor, height: int, width: int) -> Tensor:
     return rows.view(rows.shape[0], height, width, rows.shape[2]).permute(0, 3, 1, 2)
 
 
-__all__ = ["Depthwise", "GroupNorm", "Pointwise", "from_pixel_rows", "per_pixel_rows", "pointwise"]
+__all__ = ["Depthwise", "GroupNorm", "Pointwise", "channels_last", "from_pixel_rows", "per_pixel_rows", "pointwise"]
