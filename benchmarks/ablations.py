@@ -39,11 +39,20 @@ from common import RESULTS, command_line, machine, write_atomic, write_json
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "ablations"
 
-# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings, "loss" and "optim":
-# of the loss and optimiser settings), what the
+def recipe_before(**parts: Any) -> dict[str, Any]:
+    """Overrides that give the demo's recipe before 2026-12-07 (other lesions weighing 1 in the focal term, 4
+    paraphrases per sentence given half of the time), with ``parts`` merged in: the rows measured on it."""
+    rows: dict[str, Any] = {"loss": {"other_lesion_weight": 1.0}, "demo": {"variants": 4}, "data": {"paraphrase_p": 0.5}}
+    for key, value in parts.items():
+        rows[key] = {**rows[key], **value} if isinstance(value, dict) and key in rows else value
+    return rows
+
+
+# row -> (model overrides on the demo recipe (key "demo": overrides of the demo's own settings, "loss", "optim" and
+# "data": of the loss, optimiser and data settings), what the
 # paper's Table III reports: (Dice, mIoU) on RefHL-Seg val, or None)
 ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
-    "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
+    "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe; the runs made before 2026-12-07: the recipe before)"),
     "no-existence-head": ({"existence_head": False}, None,
                           "w/o the existence head (the existence score is the highest mask probability)"),
     "negatives-0.2": ({"demo": {"negative_share": 0.2}, "loss": {"empty_target_dice": True}}, None,
@@ -54,12 +63,18 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                           "the Dice term over every sentence, those that match nothing too (the recipe: lesions only)"),
     "gate-lr-10": ({"optim": {"gate_lr_scale": 10.0}}, None,
                    "the language gates at 10 x the learning rate (`--gate-lr-scale 10`), at the demo's steps"),
-    "other-lesions-5": ({"loss": {"other_lesion_weight": 5.0}}, None,
-                        "the pixels of the lesions a sentence does not name weigh 5 in the focal term"),
-    "other-lesions-20": ({"loss": {"other_lesion_weight": 20.0}}, None,
-                         "the pixels of the lesions a sentence does not name weigh 20 in the focal term"),
-    "coord-embed": ({"coord_embed": True}, None,
-                    "the pixel positions (x, y) added to each encoder stage's input (`--model coord_embed=true`)"),
+    "recipe-before": (recipe_before(), None,
+                      "the recipe before 2026-12-07: the other lesions weigh 1, 4 paraphrases given half of the time"),
+    "other-lesions-5": (recipe_before(loss={"other_lesion_weight": 5.0}), None,
+                        "the recipe before, the lesions a sentence does not name weighing 5 in the focal term"),
+    "other-lesions-20": (recipe_before(loss={"other_lesion_weight": 20.0}), None,
+                         "the recipe before, the lesions a sentence does not name weighing 20 in the focal term"),
+    "wordings": (recipe_before(demo={"variants": 8}, data={"paraphrase_p": 0.9}), None,
+                 "the recipe before, with 8 paraphrases per training sentence, given 9 times in 10"),
+    "other-lesions-20-wordings": ({}, None, "the recipe since 2026-12-07: the other lesions weigh 20, 8 paraphrases "
+                                            "given 9 times in 10 (the `full` runs before that date: the recipe before)"),
+    "coord-embed": (recipe_before(coord_embed=True), None,
+                    "the recipe before, with the pixel positions (x, y) added to each encoder stage's input"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
@@ -76,7 +91,8 @@ REFERENCE = {"fp32": "no-existence-head"}
 SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
               "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full",
               "negatives-1.0": "full", "other-lesions-5": "full", "other-lesions-20": "full",
-              "coord-embed": "full"}
+              "coord-embed": "full", "other-lesions-20-wordings": "full",
+              "wordings": "full", "recipe-before": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),
     ("test.none.Dice", "Dice, no text"),
@@ -106,12 +122,13 @@ def run_one(row: str, seed: int, out: Path, steps: int | None = None) -> None:
     cfg = DemoConfig(out=str(out), eval_reserve_minutes=1.0, **overrides.pop("demo", {}))
     loss = dataclasses.replace(cfg.train.loss, **overrides.pop("loss", {}))
     optim = dataclasses.replace(cfg.train.optim, **overrides.pop("optim", {}))
+    data = dataclasses.replace(cfg.train.data, **overrides.pop("data", {}))
     if row == "fp32":
         overrides["existence_head"] = False
     model = dataclasses.replace(cfg.train.model, **{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in overrides.items()})
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, progress=False, model=model,
-                                                             loss=loss, optim=optim))
+                                                             loss=loss, optim=optim, data=data))
     steps_of = out.parents[1] / SAME_STEPS.get(row, "") / f"seed{seed}" / "metrics.json"
     same_steps_as = SAME_STEPS[row] if row in SAME_STEPS and steps_of.is_file() and steps is None else None
     if same_steps_as or steps:  # a step schedule over those steps, no time limit
