@@ -97,8 +97,9 @@ class GroupNorm(nn.GroupNorm):
 def channels_last(x: Tensor) -> Tensor:
     """``x`` (B, C, H, W) with channels-last strides. ``x.contiguous(memory_format=torch.channels_last)`` keeps
     the strides of a one-channel map (it already counts as channels-last), and a convolution reads those strides
-    as NCHW: a greyscale image (CT) would then run the whole network in NCHW, 16 % slower per LSMS tiny training
-    step (docs/model.md, "The training step on CPUs"). A one-channel map is copied into channels-last strides."""
+    as NCHW: a greyscale image (CT) would then run the stem and every depthwise convolution in NCHW, up to 1.33x
+    slower per LSMS tiny training step (docs/results/throughput-one-channel.md). A one-channel map is copied into
+    channels-last strides."""
     if x.shape[1] == 1 and x.stride(1) != 1:
         return x.clone(memory_format=torch.channels_last)
     return x.contiguous(memory_format=torch.channels_last)
