@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = ROOT / "runs" / "ablations"
 
 def recipe_before(**parts: Any) -> dict[str, Any]:
-    """Overrides that give the demo's recipe before 2026-12-07 (other lesions weighing 1 in the focal term, 4
-    paraphrases per sentence given half of the time), with ``parts`` merged in: the rows measured on it."""
+    """Overrides that pin the demo's recipe as of 2026-12-07 (other lesions weighing 1 in the focal term, 4
+    paraphrases per sentence given half of the time), with ``parts`` merged in: the rows measured on it keep
+    their meaning if the recipe changes."""
     rows: dict[str, Any] = {"loss": {"other_lesion_weight": 1.0}, "demo": {"variants": 4}, "data": {"paraphrase_p": 0.5}}
     for key, value in parts.items():
         rows[key] = {**rows[key], **value} if isinstance(value, dict) and key in rows else value
@@ -52,7 +53,7 @@ def recipe_before(**parts: Any) -> dict[str, Any]:
 # "data": of the loss, optimiser and data settings), what the
 # paper's Table III reports: (Dice, mIoU) on RefHL-Seg val, or None)
 ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
-    "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe; the runs made before 2026-12-07: the recipe before)"),
+    "full": ({}, (78.34, 70.31), "LSMS (the demo's recipe)"),
     "no-existence-head": ({"existence_head": False}, None,
                           "w/o the existence head (the existence score is the highest mask probability)"),
     "negatives-0.2": ({"demo": {"negative_share": 0.2}, "loss": {"empty_target_dice": True}}, None,
@@ -64,17 +65,18 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "gate-lr-10": ({"optim": {"gate_lr_scale": 10.0}}, None,
                    "the language gates at 10 x the learning rate (`--gate-lr-scale 10`), at the demo's steps"),
     "recipe-before": (recipe_before(), None,
-                      "the recipe before 2026-12-07: the other lesions weigh 1, 4 paraphrases given half of the time"),
+                      "the recipe as of 2026-12-07, pinned: the other lesions weigh 1, 4 paraphrases given half of the time"),
     "other-lesions-5": (recipe_before(loss={"other_lesion_weight": 5.0}), None,
-                        "the recipe before, the lesions a sentence does not name weighing 5 in the focal term"),
+                        "the recipe as of 2026-12-07, the lesions a sentence does not name weighing 5 in the focal term"),
     "other-lesions-20": (recipe_before(loss={"other_lesion_weight": 20.0}), None,
-                         "the recipe before, the lesions a sentence does not name weighing 20 in the focal term"),
+                         "the recipe as of 2026-12-07, the lesions a sentence does not name weighing 20 in the focal term"),
     "wordings": (recipe_before(demo={"variants": 8}, data={"paraphrase_p": 0.9}), None,
-                 "the recipe before, with 8 paraphrases per training sentence, given 9 times in 10"),
-    "other-lesions-20-wordings": ({}, None, "the recipe since 2026-12-07: the other lesions weigh 20, 8 paraphrases "
-                                            "given 9 times in 10 (the `full` runs before that date: the recipe before)"),
+                 "the recipe as of 2026-12-07, with 8 paraphrases per training sentence, given 9 times in 10"),
+    "other-lesions-20-wordings": (recipe_before(loss={"other_lesion_weight": 20.0}, demo={"variants": 8},
+                                                data={"paraphrase_p": 0.9}), None,
+                                  "the lesions a sentence does not name weighing 20, and 8 paraphrases given 9 times in 10"),
     "coord-embed": (recipe_before(coord_embed=True), None,
-                    "the recipe before, with the pixel positions (x, y) added to each encoder stage's input"),
+                    "the recipe as of 2026-12-07, with the pixel positions (x, y) added to each encoder stage's input"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),

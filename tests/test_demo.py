@@ -66,18 +66,17 @@ def test_demo_recipe_is_the_yaml_file():
     assert recipe == RunConfig(
         model=model_config("tiny", decoder_stages=(1, 2, 3, 4), output_stride=2, existence_head=True,
                            text={"freeze": True, "max_tokens": 64, "normalize_segments": True}),
-        data=DataConfig(image_size=128, window="200,80", group_by_image=True, paraphrase_p=0.9),
-        loss=LossConfig(empty_target_dice=False, other_lesion_weight=20.0),
+        data=DataConfig(image_size=128, window="200,80", group_by_image=True, paraphrase_p=0.5),
+        loss=LossConfig(empty_target_dice=False),
         optim=OptimConfig(batch_size=8, lr=2e-3, warmup_steps=30),
         log_every=10,
     )
     m, t, d, o = recipe.model, recipe.model.text, recipe.data, recipe.optim
     assert (m.preset, m.decoder_stages, m.output_stride, m.existence_head) == ("tiny", (1, 2, 3, 4), 2, True)
     assert (t.freeze, t.max_tokens, t.normalize_segments) == (True, 64, True)
-    assert (d.image_size, d.window, d.group_by_image, d.paraphrase_p) == (128, "200,80", True, 0.9)
+    assert (d.image_size, d.window, d.group_by_image, d.paraphrase_p) == (128, "200,80", True, 0.5)
     assert (o.batch_size, o.lr, o.warmup_steps, recipe.log_every) == (8, 2e-3, 30, 10)
-    assert recipe.loss.empty_target_dice is False and recipe.loss.other_lesion_weight == 20.0
-    assert DemoConfig().negative_share == 0.5 and DemoConfig().variants == 8
+    assert recipe.loss.empty_target_dice is False and DemoConfig().negative_share == 0.5
     trained = config_from_args(build_parser().parse_args(["train", "data", "--recipe", "demo"]))
     assert trained == dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, path="data"))
 

@@ -69,7 +69,7 @@ class DemoConfig(DictRoundTrip):
     # slices that also get a sentence describing a lesion not on them: half, for the existence head (with the
     # recipe's Dice over lesions only: +6 AUROC points, segmentation as good; docs/training.md)
     negative_share: float = 0.5
-    variants: int = 8  # paraphrases per expression (train-time text augmentation: train.data.paraphrase_p)
+    variants: int = 4  # paraphrases per expression (train-time text augmentation: train.data.paraphrase_p)
     heldout_phrasing: str | None = "phrasings-heldout.yaml"  # test expressions reworded with it; None: skip
     # training
     train: RunConfig = field(default_factory=lambda: RunConfig.from_dict(load_recipe("demo")))  # recipes/demo.yaml
