@@ -77,6 +77,8 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
                                   "the lesions a sentence does not name weighing 20, and 8 paraphrases given 9 times in 10"),
     "coord-embed": (recipe_before(coord_embed=True), None,
                     "the recipe as of 2026-12-07, with the pixel positions (x, y) added to each encoder stage's input"),
+    "decoder-128": ({"ham_channels": 128, "head_channels": 128}, None,
+                    "C_ham = C_head = 128 (the decoder and the sentence's projection half as wide)"),
     "no-text": ({"use_text": False}, None, "w/o language branch (no text encoder, no contrastive loss)"),
     "no-pixel-map": ({"pixel_map": False}, (77.23, 68.91), "w/o pixel map (three ConvUnits, no PM)"),
     "no-fsd": ({"decoder": "last"}, (74.92, 65.77), "w/o FSD (head on F4 at 1/32)"),
