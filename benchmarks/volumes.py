@@ -62,7 +62,8 @@ def markdown(rows: list[dict[str, Any]], run: str, data: str) -> str:
         "| split | answer | sentences (negatives) | Dice (positives) | referring acc. 2+ lesions (n) | existence AUROC [95 % CI] | negatives with a mask | CPU s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"3d": "one 3D answer per sentence (`3d`)", "slices": "slice by slice (`--volume-mode slices`)"}
+    names = {"3d": "one 3D answer per sentence (`3d`)", "3d-no-size": "the same, the stated size not read (`3d-no-size`)",
+             "slices": "slice by slice (`--volume-mode slices`)"}
     for r in rows:
         for key, s in [*((names[k], v) for k, v in r["volumes"].items()), ("2D slices (`lsms evaluate`)", r["slices_2d"])]:
             cpu = r["seconds"]["slices_2d_cpu" if key.startswith("2D") else "volumes_cpu"]

@@ -13,7 +13,7 @@ from lsms.cli import main
 from lsms.data.formats.dicom_seg import segment_label, write_dicom_seg
 from lsms.data.readers import read_volume
 from lsms.predict import Predictor, threshold_mask
-from lsms.volumes import assemble, lesion_volume_ml
+from lsms.volumes import assemble, lesion_volume_ml, max_diameter_mm, stated_diameter_mm, voxel_spacing
 
 from toy_data import make_untrained_checkpoint
 
@@ -86,9 +86,52 @@ def test_below_the_existence_threshold_the_mask_is_withheld():
     assert assemble(prob, np.full(8, 0.3), 0.5, existence_threshold=0.0).present  # 0: never withheld
 
 
+def test_the_stated_size_picks_the_lesion_of_that_diameter():
+    """Two cysts, the 4 mm one marked a little more surely: "the 12 mm cyst" gets the 12 mm one in mode 3d, the
+    sure one without the size (3d-no-size, no spacing, no size in the sentence, two sizes in it)."""
+    prob = np.full((8, 32, 32), 0.05, np.float32)
+    small, large = np.zeros(prob.shape, bool), np.zeros(prob.shape, bool)
+    small[3:5, 2:4, 2:4] = True  # 2 x 2 x 2 voxels of 2 mm: 3.5 mm between its farthest centres
+    large[1:7, 14:21, 14:21] = True  # 6 x 7 x 7 voxels: (10, 12, 12) mm between the extreme centres, 19.7 mm
+    prob[small], prob[large] = 0.9, 0.8
+    spacing = (2.0, 2.0, 2.0)
+    assert max_diameter_mm(large, spacing) == pytest.approx(19.7) and max_diameter_mm(small, spacing) == pytest.approx(3.5)
+    existence = np.full(8, 0.9)
+    answer = assemble(prob, existence, 0.5, None, "3d", "The 20 mm cyst in segment VI.", spacing)
+    assert np.array_equal(answer.mask, large) and answer.components == 2
+    assert np.array_equal(assemble(prob, existence, 0.5, None, "3d", "A 2.0 cm cyst.", spacing).mask, large)
+    for mode, text, at in [("3d-no-size", "The 20 mm cyst.", spacing), ("3d", "The 20 mm cyst.", None),
+                           ("3d", "The larger cyst.", spacing), ("3d", "A 4 mm cyst, not the 20 mm one.", spacing)]:
+        assert np.array_equal(assemble(prob, existence, 0.5, None, mode, text, at).mask, small), (mode, text, at)
+    # a size far from both: the nearer one wins (ln(70 / 19.7) = 1.3 against ln(70 / 3.5) = 3.0)
+    assert np.array_equal(assemble(prob, existence, 0.5, None, "3d", "a 7 cm cyst", spacing).mask, large)
+    with pytest.raises(ValueError, match="spacing must be three positive mm values"):
+        assemble(prob, existence, 0.5, None, "3d", "a 7 cm cyst", (2.0, 0.0, 2.0))
+
+
+@pytest.mark.parametrize("text, mm", [("a cyst of 27 mm in segment VI", 27.0), ("2.7 cm lesion", 27.0),
+                                      ("a 27x18 mm mass", 27.0), ("27 \u00d7 18 \u00d7 9 mm", 27.0),
+                                      ("12 millimetres across", 12.0), ("a 12-mm nodule", 12.0),
+                                      ("Segment 7 cyst, 1.5cm.", 15.0), ("12 mm; 12 mm on the prior", 12.0),
+                                      ("the larger cyst", None), ("a 12 mm cyst beside a 30 mm one", None),
+                                      ("0 mm", None), ("segment 7, 3 cmm", None)])
+def test_the_size_a_sentence_states(text, mm):
+    assert stated_diameter_mm(text) == mm
+
+
+def test_the_answer_reports_its_largest_diameter():
+    prob, a, b = _blobs()
+    prob[b] = 0.9
+    answer = assemble(prob, np.ones(8), 0.5, None)
+    summary = answer.summary(spacing=(1.0, 1.0, 3.0))  # x, y, z: b spans 4 x 4 pixels and 3 slices
+    assert summary["diameter_mm"] == pytest.approx(float(np.sqrt(3 * 3 + 3 * 3 + 6 * 6)), abs=0.05)
+    assert voxel_spacing((1.0, 2.0, 3.0)) == (3.0, 2.0, 1.0) and voxel_spacing((1.0, 2.0)) is None
+    assert answer.summary()["diameter_mm"] is None
+
+
 def test_empty_volume_is_not_present():
     existence = np.linspace(0.1, 0.4, 5)
-    for mode in ("3d", "slices"):
+    for mode in ("3d", "3d-no-size", "slices"):
         answer = assemble(np.full((5, 6, 7), 0.2, np.float32), existence, 0.5, 0.5, mode=mode)
         assert (answer.present, answer.components, answer.kept, answer.mask.shape) == (False, 0, 0, (5, 6, 7))
         assert not answer.mask.any() and answer.score == pytest.approx(0.4)
@@ -107,7 +150,7 @@ def test_slices_mode_is_per_slice_thresholding_with_each_slices_existence():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="volume mode must be one of 3d, slices"):
+    with pytest.raises(ValueError, match="volume mode must be one of 3d, 3d-no-size, slices"):
         assemble(np.zeros((2, 3, 3)), np.zeros(2), mode="2d")
     with pytest.raises(ValueError, match=r"probability must be \(Z, H, W\) and existence \(Z,\)"):
         assemble(np.zeros((2, 3, 3)), np.zeros(3))
@@ -254,6 +297,7 @@ def test_predict_nifti_one_3d_answer_per_sentence_in_the_input_geometry(ckpt, tm
     assert row["slices"] == "1:5" and row["mode"] == "3d" and row["present"] == str(expected.present)
     assert int(row["voxels"]) == int(mask.sum()) and int(row["components"]) == expected.components
     assert float(row["volume_ml"]) == pytest.approx(mask.sum() * 0.7 * 0.8 * 2.5 / 1000, abs=1e-3)
+    assert mask.any() and float(row["diameter_mm"]) == max_diameter_mm(mask, (2.5, 0.8, 0.7))  # z, y, x
     slices = _csv(out / "predictions.csv")
     assert [int(r["slice"]) for r in slices] == [1, 2, 3, 4]
     assert [int(r["area_px"]) for r in slices] == [int(m.sum()) for m in mask[1:5]]
@@ -454,8 +498,8 @@ def _volume_records(data: Path) -> list:
 
 def test_evaluate_volumes_scores_a_perfect_answer_one_in_both_modes(ckpt, volume_data, monkeypatch):
     """An oracle for the model (each sentence's probabilities = its target volume, existence 1 on its slices and
-    0.2 elsewhere): 3D Dice 1, referring accuracy 1, every negative empty and ranked below every positive, in both
-    assembly modes; the instance map lines up with the slices the model sees."""
+    0.2 elsewhere): 3D Dice 1, referring accuracy 1, every negative empty and ranked below every positive, in every
+    assembly mode; the instance map lines up with the slices the model sees."""
     from lsms.evaluate import evaluate_volumes
 
     records = _volume_records(volume_data)
@@ -469,7 +513,7 @@ def test_evaluate_volumes_scores_a_perfect_answer_one_in_both_modes(ckpt, volume
     result = evaluate_volumes(ckpt, volume_data, split="test")
     negatives = sum(r.target_instance == 0 for r in records)
     assert 0 < negatives < len(records)
-    for mode in ("3d", "slices"):
+    for mode in ("3d", "3d-no-size", "slices"):
         s = result["summary"][mode]
         assert s["n_images"] == len(records) and len(result["records"][mode]) == len(records)
         assert s["Dice"] == 1.0 and s["referring_accuracy_multi"] == 1.0
@@ -479,9 +523,9 @@ def test_evaluate_volumes_scores_a_perfect_answer_one_in_both_modes(ckpt, volume
         assert all(s[k.replace("n_positive", "Dice_positive")] == 1.0 for k in by_size)
 
 
-def test_evaluate_volumes_cli_writes_both_modes_and_repeats_itself(ckpt, volume_data, tmp_path, capsys):
+def test_evaluate_volumes_cli_writes_every_mode_and_repeats_itself(ckpt, volume_data, tmp_path, capsys):
     """The command end to end with a real (untrained) model: one per-volume CSV per mode, one row per volume
-    sentence, a summary with both modes; the same numbers twice."""
+    sentence, a summary with every mode; the same numbers twice."""
     import json
 
     summaries = []
@@ -490,9 +534,9 @@ def test_evaluate_volumes_cli_writes_both_modes_and_repeats_itself(ckpt, volume_
         assert main(["evaluate", str(ckpt), str(volume_data), "--split", "test", "--volumes", "--out", str(out),
                      "--device", "cpu"]) == 0
         summaries.append(json.loads((out / "summary.json").read_text())["volumes"])
-        for mode in ("3d", "slices"):
+        for mode in ("3d", "3d-no-size", "slices"):
             assert len(_csv(out / f"per_volume_{mode}.csv")) == len(_volume_records(volume_data))
-    assert set(summaries[0]) == {"3d", "slices"} and summaries[0] == summaries[1]
+    assert set(summaries[0]) == {"3d", "3d-no-size", "slices"} and summaries[0] == summaries[1]
     assert "assembled in 3D" in capsys.readouterr().out
     assert main(["evaluate", str(ckpt), str(tmp_path), "--volumes", "--out", str(tmp_path / "x")]) == 2
     assert "volumes.jsonl does not exist" in capsys.readouterr().err

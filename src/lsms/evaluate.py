@@ -50,7 +50,7 @@ from lsms.metrics import (
 )
 from lsms.optim import autocast
 from lsms.runs import writable_folder, write_text_atomic
-from lsms.volumes import VOLUME_MODES, assemble
+from lsms.volumes import VOLUME_MODES, assemble, voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ def evaluate_levels(run_or_checkpoint: str | Path, data: str | Path, split: str 
     return results
 
 
+ASSEMBLED = {"3d": "in 3D", "3d-no-size": "in 3D, the stated size not read", "slices": "slice by slice"}
 VOLUME_RECORDS = "volumes.jsonl"  # a dataset's volume-level records (RefLiver-Synth --volumes; docs/dataset-format.md)
 
 
@@ -261,13 +262,15 @@ def evaluate_volumes(run_or_checkpoint: str | Path, data: str | Path, split: str
     for image, chosen in tqdm(by_volume.items(), desc=f"{split} volumes", unit="volume", disable=not progress):
         with tempfile.TemporaryDirectory(prefix="lsms-volume-") as scratch:  # each .nii.gz decompressed once
             volume = open_volume_unpacked(image, Path(scratch))
-            answers = predictor.predict_volume(volume, list(range(volume.depth)),
-                                               [r.text_at(text_level) for r in chosen], batch_size)
+            texts = [r.text_at(text_level) for r in chosen]
+            answers = predictor.predict_volume(volume, list(range(volume.depth)), texts, batch_size)
+            geometry = volume.slice(0).geometry
+            spacing = voxel_spacing(geometry.spacing if geometry is not None else None)
             labels = open_volume_unpacked(chosen[0].instances_path, Path(scratch))
             instances = np.stack([np.rint(labels.slice(k).array) for k in range(labels.depth)]).astype(np.int32)
-        for r, (prob, existence) in zip(chosen, answers, strict=True):
+        for r, text, (prob, existence) in zip(chosen, texts, answers, strict=True):
             for mode in modes:
-                answer = assemble(prob, existence, predictor.threshold, None, mode)
+                answer = assemble(prob, existence, predictor.threshold, None, mode, text, spacing)
                 records[mode].append({**volume_scores(answer.mask, instances, r.target_instance or 0, r.id),
                                       "existence": answer.score, "components": answer.components,
                                       **({"diameter_mm": d} if (d := r.diameter_mm) is not None else {})})
@@ -305,7 +308,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--volumes", action="store_true",
                    help="evaluate the dataset's volume records (volumes.jsonl): one 3D answer per sentence, assembled "
-                        "from every slice in 3D and slice by slice, side by side (3D Dice, referring accuracy, "
+                        "from every slice in 3D (with and without the size the sentence states) and slice by slice, side by side "
+                        "(3D Dice, referring accuracy, "
                         "existence per volume; docs/volumes.md)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
@@ -425,7 +429,7 @@ def _run_volumes(args: argparse.Namespace, out: Path, env: DistEnv) -> int:
         write_text_atomic(Path(args.json), json.dumps(summary, indent=2) + "\n")
     for mode, values in result["summary"].items():
         print(f"{result['checkpoint']} on {args.data} [{args.split} volumes, text {args.text_level}, "
-              f"assembled {'in 3D' if mode == '3d' else 'slice by slice'}]:")
+              f"assembled {ASSEMBLED[mode]}]:")
         print(format_summary(values))
     print(f"per-volume scores: {out}/per_volume_*.csv")
     return 0

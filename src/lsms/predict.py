@@ -72,7 +72,7 @@ from lsms.metrics import check_threshold, existence_probability
 from lsms.pictures import heat_map, save_feature_maps, save_mask_png, save_overlay
 from lsms.runs import writable_folder
 from lsms.spec import ModelSpec, WithSpec
-from lsms.volumes import VOLUME_MODES, VolumeMode, assemble
+from lsms.volumes import VOLUME_MODES, VolumeMode, assemble, voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the model's, chosen on its validation split; 0: always draw the mask)")
     p.add_argument("--volume-mode", default="3d", choices=VOLUME_MODES,
                    help="how a volume's slices become one answer per sentence: 3d (the one connected lesion the "
-                        "sentence refers to; default) or slices (each slice on its own); docs/volumes.md")
+                        "sentence refers to, a size it states weighed against each lesion's largest 3D diameter; "
+                        "default), 3d-no-size (the same, the size not read) or slices (each slice on its own); "
+                        "docs/volumes.md")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="slices of a volume per forward pass (default 8)")
     p.add_argument("--format", action="append", choices=MASK_FORMATS, dest="formats", metavar="FORMAT",
                    help="mask file of a volume: nifti (default) or dicom-seg (a DICOM Segmentation referencing a DICOM "
@@ -498,6 +500,7 @@ def _print_volumes(listing: Path, existence_threshold: float | None) -> None:
                 continue
             if r["present"] == "True":
                 ml = f", {r['volume_ml']} ml" if r["volume_ml"] else ""
+                ml += f", {r['diameter_mm']} mm across" if r["diameter_mm"] else ""
                 print(f"{r['input']}: {r['text']!r}: one lesion of {r['voxels']} voxels{ml} (existence {r['score']}; "
                       f"{r['components']} candidate component(s), {r['kept']} kept)")
             else:
@@ -587,7 +590,8 @@ def _volume_answers(predictor: Predictor, job: Job, volume: Volume, stem: str, o
     slice_rows: list[dict[str, Any]] = []
     volume_rows: list[dict[str, Any]] = []
     for j, (text, (prob, existence)) in enumerate(zip(job.texts, answers, strict=True)):
-        answer = assemble(prob, existence, predictor.threshold, predictor.existence_threshold, mode)
+        answer = assemble(prob, existence, predictor.threshold, predictor.existence_threshold, mode, text,
+                          voxel_spacing(geometry.spacing if geometry is not None else None))
         tag = stem if len(job.texts) == 1 else f"{stem}_t{j}"
         files = _write_volume_answer(answer.mask, job, geometry, tag, text, out, formats)
         for i, k in enumerate(job.slices):
@@ -678,7 +682,8 @@ def _failed(job: Job, k: int | None, message: str) -> list[dict[str, Any]]:
 
 PREDICTION_COLUMNS = ["input", "slice", "text", "warning", "found", "existence", "mask", "overlay", "probability", "features",
                       "area_px", "max_probability", "error"]
-VOLUME_COLUMNS = ["input", "slices", "text", "warning", "mode", "present", "score", "voxels", "volume_ml", "components", "kept",
+VOLUME_COLUMNS = ["input", "slices", "text", "warning", "mode", "present", "score", "voxels", "volume_ml",
+                  "diameter_mm", "components", "kept",
                   "mask", "seg", "error"]
 
 

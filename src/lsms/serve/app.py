@@ -45,7 +45,7 @@ from lsms.pictures import (
 from lsms.predict import Prediction, Predictor, threshold_mask
 from lsms.serve.errors import ServeError
 from lsms.serve.uploads import extract_zip, files_sha256, hide_folder, write_upload
-from lsms.volumes import VolumeAnswer, assemble
+from lsms.volumes import VolumeAnswer, assemble, voxel_spacing
 
 log = logging.getLogger("lsms.serve")
 
@@ -75,6 +75,11 @@ class Opened:
     make_source: str = ""  # a file `source` that is not on disk: the command that writes it
     geometry: bool = False  # NIfTI / DICOM: a mask can be written in the input's geometry
     series: Path | None = None  # a DICOM series folder: a DICOM-SEG can reference it
+
+    def spacing(self) -> tuple[float, ...] | None:
+        """mm per voxel along x, y (and z) of a NIfTI / DICOM input; None for other images."""
+        geometry = self.read(0).geometry if self.geometry else None
+        return geometry.spacing if geometry is not None else None
 
 
 @dataclass
@@ -443,7 +448,9 @@ class Viewer:
         key = (text, threshold)
         if key not in s.answers:
             prob, existence = s.volume[text]
-            s.answers[key] = assemble(prob, existence, threshold, self.predictor.existence_threshold)
+            spacing = voxel_spacing(s.opened.spacing() if s.opened is not None else None)
+            s.answers[key] = assemble(prob, existence, threshold, self.predictor.existence_threshold, text=text,
+                                      spacing=spacing)
             while len(s.answers) > MAX_SENTENCES:
                 s.answers.popitem(last=False)
         s.answers.move_to_end(key)
@@ -626,7 +633,7 @@ class Viewer:
         if job.state == "finished":
             with s.lock:
                 answers = [self._answer(s, t, job.threshold) for t in job.texts]
-                spacing = s.opened.read(0).geometry.spacing if s.opened is not None and s.opened.geometry else None
+                spacing = s.opened.spacing() if s.opened is not None else None
                 out["answers"] = [{"text": t, **a.summary(spacing)} for t, a in zip(job.texts, answers) if a is not None]
         return out
 

@@ -63,6 +63,7 @@ from lsms.synth.off_slice import (
     volume_sentence_record,
 )
 from lsms.synth.volume_files import save_nifti, write_dicom_series
+from lsms.volumes import max_diameter_mm
 
 LIVER_HEIGHT_MM = 160.0  # cranio-caudal span of the liver levels 0 (dome) .. 1 (tip)
 SLICE_STREAM = 1000  # first volume sub-stream of the 2D slices' expressions (slice k: SLICE_STREAM + k)
@@ -99,31 +100,6 @@ def volume_levels(vcfg: VolumeConfig) -> np.ndarray:
 
 def volume_rng(cfg: SynthConfig, i: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(i, 0, *stream)))
-
-
-def _boundary_voxels(mask: np.ndarray) -> np.ndarray:
-    """(N, 3) voxels of a 3D mask with a 6-neighbour outside it."""
-    pad = np.pad(mask, 1)
-    inner = (pad[:-2, 1:-1, 1:-1] & pad[2:, 1:-1, 1:-1] & pad[1:-1, :-2, 1:-1] & pad[1:-1, 2:, 1:-1]
-             & pad[1:-1, 1:-1, :-2] & pad[1:-1, 1:-1, 2:])
-    return np.argwhere(mask & ~inner)
-
-
-def max_diameter_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Largest distance (mm) between two voxel centres of a 3D mask (its maximal Feret diameter), 0.1 mm."""
-    pts = _boundary_voxels(mask) * np.asarray(spacing)
-    if len(pts) > 64:
-        from scipy.spatial import ConvexHull, QhullError
-
-        try:
-            pts = pts[ConvexHull(pts).vertices]
-        except QhullError:  # flat (one slice): every boundary voxel is a candidate
-            pass
-    best = 0.0
-    for a in range(0, len(pts), 512):  # (512, N) distances at a time
-        d2 = ((pts[a:a + 512, None, :] - pts[None, :, :]) ** 2).sum(-1)
-        best = max(best, float(d2.max()))
-    return round(float(np.sqrt(best)), 1)
 
 
 def organ_distance_mm(mask: np.ndarray, organ: np.ndarray, spacing: tuple[float, float, float]) -> float:

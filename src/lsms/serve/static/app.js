@@ -291,7 +291,7 @@ async function wholeVolume() {
     $("progress").value = p.done;
     $("progress-text").textContent = p.state === "finished" ?
       `done: ${p.total} predictions; the masks now show each sentence's one 3D answer: ` +
-      p.answers.map((a) => a.present ? `${a.voxels} voxels` + (a.volume_ml === null ? "" : ` (${a.volume_ml} ml)`) :
+      p.answers.map((a) => a.present ? `${a.voxels} voxels` + (a.volume_ml === null ? "" : ` (${a.volume_ml} ml, ${a.diameter_mm} mm across)`) :
                     "not found").join(", ") : p.state + (p.error ? ": " + p.error : "");
     if (p.state === "failed") say(p.error, true);
     if (p.state === "finished") await segment();  // redraw the slice shown with the 3D answers
