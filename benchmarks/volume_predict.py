@@ -116,7 +116,7 @@ def main() -> None:
            "shape": [512, 512, args.slices], "threads": args.threads, "batch_size": args.batch_size,
            "format": args.format, "lesions": args.lesions, "volume_mode": args.volume_mode, "wall_s": round(wall, 1), "cpu_s": round(cpu_s, 1),
            "peak_rss_mib": round(peak_kb / 1024), "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2),
-           "answer": {k: answer[k] for k in ("present", "score", "voxels", "volume_ml", "components", "kept")},
+           "answer": {k: answer.get(k) for k in ("present", "score", "voxels", "volume_ml", "diameter_mm", "components", "kept")},
            "machine": machine(), "command": command_line()}
     print(json.dumps(row, indent=2))
     out = RESULTS / "volume_predict.json"
