@@ -13,7 +13,8 @@ from lsms.cli import main
 from lsms.data.formats.dicom_seg import segment_label, write_dicom_seg
 from lsms.data.readers import read_volume
 from lsms.predict import Predictor, threshold_mask
-from lsms.volumes import assemble, lesion_volume_ml, max_diameter_mm, stated_diameter_mm, voxel_spacing
+from lsms.synth.geometry import max_diameter_mm
+from lsms.volumes import assemble, lesion_volume_ml, stated_diameter_mm, voxel_spacing
 
 from toy_data import make_untrained_checkpoint
 

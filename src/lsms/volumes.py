@@ -24,7 +24,7 @@ answer for the volume (``mode="3d"``, the default of ``lsms predict``):
    **The stated size** (``mode="3d"``, when the sentence states one size and the voxel spacing is known): a
    slice shows a section of a lesion, not its largest diameter, so the 2D model cannot read "27 mm"; the
    volume can. The score is multiplied by how well the component's largest 3D diameter ``d_c``
-   (:func:`max_diameter_mm`) fits the stated one ``d`` (:func:`stated_diameter_mm`)::
+   (:func:`lsms.synth.geometry.max_diameter_mm`) fits the stated one ``d`` (:func:`stated_diameter_mm`)::
 
        fit(c) = exp(-(ln(d_c / d))^2 / (2 * SIZE_TOLERANCE^2))
 
@@ -90,6 +90,8 @@ class VolumeAnswer:
         """The answer in plain values: present, score (4 decimals), voxels, volume_ml and diameter_mm (its largest
         3D diameter; both None without a 3D voxel ``spacing`` in mm, x, y, z, or without a lesion), components,
         kept."""
+        from lsms.synth.geometry import max_diameter_mm  # here, not above: lsms.synth costs an import 0.6 s
+
         voxels = int(self.mask.sum())
         ml = lesion_volume_ml(voxels, spacing)
         zyx = voxel_spacing(spacing)
@@ -160,6 +162,8 @@ def _best_component(scores: np.ndarray, boxes: list, labels: np.ndarray, stated:
                     spacing: tuple[float, float, float]) -> int:
     """The label (1..n) whose score times its fit to the ``stated`` diameter is highest; the fit is at most 1, so
     the components are visited by score and a diameter measured only while one can still win."""
+    from lsms.synth.geometry import max_diameter_mm
+
     best, best_score = 0, -1.0
     for i in np.argsort(-scores, kind="stable"):  # ties: scan order
         if scores[i] <= best_score:
@@ -180,32 +184,6 @@ def stated_diameter_mm(text: str) -> float | None:
              for m in _SIZE.finditer(text)}
     sizes.discard(0.0)
     return sizes.pop() if len(sizes) == 1 else None
-
-
-def _boundary_voxels(mask: np.ndarray) -> np.ndarray:
-    """(N, 3) voxels of a 3D mask with a 6-neighbour outside it."""
-    pad = np.pad(mask, 1)
-    inner = (pad[:-2, 1:-1, 1:-1] & pad[2:, 1:-1, 1:-1] & pad[1:-1, :-2, 1:-1] & pad[1:-1, 2:, 1:-1]
-             & pad[1:-1, 1:-1, :-2] & pad[1:-1, 1:-1, 2:])
-    return np.argwhere(mask & ~inner)
-
-
-def max_diameter_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """Largest distance (mm) between two voxel centres of a 3D mask (its maximal Feret diameter), 0.1 mm;
-    ``spacing``: mm between voxel centres along the mask's three axes."""
-    pts = _boundary_voxels(mask) * np.asarray(spacing)
-    if len(pts) > 64:
-        from scipy.spatial import ConvexHull, QhullError
-
-        try:
-            pts = pts[ConvexHull(pts).vertices]
-        except QhullError:  # flat (one slice): every boundary voxel is a candidate
-            pass
-    best = 0.0
-    for a in range(0, len(pts), 512):  # (512, N) distances at a time
-        d2 = ((pts[a:a + 512, None, :] - pts[None, :, :]) ** 2).sum(-1)
-        best = max(best, float(d2.max()))
-    return round(float(np.sqrt(best)), 1)
 
 
 def voxel_spacing(spacing: tuple[float, ...] | None) -> tuple[float, float, float] | None:

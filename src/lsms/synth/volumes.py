@@ -52,7 +52,7 @@ from lsms.synth.generate import (
     write_jsonl,
     write_slice,
 )
-from lsms.synth.geometry import Grid
+from lsms.synth.geometry import Grid, max_diameter_mm
 from lsms.synth.lesions import Lesion, place_lesions_3d, render_lesion, section_mask
 from lsms.synth.off_slice import (
     OFF_SLICE,
@@ -63,7 +63,6 @@ from lsms.synth.off_slice import (
     volume_sentence_record,
 )
 from lsms.synth.volume_files import save_nifti, write_dicom_series
-from lsms.volumes import max_diameter_mm
 
 LIVER_HEIGHT_MM = 160.0  # cranio-caudal span of the liver levels 0 (dome) .. 1 (tip)
 SLICE_STREAM = 1000  # first volume sub-stream of the 2D slices' expressions (slice k: SLICE_STREAM + k)
