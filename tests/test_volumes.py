@@ -110,6 +110,18 @@ def test_the_stated_size_picks_the_lesion_of_that_diameter():
         assemble(prob, existence, 0.5, None, "3d", "a 7 cm cyst", (2.0, 0.0, 2.0))
 
 
+def test_the_largest_diameter_of_flat_and_thin_masks():
+    """One slice thick (the convex hull in its plane), one voxel wide, one voxel: the distances between voxel
+    centres, without building a distance matrix of every voxel."""
+    flat = np.zeros((3, 400, 400), bool)
+    flat[1, 10:390, 20:380] = True  # 144,400 voxels on one slice
+    assert max_diameter_mm(flat, (5.0, 0.5, 0.5)) == pytest.approx(round(0.5 * np.hypot(379, 359), 1))
+    line = np.zeros((4, 4, 300), bool)
+    line[2, 1, :] = True
+    assert max_diameter_mm(line, (2.0, 1.0, 0.7)) == pytest.approx(round(0.7 * 299, 1))
+    assert max_diameter_mm(np.ones((1, 1, 1), bool), (1.0, 1.0, 1.0)) == 0.0
+
+
 @pytest.mark.parametrize("text, mm", [("a cyst of 27 mm in segment VI", 27.0), ("2.7 cm lesion", 27.0),
                                       ("a 27x18 mm mass", 27.0), ("27 \u00d7 18 \u00d7 9 mm", 27.0),
                                       ("12 millimetres across", 12.0), ("a 12-mm nodule", 12.0),

@@ -308,9 +308,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--volumes", action="store_true",
                    help="evaluate the dataset's volume records (volumes.jsonl): one 3D answer per sentence, assembled "
-                        "from every slice in 3D (with and without the size the sentence states) and slice by slice, side by side "
-                        "(3D Dice, referring accuracy, "
-                        "existence per volume; docs/volumes.md)")
+                        "from every slice in 3D (with and without the size the sentence states) and slice by slice, "
+                        "side by side (3D Dice, referring accuracy, existence per volume; docs/volumes.md)")
     p.add_argument("--allow-outside-root", action="store_true",
                    help="read files the dataset names outside its folder (off by default: an error)")
     p.add_argument("--allow-split-leak", action="store_true",

@@ -130,17 +130,23 @@ def _boundary_voxels(mask: np.ndarray) -> np.ndarray:
 
 def max_diameter_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
     """Largest distance (mm) between two voxel centres of a 3D mask (its maximal Feret diameter), 0.1 mm;
-    ``spacing``: mm between voxel centres along the mask's three axes."""
+    ``spacing``: mm between voxel centres along the mask's three axes. The distances are taken between the
+    vertices of the boundary's convex hull (in the plane for a mask one voxel thick), so a large mask costs
+    little time and memory."""
     pts = _boundary_voxels(mask) * np.asarray(spacing)
     if len(pts) > 64:
         from scipy.spatial import ConvexHull, QhullError
 
+        axes = np.flatnonzero(np.ptp(pts, axis=0) > 0)  # the axes the mask extends along
+        if len(axes) < 2:  # a line or a point
+            return round(float(np.ptp(pts, axis=0).max()), 1)
         try:
-            pts = pts[ConvexHull(pts).vertices]
-        except QhullError:  # flat (one slice): every boundary voxel is a candidate
+            pts = pts[ConvexHull(pts[:, axes]).vertices]
+        except QhullError:  # every point on one line of a plane: all of them are candidates
             pass
     best = 0.0
-    for a in range(0, len(pts), 512):  # (512, N) distances at a time
-        d2 = ((pts[a:a + 512, None, :] - pts[None, :, :]) ** 2).sum(-1)
+    rows = max(1, (1 << 20) // max(len(pts), 1))  # (rows, N, 3) float64 temporaries of at most 24 MB
+    for a in range(0, len(pts), rows):
+        d2 = ((pts[a:a + rows, None, :] - pts[None, :, :]) ** 2).sum(-1)
         best = max(best, float(d2.max()))
     return round(float(np.sqrt(best)), 1)
