@@ -120,6 +120,7 @@ def test_the_largest_diameter_of_flat_and_thin_masks():
     line[2, 1, :] = True
     assert max_diameter_mm(line, (2.0, 1.0, 0.7)) == pytest.approx(round(0.7 * 299, 1))
     assert max_diameter_mm(np.ones((1, 1, 1), bool), (1.0, 1.0, 1.0)) == 0.0
+    assert max_diameter_mm(np.zeros((2, 3, 4), bool), (1.0, 1.0, 1.0)) == 0.0
 
 
 @pytest.mark.parametrize("text, mm", [("a cyst of 27 mm in segment VI", 27.0), ("2.7 cm lesion", 27.0),

@@ -133,7 +133,11 @@ def max_diameter_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> fl
     ``spacing``: mm between voxel centres along the mask's three axes. The distances are taken between the
     vertices of the boundary's convex hull (in the plane for a mask one voxel thick), so a large mask costs
     little time and memory."""
-    pts = _boundary_voxels(mask) * np.asarray(spacing)
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
+    if any(len(span) == 0 for span in spans):
+        return 0.0
+    box = tuple(slice(span[0], span[-1] + 1) for span in spans)  # the mask's bounding box: a lesion in a volume
+    pts = _boundary_voxels(mask[box]) * np.asarray(spacing)
     if len(pts) > 64:
         from scipy.spatial import ConvexHull, QhullError
 
