@@ -75,6 +75,10 @@ ROWS: dict[str, tuple[dict[str, Any], tuple[float, float] | None, str]] = {
     "other-lesions-20-wordings": (recipe_before(loss={"other_lesion_weight": 20.0}, demo={"variants": 8},
                                                 data={"paraphrase_p": 0.9}), None,
                                   "the lesions a sentence does not name weighing 20, and 8 paraphrases given 9 times in 10"),
+    "other-lesions-20-wordings-warmup": (
+        recipe_before(loss={"other_lesion_weight": 20.0, "other_lesion_warmup": 0.3}, demo={"variants": 8},
+                      data={"paraphrase_p": 0.9}), None,
+        "the same pair, the weight rising from 1 to 20 over the first 30 % of training (`other_lesion_warmup`)"),
     "coord-embed": (recipe_before(coord_embed=True), None,
                     "the recipe as of 2026-12-07, with the pixel positions (x, y) added to each encoder stage's input"),
     "decoder-128": ({"ham_channels": 128, "head_channels": 128}, None,
@@ -95,7 +99,7 @@ REFERENCE = {"fp32": "no-existence-head"}
 SAME_STEPS = {"full": "no-existence-head", "no-existence-head": "full", "fp32": "no-existence-head",
               "negatives-0.2": "no-existence-head", "empty-target-dice": "no-existence-head", "gate-lr-10": "full",
               "negatives-1.0": "full", "other-lesions-5": "full", "other-lesions-20": "full",
-              "coord-embed": "full", "other-lesions-20-wordings": "full",
+              "coord-embed": "full", "other-lesions-20-wordings": "full", "other-lesions-20-wordings-warmup": "full",
               "wordings": "full", "recipe-before": "full"}
 COLUMNS = [  # (key in metrics.json, label)
     ("test.full.Dice", "Dice"), ("test.full.mIoU", "mIoU"), ("test.full.referring_accuracy_multi", "ref. acc. multi"),

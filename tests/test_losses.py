@@ -13,6 +13,7 @@ from lsms.losses import (
     _sample_indices,
     boundary_band,
     boundary_weighted_dice_loss,
+    other_lesion_weight_at,
     other_lesions,
     sigmoid_focal_loss,
     vision_language_contrastive_loss,
@@ -285,6 +286,17 @@ def test_other_lesions_weigh_in_the_focal_term_only():
     # without others (no instance map), or at weight 1, the paper's loss
     assert LSMSLoss(LossConfig(other_lesion_weight=5.0))(logits, target)["loss"].item() == plain["loss"].item()
     assert plain["focal"].item() == sigmoid_focal_loss(logits, target).item()
+    # the weight of this step (a warm-up) takes the config's place
+    at_step = LSMSLoss(LossConfig(other_lesion_weight=20.0))(logits, target, others=others, other_weight=5.0)
+    assert at_step["focal"].item() == weighted["focal"].item()
+
+
+def test_other_lesion_weight_rises_over_its_warmup_then_holds():
+    cfg = LossConfig(other_lesion_weight=20.0, other_lesion_warmup=0.4)
+    assert [other_lesion_weight_at(cfg, p) for p in (0.0, 0.1, 0.2, 0.4, 0.9, 1.0)] == pytest.approx(
+        [1.0, 5.75, 10.5, 20.0, 20.0, 20.0])
+    assert other_lesion_weight_at(LossConfig(other_lesion_weight=5.0), 0.0) == 5.0  # no warm-up: from the first step
+    assert other_lesion_weight_at(LossConfig(), 0.3) == 1.0  # the paper's loss stays the paper's
 
 
 @pytest.mark.parametrize(
@@ -301,6 +313,8 @@ def test_other_lesions_weigh_in_the_focal_term_only():
         ({"max_positive": 0}, "max_positive"),
         ({"max_negative": 0}, "max_negative"),
         ({"other_lesion_weight": -1.0}, "other_lesion_weight"),
+        ({"other_lesion_warmup": 1.5}, "other_lesion_warmup"),
+        ({"other_lesion_warmup": -0.1}, "other_lesion_warmup"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, name):
@@ -335,11 +349,12 @@ def test_losses_run_in_float32_outside_autocast():
     seen: dict[str, object] = {}
 
     class Spy(LSMSLoss):
-        def forward(self, logits, mask, features=None, text_embedding=None, existence=None, others=None):
+        def forward(self, logits, mask, features=None, text_embedding=None, existence=None, others=None,
+                    other_weight=None):
             seen["autocast"] = torch.is_autocast_enabled("cpu")
             seen["similarity"] = torch.einsum("bc,bc->b", features.mean((2, 3)), text_embedding).dtype
             return super().forward(logits, mask, features=features, text_embedding=text_embedding, existence=existence,
-                                   others=others)
+                                   others=others, other_weight=other_weight)
 
     model = build_model("tiny", **tiny_model_kwargs())
     tok = model.tokenize(["a cyst", "a nodule"])
@@ -361,8 +376,8 @@ def test_train_step_gives_the_loss_the_other_lesions_of_the_batch():
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, image, mask, input_ids, attention_mask, coords=None, others=None):
-            seen["others"] = others
+        def forward(self, image, mask, input_ids, attention_mask, coords=None, others=None, other_weight=None):
+            seen["others"], seen["other_weight"] = others, other_weight
             return {"loss": self.w * image.mean()}
 
     step = Step()
@@ -372,5 +387,8 @@ def test_train_step_gives_the_loss_the_other_lesions_of_the_batch():
              "instances": torch.tensor([[[0, 1, 2]], [[0, 1, 2]]]), "target_instance": torch.tensor([2, 0])}
     train_step(step, optimizer, scaler, batch, lr=0.1)
     assert seen["others"][:, 0, 0].tolist() == [[False, True, False], [False, True, True]]
+    assert seen["other_weight"] is None  # the loss config's weight
+    train_step(step, optimizer, scaler, batch, lr=0.1, other_weight=7.5)
+    assert seen["other_weight"] == 7.5
     train_step(step, optimizer, scaler, {"image": batch["image"], "mask": batch["mask"]}, lr=0.1)
     assert seen["others"] is None  # a batch without instance maps (a plain segmentation dataset)

@@ -120,6 +120,23 @@ def test_max_steps_ends_training_mid_epoch_with_the_schedule(toy, tmp_path):
     assert summary["last_metrics"]  # validated at the end
 
 
+def test_other_lesion_weight_warms_up_with_the_schedule(toy, tmp_path, monkeypatch):
+    """``loss.other_lesion_warmup``: the loop gives each step the other lesions' weight of its share of training
+    (0 in the learning rate's warm-up, then the share of the post-warm-up steps)."""
+    import lsms.train as T
+
+    seen, step_once = [], T.train_step
+
+    def recording_step(*args, **kwargs):
+        seen.append(args[7] if len(args) > 7 else kwargs.get("other_weight"))
+        return step_once(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", recording_step)
+    train(tiny_run_config(toy, tmp_path / "run", optim={"epochs": 3, "max_steps": 4, "warmup_steps": 1},
+                          loss={"other_lesion_weight": 20.0, "other_lesion_warmup": 0.5}))
+    assert seen == pytest.approx([1.0, 1.0, 1.0 + 19.0 * (1 / 3) / 0.5, 20.0])
+
+
 def test_time_limit_counts_cpu_time_with_the_cpu_clock(toy, tmp_path, monkeypatch):
     """``time_clock: cpu`` stops on the process's CPU time (here a fake clock running 20 s per reading), which a
     busy machine does not shorten; the wall clock of the same settings is not reached."""

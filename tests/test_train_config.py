@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lsms.config import OptimConfig, RunConfig, load_settings_file
-from lsms.optim import lr_at, param_groups
+from lsms.optim import lr_at, param_groups, progress_at
 
 
 def test_lr_schedule_warmup_then_poly():
@@ -19,6 +19,9 @@ def test_lr_schedule_warmup_then_poly():
     assert lr_at(55, 100, base, warmup_steps=10) == pytest.approx(base * 0.5**0.9)
     assert lr_at(100, 100, base, warmup_steps=10) == pytest.approx(0.0)
     assert lr_at(100, 100, base, warmup_steps=10, min_lr=1e-5) == pytest.approx(1e-5)
+    # the share of training the decay counts: 0 in the warm-up, the steps' or the time's share, whichever leads
+    assert [progress_at(s, 100, 10) for s in (0, 9, 10, 55, 100, 150)] == pytest.approx([0, 0, 0, 0.5, 1, 1])
+    assert progress_at(55, 100, 10, time_fraction=0.8) == pytest.approx(0.8)
     lrs = [lr_at(s, 50, base, 5) for s in range(50)]
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # monotone after warm-up
     assert lr_at(3, 10, base, warmup_steps=0) == pytest.approx(base * 0.7**0.9)

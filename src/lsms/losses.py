@@ -34,6 +34,7 @@ __all__ = [
     "balanced_bce",
     "boundary_band",
     "boundary_weighted_dice_loss",
+    "other_lesion_weight_at",
     "other_lesions",
     "sigmoid_focal_loss",
     "vision_language_contrastive_loss",
@@ -66,6 +67,9 @@ class LossConfig(DictRoundTrip):
             (**[addition]**; needs the instance label map of a referring dataset, ignored without one; 1: every
             background pixel alike, the paper's loss). For a sentence that matches nothing, every lesion on the
             image is such a pixel.
+        other_lesion_warmup: share of training (as the learning rate's decay counts it:
+            :func:`lsms.optim.progress_at`) over which ``other_lesion_weight`` rises linearly from 1 to its value
+            (:func:`other_lesion_weight_at`; **[addition]**); 0: the full weight from the first step.
     """
 
     settings_name: ClassVar[str] = "loss settings"
@@ -82,6 +86,7 @@ class LossConfig(DictRoundTrip):
     existence_weight: float = 1.0
     empty_target_dice: bool = True
     other_lesion_weight: float = 1.0
+    other_lesion_warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.focal_alpha <= 1.0:
@@ -105,6 +110,17 @@ class LossConfig(DictRoundTrip):
             raise ValueError(f"existence_weight must be >= 0, got {self.existence_weight}")
         if self.other_lesion_weight < 0:
             raise ValueError(f"other_lesion_weight must be >= 0, got {self.other_lesion_weight}")
+        if not 0.0 <= self.other_lesion_warmup <= 1.0:
+            raise ValueError(f"other_lesion_warmup is a share of training in [0, 1], got {self.other_lesion_warmup}")
+
+
+def other_lesion_weight_at(config: LossConfig, progress: float) -> float:
+    """The other lesions' weight at training ``progress`` in [0, 1] (:func:`lsms.optim.progress_at`): rising
+    linearly from 1 to ``other_lesion_weight`` over the first ``other_lesion_warmup`` of training, then held.
+    A sentence first learns to find lesions at all, then which one it names."""
+    if progress >= config.other_lesion_warmup:
+        return config.other_lesion_weight
+    return 1.0 + (config.other_lesion_weight - 1.0) * progress / config.other_lesion_warmup
 
 
 def _check_kernel(kernel: int) -> None:
@@ -320,6 +336,7 @@ class LSMSLoss(nn.Module):
         generator: torch.Generator | None = None,
         existence: Tensor | None = None,
         others: Tensor | None = None,
+        other_weight: float | None = None,
     ) -> dict[str, Tensor]:
         """(B,1,H,W) logits and target [+ (B,C,h,w) features, (B,C) text, (B,) existence] -> dict of scalar losses.
 
@@ -333,6 +350,7 @@ class LSMSLoss(nn.Module):
             existence: the existence head's logits (B,); None: no existence term (a model without the head).
             others: where the lesions the sentence does not name are, bool (B, 1, H, W) (:func:`other_lesions`);
                 their pixels weigh ``other_lesion_weight`` in the focal term. None: no such weighting.
+            other_weight: their weight at this step (:func:`other_lesion_weight_at`); None: ``other_lesion_weight``.
 
         Returns:
             ``{"loss", "focal", "dice", "contrastive", "existence"}``; ``loss = focal + dice + contrastive_weight
@@ -341,8 +359,9 @@ class LSMSLoss(nn.Module):
         cfg = self.config
         self._check_inputs(logits, target, features, text_embedding)
         weight = None
-        if others is not None and cfg.other_lesion_weight != 1.0:
-            weight = 1.0 + (cfg.other_lesion_weight - 1.0) * others.to(torch.float32)
+        other_weight = cfg.other_lesion_weight if other_weight is None else other_weight
+        if others is not None and other_weight != 1.0:
+            weight = 1.0 + (other_weight - 1.0) * others.to(torch.float32)
         focal = sigmoid_focal_loss(logits, target, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, weight=weight)
         dice = boundary_weighted_dice_loss(
             logits,

@@ -30,9 +30,17 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, po
     """
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
+    return min_lr + (base_lr - min_lr) * (1.0 - progress_at(step, total_steps, warmup_steps, time_fraction)) ** power
+
+
+def progress_at(step: int, total_steps: int, warmup_steps: int = 0, time_fraction: float = 0.0) -> float:
+    """The share of training done after the warm-up, in [0, 1]: of the post-warm-up steps, or ``time_fraction``
+    when that is larger; 0 during the warm-up. The poly decay of :func:`lr_at` and the other lesions' weight
+    (:func:`lsms.losses.other_lesion_weight_at`) follow it."""
+    if step < warmup_steps:
+        return 0.0
     decay_steps = max(1, total_steps - warmup_steps)
-    t = min(1.0, max((step - warmup_steps) / decay_steps, time_fraction))
-    return min_lr + (base_lr - min_lr) * (1.0 - t) ** power
+    return min(1.0, max((step - warmup_steps) / decay_steps, time_fraction))
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
@@ -191,9 +199,10 @@ class TrainingStep(nn.Module):
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None,
                 attention_mask: torch.Tensor | None, coords: torch.Tensor | None = None,
-                others: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                others: torch.Tensor | None = None, other_weight: float | None = None) -> dict[str, torch.Tensor]:
         """image (B, C, H, W), mask (B, 1, H, W), ids/mask (B, T), coords (B, 2, H, W) of training patches,
-        others (B, 1, H, W) the lesions the sentence does not name -> the loss dict of :class:`LSMSLoss`."""
+        others (B, 1, H, W) the lesions the sentence does not name and the weight of their pixels (None: the
+        loss config's) -> the loss dict of :class:`LSMSLoss`."""
         out = self.model.forward_features(image, input_ids, attention_mask, coords)
         use_contrastive = out.text_embedding is not None and self.criterion.config.contrastive_weight > 0
         with torch.autocast(device_type=image.device.type, enabled=False):
@@ -202,13 +211,16 @@ class TrainingStep(nn.Module):
                 features=out.decoder.float() if use_contrastive else None,
                 text_embedding=out.text_embedding.float() if use_contrastive else None,
                 existence=out.existence.float() if out.existence is not None else None, others=others,
+                other_weight=other_weight,
             )
 
 
 def train_step(step_module: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batch: dict[str, Any], lr: float, grad_clip: float = 0.0,
-               dtype: torch.dtype | None = None) -> dict[str, float]:
+               dtype: torch.dtype | None = None, other_weight: float | None = None) -> dict[str, float]:
     """One optimiser step on ``batch`` (already on the device) at learning rate ``lr``; returns the losses.
+    ``other_weight``: the weight of the other lesions' pixels in the focal term at this step
+    (:func:`lsms.losses.other_lesion_weight_at`; None: the loss config's ``other_lesion_weight``).
 
     Each parameter group runs at ``lr * lr_scale`` (:func:`param_groups`); gradients are clipped to a global
     norm of ``grad_clip`` (0: off); ``scaler`` scales fp16 losses (a disabled scaler passes them through).
@@ -220,7 +232,7 @@ def train_step(step_module: nn.Module, optimizer: torch.optim.Optimizer, scaler:
     others = None if instances is None or target is None else other_lesions(instances, target)
     with autocast(image.device, dtype):
         losses = step_module(image, batch["mask"], batch.get("input_ids"), batch.get("attention_mask"),
-                             batch.get("coords"), others)
+                             batch.get("coords"), others, other_weight)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     if grad_clip > 0:
@@ -233,4 +245,4 @@ def train_step(step_module: nn.Module, optimizer: torch.optim.Optimizer, scaler:
 
 __all__ = ["AUTO_BF16_MIN_GAIN", "TrainingStep", "amp_dtype", "autocast", "choose_amp", "dtype_name", "inference_dtype",
            "native_bf16",
-           "probe_step_seconds", "build_optimizer", "lr_at", "param_groups", "train_step"]
+           "probe_step_seconds", "build_optimizer", "lr_at", "param_groups", "progress_at", "train_step"]

@@ -51,7 +51,7 @@ from lsms.data.config import DataConfig
 from lsms.data.loaders import build_datasets, make_loader, train_sampler
 from lsms.evaluate import evaluate_model
 from lsms.existence import refit_existence_head
-from lsms.losses import LSMSLoss
+from lsms.losses import LSMSLoss, other_lesion_weight_at
 from lsms.model import MODELS, build
 from lsms.optim import (
     AMP_DTYPES,
@@ -61,6 +61,7 @@ from lsms.optim import (
     dtype_name,
     lr_at,
     probe_step_seconds,
+    progress_at,
     train_step,
 )
 from lsms.runlog import RunLog
@@ -165,8 +166,11 @@ def _train(cfg: RunConfig, env: D.DistEnv, resume: str | Path | None, on_step: C
         bar = logs.bar(total=len(loader), desc=f"epoch {epoch + 1}/{o.epochs}")
         for batch in loader:
             meter.arrived(batch)
-            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, budget.fraction(o.schedule))
-            values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype)
+            time_fraction = budget.fraction(o.schedule)
+            lr = lr_at(step, total_steps, o.lr, o.warmup_steps, o.poly_power, o.min_lr, time_fraction)
+            other_weight = other_lesion_weight_at(cfg.loss, progress_at(step, total_steps, o.warmup_steps, time_fraction))
+            values = train_step(step_module, optimizer, scaler, to_device(batch, device), lr, o.grad_clip, dtype,
+                                other_weight)
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             images_per_s = meter.add(values, batch["image"].shape[0], step)
             if bar is not None:
