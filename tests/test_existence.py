@@ -223,6 +223,43 @@ def test_the_head_is_fit_anew_on_the_frozen_network_once_training_is_over(head_r
     assert all(torch.equal(before[k], v) for k, v in model.existence.state_dict().items())
 
 
+def test_a_best_checkpoint_older_than_the_last_step_gets_its_head_fit_anew(tmp_path, monkeypatch):
+    """The refit after the last step fits the last network's head; best.pt of an earlier epoch is fit anew on its
+    own network too, with its thresholds chosen again on val."""
+    import json
+
+    import lsms.train as T
+    from lsms.checkpoint import load_trained
+    from lsms.config import RunConfig
+    from lsms.data import SegmentationDataset, load_samples
+    from lsms.distributed import DistEnv
+    from lsms.existence import head_inputs
+
+    data = add_negatives(make_toy_dataset(tmp_path / "toy", n_images=6, n_val=3))
+    calls, validate = [], T.validate
+
+    def first_epoch_best(*args, **kwargs):  # val Dice 0.9 after epoch 1, 0.5 after epoch 2: best.pt is epoch 1's
+        metrics = validate(*args, **kwargs)
+        calls.append(metrics["existence_threshold"])
+        return {**metrics, "Dice": [0.9, 0.5][len(calls) - 1]} if len(calls) <= 2 else metrics
+
+    monkeypatch.setattr(T, "validate", first_epoch_best)
+    out = tmp_path / "run"
+    train(tiny_run_config(data, out, optim={"epochs": 2}, model={"existence_head": True, "existence_channels": 8}))
+    summary = json.loads((out / "summary.json").read_text())
+    best = load_checkpoint(out / "best.pt")
+    assert 2 * best["step"] == summary["step"] > 0 and len(calls) == 3  # validated again after the refit
+    records = load_samples(data, "train")
+    assert summary["existence_refit_best"]["samples"] == len(records)
+    assert best["spec"]["existence_threshold"] == calls[2]
+    model, spec, _ = load_trained(out, prefer="best")
+    env = DistEnv(device=torch.device("cpu"))
+    loader = T.refit_loader(SegmentationDataset(records, spec.preprocessing), RunConfig(), env, model.tokenizer)
+    inputs, present = head_inputs(model, loader, env, None)
+    logits = model.existence.mlp(inputs).squeeze(1)
+    assert logits[present].min() > logits[~present].max()  # fit on the best network's own inputs
+
+
 def test_fitting_the_head_is_deterministic_and_blind_to_the_scale_of_its_inputs():
     from lsms.existence import fit_head
     from lsms.model.decoder import ExistenceHead
